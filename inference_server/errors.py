@@ -1,0 +1,100 @@
+"""One rooted hierarchy of domain errors. Each carries a stable ``code`` that lands on a failed job,
+in its webhook and in API error bodies; ``api/`` maps classes to HTTP status in one place."""
+
+from __future__ import annotations
+
+
+class InferenceError(Exception):
+    """Base of every error this system raises on purpose."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(InferenceError):
+    """The client sent something the contract does not allow."""
+
+    code = "invalid_request"
+
+
+class InvalidInput(InvalidRequest):
+    """An input image or mask could not be used (format, size, content)."""
+
+    code = "invalid_input"
+
+
+class InputTooLarge(InvalidInput):
+    """An input is over the byte or pixel limit."""
+
+    code = "input_too_large"
+
+
+class UnsafeURL(InvalidRequest):
+    """A URL points at a private, loopback or link-local address, or uses a refused scheme."""
+
+    code = "unsafe_url"
+
+
+class InputFetchFailed(InferenceError):
+    """An input URL could not be fetched within its timeout and retries."""
+
+    code = "input_fetch_failed"
+
+
+class NotFound(InferenceError):
+    """The thing asked for does not exist, or belongs to another tenant."""
+
+    code = "not_found"
+
+
+class Unauthorized(InferenceError):
+    """No API key, or one that is not valid."""
+
+    code = "unauthorized"
+
+
+class Conflict(InferenceError):
+    """The request conflicts with the current state (an idempotency key reused with another body)."""
+
+    code = "conflict"
+
+
+class RateLimited(InferenceError):
+    """Too many requests for this key."""
+
+    code = "rate_limited"
+
+
+class DependencyDown(InferenceError):
+    """A service the request needs (database, broker, storage) is unreachable."""
+
+    code = "dependency_unavailable"
+
+
+class ModelError(InferenceError):
+    """The engine could not load or run a model."""
+
+    code = "model_error"
+
+
+class RegistryError(InferenceError):
+    """The model registry file is missing or invalid."""
+
+    code = "registry_error"
+
+
+class StorageError(InferenceError):
+    """Reading or writing job files failed after retries."""
+
+    code = "storage_error"
+
+
+class JobCanceled(InferenceError):
+    """The job was canceled while it ran (control flow, not a failure)."""
+
+    code = "canceled"

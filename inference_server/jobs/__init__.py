@@ -1,0 +1,1 @@
+"""The job contract shared by the API, the workers and the dispatcher."""

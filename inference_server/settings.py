@@ -1,0 +1,102 @@
+"""One settings object, read from the environment once at start-up and passed down."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The Standard Webhooks retry schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h.
+STANDARD_WEBHOOK_DELAYS = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
+
+
+def default_home() -> Path:
+    return Path.home() / ".inference-server"
+
+
+class Settings(BaseSettings):
+    """Every knob of the system. Names are the environment variables (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    environment: Literal["development", "production"] = "development"
+    home: Path = Field(default_factory=default_home, validation_alias="INFERENCE_SERVER_HOME")
+
+    # Where things live. Empty strings mean "the embedded default under home".
+    database_url: str = ""
+    broker_url: str = "amqp://guest:guest@localhost:5672//"
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    presign_expires_seconds: int = 3600
+    models_file: Path | None = None
+    model_cache_dir: Path | None = None
+
+    # API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_url: str = ""  # where clients (the CLI) reach the API; default http://api_host:api_port
+    rate_limit_per_minute: int = 0  # per API key; 0 disables
+    max_request_bytes: int = 30 * 1024 * 1024
+
+    # Inputs.
+    allow_private_networks: bool = False
+    max_input_bytes: int = 20 * 1024 * 1024
+    max_input_pixels: int = 16_000_000
+    input_fetch_timeout: float = 15.0
+
+    # Jobs and workers.
+    job_max_attempts: int = 3
+    progress_interval: float = 0.5  # seconds between progress writes per job (at most twice a second)
+    cancel_poll_interval: float = 0.25
+    consumer_timeout_ms: int = 4 * 3600 * 1000  # above the longest job of any family
+    torch_threads: int = 0  # 0: torch's default; tests use 1
+    engine_cache_bytes: int = 0  # pipeline cache budget; 0: device memory (CUDA) or half of RAM (CPU)
+    engine_max_edit_pixels: int = 0  # cap on the working area of edit pipelines; 0: the pipeline's own
+
+    # Outbox relay.
+    relay_batch_size: int = 200
+    relay_interval: float = 0.2
+
+    # Webhooks.
+    webhook_retry_delays: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: list(STANDARD_WEBHOOK_DELAYS)
+    )
+    webhook_timeout: float = 15.0
+    webhook_concurrency: int = 32
+    webhook_secret_grace_hours: float = 24.0
+    webhook_poll_interval: float = 0.2
+
+    @field_validator("webhook_retry_delays", mode="before")
+    @classmethod
+    def _parse_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            try:
+                return [float(p) for p in parts]
+            except ValueError as exc:
+                raise ValueError("WEBHOOK_RETRY_DELAYS must be comma-separated seconds, e.g. 5,300,1800") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'inference-server.db'}"
+        if not self.storage_url:
+            self.storage_url = (self.home / "storage").resolve().as_uri()
+        if self.model_cache_dir is None:
+            self.model_cache_dir = self.home / "model-cache"
+        if not self.api_url:
+            self.api_url = f"http://{self.api_host}:{self.api_port}"
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
+            raise ValueError("DATABASE_URL must point at PostgreSQL when ENVIRONMENT=production")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first call."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Standard Webhooks signing and verification, durable deliveries and the dispatcher."""

@@ -1,0 +1,1 @@
+"""Webhook delivery tables (filled in by the webhooks package)."""
