@@ -1,0 +1,69 @@
+"""Images in and out: safe inputs, fitting to the model's size, artist signatures, metadata, encoding.
+
+Pillow only, no torch: the API imports this package to validate inline inputs at submit.
+
+- ``inputs``: ``parse_data_uri``, ``resolve_input`` (data:, https://, storage URIs), ``input_kind``
+- ``decode``: ``decode_image`` (format sniffing, byte and pixel limits, bombs, truncation, EXIF)
+- ``fit``: ``fit_input``, ``fit_mask``, ``edit_size`` (cover and centre-crop rule)
+- ``signature``: ``composite_signature``, ``signature_box``, ``validate_signature``
+- ``encode``: ``encode_output``, ``validate_metadata`` (PNG text chunks, EXIF for JPEG/WebP)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from PIL import Image
+
+from inference_server.imaging.decode import SUPPORTED_FORMATS, decode_image, sniff_format
+from inference_server.imaging.encode import CONTENT_TYPES, encode_output, validate_metadata
+from inference_server.imaging.fit import edit_size, fit_input, fit_mask
+from inference_server.imaging.inputs import input_kind, parse_data_uri, resolve_input
+from inference_server.imaging.signature import (
+    POSITIONS,
+    SIZES,
+    composite_signature,
+    prepare_signature,
+    signature_box,
+    validate_signature,
+)
+
+
+def load_image(
+    ref: str,
+    *,
+    read_storage: Callable[[str], bytes],
+    allow_private: bool,
+    timeout: float,
+    max_bytes: int,
+    max_pixels: int,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """``resolve_input`` then ``decode_image``: the one call a worker needs per input reference."""
+    data = resolve_input(
+        ref, read_storage=read_storage, allow_private=allow_private, timeout=timeout, max_bytes=max_bytes
+    )
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, draft_size=draft_size)
+
+
+__all__ = [
+    "CONTENT_TYPES",
+    "POSITIONS",
+    "SIZES",
+    "SUPPORTED_FORMATS",
+    "composite_signature",
+    "decode_image",
+    "edit_size",
+    "encode_output",
+    "fit_input",
+    "fit_mask",
+    "input_kind",
+    "load_image",
+    "parse_data_uri",
+    "prepare_signature",
+    "resolve_input",
+    "signature_box",
+    "sniff_format",
+    "validate_metadata",
+    "validate_signature",
+]

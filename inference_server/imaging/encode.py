@@ -1,0 +1,116 @@
+"""Encode an output image in the requested format with the job's metadata embedded.
+
+Where the metadata goes (documented for clients):
+- PNG: one text chunk per ``output.metadata`` key (tEXt, or iTXt when the value is not Latin-1),
+  plus a ``parameters`` chunk holding the generation parameters as JSON;
+- JPEG and WebP: EXIF ImageDescription holds one JSON object, the metadata keys plus a
+  ``parameters`` key with the generation parameters (ASCII JSON, non-ASCII escaped as \\uXXXX);
+  ``artist_id``, when present, is also written to EXIF Artist (UTF-8 bytes).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from inference_server.errors import InvalidRequest
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+PARAMETERS_KEY = "parameters"
+EXIF_IMAGE_DESCRIPTION = 0x010E
+EXIF_ARTIST = 0x013B
+EXIF_SOFTWARE = 0x0131
+SOFTWARE = "inference-server"
+MAX_METADATA_BYTES = 16 * 1024  # all keys and values together; EXIF caps a segment at 64 KB
+
+# zlib level 1 with the run-length strategy instead of Pillow's level 6 default: measured here on
+# photo-like 1024x1024 images it is 1.5 to 5 times faster and the files are no larger (RLE suits
+# PNG's filtered rows); flat graphics come out about 50% larger. The encode runs on the GPU
+# worker's critical path, so speed wins.
+PNG_COMPRESS_LEVEL = 1
+PNG_ZLIB_STRATEGY = 3  # Z_RLE
+# libwebp effort 0..6 (Pillow's default 4): 2 costs little in size and much less CPU.
+WEBP_METHOD = 2
+
+
+def validate_metadata(metadata: dict[str, str]) -> None:
+    """Raise ``InvalidRequest`` (code ``invalid_metadata``) unless ``metadata`` can be embedded.
+
+    Keys are PNG keywords: 1 to 79 printable Latin-1 characters, no leading or trailing space, not
+    the reserved ``parameters``. Values are strings. The total stays under 16 KB.
+    """
+    total = 0
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidRequest("output.metadata must map strings to strings", code="invalid_metadata")
+        if key == PARAMETERS_KEY:
+            raise InvalidRequest("output.metadata key 'parameters' is reserved", code="invalid_metadata")
+        if not 1 <= len(key) <= 79 or key != key.strip() or "  " in key:
+            raise InvalidRequest(f"output.metadata key {key!r} must be 1-79 characters", code="invalid_metadata")
+        if any(not (0x20 <= ord(c) <= 0x7E or 0xA1 <= ord(c) <= 0xFF) for c in key):
+            raise InvalidRequest(f"output.metadata key {key!r} must be printable Latin-1", code="invalid_metadata")
+        if "\x00" in value:
+            raise InvalidRequest(f"output.metadata value for {key!r} contains NUL", code="invalid_metadata")
+        total += len(key) + len(value.encode("utf-8"))
+    if total > MAX_METADATA_BYTES:
+        raise InvalidRequest(f"output.metadata is over {MAX_METADATA_BYTES} bytes", code="invalid_metadata")
+
+
+def metadata_json(metadata: dict[str, str], parameters: dict[str, Any]) -> str:
+    """The JSON document stored in EXIF ImageDescription."""
+    return json.dumps({**metadata, PARAMETERS_KEY: parameters}, ensure_ascii=True, separators=(",", ":"),
+                      default=str)
+
+
+def _exif(metadata: dict[str, str], parameters: dict[str, Any]) -> bytes:
+    exif = Image.Exif()
+    exif[EXIF_IMAGE_DESCRIPTION] = metadata_json(metadata, parameters)
+    exif[EXIF_SOFTWARE] = SOFTWARE
+    if "artist_id" in metadata:
+        # Pillow would write str as ASCII with '?' for anything else; UTF-8 bytes keep the name.
+        exif[EXIF_ARTIST] = metadata["artist_id"].encode("utf-8")
+    return exif.tobytes()
+
+
+def _png_info(metadata: dict[str, str], parameters: dict[str, Any]) -> PngInfo:
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, value)  # falls back to iTXt (UTF-8) when the value is not Latin-1
+    info.add_text(PARAMETERS_KEY, json.dumps(parameters, ensure_ascii=False, default=str))
+    return info
+
+
+def encode_output(
+    image: Image.Image, *, fmt: str, quality: int = 90, metadata: dict[str, str], parameters: dict[str, Any]
+) -> tuple[bytes, str]:
+    """Encode ``image`` as ``fmt`` (png, jpeg, webp) with metadata; return (bytes, content_type).
+
+    ``quality`` (1..100) applies to JPEG and WebP. JPEG has no alpha: RGBA is flattened onto white.
+    """
+    fmt = fmt.lower()
+    if fmt == "jpg":
+        fmt = "jpeg"
+    if fmt not in CONTENT_TYPES:
+        raise InvalidRequest(f"output.format must be one of {', '.join(CONTENT_TYPES)}", code="invalid_output_format")
+    if not 1 <= int(quality) <= 100:
+        raise InvalidRequest("output.quality must be between 1 and 100", code="invalid_output_quality")
+    validate_metadata(metadata)
+    if image.mode not in ("RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.mode else "RGB")
+    buf = io.BytesIO()
+    if fmt == "png":
+        image.save(buf, format="PNG", pnginfo=_png_info(metadata, parameters), compress_level=PNG_COMPRESS_LEVEL,
+                   compress_type=PNG_ZLIB_STRATEGY)
+    elif fmt == "jpeg":
+        if image.mode == "RGBA":
+            flat = Image.new("RGB", image.size, (255, 255, 255))
+            flat.paste(image, mask=image.getchannel("A"))
+            image = flat
+        image.save(buf, format="JPEG", quality=int(quality), exif=_exif(metadata, parameters))
+    else:
+        image.save(buf, format="WEBP", quality=int(quality), method=WEBP_METHOD, exif=_exif(metadata, parameters))
+    return buf.getvalue(), CONTENT_TYPES[fmt]
