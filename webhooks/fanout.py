@@ -1,0 +1,162 @@
+"""Events to deliveries: pick the destination, apply the event filter, coalesce progress.
+
+Each committed ``JobEvent`` with ``fanned_out = False`` becomes at most one delivery per destination
+(the job's webhook, or else the tenant's default). Terminal events always get their row. A progress
+event supersedes the same job's progress deliveries that are still waiting, so a dead receiver
+accumulates one pending progress row per job, not thousands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from inference_server.db import Job, JobEvent, Tenant
+from inference_server.db.base import new_id, utcnow
+from inference_server.jobs.status import EventType
+from webhooks import metrics
+from webhooks.tables import DeliveryStatus, WebhookDelivery, WebhookGoneURL
+
+PROGRESS = EventType.PROGRESS.value
+
+
+def url_hash(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def wants(filter_: Sequence[str] | None, event_type: str) -> bool:
+    """Whether an ``events`` filter admits the event. None means all; ``succeeded`` and ``job.succeeded`` both match."""
+    if filter_ is None:
+        return True
+    short = event_type.removeprefix("job.")
+    return any(f == event_type or f == short for f in filter_)
+
+
+def destinations(job: Any, tenant: Any) -> list[tuple[str, Sequence[str] | None]]:
+    """(url, events filter) pairs for a job: its own webhook, or the tenant's default when it names none."""
+    if job.webhook_url:
+        return [(job.webhook_url, job.webhook_events)]
+    if tenant is not None and tenant.default_webhook_url:
+        return [(tenant.default_webhook_url, tenant.default_webhook_events)]
+    return []
+
+
+def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True) -> int:
+    """Turn up to ``batch_size`` unprocessed events into delivery rows; return how many events were taken.
+
+    Events are locked ``FOR UPDATE SKIP LOCKED`` so dispatchers running side by side split them.
+    The caller commits (the deliveries and the ``fanned_out`` marks land together)."""
+    stmt = (
+        select(JobEvent.seq, JobEvent.id, JobEvent.job_id, JobEvent.tenant_id, JobEvent.type)
+        .where(JobEvent.fanned_out.is_(False))
+        .order_by(JobEvent.seq)
+        .limit(batch_size)
+    )
+    if skip_locked:
+        stmt = stmt.with_for_update(skip_locked=True)
+    events = session.execute(stmt).all()
+    if not events:
+        return 0
+    job_ids = {e.job_id for e in events}
+    tenant_ids = {e.tenant_id for e in events}
+    jobs = {
+        row.id: row
+        for row in session.execute(
+            select(Job.id, Job.webhook_url, Job.webhook_events).where(Job.id.in_(job_ids))
+        )
+    }
+    tenants = {
+        row.id: row
+        for row in session.execute(
+            select(Tenant.id, Tenant.default_webhook_url, Tenant.default_webhook_events).where(
+                Tenant.id.in_(tenant_ids)
+            )
+        )
+    }
+    gone = set(
+        session.execute(
+            select(WebhookGoneURL.tenant_id, WebhookGoneURL.url_sha256).where(
+                WebhookGoneURL.tenant_id.in_(tenant_ids)
+            )
+        ).tuples()
+    )
+
+    # Only the newest progress event of this batch per (job, url) gets a row.
+    planned: list[tuple[Any, str]] = []
+    latest_progress: dict[tuple[str, str], int] = {}
+    for event in events:
+        job = jobs.get(event.job_id)
+        if job is None:
+            continue
+        for url, filter_ in destinations(job, tenants.get(event.tenant_id)):
+            if not wants(filter_, event.type):
+                continue
+            planned.append((event, url))
+            if event.type == PROGRESS:
+                latest_progress[(event.job_id, url)] = event.seq
+
+    now = utcnow()
+    inherited = _supersede_waiting_progress(session, latest_progress)
+    rows: list[dict[str, Any]] = []
+    coalesced = 0
+    for event, url in planned:
+        if event.type == PROGRESS and latest_progress[(event.job_id, url)] != event.seq:
+            coalesced += 1
+            continue
+        row = {
+            "id": new_id(), "event_seq": event.seq, "event_id": event.id, "event_type": event.type,
+            "job_id": event.job_id, "tenant_id": event.tenant_id, "url": url,
+            "status": DeliveryStatus.PENDING, "attempts": 0, "retry_base": 0,
+            "next_attempt_at": now, "created_at": now, "updated_at": now,
+        }
+        if (event.tenant_id, url_hash(url)) in gone:
+            row.update(status=DeliveryStatus.GONE, next_attempt_at=None,
+                       last_error="not sent: this URL answered 410 Gone earlier")
+            metrics.DELIVERIES.labels(outcome=DeliveryStatus.GONE).inc()
+        elif event.type == PROGRESS:
+            # Keep the replaced row's backoff so a dead receiver is not hit at every progress tick.
+            row["next_attempt_at"] = max(now, inherited.get((event.job_id, url), now))
+        rows.append(row)
+    if rows:
+        session.execute(insert(WebhookDelivery), rows)
+    session.execute(
+        update(JobEvent).where(JobEvent.seq.in_([e.seq for e in events])).values(fanned_out=True),
+        execution_options={"synchronize_session": False},
+    )
+    if coalesced:
+        metrics.DELIVERIES.labels(outcome=DeliveryStatus.SUPERSEDED).inc(coalesced)
+    return len(events)
+
+
+def _supersede_waiting_progress(session: Session, latest: dict[tuple[str, str], int]) -> dict[tuple[str, str], datetime]:
+    """Mark waiting progress deliveries older than the new ones superseded; return their next attempt times.
+
+    Rows being sent (``sending``) are left alone: they finish, and the new row waits behind them."""
+    inherited: dict[tuple[str, str], datetime] = {}
+    d = WebhookDelivery
+    for (job_id, url), seq in latest.items():
+        waiting = session.execute(
+            select(d.id, d.next_attempt_at).where(
+                d.job_id == job_id, d.url == url, d.event_type == PROGRESS,
+                d.status == DeliveryStatus.PENDING, d.event_seq < seq,
+            )
+        ).all()
+        if not waiting:
+            continue
+        # Re-checked under the row lock: a row a dispatcher claimed meanwhile is no longer pending.
+        replaced = session.execute(
+            update(d)
+            .where(d.id.in_([w.id for w in waiting]), d.status == DeliveryStatus.PENDING)
+            .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None, updated_at=utcnow()),
+            execution_options={"synchronize_session": False},
+        ).rowcount
+        times = [w.next_attempt_at for w in waiting if w.next_attempt_at is not None]
+        if times:
+            inherited[(job_id, url)] = max(times)
+        metrics.DELIVERIES.labels(outcome=DeliveryStatus.SUPERSEDED).inc(replaced)
+    return inherited
