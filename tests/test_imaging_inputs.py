@@ -55,8 +55,13 @@ def test_data_uri_percent_encoded() -> None:
 
 @pytest.mark.parametrize(
     "uri",
-    ["data:image/png;base64", "image/png;base64,AAAA", "data:image/png;base64,@@@@", "data:image/png;base64,",
-     "data:image/png;base64,é"],
+    [
+        "data:image/png;base64",
+        "image/png;base64,AAAA",
+        "data:image/png;base64,@@@@",
+        "data:image/png;base64,",
+        "data:image/png;base64,é",
+    ],
 )
 def test_malformed_data_uri_refused(uri: str) -> None:
     with pytest.raises(InvalidInput) as info:
@@ -84,7 +89,9 @@ def test_input_kinds() -> None:
     assert input_kind("file:///srv/storage/uploads/a") == "storage"
 
 
-@pytest.mark.parametrize("ref", ["ftp://example.com/a.png", "/etc/passwd", "a.png", "javascript:alert(1)", ""])
+@pytest.mark.parametrize(
+    "ref", ["ftp://example.com/a.png", "/etc/passwd", "a.png", "javascript:alert(1)", ""]
+)
 def test_unknown_scheme_refused(ref: str) -> None:
     with pytest.raises(InvalidInput) as info:
         resolve(ref)
@@ -110,8 +117,16 @@ def test_storage_uri_goes_to_reader() -> None:
 # -- URLs: the private-address guard and a real local HTTP server --------------------------------
 
 
-@pytest.mark.parametrize("url", ["https://127.0.0.1/x.png", "https://10.0.0.1/x.png", "https://[::1]/x.png",
-                                 "https://169.254.169.254/latest/meta-data", "https://localhost/x.png"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://127.0.0.1/x.png",
+        "https://10.0.0.1/x.png",
+        "https://[::1]/x.png",
+        "https://169.254.169.254/latest/meta-data",
+        "https://localhost/x.png",
+    ],
+)
 def test_private_url_refused(url: str) -> None:
     with pytest.raises(UnsafeURL) as info:
         resolve(url, allow_private=False)
@@ -157,8 +172,14 @@ def image_server() -> Iterator[str]:
 
 
 def test_url_fetched_when_private_allowed(image_server: str) -> None:
-    image = load_image(f"{image_server}/ok.png", read_storage=no_storage, allow_private=True, timeout=5.0,
-                       max_bytes=MB, max_pixels=1_000_000)
+    image = load_image(
+        f"{image_server}/ok.png",
+        read_storage=no_storage,
+        allow_private=True,
+        timeout=5.0,
+        max_bytes=MB,
+        max_pixels=1_000_000,
+    )
     assert image.size == (40, 30)
 
 

@@ -50,9 +50,13 @@ def sniff_format(data: bytes) -> str:
         return "WEBP"
     for magic, name in _KNOWN_UNSUPPORTED:
         if data.startswith(magic):
-            raise InvalidInput(f"{name} images are not accepted: use PNG, JPEG or WebP", code="unsupported_format")
+            raise InvalidInput(
+                f"{name} images are not accepted: use PNG, JPEG or WebP", code="unsupported_format"
+            )
     if data[4:12] in (b"ftypavif", b"ftypheic", b"ftypheix", b"ftypmif1"):
-        raise InvalidInput("AVIF/HEIC images are not accepted: use PNG, JPEG or WebP", code="unsupported_format")
+        raise InvalidInput(
+            "AVIF/HEIC images are not accepted: use PNG, JPEG or WebP", code="unsupported_format"
+        )
     raise InvalidInput("the input is not a PNG, JPEG or WebP image", code="not_an_image")
 
 
@@ -65,7 +69,8 @@ def check_pixels(width: int, height: int, n_bytes: int, *, max_pixels: int) -> N
         return
     if pixels > BOMB_PIXELS_PER_BYTE * max(n_bytes, 1):
         raise InputTooLarge(
-            f"{width}x{height} image in {n_bytes} bytes looks like a decompression bomb", code="decompression_bomb"
+            f"{width}x{height} image in {n_bytes} bytes looks like a decompression bomb",
+            code="decompression_bomb",
         )
     raise InputTooLarge(f"{width}x{height} is over the limit of {max_pixels} pixels", code="input_too_large")
 
@@ -89,7 +94,9 @@ def decode_image(
     about to be downscaled anyway.
     """
     if len(data) > max_bytes:
-        raise InputTooLarge(f"input is {len(data)} bytes, over the limit of {max_bytes}", code="input_too_large")
+        raise InputTooLarge(
+            f"input is {len(data)} bytes, over the limit of {max_bytes}", code="input_too_large"
+        )
     fmt = sniff_format(data)
     if fmt == "WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
         # libwebp only says "could not create decoder object"; the RIFF size says what happened.
@@ -111,7 +118,9 @@ def decode_image(
         try:
             image.load()
         except Exception as exc:
-            raise InvalidInput(f"the {fmt} data cannot be decoded: {exc}", code=_load_error_code(exc)) from exc
+            raise InvalidInput(
+                f"the {fmt} data cannot be decoded: {exc}", code=_load_error_code(exc)
+            ) from exc
         return _clean(image)
 
 
@@ -127,7 +136,12 @@ def _load_error_code(exc: Exception) -> str:
 
 def _looks_truncated(exc: Exception) -> bool:
     text = str(exc).lower()
-    return isinstance(exc, EOFError) or "truncated" in text or "premature end" in text or "not enough data" in text
+    return (
+        isinstance(exc, EOFError)
+        or "truncated" in text
+        or "premature end" in text
+        or "not enough data" in text
+    )
 
 
 _TRANSPOSE = {

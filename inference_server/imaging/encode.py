@@ -50,9 +50,13 @@ def validate_metadata(metadata: dict[str, str]) -> None:
         if key == PARAMETERS_KEY:
             raise InvalidRequest("output.metadata key 'parameters' is reserved", code="invalid_metadata")
         if not 1 <= len(key) <= 79 or key != key.strip() or "  " in key:
-            raise InvalidRequest(f"output.metadata key {key!r} must be 1-79 characters", code="invalid_metadata")
+            raise InvalidRequest(
+                f"output.metadata key {key!r} must be 1-79 characters", code="invalid_metadata"
+            )
         if any(not (0x20 <= ord(c) <= 0x7E or 0xA1 <= ord(c) <= 0xFF) for c in key):
-            raise InvalidRequest(f"output.metadata key {key!r} must be printable Latin-1", code="invalid_metadata")
+            raise InvalidRequest(
+                f"output.metadata key {key!r} must be printable Latin-1", code="invalid_metadata"
+            )
         if "\x00" in value:
             raise InvalidRequest(f"output.metadata value for {key!r} contains NUL", code="invalid_metadata")
         total += len(key) + len(value.encode("utf-8"))
@@ -62,8 +66,9 @@ def validate_metadata(metadata: dict[str, str]) -> None:
 
 def metadata_json(metadata: dict[str, str], parameters: dict[str, Any]) -> str:
     """The JSON document stored in EXIF ImageDescription."""
-    return json.dumps({**metadata, PARAMETERS_KEY: parameters}, ensure_ascii=True, separators=(",", ":"),
-                      default=str)
+    return json.dumps(
+        {**metadata, PARAMETERS_KEY: parameters}, ensure_ascii=True, separators=(",", ":"), default=str
+    )
 
 
 def _exif(metadata: dict[str, str], parameters: dict[str, Any]) -> bytes:
@@ -95,7 +100,9 @@ def encode_output(
     if fmt == "jpg":
         fmt = "jpeg"
     if fmt not in CONTENT_TYPES:
-        raise InvalidRequest(f"output.format must be one of {', '.join(CONTENT_TYPES)}", code="invalid_output_format")
+        raise InvalidRequest(
+            f"output.format must be one of {', '.join(CONTENT_TYPES)}", code="invalid_output_format"
+        )
     if not 1 <= int(quality) <= 100:
         raise InvalidRequest("output.quality must be between 1 and 100", code="invalid_output_quality")
     validate_metadata(metadata)
@@ -103,8 +110,13 @@ def encode_output(
         image = image.convert("RGBA" if "A" in image.mode else "RGB")
     buf = io.BytesIO()
     if fmt == "png":
-        image.save(buf, format="PNG", pnginfo=_png_info(metadata, parameters), compress_level=PNG_COMPRESS_LEVEL,
-                   compress_type=PNG_ZLIB_STRATEGY)
+        image.save(
+            buf,
+            format="PNG",
+            pnginfo=_png_info(metadata, parameters),
+            compress_level=PNG_COMPRESS_LEVEL,
+            compress_type=PNG_ZLIB_STRATEGY,
+        )
     elif fmt == "jpeg":
         if image.mode == "RGBA":
             flat = Image.new("RGB", image.size, (255, 255, 255))
@@ -112,5 +124,7 @@ def encode_output(
             image = flat
         image.save(buf, format="JPEG", quality=int(quality), exif=_exif(metadata, parameters))
     else:
-        image.save(buf, format="WEBP", quality=int(quality), method=WEBP_METHOD, exif=_exif(metadata, parameters))
+        image.save(
+            buf, format="WEBP", quality=int(quality), method=WEBP_METHOD, exif=_exif(metadata, parameters)
+        )
     return buf.getvalue(), CONTENT_TYPES[fmt]

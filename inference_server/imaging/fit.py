@@ -83,7 +83,9 @@ def edit_size(image: Image.Image, *, multiple: int = 16, max_pixels: int) -> tup
     each side down to a multiple of ``multiple`` (at least ``multiple``).
     """
     if multiple <= 0 or max_pixels < multiple * multiple:
-        raise InvalidRequest(f"cannot fit a {multiple}-multiple size into {max_pixels} pixels", code="invalid_size")
+        raise InvalidRequest(
+            f"cannot fit a {multiple}-multiple size into {max_pixels} pixels", code="invalid_size"
+        )
     w, h = image.size
     scale = min(1.0, math.sqrt(max_pixels / (w * h)))
     out_w = max(multiple, int(w * scale) // multiple * multiple)

@@ -35,7 +35,9 @@ def parse_data_uri(uri: str, *, max_bytes: int | None = None) -> bytes:
     """
     match = _DATA_URI.match(uri)
     if match is None:
-        raise InvalidInput("not a data: URI (expected data:[<type>][;base64],<data>)", code="invalid_data_uri")
+        raise InvalidInput(
+            "not a data: URI (expected data:[<type>][;base64],<data>)", code="invalid_data_uri"
+        )
     meta = match.group("meta").lower()
     payload = match.group("data")
     is_base64 = meta.endswith(";base64") or meta == "base64"

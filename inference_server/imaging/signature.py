@@ -23,7 +23,9 @@ MARGIN_FRACTION = 0.02
 def validate_signature(*, position: str, opacity: float, size: str) -> None:
     """Raise ``InvalidRequest`` (code ``invalid_signature``) for values outside the contract."""
     if position not in POSITIONS:
-        raise InvalidRequest(f"signature.position must be one of {', '.join(POSITIONS)}", code="invalid_signature")
+        raise InvalidRequest(
+            f"signature.position must be one of {', '.join(POSITIONS)}", code="invalid_signature"
+        )
     if size not in SIZES:
         raise InvalidRequest(f"signature.size must be one of {', '.join(SIZES)}", code="invalid_signature")
     if not 0.0 <= opacity <= 1.0:
@@ -60,8 +62,9 @@ def signature_box(
     return x, max(0, y), w, h
 
 
-def prepare_signature(signature: Image.Image, out_w: int, out_h: int, *, opacity: float, size: str,
-                      position: str) -> tuple[Image.Image, tuple[int, int]]:
+def prepare_signature(
+    signature: Image.Image, out_w: int, out_h: int, *, opacity: float, size: str, position: str
+) -> tuple[Image.Image, tuple[int, int]]:
     """The signature scaled and with opacity applied to its alpha, and its top-left corner.
 
     Split from ``composite_signature`` so a job with several outputs of one size prepares it once.
@@ -70,7 +73,11 @@ def prepare_signature(signature: Image.Image, out_w: int, out_h: int, *, opacity
     x, y, w, h = signature_box(out_w, out_h, signature.width, signature.height, position=position, size=size)
     rgba = signature.convert("RGBA") if signature.mode != "RGBA" else signature
     # Pillow resizes RGBA in premultiplied form, so transparent pixels do not bleed their colour.
-    scaled = rgba.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0) if rgba.size != (w, h) else rgba.copy()
+    scaled = (
+        rgba.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        if rgba.size != (w, h)
+        else rgba.copy()
+    )
     if opacity < 1.0:
         lut = [round(a * opacity) for a in range(256)]
         scaled.putalpha(scaled.getchannel("A").point(lut))
