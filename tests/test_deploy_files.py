@@ -1,0 +1,346 @@
+"""The deployment files, checked as files: docker-compose.yml, deploy/ and the operator docs.
+
+No Docker engine or Kubernetes cluster runs here, so these tests hold the files to the
+contracts that the code defines: the CLI names, the Settings names (every environment
+variable a service sets must be one the Settings object reads), the GPU reservations, the
+broker's consumer timeout, the metric names the dashboard plots.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from inference_server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+
+# `inference-server <command>` names from DESIGN.md (contract).
+CLI_COMMANDS = {"migrate", "api", "worker", "workers", "dispatcher", "keys", "models", "generate", "up"}
+# Variables our services set that a library reads rather than Settings (boto3's credentials).
+LIBRARY_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+REQUIRED_SERVICES = {
+    "rabbitmq", "postgres", "minio", "createbuckets", "migrate", "api",
+    "worker-gpu0", "worker-gpu1", "dispatcher", "flower",
+}
+DASHBOARD_METRICS = {
+    "inference_jobs_submitted_total",
+    "inference_jobs_finished_total",
+    "inference_job_duration_seconds",
+    "inference_webhook_deliveries_total",
+    "rabbitmq_queue_messages_ready",
+}
+RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
+FAMILY = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+def settings_env_names() -> set[str]:
+    """The environment variables Settings reads: field names upper-cased, or the field's alias."""
+    names = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names.add(alias.upper() if isinstance(alias, str) else name.upper())
+    return names
+
+
+def option(command: list[str], flag: str) -> str:
+    """The value after `flag` in an argv list (also accepts `--flag=value`)."""
+    for i, arg in enumerate(command):
+        if arg == flag and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"{flag} missing from {command}")
+
+
+def assert_contract_command(command: Any, where: str) -> None:
+    assert isinstance(command, list), f"{where}: write the command as a list, got {command!r}"
+    assert command[0] == "inference-server", f"{where}: {command}"
+    assert command[1] in CLI_COMMANDS, f"{where}: {command[1]!r} is not a contract CLI command"
+    if command[1] == "worker":
+        families = option(command, "--families").split(",")
+        assert families and all(FAMILY.match(f) for f in families), f"{where}: {families}"
+        assert re.fullmatch(r"cuda:\d+|cpu", option(command, "--device")), f"{where}: {command}"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run our image (they build deploy/Dockerfile)."""
+    found = {
+        name: svc
+        for name, svc in compose["services"].items()
+        if isinstance(svc.get("build"), dict) and svc["build"].get("dockerfile") == "deploy/Dockerfile"
+    }
+    assert {"migrate", "api", "worker-gpu0", "worker-gpu1", "dispatcher"} <= set(found)
+    return found
+
+
+# --- docker-compose.yml ------------------------------------------------------------------
+
+
+def test_compose_has_every_required_service_in_the_default_profile(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert REQUIRED_SERVICES <= set(services), REQUIRED_SERVICES - set(services)
+    for name in REQUIRED_SERVICES:
+        assert not services[name].get("profiles"), f"{name} must start with a plain `docker compose up`"
+
+
+def test_each_gpu_worker_reserves_its_own_gpu_by_device_id(compose: dict[str, Any]) -> None:
+    workers = {n: s for n, s in compose["services"].items() if re.fullmatch(r"worker-gpu\d+", n)}
+    assert len(workers) >= 2
+    for name, svc in workers.items():
+        index = name.removeprefix("worker-gpu")
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        assert devices[0]["device_ids"] == [index], f"{name} must reserve GPU {index} only"
+        assert "gpu" in devices[0]["capabilities"]
+        assert "count" not in devices[0], "count and device_ids are exclusive"
+        # The container sees only its reserved GPU, as device 0.
+        assert option(svc["command"], "--device") == "cuda:0", name
+        assert svc["volumes"] and any(v.split(":")[1] == "/models" for v in svc["volumes"]), name
+
+
+def test_flower_watches_the_broker_and_its_management_api(compose: dict[str, Any]) -> None:
+    flower = compose["services"]["flower"]
+    assert flower["image"].startswith("mher/flower")
+    command = " ".join(flower["command"])
+    assert "--broker=amqp://" in command and "@rabbitmq:5672" in command
+    assert re.search(r"--broker_api=http://[^ ]+@rabbitmq:15672/api/", command), command
+
+
+def test_rabbitmq_mounts_a_config_that_outlasts_the_longest_job(
+    compose: dict[str, Any], app_services: dict[str, dict[str, Any]]
+) -> None:
+    rabbit = compose["services"]["rabbitmq"]
+    major, minor = (int(x) for x in re.search(r":(\d+)\.(\d+)", rabbit["image"]).groups())
+    assert (major, minor) >= (3, 13) and "management" in rabbit["image"]
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in rabbit["volumes"]}
+    conf_target = mounts["./deploy/rabbitmq/rabbitmq.conf"]
+    assert conf_target == "/etc/rabbitmq/rabbitmq.conf" or re.fullmatch(r"/etc/rabbitmq/conf\.d/.+\.conf", conf_target)
+    assert mounts["./deploy/rabbitmq/enabled_plugins"] == "/etc/rabbitmq/enabled_plugins"
+
+    conf = {}
+    for line in (DEPLOY / "rabbitmq" / "rabbitmq.conf").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, value = (p.strip() for p in line.split("=", 1))
+            conf[key] = value
+    timeout = int(conf["consumer_timeout"])
+    assert timeout > RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_MS
+    assert timeout >= Settings.model_fields["consumer_timeout_ms"].default
+    for name, svc in app_services.items():
+        declared = svc.get("environment", {}).get("CONSUMER_TIMEOUT_MS")
+        assert declared is None or int(declared) <= timeout, f"{name} expects a longer broker timeout"
+
+    plugins = (DEPLOY / "rabbitmq" / "enabled_plugins").read_text().strip()
+    assert re.fullmatch(r"\[[a-z_,\s]+\]\.", plugins), "enabled_plugins is an Erlang list ending with a dot"
+    assert {"rabbitmq_management", "rabbitmq_prometheus"} <= {p.strip() for p in plugins[1:-2].split(",")}
+
+
+def test_every_app_service_runs_a_contract_cli_command(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        if svc.get("image", "").startswith("inference-server") or "build" in svc:
+            assert_contract_command(svc.get("command"), f"compose service {name}")
+    assert compose["services"]["migrate"]["command"] == ["inference-server", "migrate"]
+    assert compose["services"]["dispatcher"]["command"] == ["inference-server", "dispatcher"]
+    assert compose["services"]["api"]["command"][:2] == ["inference-server", "api"]
+
+
+def test_app_environment_names_exist_in_settings_and_values_validate(
+    app_services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    known = settings_env_names() | LIBRARY_ENV
+    for name, svc in app_services.items():
+        env = svc.get("environment") or {}
+        assert isinstance(env, dict), f"{name}: write environment as a mapping"
+        unknown = set(env) - known
+        assert not unknown, f"{name} sets variables Settings does not read: {sorted(unknown)}"
+        # The values must also be what Settings accepts (production refuses SQLite, etc.).
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, str(value))
+            settings = Settings()
+        assert settings.environment == "production" and settings.database_url.startswith("postgresql")
+        assert settings.storage_url.startswith("s3://") and settings.s3_endpoint_url
+        assert str(settings.models_file).startswith("/models/")
+    assert app_services["api"]["environment"]["API_HOST"] == "0.0.0.0"
+
+
+def test_startup_order_uses_health_and_completion_conditions(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("api", "worker-gpu0", "worker-gpu1", "dispatcher"):
+        deps = services[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully", name
+        assert deps["postgres"]["condition"] == "service_healthy", name
+        assert deps["rabbitmq"]["condition"] == "service_healthy", name
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name, svc in services.items():
+        deps = svc.get("depends_on") or {}
+        for dep, spec in (deps.items() if isinstance(deps, dict) else []):
+            if spec.get("condition") == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no healthcheck"
+    assert "/readyz" in " ".join(services["api"]["healthcheck"]["test"])
+    assert "models" in compose["volumes"]
+
+
+# --- Dockerfile, Prometheus, Grafana -----------------------------------------------------
+
+
+def test_dockerfile_is_multi_stage_and_installs_gpu_extra_only_for_cuda() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 2
+    assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
+    assert re.search(r'if \[ "\$\{TORCH_VARIANT\}" = "cpu" \]; then\s*\\\s*pip install \. ;', text)
+    assert 'pip install ".[gpu]"' in text
+    for path in ("pyproject.toml", "alembic.ini", "migrations", "inference_server", "api", "workers", "webhooks"):
+        assert re.search(rf"^COPY {re.escape(path)} ", text, re.M), f"the image needs {path}"
+
+
+def test_prometheus_scrapes_api_rabbitmq_and_flower() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {}
+    for job in config["scrape_configs"]:
+        targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+        jobs[job["job_name"]] = (job.get("metrics_path", "/metrics"), targets)
+    paths_by_target = {t: path for path, targets in jobs.values() for t in targets}
+    assert paths_by_target["api:8000"] == "/metrics"
+    assert paths_by_target["rabbitmq:15692"].startswith("/metrics")
+    assert paths_by_target["flower:5555"] == "/metrics"
+
+
+def test_grafana_dashboard_plots_the_agreed_metrics() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for metric in DASHBOARD_METRICS:
+        assert metric in exprs, metric
+    assert "inference_job_duration_seconds_bucket" in exprs, "duration is a histogram: plot quantiles"
+    assert "by (status)" in exprs and "by (outcome)" in exprs
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for name in ("datasources/prometheus.yml", "dashboards/inference-server.yml"):
+        assert yaml.safe_load((DEPLOY / "grafana" / "provisioning" / name).read_text())["apiVersion"] == 1
+
+
+# --- Kubernetes --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    files = sorted(K8S.glob("*.yaml"))
+    assert files
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert isinstance(doc, dict), f"{path.name}: empty or non-mapping document"
+            docs.append((path.name, doc))
+    return docs
+
+
+def by_kind(docs: list[tuple[str, dict[str, Any]]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for _, d in docs if d["kind"] == kind}
+
+
+def test_every_manifest_parses_and_is_namespace_agnostic(k8s_docs: list[tuple[str, dict[str, Any]]]) -> None:
+    for filename, doc in k8s_docs:
+        assert doc.get("apiVersion") and doc.get("kind"), filename
+        if doc["kind"] == "Kustomization":
+            assert "namespace" not in doc
+            for resource in doc["resources"]:
+                assert (K8S / resource).is_file(), f"kustomization lists missing {resource}"
+            assert "secret.example.yaml" not in doc["resources"]
+            continue
+        assert doc["metadata"].get("name"), filename
+        assert "namespace" not in doc["metadata"], f"{filename}: {doc['metadata']['name']} pins a namespace"
+
+
+def test_manifest_containers_run_contract_commands_with_known_settings(
+    k8s_docs: list[tuple[str, dict[str, Any]]],
+) -> None:
+    known = settings_env_names() | LIBRARY_ENV
+    for name, cm in by_kind(k8s_docs, "ConfigMap").items():
+        assert set(cm["data"]) <= known, f"ConfigMap {name}: {sorted(set(cm['data']) - known)}"
+    secret = by_kind(k8s_docs, "Secret")["inference-server-secrets"]
+    assert set(secret["stringData"]) <= known
+    pods = [(n, d["spec"]["template"]["spec"]) for n, d in {**by_kind(k8s_docs, "Deployment"),
+                                                            **by_kind(k8s_docs, "Job")}.items()]
+    assert len(pods) >= 4
+    for name, pod in pods:
+        for container in pod["containers"]:
+            assert_contract_command(container["command"], f"{name}/{container['name']}")
+            for env in container.get("env", []):
+                assert env["name"] in known, f"{name}: {env['name']}"
+
+
+def test_workers_take_one_gpu_and_wait_for_the_running_job(k8s_docs: list[tuple[str, dict[str, Any]]]) -> None:
+    workers = {n: d for n, d in by_kind(k8s_docs, "Deployment").items() if "worker" in n}
+    assert workers
+    for name, deployment in workers.items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] >= 1800, "a running job must be able to finish"
+        (container,) = pod["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert option(container["command"], "--device") == "cuda:0"
+
+
+def test_keda_scales_each_worker_on_the_queues_of_its_families(k8s_docs: list[tuple[str, dict[str, Any]]]) -> None:
+    deployments = by_kind(k8s_docs, "Deployment")
+    scaled = by_kind(k8s_docs, "ScaledObject")
+    auths = by_kind(k8s_docs, "TriggerAuthentication")
+    workers = {n for n in deployments if "worker" in n}
+    assert workers and workers == {s["spec"]["scaleTargetRef"]["name"] for s in scaled.values()}
+    for obj in scaled.values():
+        target = deployments[obj["spec"]["scaleTargetRef"]["name"]]
+        command = target["spec"]["template"]["spec"]["containers"][0]["command"]
+        families = set(option(command, "--families").split(","))
+        queues = set()
+        for trigger in obj["spec"]["triggers"]:
+            assert trigger["type"] == "rabbitmq"
+            assert trigger["metadata"]["mode"] == "QueueLength"
+            assert trigger["authenticationRef"]["name"] in auths
+            queues.add(trigger["metadata"]["queueName"])
+        assert queues == {f"jobs.{f}" for f in families}
+
+
+def test_api_scales_on_cpu_and_probes_health_and_readiness(k8s_docs: list[tuple[str, dict[str, Any]]]) -> None:
+    api = by_kind(k8s_docs, "Deployment")["inference-server-api"]
+    (container,) = api["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    (hpa,) = by_kind(k8s_docs, "HorizontalPodAutoscaler").values()
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "inference-server-api"
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    service = by_kind(k8s_docs, "Service")["inference-server-api"]
+    assert service["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
+    (job,) = by_kind(k8s_docs, "Job").values()
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["inference-server", "migrate"]
+
+
+# --- docs ----------------------------------------------------------------------------------
+
+
+def test_configuration_doc_lists_every_setting() -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    missing = sorted(n for n in settings_env_names() if f"`{n}`" not in text)
+    assert not missing, f"docs/configuration.md does not document {missing}"
+
+
+def test_deploy_doc_covers_the_operator_topics() -> None:
+    text = (ROOT / "docs" / "deploy.md").read_text().lower()
+    for topic in ("docker compose up", "consumer_timeout", "inference-server migrate", "keda",
+                  "terminationgraceperiodseconds", "secret", "models_file"):
+        assert topic in text, topic
