@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     torch_threads: int = 0  # 0: torch's default; tests use 1
     engine_cache_bytes: int = 0  # pipeline cache budget; 0: device memory (CUDA) or half of RAM (CPU)
     engine_max_edit_pixels: int = 0  # cap on the working area of edit pipelines; 0: the pipeline's own
+    device: str = "cpu"  # set by `worker --device`; "cuda" after the launcher pins one GPU
+    worker_max_jobs_per_child: int = 0  # recycle the child after N jobs (0: never)
+    job_time_limit: int = 0  # hard per-job time limit in seconds (0: none)
+    warm_models: str = ""  # "family[/model],..." loaded when a worker child starts
 
     # Outbox relay.
     relay_batch_size: int = 200

@@ -1,0 +1,26 @@
+"""A per-tenant token bucket (per API process; put a shared limiter in the gateway for global limits)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from inference_server.errors import RateLimited
+
+
+class RateLimiter:
+    def __init__(self, per_minute: int) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = float(per_minute)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, key: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now)
+                raise RateLimited("rate limit exceeded; slow down", code="rate_limited")
+            self._buckets[key] = (tokens - 1.0, now)

@@ -1,0 +1,92 @@
+"""Job endpoints: submit, read, list, cancel, outputs. Routes parse, call ``jobs.service``, shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.responses import RedirectResponse
+from sqlalchemy.orm import Session
+
+from api.deps import AppState, current_tenant, get_session, state
+from inference_server.db import Tenant
+from inference_server.errors import NotFound
+from inference_server.jobs import service
+from inference_server.jobs.serialize import job_to_dict
+from inference_server.jobs.spec import JobRequest
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202)
+def submit_job(
+    body: JobRequest,
+    response: Response,
+    idempotency_key: str | None = Header(default=None, max_length=255),
+    session: Session = Depends(get_session),
+    tenant: Tenant = Depends(current_tenant),
+    st: AppState = Depends(state),
+) -> dict[str, Any]:
+    result = service.submit(session, st.ctx, tenant, body, idempotency_key=idempotency_key)
+    if result.created:
+        st.metrics.submitted.labels(body.family).inc()
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{result.job.id}"
+    return job_to_dict(result.job, api_base=st.settings.api_url)
+
+
+@router.get("")
+def list_jobs(
+    status: str | None = None,
+    family: str | None = None,
+    limit: int = Query(default=50, ge=1, le=200),
+    cursor: str | None = None,
+    session: Session = Depends(get_session),
+    tenant: Tenant = Depends(current_tenant),
+    st: AppState = Depends(state),
+) -> dict[str, Any]:
+    jobs, next_cursor = service.list_jobs(session, tenant, status=status, family=family, limit=limit, cursor=cursor)
+    return {"jobs": [job_to_dict(j, api_base=st.settings.api_url) for j in jobs], "next_cursor": next_cursor}
+
+
+@router.get("/{job_id}")
+def get_job(
+    job_id: str,
+    session: Session = Depends(get_session),
+    tenant: Tenant = Depends(current_tenant),
+    st: AppState = Depends(state),
+) -> dict[str, Any]:
+    return job_to_dict(service.get_job(session, tenant, job_id), api_base=st.settings.api_url)
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(
+    job_id: str,
+    session: Session = Depends(get_session),
+    tenant: Tenant = Depends(current_tenant),
+    st: AppState = Depends(state),
+) -> dict[str, Any]:
+    return job_to_dict(service.cancel(session, st.ctx, tenant, job_id), api_base=st.settings.api_url)
+
+
+@router.get("/{job_id}/outputs/{index}")
+def get_output(
+    job_id: str,
+    index: int,
+    session: Session = Depends(get_session),
+    tenant: Tenant = Depends(current_tenant),
+    st: AppState = Depends(state),
+) -> Response:
+    job = service.get_job(session, tenant, job_id)
+    output = next((o for o in job.outputs if o.index == index), None)
+    if output is None:
+        raise NotFound(f"job {job_id} has no output {index}", code="output_not_found")
+    url = st.ctx.storage.presigned_url(output.uri, st.settings.presign_expires_seconds)
+    if url:
+        return RedirectResponse(url, status_code=307)
+    return Response(
+        st.ctx.storage.get(output.uri),
+        media_type=output.content_type,
+        headers={"Cache-Control": "private, max-age=31536000, immutable", "ETag": f'"{output.sha256}"'},
+    )

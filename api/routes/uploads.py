@@ -1,0 +1,30 @@
+"""``POST /v1/uploads``: one image, validated now, stored, answered with a URI usable as a job input."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, UploadFile
+
+from api.deps import AppState, current_tenant, state
+from inference_server.db import Tenant
+from inference_server.errors import InputTooLarge
+
+router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
+
+FORMATS = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "WEBP": ("webp", "image/webp")}
+
+
+@router.post("", status_code=201)
+def upload(file: UploadFile, tenant: Tenant = Depends(current_tenant), st: AppState = Depends(state)) -> dict[str, Any]:
+    from inference_server import imaging
+
+    s = st.settings
+    data = file.file.read(s.max_input_bytes + 1)
+    if len(data) > s.max_input_bytes:
+        raise InputTooLarge(f"uploads are limited to {s.max_input_bytes} bytes", code="input_too_large")
+    image = imaging.decode_image(data, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels)
+    ext, content_type = FORMATS.get(imaging.sniff_format(data), ("img", "application/octet-stream"))
+    uri = st.ctx.storage.put(f"uploads/{tenant.id}/{uuid.uuid4().hex}.{ext}", data, content_type)
+    return {"uri": uri, "width": image.width, "height": image.height, "content_type": content_type}

@@ -1,0 +1,151 @@
+"""`inference-server`: one entry point for every role. Heavy imports happen inside commands, so
+`inference-server api` never loads torch and `--help` is instant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from inference_server.errors import InferenceError
+from inference_server.settings import Settings, get_settings
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic ValidationError: show the message, not a traceback
+        raise click.ClickException(f"invalid settings: {exc}") from exc
+
+
+class Group(click.Group):
+    """Turns domain errors into one clear line and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except InferenceError as exc:
+            raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+
+
+@click.group(cls=Group)
+@click.option("--log-level", default="INFO", show_default=True)
+def cli(log_level: str) -> None:
+    """A distributed diffusion job system: API, GPU workers, webhook dispatcher."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (alembic upgrade head)."""
+    from inference_server.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    click.echo(f"database at head: {settings.database_url.split('@')[-1]}")
+
+
+@cli.command()
+@click.option("--host", default=None, help="Default: API_HOST.")
+@click.option("--port", type=int, default=None, help="Default: API_PORT.")
+@click.option("--workers", "processes", type=int, default=1, show_default=True, help="Uvicorn processes.")
+def api(host: str | None, port: int | None, processes: int) -> None:
+    """Run the HTTP API (and the outbox relay inside it)."""
+    import uvicorn
+
+    settings = _settings()
+    uvicorn.run(
+        "api.main:app", factory=False, host=host or settings.api_host, port=port or settings.api_port,
+        workers=processes, log_level="warning", access_log=False,
+    )
+
+
+@cli.command()
+@click.option("--families", required=True, help="Comma-separated families whose queues this worker consumes.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda:N (pins GPU N), cuda or mps.")
+@click.option("--pool", default="prefork", show_default=True, type=click.Choice(["prefork", "solo"]))
+def worker(families: str, device: str, pool: str) -> None:
+    """Run one Celery worker (one per GPU) for the given families."""
+    from workers.launcher import run_worker
+
+    run_worker(_settings(), [f.strip() for f in families.split(",") if f.strip()], device, pool=pool)
+
+
+@cli.command()
+@click.option("--gpus", default="all", show_default=True, help="'all' or comma-separated GPU indexes.")
+@click.option("--families", default=None, help="Limit to these families (default: every family that fits).")
+def workers(gpus: str, families: str | None) -> None:
+    """Start one worker per GPU, each on the families whose models fit its memory."""
+    from workers.launcher import run_gpu_workers
+
+    run_gpu_workers(_settings(), gpus, families.split(",") if families else None)
+
+
+@cli.command()
+def dispatcher() -> None:
+    """Deliver webhooks (and relay the outbox) until stopped."""
+    from inference_server.cli.roles import run_dispatcher
+
+    run_dispatcher(_settings())
+
+
+@cli.group()
+def keys() -> None:
+    """API keys and webhook secrets."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True)
+def keys_create(tenant: str) -> None:
+    """Create a tenant (if new) and an API key; prints JSON {"api_key", "webhook_secret"}."""
+    from api.auth import create_tenant_key
+    from inference_server.db import make_engine, make_session_factory
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    with make_session_factory(engine)() as session:
+        row, key = create_tenant_key(session, tenant)
+        click.echo(json.dumps({"tenant": row.name, "api_key": key, "webhook_secret": row.webhook_secret}))
+    engine.dispose()
+
+
+@keys.command("rotate-webhook-secret")
+@click.option("--tenant", required=True)
+def keys_rotate(tenant: str) -> None:
+    """Issue a new webhook secret; both sign deliveries during WEBHOOK_SECRET_GRACE_HOURS."""
+    from inference_server.db import make_engine, make_session_factory
+    from webhooks.secrets import rotate_webhook_secret
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    with make_session_factory(engine)() as session:
+        secret = rotate_webhook_secret(session, tenant, settings.webhook_secret_grace_hours)
+        click.echo(json.dumps({"tenant": tenant, "webhook_secret": secret}))
+    engine.dispose()
+
+
+def _register_commands() -> None:
+    from inference_server.cli.client import generate
+    from inference_server.cli.up import up
+
+    try:  # TODO(lead): the engine helper is writing models_cmd; make this import unconditional
+        from inference_server.cli.models_cmd import models
+
+        cli.add_command(models)
+    except ImportError:
+        pass
+    cli.add_command(generate)
+    cli.add_command(up)
+
+
+_register_commands()
+
+
+def main() -> None:
+    cli(prog_name="inference-server")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

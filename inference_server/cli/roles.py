@@ -1,0 +1,46 @@
+"""Long-running roles started by the CLI (the dispatcher here; the API and workers elsewhere)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from inference_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def start_dispatcher_threads(
+    settings: Settings, stop: threading.Event, *, relay: bool = True
+) -> list[threading.Thread]:
+    """The webhook dispatcher and (unless the process already has one) an outbox relay, as threads."""
+    from inference_server.db import make_engine, make_session_factory
+    from webhooks.dispatcher import Dispatcher
+    from workers.celery_app import create_celery_app
+    from workers.relay import Relay
+
+    sf = make_session_factory(make_engine(settings.database_url, pool_size=settings.webhook_concurrency + 4))
+    threads = []
+    if relay:
+        relayer = Relay(
+            create_celery_app(settings), sf, batch_size=settings.relay_batch_size,
+            interval=settings.relay_interval, consumer_timeout_ms=settings.consumer_timeout_ms,
+        )
+        threads.append(relayer.start(stop))
+    delivery = threading.Thread(target=Dispatcher(settings, sf).run, args=(stop,), name="dispatcher", daemon=True)
+    delivery.start()
+    threads.append(delivery)
+    return threads
+
+
+def run_dispatcher(settings: Settings) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    threads = start_dispatcher_threads(settings, stop)
+    log.info("dispatcher running (relay + webhook delivery)")
+    while not stop.wait(1.0):
+        pass
+    for t in threads:
+        t.join(timeout=20)

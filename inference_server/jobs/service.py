@@ -1,0 +1,265 @@
+"""Job operations shared by every front door (the HTTP API, `generate`, `up`): submit, read, list,
+cancel. Each is one database transaction; the queue message rides in the outbox of that transaction."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from inference_server.db import Job, OutboxMessage, Tenant
+from inference_server.db.base import new_id, utcnow
+from inference_server.engine.registry import Registry
+from inference_server.errors import Conflict, InvalidInput, InvalidRequest, NotFound
+from inference_server.events import emit
+from inference_server.jobs.spec import MAX_SEED, JobRequest
+from inference_server.jobs.status import TERMINAL, EventType, JobStatus
+from inference_server.settings import Settings
+from inference_server.storage.base import Storage, input_key
+
+NEEDS_IMAGE = {"img2img", "inpaint", "edit"}
+
+
+@dataclass
+class Submitted:
+    job: Job
+    created: bool  # False when an Idempotency-Key replayed an earlier submit
+
+
+@dataclass
+class JobContext:
+    """What a job operation needs from the process: passed down, never global."""
+
+    settings: Settings
+    registry: Registry
+    storage: Storage
+    on_published: Callable[[], None] | None = None  # wakes the relay after a commit
+
+
+def request_hash(body: JobRequest) -> str:
+    return hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()
+
+
+def _check_family(ctx: JobContext, req: JobRequest) -> tuple[Any, Any]:
+    family = ctx.registry.family(req.family)
+    model = family.model(req.model, req.task)
+    for lora in req.loras:
+        if family.lora(lora.name) is None and "://" not in lora.name:
+            known = ", ".join(lo.name for lo in family.loras) or "none"
+            raise InvalidRequest(f"unknown LoRA {lora.name!r} for {family.name} (known: {known})", code="unknown_lora")
+    return family, model
+
+
+def _resolve_params(family: Any, req: JobRequest) -> dict[str, Any]:
+    limits, defaults = family.limits, family.defaults
+    params = req.model_dump(exclude_none=True)
+    for key in ("width", "height", "steps", "guidance_scale"):
+        if params.get(key) is None and defaults.get(key) is not None:
+            params[key] = defaults[key]
+    if req.task in ("img2img", "inpaint") and params.get("strength") is None:
+        params["strength"] = defaults.get("strength", 0.75)
+    lo, hi = limits.get("min_size", 64), limits.get("max_size", 2048)
+    multiple = limits.get("size_multiple", 8)
+    for key in ("width", "height"):
+        value = params.get(key)
+        if value is not None and not lo <= value <= hi:
+            raise InvalidRequest(f"{key} must be between {lo} and {hi} for {family.name}", code="invalid_size")
+        if value is not None and value % multiple:
+            raise InvalidRequest(f"{key} must be a multiple of {multiple} for {family.name}", code="invalid_size")
+    max_steps = limits.get("max_steps", 150)
+    if params.get("steps", 1) > max_steps:
+        raise InvalidRequest(f"steps must be at most {max_steps} for {family.name}", code="invalid_steps")
+    if params.get("seed", -1) == -1:
+        params["seed"] = secrets.randbelow(MAX_SEED - 4)  # room for seed + i per image
+    return params
+
+
+def _check_inputs(req: JobRequest) -> None:
+    if req.task in NEEDS_IMAGE and not req.image:
+        raise InvalidRequest(f"task {req.task!r} needs an input `image`", code="missing_image")
+    if req.task == "inpaint" and not req.mask:
+        raise InvalidRequest("task 'inpaint' needs a `mask`", code="missing_mask")
+    if req.task == "edit" and not req.prompt:
+        raise InvalidRequest("task 'edit' needs a `prompt` (the instruction)", code="missing_prompt")
+
+
+def _store_input(ctx: JobContext, tenant: Tenant, job_id: str, name: str, ref: str) -> str:
+    """Inline inputs are validated now (a 4xx beats a failed job) and moved to storage, so rows and
+    queue messages stay small. URLs are checked statically here and fetched by the worker."""
+    from inference_server import imaging, netguard
+
+    s = ctx.settings
+    if ref.startswith("data:"):
+        data = imaging.parse_data_uri(ref)
+        imaging.decode_image(data, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels)
+        return ctx.storage.put(input_key(job_id, name, "img"), data, "application/octet-stream")
+    if ref.startswith(("https://", "http://")):
+        netguard.check_url(ref, allow_private=s.allow_private_networks)
+        if ref.startswith("http://") and not s.allow_private_networks:
+            raise InvalidInput("input URLs must use https://", code="unsupported_input_uri")
+        return ref
+    if ctx.storage.owns(ref) and f"/uploads/{tenant.id}/" in ref:
+        return ref
+    raise InvalidInput(
+        f"{name} must be a data: URI, an https:// URL or a URI returned by POST /v1/uploads",
+        code="unsupported_input_uri",
+    )
+
+
+def submit(
+    session: Session, ctx: JobContext, tenant: Tenant, req: JobRequest, *, idempotency_key: str | None = None
+) -> Submitted:
+    """Validate, store and enqueue one job in a single transaction."""
+    digest = request_hash(req)
+    if idempotency_key:
+        existing = _by_idempotency_key(session, tenant, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest)
+    family, model = _check_family(ctx, req)
+    _check_inputs(req)
+    params = _resolve_params(family, req)
+    if req.webhook:
+        from inference_server import netguard
+
+        netguard.check_url(req.webhook.url, allow_private=ctx.settings.allow_private_networks)
+    job_id = new_id()
+    for name in ("image", "mask"):
+        if params.get(name):
+            params[name] = _store_input(ctx, tenant, job_id, name, params[name])
+    if req.signature:
+        params["signature"]["image"] = _store_input(ctx, tenant, job_id, "signature", req.signature.image)
+    params.pop("webhook", None)
+    job = Job(
+        id=job_id,
+        tenant_id=tenant.id,
+        status=JobStatus.QUEUED,
+        family=req.family,
+        model=model.id,
+        task=req.task,
+        params=params,
+        webhook_url=req.webhook.url if req.webhook else None,
+        webhook_events=list(req.webhook.events) if req.webhook and req.webhook.events is not None else None,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        progress_total=_planned_steps(params),
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.add(OutboxMessage(job_id=job.id, queue=family.queue))
+    emit(session, job, EventType.QUEUED, api_base=ctx.settings.api_url)
+    try:
+        session.commit()
+    except IntegrityError:
+        # Two submits raced with one Idempotency-Key: the loser answers with the winner's job.
+        session.rollback()
+        if idempotency_key:
+            existing = _by_idempotency_key(session, tenant, idempotency_key)
+            if existing is not None:
+                return _replay(existing, digest)
+        raise
+    if ctx.on_published:
+        ctx.on_published()
+    return Submitted(job=job, created=True)
+
+
+def _planned_steps(params: dict[str, Any]) -> int:
+    steps = int(params.get("steps", 0))
+    strength = params.get("strength")
+    # img2img and inpaint run only int(steps * strength) denoising steps.
+    return max(1, int(steps * strength)) if strength is not None else steps
+
+
+def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
+
+
+def _replay(existing: Job, digest: str) -> Submitted:
+    if existing.request_hash != digest:
+        raise Conflict(
+            "this Idempotency-Key was already used with a different request body", code="idempotency_conflict"
+        )
+    return Submitted(job=existing, created=False)
+
+
+def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant.id:
+        raise NotFound(f"job {job_id} not found", code="job_not_found")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    tenant: Tenant,
+    *,
+    status: str | None = None,
+    family: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """Newest first; the cursor is the (created_at, id) of the last job of the previous page."""
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status:
+        if status not in {s.value for s in JobStatus}:
+            raise InvalidRequest(f"unknown status {status!r}", code="invalid_filter")
+        query = query.where(Job.status == status)
+    if family:
+        query = query.where(Job.family == family)
+    if cursor:
+        created, last_id = _decode_cursor(cursor)
+        query = query.where(
+            (Job.created_at < created) | ((Job.created_at == created) & (Job.id < last_id))
+        )
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    jobs = list(session.scalars(query))
+    next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    return jobs[:limit], next_cursor
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest("invalid cursor", code="invalid_cursor") from exc
+
+
+def cancel(session: Session, ctx: JobContext, tenant: Tenant, job_id: str) -> Job:
+    """Cancel a queued or running job. A running job's worker sees the status at its next step."""
+    job = get_job(session, tenant, job_id)
+    if JobStatus(job.status) in TERMINAL:
+        if job.status == JobStatus.CANCELED:
+            return job
+        raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
+    now = utcnow()
+    # Conditional update: a worker finishing at the same moment wins or loses cleanly, never both.
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .values(status=JobStatus.CANCELED, finished_at=now, eta_seconds=None, updated_at=now)
+    )
+    if result.rowcount == 0:
+        session.rollback()
+        session.refresh(job)
+        if job.status == JobStatus.CANCELED:
+            return job
+        raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
+    session.refresh(job)
+    emit(session, job, EventType.CANCELED, api_base=ctx.settings.api_url)
+    session.commit()
+    return job

@@ -1,0 +1,94 @@
+"""Starting workers: one Celery worker pinned to one device, or one per visible GPU."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from inference_server.errors import InvalidRequest
+from inference_server.settings import Settings
+from workers.device import pin_device
+from workers.queues import queue_name
+
+log = logging.getLogger(__name__)
+
+
+def _check_families(settings: Settings, families: list[str]) -> None:
+    if not families:
+        raise InvalidRequest("--families needs at least one family", code="invalid_families")
+    if settings.models_file is None:
+        raise InvalidRequest("MODELS_FILE is not set: a worker needs a model registry", code="no_registry")
+    from inference_server.engine.registry import load_registry
+
+    registry = load_registry(settings.models_file)
+    unknown = [f for f in families if f not in registry.families]
+    if unknown:
+        known = ", ".join(sorted(registry.families))
+        raise InvalidRequest(f"unknown families {', '.join(unknown)} (registry has: {known})", code="unknown_family")
+
+
+def run_worker(settings: Settings, families: list[str], device: str, *, pool: str = "prefork") -> None:
+    """Run a Celery worker in this process. The device is pinned before anything imports torch."""
+    torch_device = pin_device(device)
+    _check_families(settings, families)
+    settings = settings.model_copy(update={"device": torch_device})
+    from workers.celery_app import create_celery_app
+
+    app = create_celery_app(settings, families=families)
+    name = f"{'-'.join(families)}.{device.replace(':', '')}@%h"
+    app.worker_main(
+        [
+            "worker", f"--pool={pool}", "--concurrency=1", "--loglevel=INFO", f"--hostname={name}",
+            f"--queues={','.join(queue_name(f) for f in families)}", "--without-gossip", "--without-mingle",
+        ]
+    )
+
+
+def families_for_gpu(settings: Settings, memory_bytes: int) -> list[str]:
+    """Families whose largest model fits a GPU with ``memory_bytes`` (offloaded models always fit)."""
+    from inference_server.engine.registry import load_registry
+
+    assert settings.models_file is not None
+    registry = load_registry(settings.models_file)
+    fits = []
+    for fam in registry.families.values():
+        offloads = all(m.offload != "none" for m in fam.models)
+        if offloads or fam.memory_gb * 1e9 <= memory_bytes * 0.95:
+            fits.append(fam.name)
+    return fits
+
+
+def run_gpu_workers(settings: Settings, gpus: str, families: list[str] | None) -> None:
+    """Spawn `inference-server worker --device cuda:N` per GPU and supervise them."""
+    from workers.device import visible_gpus
+
+    found = visible_gpus()
+    if not found:
+        raise InvalidRequest("no CUDA GPU is visible: use `inference-server worker --device cpu`", code="no_gpu")
+    wanted = [g for g in found if gpus == "all" or str(g[0]) in gpus.split(",")]
+    procs: list[subprocess.Popen[bytes]] = []
+    for index, memory in wanted:
+        fams = [f for f in families_for_gpu(settings, memory) if not families or f in families]
+        if not fams:
+            log.warning("GPU %d (%.1f GB) fits no family; not starting a worker on it", index, memory / 1e9)
+            continue
+        cmd = [sys.executable, "-m", "inference_server.cli.main", "worker", "--device", f"cuda:{index}",
+               "--families", ",".join(fams)]
+        log.info("GPU %d: %s", index, " ".join(cmd[3:]))
+        procs.append(subprocess.Popen(cmd, env=dict(os.environ)))
+    if not procs:
+        raise InvalidRequest("no GPU fits any family of the registry", code="no_gpu")
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while any(p.poll() is None for p in procs):
+        time.sleep(1.0)
+    sys.exit(max(p.returncode or 0 for p in procs))

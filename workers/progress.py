@@ -1,0 +1,90 @@
+"""A per-job side thread that saves progress and watches for cancellation, so the denoising loop
+only reads and writes two attributes per step and never waits on the database."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from inference_server.db import Job
+from inference_server.db.base import utcnow
+from inference_server.events import emit
+from inference_server.jobs.status import EventType, JobStatus
+
+log = logging.getLogger(__name__)
+
+
+class ProgressWatcher:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        job_id: str,
+        attempt: int,
+        *,
+        progress_interval: float,
+        poll_interval: float,
+        api_base: str,
+    ) -> None:
+        self._sf = session_factory
+        self.job_id = job_id
+        self.attempt = attempt
+        self.progress_interval = progress_interval
+        self.poll_interval = poll_interval
+        self.api_base = api_base
+        self.canceled = False
+        self._step = 0
+        self._total = 0
+        self._started = time.monotonic()
+        self._written_step = 0
+        self._last_write = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"progress-{job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> ProgressWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def on_step(self, step: int, total: int) -> bool:
+        """The engine's per-step callback: record, and answer whether to stop."""
+        self._step, self._total = step, total
+        return self.canceled
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_interval):
+            try:
+                self._tick()
+            except Exception:  # a side channel never fails the job
+                log.exception("progress update for job %s failed", self.job_id)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        step, total = self._step, self._total
+        write = step != self._written_step and now - self._last_write >= self.progress_interval
+        with self._sf() as session:
+            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
+            if status != JobStatus.RUNNING:
+                self.canceled = True
+                return
+            if not write or not total:
+                return
+            elapsed = now - self._started
+            eta = elapsed / step * (total - step) if step else None
+            result = session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING, Job.attempts == self.attempt)
+                .values(progress_step=step, progress_total=total, eta_seconds=eta, updated_at=utcnow())
+            )
+            if result.rowcount:
+                job = session.get(Job, self.job_id)
+                if job is not None:
+                    emit(session, job, EventType.PROGRESS, api_base=self.api_base)
+            session.commit()
+        self._written_step, self._last_write = step, now

@@ -1,0 +1,99 @@
+"""The outbox relay: publishes committed job messages to RabbitMQ with publisher confirms and stamps
+them. It runs inside every `api` and `dispatcher` process; ``FOR UPDATE SKIP LOCKED`` lets any
+number of them share the outbox without publishing a row twice (a crash between the confirm and
+the stamp can re-send a message: the worker recognises and drops such duplicates)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from inference_server.db import OutboxMessage
+from inference_server.db.base import utcnow
+from workers.celery_app import RUN_JOB
+from workers.queues import family_queue
+
+log = logging.getLogger(__name__)
+
+
+class Relay:
+    def __init__(
+        self,
+        app: Celery,
+        session_factory: sessionmaker[Session],
+        *,
+        batch_size: int = 200,
+        interval: float = 0.2,
+        consumer_timeout_ms: int,
+    ) -> None:
+        self.app = app
+        self.sf = session_factory
+        self.batch_size = batch_size
+        self.interval = interval
+        self.consumer_timeout_ms = consumer_timeout_ms
+        self.wake = threading.Event()
+        self._queues: dict[str, object] = {}
+        self.published = 0
+
+    def _queue(self, name: str) -> object:
+        if name not in self._queues:
+            self._queues[name] = family_queue(name.removeprefix("jobs."), consumer_timeout_ms=self.consumer_timeout_ms)
+        return self._queues[name]
+
+    def publish_pending(self) -> int:
+        """Publish one batch of unpublished messages; return how many were published."""
+        with self.sf() as session:
+            rows = list(
+                session.scalars(
+                    select(OutboxMessage)
+                    .where(OutboxMessage.published_at.is_(None))
+                    .order_by(OutboxMessage.id)
+                    .limit(self.batch_size)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if not rows:
+                return 0
+            done: list[int] = []
+            try:
+                with self.app.producer_or_acquire() as producer:
+                    for row in rows:
+                        self.app.send_task(
+                            RUN_JOB, args=[row.job_id], task_id=row.job_id, queue=self._queue(row.queue),
+                            producer=producer, retry=False,
+                        )
+                        done.append(row.id)
+            finally:
+                # Stamp what the broker confirmed, even if a later publish in the batch failed.
+                if done:
+                    session.execute(
+                        update(OutboxMessage).where(OutboxMessage.id.in_(done)).values(published_at=utcnow())
+                    )
+                session.commit()
+            self.published += len(done)
+            return len(done)
+
+    def run(self, stop: threading.Event) -> None:
+        """Publish until ``stop`` is set; back off while the broker or database is down."""
+        backoff = self.interval
+        while not stop.is_set():
+            try:
+                while self.publish_pending() >= self.batch_size and not stop.is_set():
+                    pass
+                backoff = self.interval
+            except Exception as exc:
+                log.warning("outbox relay: %s; retrying in %.1fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            self.wake.wait(self.interval)
+            self.wake.clear()
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name="outbox-relay", daemon=True)
+        thread.start()
+        return thread
