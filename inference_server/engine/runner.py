@@ -1,0 +1,264 @@
+"""The engine the worker calls: load (or reuse) a model's pipeline and run one job on it.
+
+One image per seed, each from its own CPU-seeded generator, so a seed gives the same bytes whatever
+else is in the job and on whichever device the job runs. Progress and cancellation go through
+diffusers' ``callback_on_step_end``: the worker's ``on_step`` sees every denoising step and can stop
+the run by returning True (the pipeline's interrupt flag is set; :class:`JobCanceled` is raised).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from inference_server.engine import families, loras
+from inference_server.engine.cache import CachedModel, PipelineCache
+from inference_server.engine.device import DTYPES, default_cache_bytes
+from inference_server.engine.registry import ModelSpec, Registry
+from inference_server.errors import InferenceError, InvalidRequest, JobCanceled, ModelError
+
+log = logging.getLogger(__name__)
+
+
+class _EmptyFp32Warning(logging.Filter):
+    """diffusers warns on every ``vae.to(dtype)`` inside pipelines even when no module must stay fp32."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFp32Warning())
+
+
+@dataclass
+class LoraRef:
+    """A LoRA a job asks for: a registered name or a URI, and its scale."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass
+class GenerationRequest:
+    """One job as the engine sees it: validated parameters and decoded inputs."""
+
+    family: str
+    model: str | None
+    task: str  # txt2img | img2img | inpaint | edit
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float | None
+    seeds: list[int]  # one output image per seed
+    strength: float | None = None
+    image: Image.Image | None = None  # decoded, RGB, sized by the caller
+    mask: Image.Image | None = None  # "L"
+    loras: list[LoraRef] = field(default_factory=list)
+
+
+StepCallback = Callable[[int, int], bool]
+
+
+class Engine:
+    """Runs generation requests on the models of a registry, caching loaded pipelines."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        device: str = "cpu",
+        cache_bytes: int = 0,
+        max_edit_pixels: int = 0,
+        cache_dir: Path | None = None,
+        fetch: Callable[[str, Path], Path] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.device = device
+        self.max_edit_pixels = max_edit_pixels
+        self.cache_dir = cache_dir
+        self.fetch = fetch
+        self.cache = PipelineCache(cache_bytes or default_cache_bytes(device), device)
+
+    # --- public -----------------------------------------------------------------------------------
+    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+        """Run ``req``: one image per seed. Raises InvalidRequest, JobCanceled or ModelError."""
+        family = self.registry.family(req.family)
+        spec = family.model(req.model, req.task)
+        _check(req)
+        resolved = [
+            loras.resolve(self.registry, family, ref.name, ref.scale, fetch=self.fetch, cache_dir=self.cache_dir)
+            for ref in req.loras
+        ]
+        entry = self._entry(spec)
+        pipe = self._variant(entry, req.task)
+        try:
+            if resolved:
+                loras.apply(entry, resolved, self._placeholders(spec))
+            return self._run(pipe, req, on_step)
+        finally:
+            loras.reset(entry)
+
+    def warm(self, family: str, model: str | None = None) -> None:
+        """Load a model into the cache ahead of its first job."""
+        fam = self.registry.family(family)
+        spec = fam.model(model, fam.tasks[0]) if model is None else next(
+            (m for m in fam.models if m.id == model), None
+        )
+        if spec is None:
+            raise InvalidRequest(f"unknown model {model!r} for family {family!r}", code="unknown_model")
+        self._entry(spec)
+
+    # --- running ----------------------------------------------------------------------------------
+    def _run(self, pipe: Any, req: GenerationRequest, on_step: StepCallback | None) -> list[Image.Image]:
+        images: list[Image.Image] = []
+        done = 0
+        canceled = False
+        remaining = len(req.seeds)
+
+        def callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal done, canceled
+            done += 1
+            # Pipelines set _num_timesteps before their loop: exact even when strength shortens it.
+            per_image = int(getattr(p, "_num_timesteps", 0) or req.steps)
+            total = done - (step + 1) + per_image * remaining
+            if on_step is not None and on_step(done, total):
+                p._interrupt = True
+                canceled = True
+            return kwargs
+
+        edit_cap = families.edit_area(self.max_edit_pixels) if req.task == "edit" else None
+        for seed in req.seeds:
+            kwargs = families.call_kwargs(pipe, req, seed, callback)
+            try:
+                with torch.inference_mode():
+                    if edit_cap is not None:
+                        with families.edit_area(self.max_edit_pixels):
+                            out = pipe(**kwargs)
+                    else:
+                        out = pipe(**kwargs)
+            except InferenceError:
+                raise
+            except Exception as exc:
+                raise ModelError(f"{req.family} {req.task} failed: {type(exc).__name__}: {exc}") from exc
+            if canceled:
+                raise JobCanceled(f"canceled after {done} steps")
+            images.append(out.images[0])
+            remaining -= 1
+        return images
+
+    # --- loading ----------------------------------------------------------------------------------
+    def _entry(self, spec: ModelSpec) -> CachedModel:
+        estimate = int(spec.memory_gb * 1024**3) if self.device.startswith("cuda") else 0
+        return self.cache.get(spec.family, spec.id, lambda: self._load(spec), estimate)
+
+    def _variant(self, entry: CachedModel, task: str) -> Any:
+        pipe = entry.variants.get(task)
+        if pipe is None:
+            pipe = families.variant(entry.pipe, task)
+            entry.variants[task] = pipe
+        return pipe
+
+    def _load(self, spec: ModelSpec) -> Any:
+        from diffusers import DiffusionPipeline
+
+        from inference_server.engine.compat import qwen_processor_without_video
+
+        qwen_processor_without_video()
+        source = self._local_model(spec.source, f"models/{spec.family}/{spec.id}")
+        dtype = DTYPES[spec.dtype]
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if self.cache_dir is not None and not Path(source).exists():
+            kwargs["cache_dir"] = str(self.cache_dir / "hub")
+        try:
+            if spec.df11:
+                kwargs["transformer"] = self._df11_transformer(spec, source)
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        except InferenceError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"could not load model {spec.family}/{spec.id} from {source}: {exc}") from exc
+        pipe.set_progress_bar_config(disable=True)
+        self._place(pipe, spec)
+        return pipe
+
+    def _local_model(self, source: str, cache_key: str) -> str:
+        """A local folder for ``source``: as is, relative to the registry, or downloaded via ``fetch``."""
+        resolved = self.registry.resolve_source(source)
+        if resolved.startswith("file://"):
+            return resolved[len("file://"):]
+        if "://" not in resolved:
+            return resolved  # a local folder, or a hub id diffusers resolves itself
+        if self.fetch is None or self.cache_dir is None:
+            raise ModelError(f"model source {resolved} needs remote storage, which this worker lacks")
+        dest = self.cache_dir / cache_key / hashlib.sha256(resolved.encode()).hexdigest()[:12]
+        marker = dest / ".complete"
+        if marker.exists():
+            return marker.read_text()
+        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            got = self.fetch(resolved, dest)
+        except Exception as exc:
+            raise ModelError(f"could not download {resolved}: {exc}") from exc
+        marker.write_text(str(got))
+        return str(got)
+
+    def _df11_transformer(self, spec: ModelSpec, source: str) -> torch.nn.Module:
+        """The pipeline's transformer architecture in BF16 with DFloat11 weights installed."""
+        import diffusers
+
+        from inference_server.engine.df11 import load_df11
+
+        df11_dir = Path(self._local_model(spec.df11 or "", f"df11/{spec.family}/{spec.id}"))
+        index = diffusers.DiffusionPipeline.load_config(source)
+        _library, class_name = index["transformer"]
+        cls = getattr(diffusers, class_name)
+        config = cls.load_config(source, subfolder="transformer")
+        model = cls.from_config(config).to(torch.bfloat16)
+        return load_df11(model, df11_dir, self.device)
+
+    def _placeholders(self, spec: ModelSpec) -> Callable[[Any], Any] | None:
+        if not spec.df11:
+            return None
+        from inference_server.engine.df11 import lora_placeholders
+
+        return lora_placeholders
+
+    def _place(self, pipe: Any, spec: ModelSpec) -> None:
+        if not self.device.startswith("cuda"):
+            if self.device != "cpu":  # pipelines load on the CPU; moving them there again only warns
+                pipe.to(self.device)
+            return
+        if spec.offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif spec.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        if denoiser is None:
+            return
+        if spec.attention not in ("sdpa", "native", "default") and hasattr(denoiser, "set_attention_backend"):
+            try:
+                denoiser.set_attention_backend(spec.attention)
+            except Exception as exc:  # a missing kernel package must not take the worker down
+                log.warning("attention backend %s unavailable for %s: %s", spec.attention, spec.id, exc)
+        if spec.compile:
+            denoiser.compile()
+
+
+def _check(req: GenerationRequest) -> None:
+    if not req.seeds:
+        raise InvalidRequest("at least one seed is required")
+    if req.task in ("img2img", "inpaint", "edit") and req.image is None:
+        raise InvalidRequest(f"task {req.task} needs an input image", code="invalid_input")
+    if req.task == "inpaint" and req.mask is None:
+        raise InvalidRequest("inpaint needs a mask", code="invalid_input")

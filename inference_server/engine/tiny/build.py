@@ -1,0 +1,144 @@
+"""``build_tiny_models``: write small random-weight models of every family and a registry for them.
+
+The result is deterministic (every component is seeded) and fast (seconds per family), ready for
+``MODELS_FILE=DIR/models.toml``: what tests, CI and a first try on a laptop run on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("sd15", "sdxl", "flux", "qwen-image-edit")
+
+# Limits allow 64 px so tests stay fast; defaults are small for the same reason.
+_FAMILY_TOML = {
+    "sd15": dict(tasks=["txt2img", "img2img", "inpaint"], size_multiple=8,
+                 defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 7.5, strength = 0.75 }"),
+    "sdxl": dict(tasks=["txt2img", "img2img", "inpaint"], size_multiple=8,
+                 defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 5.0, strength = 0.75 }"),
+    "flux": dict(tasks=["txt2img", "img2img"], size_multiple=16,
+                 defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 3.5, strength = 0.75 }"),
+    "qwen-image-edit": dict(tasks=["edit"], size_multiple=16,
+                            defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 4.0 }"),
+}
+
+
+def build_tiny_models(dir: Path, families: list[str] | None = None) -> Path:
+    """Write tiny models of ``families`` (default all) under ``dir``; return the written ``dir/models.toml``."""
+    import torch
+
+    from inference_server.engine.tiny import flux, loras, qwen, sd
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    wanted = list(families or FAMILIES)
+    unknown = [f for f in wanted if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown tiny families: {', '.join(unknown)} (known: {', '.join(FAMILIES)})")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is as fast and never fights other processes
+    sections: list[str] = []
+    try:
+        for family in wanted:
+            started = time.perf_counter()
+            models: list[dict] = []
+            lora_names: list[str] = []
+            if family == "sd15":
+                sd.build_sd15(dir / "sd15")
+                sd.build_sd15(dir / "sd15-inpaint", seed=10, inpaint_unet=True)
+                models = [
+                    dict(id="tiny-sd15", source="sd15", default=True, dtype="float32", memory_gb=0.01),
+                    dict(id="tiny-sd15-inpaint", source="sd15-inpaint", dtype="float32", memory_gb=0.01,
+                         tasks=["inpaint"]),
+                ]
+                loras.build_lora(dir / "sd15", dir / "loras" / "sd15-style")
+                lora_names = ["tiny-style"]
+            elif family == "sdxl":
+                sd.build_sdxl(dir / "sdxl")
+                models = [dict(id="tiny-sdxl", source="sdxl", default=True, dtype="float32", memory_gb=0.01)]
+            elif family == "flux":
+                flux.build_flux(dir / "flux")
+                models = [dict(id="tiny-flux", source="flux", default=True, dtype="bfloat16", memory_gb=0.01)]
+                loras.build_lora(dir / "flux", dir / "loras" / "flux-style")
+                lora_names = ["tiny-style"]
+                models += _df11_twin(dir, "flux", "tiny-flux-df11")
+            elif family == "qwen-image-edit":
+                qwen.build_qwen_edit(dir / "qwen-image-edit")
+                models = [dict(id="tiny-qwen-image-edit", source="qwen-image-edit", default=True,
+                               dtype="bfloat16", memory_gb=0.01)]
+                loras.build_lora(dir / "qwen-image-edit", dir / "loras" / "qwen-image-edit-style")
+                lora_names = ["tiny-style"]
+                models += _df11_twin(dir, "qwen-image-edit", "tiny-qwen-image-edit-df11")
+            sections.append(_family_toml(family, models, lora_names))
+            log.info("tiny %s written in %.1f s", family, time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous_threads)
+    toml = dir / "models.toml"
+    header = "# Tiny random-weight models written by `inference-server models tiny`. Paths are relative.\n"
+    toml.write_text(header + "\n".join(sections), encoding="utf-8")
+    return toml
+
+
+def _df11_twin(dir: Path, folder: str, model_id: str) -> list[dict]:
+    """Compress the BF16 transformer of ``dir/folder`` to DFloat11 and register a twin model using it."""
+    compress = _df11_compressor()
+    if compress is None:
+        log.warning("inference_server.engine.df11 is not available: no DFloat11 twin of %s", folder)
+        return []
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(str(dir / folder))
+    import diffusers
+
+    cls = getattr(diffusers, index["transformer"][1])
+    transformer = cls.from_pretrained(str(dir / folder), subfolder="transformer")
+    compress(transformer, dir / f"{folder}-df11")
+    return [dict(id=model_id, source=folder, df11=f"{folder}-df11", dtype="bfloat16", memory_gb=0.01)]
+
+
+def _df11_compressor() -> Callable | None:
+    try:
+        from inference_server.engine.df11 import compress_transformer
+    except ImportError:
+        return None
+    return compress_transformer
+
+
+def _family_toml(family: str, models: list[dict], lora_names: list[str]) -> str:
+    spec = _FAMILY_TOML[family]
+    tasks = ", ".join(f'"{t}"' for t in spec["tasks"])
+    lines = [
+        f'[families.{_key(family)}]',
+        f'queue = "jobs.{family}"',
+        f"tasks = [{tasks}]",
+        f'limits = {{ min_size = 64, max_size = 512, max_steps = 50, size_multiple = {spec["size_multiple"]} }}',
+        f'defaults = {spec["defaults"]}',
+    ]
+    for m in models:
+        lines.append(f"\n[[families.{_key(family)}.models]]")
+        for k, v in m.items():
+            lines.append(f"{k} = {_value(v)}")
+    for name in lora_names:
+        lines.append(f"\n[[families.{_key(family)}.loras]]")
+        lines.append(f'name = "{name}"')
+        lines.append(f'source = "loras/{family}-style"')
+    return "\n".join(lines) + "\n"
+
+
+def _key(family: str) -> str:
+    return f'"{family}"' if "-" in family else family
+
+
+def _value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return repr(v)
