@@ -137,11 +137,13 @@ def pinned_request(
     timeout: float,
     headers: Mapping[str, str] | None = None,
     data: bytes | None = None,
+    verify: bool | str = True,
 ) -> requests.Response:
     """One request, no redirects followed, connected to the address that was checked.
 
     The response is streamed (read ``.raw`` or ``iter_content``, then ``close()``). No cookies, no
-    proxies from the environment (a proxy would resolve the name again). Raises ``UnsafeURL``,
+    proxies from the environment (a proxy would resolve the name again). ``verify`` is a CA bundle
+    path or True (the system store); certificates are always checked for https. Raises ``UnsafeURL``,
     ``OSError`` from resolution, or ``requests.RequestException``."""
     scheme, host, port = _split(url)
     ip = resolve_checked(host, port, allow_private)[0]
@@ -155,7 +157,7 @@ def pinned_request(
     pinned_url = parts._replace(netloc=netloc, fragment="").geturl()
     all_headers = {"Host": host_header, **(headers or {})}
     prepared = requests.Request(method, pinned_url, headers=all_headers, data=data).prepare()
-    return adapter.send(prepared, stream=True, timeout=timeout, verify=True)
+    return adapter.send(prepared, stream=True, timeout=timeout, verify=verify)
 
 
 def _read_capped(response: requests.Response, max_bytes: int) -> bytes:

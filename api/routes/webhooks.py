@@ -1,0 +1,29 @@
+"""Webhook visibility: a job's deliveries with their attempts, and replaying one delivery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from sqlalchemy.orm import Session
+
+from api.deps import current_tenant, get_session
+from inference_server.db import Tenant
+from webhooks import service
+
+router = APIRouter(prefix="/v1", tags=["webhooks"])
+
+
+@router.get("/jobs/{job_id}/webhooks")
+def list_job_webhooks(
+    job_id: str, session: Session = Depends(get_session), tenant: Tenant = Depends(current_tenant)
+) -> dict[str, Any]:
+    deliveries = service.list_deliveries(session, tenant.id, job_id)
+    return {"job_id": job_id, "deliveries": [service.delivery_to_dict(d) for d in deliveries]}
+
+
+@router.post("/webhooks/deliveries/{delivery_id}/replay", status_code=202)
+def replay_webhook(
+    delivery_id: str, session: Session = Depends(get_session), tenant: Tenant = Depends(current_tenant)
+) -> dict[str, Any]:
+    return service.delivery_to_dict(service.replay_delivery(session, tenant.id, delivery_id))
