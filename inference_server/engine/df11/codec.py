@@ -1,0 +1,261 @@
+"""The DFloat11 codec: Huffman coding of BF16 exponents, bit for bit compatible with dfloat11 0.5.0.
+
+A BF16 weight is sign(1) | exponent(8) | mantissa(7). DFloat11 keeps sign and mantissa as one
+byte per weight (``sign_mantissa``) and Huffman-codes the exponent byte into an MSB-first
+bitstream (``encoded_exponent``). The decode tables (``luts``) and the side data that let a GPU
+thread start in the middle of the stream (``gaps``, ``output_positions``) follow the layout the
+package's CUDA kernel reads, so files written here decode there and the other way round.
+
+This module is numpy only (no torch): the encoder and the CPU decoder both work on the raw
+16-bit patterns of the weights (``np.uint16``).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from inference_server.engine.df11.format import (
+    BYTES_PER_THREAD,
+    THREADS_PER_BLOCK,
+    DF11FormatError,
+)
+
+MAX_CODE_BITS = 32  # the kernel reads at most four bytes of one code
+MAX_SYMBOL = 239  # LUT values >= 240 are pointers to the next table
+MAX_DECODE_TABLES = 16  # pointers are 255 (table 1) down to 240 (table 16)
+
+
+class TooManyTables(DF11FormatError):
+    """The code would need more than 16 decode tables."""
+
+
+@dataclass(frozen=True)
+class EncodedBlock:
+    """The DF11 tensors of one compressed block, as numpy arrays in their on-disk dtypes."""
+
+    luts: np.ndarray  # uint8 [n_luts, 256]
+    encoded_exponent: np.ndarray  # uint8 [n_bytes]
+    sign_mantissa: np.ndarray  # uint8 [n_elements]
+    output_positions: np.ndarray  # uint8 [4 * (n_cuda_blocks + 1)], little-endian uint32
+    gaps: np.ndarray  # uint8, 5-bit entries packed MSB-first
+    split_positions: np.ndarray  # int64 [n_weights - 1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.luts, self.encoded_exponent, self.sign_mantissa,
+                                      self.output_positions, self.gaps, self.split_positions))
+
+
+# ---------------------------------------------------------------------------------------------
+# Code construction
+
+
+def code_lengths(counts: np.ndarray, max_bits: int = MAX_CODE_BITS) -> np.ndarray:
+    """Huffman code lengths (uint8 [256]) for exponent ``counts``, no code longer than ``max_bits``.
+
+    A lone symbol gets a 1-bit code: the kernel needs every code to advance the stream. When the
+    tree is too deep, counts are halved (keeping every used symbol at least 1) until it fits;
+    that converges because equal counts give a balanced tree of depth 8.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    while True:
+        lengths = _huffman_lengths(counts)
+        if lengths.max() <= max_bits:
+            return lengths.astype(np.uint8)
+        counts = np.where(counts > 0, np.maximum(counts >> 1, 1), 0)
+
+
+def _huffman_lengths(counts: np.ndarray) -> np.ndarray:
+    used = [int(s) for s in np.flatnonzero(counts)]
+    lengths = np.zeros(256, dtype=np.int64)
+    if not used:
+        return lengths
+    if len(used) == 1:
+        lengths[used[0]] = 1
+        return lengths
+    # Heap items: (count, tie-break, symbols under this node). Depth = number of merges above.
+    heap = [(int(counts[s]), s, [s]) for s in used]
+    heapq.heapify(heap)
+    tie = 256
+    while len(heap) > 1:
+        c1, _, s1 = heapq.heappop(heap)
+        c2, _, s2 = heapq.heappop(heap)
+        merged = s1 + s2
+        lengths[merged] += 1
+        heapq.heappush(heap, (c1 + c2, tie, merged))
+        tie += 1
+    return lengths
+
+
+def canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    """Canonical MSB-first code values (uint64 [256]) for the given lengths (0 = unused)."""
+    codes = np.zeros(256, dtype=np.uint64)
+    order = sorted((int(n), s) for s, n in enumerate(lengths) if n > 0)
+    code, prev_len = 0, 0
+    for n, s in order:
+        code <<= n - prev_len
+        codes[s] = code
+        code += 1
+        prev_len = n
+    return codes
+
+
+def build_luts(lengths: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Decode tables in the dfloat11 layout: uint8 [n_tables + 1, 256].
+
+    Table 0 is indexed by the first byte of a code. An entry is the exponent when the code ends
+    within that byte, else ``256 - t`` where table ``t`` is indexed by the next byte. The last
+    row maps an exponent to its code length. Entries no code reaches repeat their left
+    neighbour, as upstream does (only padding bits ever land there).
+    """
+    symbols = [s for s in range(256) if lengths[s] > 0]
+    if any(s > MAX_SYMBOL for s in symbols):
+        raise DF11FormatError(
+            f"exponent {max(symbols)} cannot be coded: DF11 tables reserve values >= 240 "
+            "(weights of magnitude >= 2**113, inf or nan)"
+        )
+    # Every byte-aligned proper prefix of a code gets a table: (prefix bytes, prefix value).
+    prefixes = {(0, 0)}
+    for s in symbols:
+        n, c = int(lengths[s]), int(codes[s])
+        for j in range(1, (n - 1) // 8 + 1):
+            prefixes.add((j, c >> (n - 8 * j)))
+    order = sorted(prefixes)
+    if len(order) > MAX_DECODE_TABLES:
+        raise TooManyTables(f"{len(order)} decode tables needed, the format allows {MAX_DECODE_TABLES}")
+    index = {p: i for i, p in enumerate(order)}
+
+    luts = np.zeros((len(order) + 1, 256), dtype=np.uint8)
+    for (j, prefix), t in index.items():
+        row = np.full(256, -1, dtype=np.int64)
+        for s in symbols:
+            n, c = int(lengths[s]), int(codes[s])
+            if n <= 8 * j or (c >> (n - 8 * j)) != prefix:
+                continue
+            if n <= 8 * j + 8:
+                rest = n - 8 * j
+                lo = (c & ((1 << rest) - 1)) << (8 - rest)
+                row[lo : lo + (1 << (8 - rest))] = s
+            else:
+                next_byte = (c >> (n - 8 * j - 8)) & 0xFF
+                row[next_byte] = 256 - index[(j + 1, c >> (n - 8 * j - 8))]
+        luts[t] = _fill_forward(row)
+    luts[-1, symbols] = lengths[symbols]
+    return luts
+
+
+def _fill_forward(row: np.ndarray) -> np.ndarray:
+    filled = np.flatnonzero(row >= 0)
+    if filled.size == 0:
+        return np.zeros(256, dtype=np.uint8)
+    idx = np.maximum.accumulate(np.where(row >= 0, np.arange(256), -1))
+    idx[idx < 0] = filled[0]
+    return row[idx].astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_weights(
+    weights: list[np.ndarray],
+    *,
+    bytes_per_thread: int = BYTES_PER_THREAD,
+    threads_per_block: int = THREADS_PER_BLOCK,
+) -> EncodedBlock:
+    """Compress the BF16 bit patterns (``np.uint16`` arrays) of one block's weights, in order.
+
+    Raises ``DF11FormatError`` if an exponent is >= 240 (the format cannot hold it).
+    """
+    flat = np.concatenate([np.ascontiguousarray(w).reshape(-1).view(np.uint16) for w in weights])
+    if flat.size == 0:
+        raise DF11FormatError("nothing to compress")
+    exponents = ((flat >> 7) & 0xFF).astype(np.uint8)
+    sign_mantissa = (((flat >> 8) & 0x80) | (flat & 0x7F)).astype(np.uint8)
+
+    lengths, codes, luts = _code_for(np.bincount(exponents, minlength=256))
+    encoded, gaps, positions = encode_exponents(
+        exponents, lengths, codes, bytes_per_thread=bytes_per_thread, threads_per_block=threads_per_block
+    )
+    sizes = np.array([w.size for w in weights], dtype=np.int64)
+    return EncodedBlock(
+        luts=luts,
+        encoded_exponent=encoded,
+        sign_mantissa=sign_mantissa,
+        output_positions=positions.astype("<u4").view(np.uint8),
+        gaps=gaps,
+        split_positions=np.cumsum(sizes)[:-1],
+    )
+
+
+def _code_for(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lengths, codes and tables for ``counts``. When many rare exponents would spread long
+    codes over more than 16 tables, their lengths are rounded up to a whole number of bytes:
+    codes of one byte-length then pack densely into few tables, for a small loss of ratio
+    (only strange distributions need it; Kraft's sum only shrinks, so the code stays valid)."""
+    lengths = code_lengths(counts)
+    try:
+        codes = canonical_codes(lengths)
+        return lengths, codes, build_luts(lengths, codes)
+    except TooManyTables:
+        lengths = np.where(lengths > 8, (lengths.astype(np.int64) + 7) // 8 * 8, lengths).astype(np.uint8)
+        codes = canonical_codes(lengths)
+        return lengths, codes, build_luts(lengths, codes)
+
+
+def encode_exponents(
+    exponents: np.ndarray,
+    lengths: np.ndarray,
+    codes: np.ndarray,
+    *,
+    bytes_per_thread: int = BYTES_PER_THREAD,
+    threads_per_block: int = THREADS_PER_BLOCK,
+    slice_size: int = 1 << 21,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bitstream (uint8), packed gaps (uint8) and output positions (uint32) for ``exponents``."""
+    n = exponents.size
+    code_len = lengths.astype(np.int64)[exponents]
+    starts = np.cumsum(code_len)
+    total_bits = int(starts[-1])
+    starts -= code_len
+    n_bytes = (total_bits + 7) // 8
+    out = np.zeros(n_bytes + 8, dtype=np.uint8)
+
+    # Each code, shifted to its bit offset inside a 40-bit window (<= 7 + 32 bits), touches at
+    # most five bytes. Codes never share bits, so summing their bytes is OR-ing them.
+    codes_u = codes.astype(np.uint64)
+    for a in range(0, n, slice_size):
+        s = starts[a : a + slice_size]
+        ln = code_len[a : a + slice_size].astype(np.uint64)
+        window = codes_u[exponents[a : a + slice_size]] << (np.uint64(40) - ln - (s & 7).astype(np.uint64))
+        byte0 = s >> 3
+        base = int(byte0[0])
+        rel = byte0 - base
+        size = int(rel[-1]) + 5
+        acc = np.zeros(size, dtype=np.float64)
+        for j in range(5):
+            part = (window >> np.uint64(32 - 8 * j)) & np.uint64(0xFF)
+            acc += np.bincount(rel + j, weights=part.astype(np.float64), minlength=size)
+        out[base : base + size] |= acc.astype(np.uint8)
+    encoded = out[:n_bytes].copy()
+
+    bits_per_thread = 8 * bytes_per_thread
+    bits_per_block = bits_per_thread * threads_per_block
+    n_blocks = -(-n_bytes // (bytes_per_thread * threads_per_block))
+    # gaps: bit offset of the first code that starts in each thread's chunk (0 if none does).
+    chunk_start = np.arange(n_blocks * threads_per_block, dtype=np.int64) * bits_per_thread
+    first = np.searchsorted(starts, chunk_start)
+    first_bit = starts[np.minimum(first, n - 1)]
+    has = (first < n) & (first_bit < chunk_start + bits_per_thread)
+    gaps = np.where(has, first_bit - chunk_start, 0)
+    if gaps.max(initial=0) >= 32:
+        raise DF11FormatError("gap does not fit in 5 bits")  # impossible with codes <= 32 bits
+    gap_bits = ((gaps[:, None] >> np.arange(4, -1, -1)) & 1).astype(np.uint8)
+    packed_gaps = np.packbits(gap_bits.reshape(-1))
+    # output_positions: index of the first element each CUDA block writes, then the total.
+    block_start = np.arange(n_blocks, dtype=np.int64) * bits_per_block
+    positions = np.append(np.searchsorted(starts, block_start), n).astype(np.uint32)
+    return encoded, packed_gaps, positions
