@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from inference_server.errors import InputTooLarge, InvalidInput
-from inference_server.imaging import decode_image
+from inference_server.imaging import decode_image, validate_image
 
 MB = 1024 * 1024
 LIMITS = {"max_bytes": 20 * MB, "max_pixels": 16_000_000}
@@ -106,11 +106,23 @@ def test_exif_orientation_applied_and_metadata_dropped() -> None:
     assert image.info == {} and len(image.getexif()) == 0
 
 
-def test_icc_profile_converted_then_dropped() -> None:
-    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    image = decode_image(encode(Image.new("RGB", (8, 8), (10, 120, 240)), "PNG", icc_profile=srgb), **LIMITS)
-    assert all(abs(a - b) <= 2 for a, b in zip(image.getpixel((0, 0)), (10, 120, 240), strict=True))
-    assert "icc_profile" not in image.info
+@pytest.mark.parametrize("renamed", [False, True])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_icc_profile_applied_then_dropped(renamed: bool, mode: str) -> None:
+    """An sRGB profile is recognised and skipped; any other one is converted to sRGB.
+
+    With no other profile at hand offline, the "other" one is sRGB under another name: the full
+    conversion path runs and must give back the same colours (and keep the alpha).
+    """
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    if renamed:
+        icc = icc.replace("sRGB".encode("utf-16-be"), "test".encode("utf-16-be"))
+        assert "srgb" not in ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).lower()
+    color = (10, 120, 240, 77)[: len(mode)]
+    image = decode_image(encode(Image.new(mode, (8, 8), color), "PNG", icc_profile=icc), **LIMITS)
+    assert image.mode == mode
+    assert all(abs(a - b) <= 2 for a, b in zip(image.getpixel((0, 0)), color, strict=True))
+    assert image.info == {}
 
 
 def test_jpeg_draft_decodes_smaller_but_covers_target() -> None:
@@ -199,3 +211,18 @@ def test_mutated_files_never_escape_as_other_exceptions() -> None:
         except InvalidInput:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0
+
+
+def test_validate_image_reports_displayed_size_and_refuses_the_same() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    info = validate_image(encode(noise((40, 20)), "JPEG", exif=exif.tobytes()), **LIMITS)
+    assert (info.format, info.width, info.height, info.has_alpha) == ("JPEG", 20, 40, False)
+    assert validate_image(encode(noise(mode="RGBA"), "PNG"), **LIMITS).has_alpha
+    data = encode(noise((256, 256)), "PNG")
+    with pytest.raises(InvalidInput) as info_error:
+        validate_image(data[: len(data) // 2], **LIMITS)
+    assert info_error.value.code == "truncated_image"
+    with pytest.raises(InputTooLarge) as too_large:
+        validate_image(png_bomb(5_000), **LIMITS)
+    assert too_large.value.code == "decompression_bomb"

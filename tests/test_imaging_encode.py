@@ -11,6 +11,7 @@ from PIL import Image
 
 from inference_server.errors import InvalidRequest
 from inference_server.imaging import encode_output
+from inference_server.imaging.png import write_png
 
 METADATA = {"artist_id": "Zoë Ångström", "model_id": "sd15/base", "note": "日本語も"}
 PARAMETERS = {
@@ -113,3 +114,19 @@ def test_invalid_output_options_refused(kwargs: dict, code: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         encode_output(output_image(), **args)
     assert info.value.code == code
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 1), (1, 9), (257, 131)])
+def test_png_writer_is_lossless_and_valid(mode: str, size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(size[0] * 1000 + size[1])
+    pixels = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    if mode == "L":
+        pixels = pixels[:, :, 0]
+    image = Image.fromarray(pixels, mode)
+    data = write_png(image, [("k", "v"), ("unicode", "ü→✓")])
+    Image.open(io.BytesIO(data)).verify()  # checks every chunk's CRC
+    back = reopen(data)
+    assert back.mode == mode and back.size == size
+    assert np.array_equal(np.asarray(back), np.asarray(image))
+    assert back.text == {"k": "v", "unicode": "ü→✓"}

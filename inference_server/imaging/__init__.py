@@ -3,7 +3,8 @@
 Pillow only, no torch: the API imports this package to validate inline inputs at submit.
 
 - ``inputs``: ``parse_data_uri``, ``resolve_input`` (data:, https://, storage URIs), ``input_kind``
-- ``decode``: ``decode_image`` (format sniffing, byte and pixel limits, bombs, truncation, EXIF)
+- ``decode``: ``decode_image``, ``validate_image`` (format sniffing, byte and pixel limits, bombs,
+  truncation, EXIF orientation, colour profile)
 - ``fit``: ``fit_input``, ``fit_mask``, ``edit_size`` (cover and centre-crop rule)
 - ``signature``: ``composite_signature``, ``signature_box``, ``validate_signature``
 - ``encode``: ``encode_output``, ``validate_metadata`` (PNG text chunks, EXIF for JPEG/WebP)
@@ -15,7 +16,13 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from inference_server.imaging.decode import SUPPORTED_FORMATS, decode_image, sniff_format
+from inference_server.imaging.decode import (
+    SUPPORTED_FORMATS,
+    ImageInfo,
+    decode_image,
+    sniff_format,
+    validate_image,
+)
 from inference_server.imaging.encode import CONTENT_TYPES, encode_output, validate_metadata
 from inference_server.imaging.fit import edit_size, fit_input, fit_mask
 from inference_server.imaging.inputs import input_kind, parse_data_uri, resolve_input
@@ -51,6 +58,7 @@ __all__ = [
     "POSITIONS",
     "SIZES",
     "SUPPORTED_FORMATS",
+    "ImageInfo",
     "composite_signature",
     "decode_image",
     "edit_size",
@@ -64,6 +72,7 @@ __all__ = [
     "resolve_input",
     "signature_box",
     "sniff_format",
+    "validate_image",
     "validate_metadata",
     "validate_signature",
 ]

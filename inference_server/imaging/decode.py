@@ -12,7 +12,7 @@ Codes: ``input_too_large`` and ``decompression_bomb`` (``InputTooLarge``, HTTP 4
 from __future__ import annotations
 
 import io
-import warnings
+from dataclasses import dataclass
 
 from PIL import Image, ImageCms
 
@@ -75,6 +75,16 @@ def check_pixels(width: int, height: int, n_bytes: int, *, max_pixels: int) -> N
     raise InputTooLarge(f"{width}x{height} is over the limit of {max_pixels} pixels", code="input_too_large")
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What ``validate_image`` learnt: the sniffed format and the size as displayed (EXIF applied)."""
+
+    format: str
+    width: int
+    height: int
+    has_alpha: bool
+
+
 def decode_image(
     data: bytes,
     *,
@@ -86,13 +96,33 @@ def decode_image(
 
     PNG, JPEG and WebP only, sniffed from the bytes. Limits are checked before any pixel is decoded.
     Truncated or corrupt files raise instead of returning a grey-filled image. EXIF orientation is
-    applied, an embedded ICC profile is converted to sRGB, then all metadata is dropped. RGBA is
-    returned only when the input has transparency.
+    applied, an embedded ICC profile other than sRGB is converted to sRGB, then all metadata is
+    dropped. RGBA is returned only when the input has transparency.
 
     ``draft_size`` (optional) lets a JPEG decode at a reduced DCT scale that still covers that size
     in both dimensions, whatever the EXIF rotation: several times faster for large photos that are
     about to be downscaled anyway.
     """
+    with _open_loaded(data, max_bytes=max_bytes, max_pixels=max_pixels, draft_size=draft_size) as image:
+        return _clean(image)
+
+
+def validate_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
+    """Every check of ``decode_image`` (pixels fully decoded, so truncation is caught), no conversion.
+
+    For the API at submit and in ``POST /v1/uploads``: about half the cost of ``decode_image`` on a
+    phone photo, since orientation, colour conversion and the clean copy are left to the worker.
+    """
+    with _open_loaded(data, max_bytes=max_bytes, max_pixels=max_pixels, draft_size=None) as image:
+        width, height = image.size
+        if _orientation(image) in (5, 6, 7, 8):
+            width, height = height, width
+        return ImageInfo(image.format or "", width, height, _has_alpha(image))
+
+
+def _open_loaded(
+    data: bytes, *, max_bytes: int, max_pixels: int, draft_size: tuple[int, int] | None
+) -> Image.Image:
     if len(data) > max_bytes:
         raise InputTooLarge(
             f"input is {len(data)} bytes, over the limit of {max_bytes}", code="input_too_large"
@@ -102,15 +132,13 @@ def decode_image(
         # libwebp only says "could not create decoder object"; the RIFF size says what happened.
         raise InvalidInput("the WebP file is shorter than its RIFF header declares", code="truncated_image")
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit applies; Pillow's global warning would only add noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt])
+        # Pillow checks its own global limit (about 89 MP warns, 179 MP raises) here; ours follows.
+        image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
         raise InputTooLarge(str(exc), code="decompression_bomb") from exc
     except Exception as exc:  # Pillow raises SyntaxError, ValueError, struct.error, OSError...
         raise InvalidInput(f"the {fmt} header cannot be read: {exc}", code=_open_error_code(exc)) from exc
-    with image:
+    try:
         check_pixels(image.width, image.height, len(data), max_pixels=max_pixels)
         if fmt == "JPEG" and draft_size is not None:
             side = max(draft_size)
@@ -121,7 +149,14 @@ def decode_image(
             raise InvalidInput(
                 f"the {fmt} data cannot be decoded: {exc}", code=_load_error_code(exc)
             ) from exc
-        return _clean(image)
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
 def _open_error_code(exc: Exception) -> str:
@@ -165,14 +200,15 @@ def _orientation(image: Image.Image) -> int:
 
 def _clean(image: Image.Image) -> Image.Image:
     """Orientation, colour profile and mode applied; a new image with no metadata attached."""
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    target = "RGBA" if has_alpha else "RGB"
+    target = "RGBA" if _has_alpha(image) else "RGB"
     icc = image.info.get("icc_profile")
     work = image
     if work.mode in ("I", "F") or work.mode.startswith("I;16"):
         # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
         work = work.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    converted = _to_srgb(work, icc, target) if icc and work.mode in ("RGB", "RGBA", "CMYK") else None
+    converted = None
+    if icc and work.mode in ("RGB", "RGBA", "CMYK") and not _is_srgb(icc):
+        converted = _to_srgb(work, icc, target)
     if converted is None:
         converted = work.convert(target) if work.mode != target else None
     transpose = _TRANSPOSE.get(_orientation(image))
@@ -182,6 +218,19 @@ def _clean(image: Image.Image) -> Image.Image:
         converted = image.copy()
     converted.info = {}
     return converted
+
+
+def _is_srgb(icc: bytes) -> bool:
+    """True for the sRGB profiles cameras and editors embed: converting them would change nothing.
+
+    The check is by description (IEC 61966-2.1, "sRGB built-in", ...): a full conversion costs about
+    100 ms on a 4-megapixel photo here, and most inputs carry one of these.
+    """
+    try:
+        description = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+    except Exception:
+        return False
+    return "srgb" in description.lower() or "61966-2" in description
 
 
 def _to_srgb(image: Image.Image, icc: bytes, target: str) -> Image.Image | None:
