@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ from inference_server.engine.registry import FamilySpec, Registry
 from inference_server.errors import InvalidRequest, ModelError
 
 log = logging.getLogger(__name__)
+
+# Adapters kept loaded per pipeline; past this the least recently used one is deleted (each costs
+# memory and a little time in every forward of the layers it wraps, even when disabled).
+MAX_ADAPTERS = 8
+_names = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -93,9 +99,12 @@ def apply(entry: CachedModel, loras: list[ResolvedLora], placeholders: Callable[
     pipe = entry.pipe
     names: list[str] = []
     for lo in loras:
-        adapter = entry.adapters.get(lo.key)
-        if adapter is None:
-            adapter = f"lora{len(entry.adapters)}"
+        adapter = entry.adapters.pop(lo.key, None)
+        if adapter is not None:
+            entry.adapters[lo.key] = adapter  # most recently used last
+        else:
+            _evict(entry, keep={x.key for x in loras})
+            adapter = f"lora{next(_names)}"
             ctx = placeholders(_denoiser(pipe)) if placeholders else contextlib.nullcontext()
             try:
                 with ctx:
@@ -110,6 +119,16 @@ def apply(entry: CachedModel, loras: list[ResolvedLora], placeholders: Callable[
         names.append(adapter)
     pipe.enable_lora()
     pipe.set_adapters(names, [lo.scale for lo in loras])
+
+
+def _evict(entry: CachedModel, keep: set[str]) -> None:
+    while len(entry.adapters) >= MAX_ADAPTERS:
+        victim = next((k for k in entry.adapters if k not in keep), None)
+        if victim is None:
+            return
+        name = entry.adapters.pop(victim)
+        entry.pipe.delete_adapters(name)
+        log.info("deleted LoRA %s (%s) from %s/%s", victim, name, entry.family, entry.model)
 
 
 def reset(entry: CachedModel) -> None:

@@ -222,7 +222,11 @@ class Engine:
         _library, class_name = index["transformer"]
         cls = getattr(diffusers, class_name)
         config = cls.load_config(source, subfolder="transformer")
-        model = cls.from_config(config).to(torch.bfloat16)
+        from accelerate import init_empty_weights
+
+        # Meta tensors: the BF16 weights are never allocated; load_df11 installs every parameter.
+        with init_empty_weights():
+            model = cls.from_config(config).to(torch.bfloat16)
         return load_df11(model, df11_dir, self.device)
 
     def _placeholders(self, spec: ModelSpec) -> Callable[[Any], Any] | None:

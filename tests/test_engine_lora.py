@@ -1,0 +1,91 @@
+"""LoRA per job: it changes the image, its scale matters, and the pipeline returns to base weights."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from inference_server.engine.registry import load_registry
+from inference_server.engine.runner import Engine, GenerationRequest, LoraRef
+from inference_server.errors import InvalidRequest
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    yield Engine(load_registry(tiny_models), max_edit_pixels=64 * 64,
+                 cache_dir=tmp_path_factory.mktemp("engine-cache"), fetch=_copy_fetch)
+
+
+def _copy_fetch(uri: str, dest: Path) -> Path:
+    """A fetch for ``copy://<folder>`` URIs: exercises the download path without a network."""
+    assert uri.startswith("copy://")
+    target = dest / "lora"
+    shutil.copytree(uri[len("copy://"):], target)
+    return target
+
+
+def run(engine: Engine, family: str, loras: list[LoraRef], seed: int = 4) -> str:
+    task = "edit" if family == "qwen-image-edit" else "txt2img"
+    req = GenerationRequest(
+        family=family, model=None, task=task, prompt="a photo of the cat", negative_prompt=None,
+        width=64, height=64, steps=3, guidance_scale=None, seeds=[seed],
+        image=Image.new("RGB", (64, 64), (120, 60, 30)) if task == "edit" else None, loras=loras,
+    )
+    return hashlib.sha256(engine.generate(req)[0].tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux", "qwen-image-edit"])
+def test_lora_changes_output_and_leaves_base_intact(engine: Engine, family: str) -> None:
+    base = run(engine, family, [])
+    full = run(engine, family, [LoraRef("tiny-style", 1.0)])
+    half = run(engine, family, [LoraRef("tiny-style", 0.5)])
+    assert full != base and half not in (base, full)
+    assert run(engine, family, [LoraRef("tiny-style", 1.0)]) == full  # reloaded adapter: same bytes
+    assert run(engine, family, [LoraRef("tiny-style", 0.0)]) == base  # scale 0 is the base model
+    assert run(engine, family, []) == base  # the next job without LoRA runs on base weights exactly
+    entry = engine.cache._entries[(family, engine.registry.family(family).model(None, "edit" if family ==
+                                   "qwen-image-edit" else "txt2img").id)]
+    assert len(entry.adapters) == 1  # loaded once, kept for the next job
+
+
+def test_lora_by_uri_is_fetched_once(engine: Engine, tiny_models: Path) -> None:
+    folder = tiny_models.parent / "loras" / "sd15-style"
+    by_name = run(engine, "sd15", [LoraRef("tiny-style", 1.0)])
+    assert run(engine, "sd15", [LoraRef(f"copy://{folder}", 1.0)]) == by_name
+    assert run(engine, "sd15", [LoraRef(f"file://{folder}", 1.0)]) == by_name
+    downloads = list((engine.cache_dir / "loras").iterdir())
+    run(engine, "sd15", [LoraRef(f"copy://{folder}", 1.0)])
+    assert list((engine.cache_dir / "loras").iterdir()) == downloads and len(downloads) == 1
+
+
+def test_lora_of_another_family_is_refused(engine: Engine) -> None:
+    with pytest.raises(InvalidRequest) as exc:
+        run(engine, "sdxl", [LoraRef("tiny-style", 1.0)])
+    assert exc.value.code == "unknown_lora" and "sd15" in exc.value.message
+
+
+def test_adapters_are_bounded_per_pipeline(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference_server.engine import loras
+
+    monkeypatch.setattr(loras, "MAX_ADAPTERS", 2)
+    engine = Engine(load_registry(tiny_models))
+    folder = tiny_models.parent / "loras" / "sd15-style"
+    base = run(engine, "sd15", [])
+    full = run(engine, "sd15", [LoraRef("tiny-style", 1.0)])
+    for i in range(3):  # three more distinct sources of the same weights
+        copy = tmp_path / f"lora-copy-{i}"
+        shutil.copytree(folder, copy)
+        assert run(engine, "sd15", [LoraRef(f"file://{copy}", 1.0)]) == full
+    entry = engine.cache._entries[("sd15", "tiny-sd15")]
+    assert len(entry.adapters) == 2
+    assert run(engine, "sd15", []) == base
