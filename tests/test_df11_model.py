@@ -141,7 +141,7 @@ def test_lora_fails_without_placeholders(tmp_path: Path) -> None:
     reference.add_adapter(lora_config("flux"), adapter_name="x")
     reference.save_lora_adapter(str(tmp_path / "lora"), adapter_name="x")
     model = load_df11(build("flux", seed=9), tmp_path / "df11", "cpu")
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError, match="weight"):
         model.load_lora_adapter(str(tmp_path / "lora"), weight_name=LORA_FILE, prefix=None, adapter_name="x")
 
 
