@@ -7,7 +7,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from api.deps import AppState
@@ -61,24 +61,48 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     app.state.relay = relay
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limits_and_timing(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return JSONResponse(
-                error_body("request_too_large", f"requests are limited to {settings.max_request_bytes} bytes"),
-                status_code=413,
-            )
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(
-            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
-        ).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(LimitsAndTiming, max_bytes=settings.max_request_bytes, metrics=metrics)
 
     from api.routes import jobs, system, uploads, webhooks
 
     for module in (jobs, system, uploads, webhooks):
         app.include_router(module.router)
     return app
+
+
+class LimitsAndTiming:
+    """Plain ASGI middleware (cheaper than BaseHTTPMiddleware on the submit hot path): refuses bodies
+    over the size limit with 413 before reading them, and times every request for /metrics."""
+
+    def __init__(self, app: Any, *, max_bytes: int, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                response = JSONResponse(
+                    error_body("request_too_large", f"requests are limited to {self.max_bytes} bytes"),
+                    status_code=413,
+                )
+                await response(scope, receive, send)
+                return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(
+                scope["method"], getattr(route, "path", "unmatched"), str(status[0])
+            ).observe(time.perf_counter() - start)

@@ -25,7 +25,7 @@ def hash_key(key: str) -> str:
 
 
 class KeyCache:
-    """key hash -> tenant id for ``ttl`` seconds, so a submit costs no extra query for auth."""
+    """key hash -> tenant id for ``ttl`` seconds, so a submit costs one primary-key read for auth."""
 
     def __init__(self, ttl: float = 30.0, size: int = 10_000) -> None:
         self.ttl = ttl

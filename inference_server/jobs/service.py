@@ -152,6 +152,7 @@ def submit(
         request_hash=digest,
         progress_total=_planned_steps(params),
         created_at=utcnow(),
+        outputs=[],  # known empty: serialising the new job must not query for outputs
     )
     session.add(job)
     session.add(OutboxMessage(job_id=job.id, queue=family.queue))

@@ -1,0 +1,113 @@
+"""Starting the real system for a benchmark: a fresh PostgreSQL database, the local RabbitMQ, a moto
+S3 server, tiny models, and `inference-server` processes. Shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import requests
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextmanager
+def database() -> Iterator[str]:
+    name = f"is_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    from inference_server.migrate import upgrade
+
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname='{name}'"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+
+
+def purge_queues(families: list[str]) -> None:
+    from kombu import Connection
+
+    with Connection(BROKER) as conn:
+        channel = conn.channel()
+        for family in families:
+            channel.queue_delete(f"jobs.{family}")
+
+
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(endpoint)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
+                     aws_secret_access_key="x").create_bucket(Bucket="bench")
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def tiny_models() -> Path:
+    cached = os.environ.get("BENCH_TINY_MODELS")
+    if cached:
+        return Path(cached) / "models.toml"
+    import torch
+
+    torch.set_num_threads(1)
+    from inference_server.engine.tiny import build_tiny_models
+
+    return build_tiny_models(Path(tempfile.mkdtemp(prefix="bench-tiny-")), families=["sd15"])
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "inference_server.cli.main", *args], env=env, cwd=ROOT,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def create_key(database_url: str) -> str:
+    from api.auth import create_tenant_key
+    from inference_server.db import make_engine, make_session_factory
+
+    engine = make_engine(database_url)
+    with make_session_factory(engine)() as session:
+        _, key = create_tenant_key(session, f"bench-{uuid.uuid4().hex[:6]}")
+    engine.dispose()
+    return key
