@@ -67,6 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=30)
     parser.add_argument("--poll", type=float, default=0.01, help="client poll interval (s)")
+    parser.add_argument("--storage", choices=["s3", "file"], default="s3",
+                        help="s3: a moto server process over HTTP; file: local disk")
     args = parser.parse_args()
     models = tiny_models()
     base = in_process(models, args.jobs)
@@ -75,7 +77,8 @@ def main() -> None:
     with database() as db, moto_s3() as s3:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
-        env = dict(os.environ, DATABASE_URL=db, BROKER_URL=BROKER, STORAGE_URL="s3://bench/out", S3_ENDPOINT_URL=s3,
+        storage = "s3://bench/out" if args.storage == "s3" else (logs / "storage").as_uri()
+        env = dict(os.environ, DATABASE_URL=db, BROKER_URL=BROKER, STORAGE_URL=storage, S3_ENDPOINT_URL=s3,
                    AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1",
                    MODELS_FILE=str(models), TORCH_THREADS="1", OMP_NUM_THREADS="1", API_URL=api,
                    RELAY_INTERVAL="0.05", INFERENCE_SERVER_HOME=str(logs))
@@ -95,7 +98,8 @@ def main() -> None:
                 p.wait()
     b, e = statistics.median(base), statistics.median(e2e)
     print(f"in-process pipeline call : median {b * 1000:7.1f} ms  (n={len(base)})")
-    print(f"end-to-end through system: median {e * 1000:7.1f} ms  (n={len(e2e)}, client poll {args.poll * 1000:.0f} ms)")
+    print(f"end-to-end through system: median {e * 1000:7.1f} ms  (n={len(e2e)}, client poll {args.poll * 1000:.0f} ms,"
+          f" storage {args.storage})")
     print(f"overhead ratio           : {e / b:.3f}  (goal <= 1.2)")
 
 
