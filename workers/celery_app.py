@@ -33,6 +33,7 @@ def create_celery_app(settings: Settings, *, families: list[str] | None = None) 
         # The relay needs to know the broker has the message before it stamps the outbox row.
         broker_transport_options={"confirm_publish": True},
         worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
         task_time_limit=settings.job_time_limit or None,
     )
     from workers.tasks import register_tasks

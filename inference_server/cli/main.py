@@ -128,14 +128,10 @@ def keys_rotate(tenant: str) -> None:
 
 def _register_commands() -> None:
     from inference_server.cli.client import generate
+    from inference_server.cli.models_cmd import models
     from inference_server.cli.up import up
 
-    try:  # TODO(lead): the engine helper is writing models_cmd; make this import unconditional
-        from inference_server.cli.models_cmd import models
-
-        cli.add_command(models)
-    except ImportError:
-        pass
+    cli.add_command(models)
     cli.add_command(generate)
     cli.add_command(up)
 
