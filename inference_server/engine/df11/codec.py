@@ -213,7 +213,7 @@ def encode_exponents(
     *,
     bytes_per_thread: int = BYTES_PER_THREAD,
     threads_per_block: int = THREADS_PER_BLOCK,
-    slice_size: int = 1 << 21,
+    slice_size: int = 1 << 22,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bitstream (uint8), packed gaps (uint8) and output positions (uint32) for ``exponents``."""
     n = exponents.size
@@ -222,25 +222,23 @@ def encode_exponents(
     total_bits = int(starts[-1])
     starts -= code_len
     n_bytes = (total_bits + 7) // 8
-    out = np.zeros(n_bytes + 8, dtype=np.uint8)
+    words = np.zeros(total_bits // 64 + 2, dtype=np.uint64)
 
-    # Each code, shifted to its bit offset inside a 40-bit window (<= 7 + 32 bits), touches at
-    # most five bytes. Codes never share bits, so summing their bytes is OR-ing them.
+    # Pack codes into big-endian 64-bit words. Codes never share bits, so a word is the OR of
+    # the codes starting in it plus the spill of one code started in the word before.
     codes_u = codes.astype(np.uint64)
     for a in range(0, n, slice_size):
         s = starts[a : a + slice_size]
-        ln = code_len[a : a + slice_size].astype(np.uint64)
-        window = codes_u[exponents[a : a + slice_size]] << (np.uint64(40) - ln - (s & 7).astype(np.uint64))
-        byte0 = s >> 3
-        base = int(byte0[0])
-        rel = byte0 - base
-        size = int(rel[-1]) + 5
-        acc = np.zeros(size, dtype=np.float64)
-        for j in range(5):
-            part = (window >> np.uint64(32 - 8 * j)) & np.uint64(0xFF)
-            acc += np.bincount(rel + j, weights=part.astype(np.float64), minlength=size)
-        out[base : base + size] |= acc.astype(np.uint8)
-    encoded = out[:n_bytes].copy()
+        value = codes_u[exponents[a : a + slice_size]]
+        word = s >> 6
+        free = 64 - (s & 63) - code_len[a : a + slice_size]  # bits left in the word after the code
+        part = value << np.maximum(free, 0).astype(np.uint64)
+        spill = np.flatnonzero(free < 0)  # a few percent of codes cross into the next word
+        part[spill] = value[spill] >> (-free[spill]).astype(np.uint64)
+        first = np.flatnonzero(np.diff(word, prepend=-1))
+        words[word[first]] |= np.bitwise_or.reduceat(part, first)
+        words[word[spill] + 1] |= value[spill] << (64 + free[spill]).astype(np.uint64)
+    encoded = words.astype(">u8").view(np.uint8)[:n_bytes].copy()
 
     bits_per_thread = 8 * bytes_per_thread
     bits_per_block = bits_per_thread * threads_per_block

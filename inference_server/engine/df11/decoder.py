@@ -69,11 +69,13 @@ class BlockDecoder:
         written = 0
         for c0 in range(0, n_chunks, _LANES):
             c1 = min(c0 + _LANES, n_chunks)
-            syms, cnt = self._decode_lanes(gaps[c0:c1], c0, c1)
+            syms, keep = self._decode_lanes(gaps[c0:c1], c0, c1)
+            cnt = keep.sum(axis=0)
             counts[c0:c1] = cnt
             take = min(int(cnt.sum()), self.n_elements - written)
             if take > 0:
-                keep = np.arange(syms.shape[0])[:, None] < cnt[None, :]
+                # Transposed, the lanes are in stream order: keep the codes that started in
+                # their own chunk.
                 result[written : written + take] = syms.T[keep.T][:take]
                 written += take
             if written >= self.n_elements:
@@ -84,40 +86,42 @@ class BlockDecoder:
         return result
 
     def _decode_lanes(self, gaps: np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decode chunks c0..c1 side by side: symbols [step, lane] and codes per lane."""
-        # The chunks' bytes plus 16 bytes of zero padding: a lane may read up to 36 bits past
-        # its chunk (a 32-bit code starting in its last bit, and the 5-byte long-code window).
-        data = np.zeros((c1 - c0) * 8 + 16, dtype=np.uint8)
-        piece = self.encoded[c0 * 8 : c1 * 8 + 16]
+        """Decode chunks c0..c1 side by side. Returns symbols [step, lane] (uint8) and which of
+        them started inside their lane's chunk (bool [step, lane])."""
+        lanes = c1 - c0
+        # Lanes are not stopped at their chunk's end (that would cost a select per step): they
+        # run on into the next chunk until every lane is done, and the codes that started past
+        # their end are dropped. A lane runs at most 64 codes of <= 32 bits too far, hence the
+        # padding of 256 + 8 bytes.
+        data = np.zeros(lanes * 8 + 264, dtype=np.uint8)
+        piece = self.encoded[c0 * 8 : c1 * 8 + 264]
         data[: piece.size] = piece
         d32 = data.astype(np.uint32)
-        # win24[i]: bytes i..i+2 big-endian, so any 16-bit window is one gather and one shift.
-        win24 = (d32[:-2] << 16) | (d32[1:-1] << 8) | d32[2:]
-        lanes = c1 - c0
-        base = np.arange(lanes, dtype=np.int64) * 64
-        pos = base + gaps
-        end = base + 64
-        cnt = np.zeros(lanes, dtype=np.int64)
-        syms = np.empty((64, lanes), dtype=np.uint8)
+        # win32[i]: bytes i..i+3 big-endian; a 16-bit window at bit p is (win32[p >> 3] << (p & 7)) >> 16.
+        win32 = (d32[:-3] << 24) | (d32[1:-2] << 16) | (d32[2:-1] << 8) | d32[3:]
+        start = np.arange(lanes, dtype=np.int32) * 64
+        pos = start + gaps.astype(np.int32)
+        end = start + 64
+        syms = np.empty((64, lanes), dtype=np.uint16)
+        seen = np.empty((64, lanes), dtype=np.int32)
         fast = self.fast
-        steps = 0
+        steps = 64
         for step in range(64):
-            active = pos < end
-            if not active.any():
-                break
-            window = (win24[pos >> 3] >> (8 - (pos & 7)).astype(np.uint32)) & 0xFFFF
+            window = (win32[pos >> 3] << (pos & 7).astype(np.uint32)) >> 16
             entry = fast[window]
             length = entry >> 8
-            sym = (entry & 0xFF).astype(np.uint8)
-            long_ = length == 0
-            if long_.any():
-                idx = np.flatnonzero(long_)
-                sym[idx], length[idx] = _decode_long(self.luts, data, pos[idx])
-            syms[step] = sym
-            cnt += active
-            pos += np.where(active, length, 0)
-            steps = step + 1
-        return syms[:steps], cnt
+            if length.min() == 0:  # some lane holds a code longer than 16 bits
+                idx = np.flatnonzero(length == 0)
+                sym, length[idx] = _decode_long(self.luts, data, pos[idx])
+                entry[idx] = sym
+            syms[step] = entry
+            seen[step] = pos
+            pos += length
+            if step % 4 == 3 and (pos >= end).all():
+                steps = step + 1
+                break
+        keep = seen[:steps] < end
+        return syms[:steps].astype(np.uint8), keep
 
     def _check_positions(self, counts: np.ndarray) -> None:
         """Codes per CUDA block must match output_positions (the last block may hold padding)."""
