@@ -105,10 +105,12 @@ def apply(entry: CachedModel, loras: list[ResolvedLora], placeholders: Callable[
         else:
             _evict(entry, keep={x.key for x in loras})
             adapter = f"lora{next(_names)}"
-            ctx = placeholders(_denoiser(pipe)) if placeholders else contextlib.nullcontext()
             try:
-                with ctx:
+                if placeholders is None:
                     pipe.load_lora_weights(str(lo.path), weight_name=lo.weight_name, adapter_name=adapter)
+                else:
+                    with placeholders(_denoiser(pipe)):
+                        _load_into_denoiser(pipe, lo, adapter)
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     pipe.delete_adapters(adapter)
@@ -119,6 +121,25 @@ def apply(entry: CachedModel, loras: list[ResolvedLora], placeholders: Callable[
         names.append(adapter)
     pipe.enable_lora()
     pipe.set_adapters(names, [lo.scale for lo in loras])
+
+
+def _load_into_denoiser(pipe: Any, lo: ResolvedLora, adapter: str) -> None:
+    """Load a LoRA into the transformer only, skipping the pipeline loader's shape checks.
+
+    On DFloat11 models the covered Linears have no ``weight`` in ``state_dict()``; FLUX's
+    ``load_lora_weights`` reads it there to expand Control-LoRA shapes, which ordinary LoRAs never
+    need. The pipeline's own ``lora_state_dict`` still converts third-party formats. Text-encoder
+    parts of a LoRA are not applied on DF11 models."""
+    import inspect
+
+    if "return_alphas" in inspect.signature(pipe.lora_state_dict).parameters:
+        state, alphas = pipe.lora_state_dict(str(lo.path), weight_name=lo.weight_name, return_alphas=True)
+    else:
+        out = pipe.lora_state_dict(str(lo.path), weight_name=lo.weight_name)
+        state, alphas = out if isinstance(out, tuple) else (out, None)
+    pipe.transformer.load_lora_adapter(
+        state, network_alphas=alphas, prefix="transformer", adapter_name=adapter, _pipeline=pipe
+    )
 
 
 def _evict(entry: CachedModel, keep: set[str]) -> None:

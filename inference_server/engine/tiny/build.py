@@ -95,8 +95,12 @@ def _df11_twin(dir: Path, folder: str, model_id: str) -> list[dict]:
     index = DiffusionPipeline.load_config(str(dir / folder))
     import diffusers
 
+    import torch
+
     cls = getattr(diffusers, index["transformer"][1])
-    transformer = cls.from_pretrained(str(dir / folder), subfolder="transformer")
+    transformer = cls.from_pretrained(str(dir / folder), subfolder="transformer", dtype=torch.bfloat16)
+    # The config records where it was loaded from; a relative name keeps the twin's bytes deterministic.
+    transformer.register_to_config(_name_or_path=f"{folder}/transformer")
     compress(transformer, dir / f"{folder}-df11")
     return [dict(id=model_id, source=folder, df11=f"{folder}-df11", dtype="bfloat16", memory_gb=0.01)]
 
