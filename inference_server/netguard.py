@@ -58,7 +58,8 @@ def is_public(ip: IPAddress) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def _split(url: str) -> tuple[str, str, int]:
+def split_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL; raises ``UnsafeURL`` for any other scheme or no host."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -75,7 +76,7 @@ def _split(url: str) -> tuple[str, str, int]:
 
 def check_url(url: str, *, allow_private: bool) -> None:
     """Refuse, without any network access, a URL that is certainly unsafe. Raises ``UnsafeURL``."""
-    _, host, _ = _split(url)
+    _, host, _ = split_url(url)
     if allow_private:
         return
     name = host.rstrip(".").lower()
@@ -145,7 +146,7 @@ def pinned_request(
     proxies from the environment (a proxy would resolve the name again). ``verify`` is a CA bundle
     path or True (the system store); certificates are always checked for https. Raises ``UnsafeURL``,
     ``OSError`` from resolution, or ``requests.RequestException``."""
-    scheme, host, port = _split(url)
+    scheme, host, port = split_url(url)
     ip = resolve_checked(host, port, allow_private)[0]
     parts = urlsplit(url)
     ip_host = f"[{ip}]" if ip.version == 6 else str(ip)

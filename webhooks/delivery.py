@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import time
@@ -10,13 +11,12 @@ from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import requests
-
 from inference_server import netguard
 from inference_server.db.base import utcnow
 from inference_server.errors import UnsafeURL
 from webhooks.signing import webhook_headers
 from webhooks.tables import DeliveryStatus
+from webhooks.transport import PinnedPool
 
 USER_AGENT = "inference-server-webhooks/1"
 MAX_RESPONSE_BYTES = 64 * 1024  # read (and ignore) at most this much of a receiver's answer
@@ -44,7 +44,7 @@ def encode_body(payload: dict[str, Any]) -> bytes:
 
 
 def attempt(
-    adapter: netguard.PinnedAdapter,
+    pool: PinnedPool,
     url: str,
     msg_id: str,
     body: bytes,
@@ -55,48 +55,28 @@ def attempt(
 ) -> AttemptResult:
     """POST one signed delivery. Never raises: every failure becomes an ``AttemptResult``.
 
-    Redirects are not followed (a 3xx is a failure). ``timeout`` bounds the connection, each read,
-    and reading the answer as a whole."""
+    Redirects are not followed (a 3xx is a failure). ``timeout`` bounds the whole attempt."""
     started_at = utcnow()
     t0 = time.monotonic()
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                **webhook_headers(msg_id, body, secrets)}
     try:
-        response = netguard.pinned_request(
-            adapter, "POST", url, allow_private=allow_private, timeout=timeout, headers=headers, data=body
-        )
+        response = pool.post(url, body, headers, allow_private=allow_private, timeout=timeout,
+                             max_response_bytes=MAX_RESPONSE_BYTES)
     except UnsafeURL as exc:
-        return AttemptResult(started_at, time.monotonic() - t0, error=f"unsafe_url: {exc.message}", unsafe=True)
-    except (OSError, requests.RequestException) as exc:
+        return AttemptResult(started_at, time.monotonic() - t0, error=f"unsafe_url: {exc.message}",
+                             unsafe=True)
+    except (OSError, http.client.HTTPException) as exc:
         return AttemptResult(started_at, time.monotonic() - t0, error=netguard.describe(exc))
-    try:
-        _drain(response, t0 + timeout)
-    except (OSError, requests.RequestException, TimeoutError) as exc:
-        response.close()
-        return AttemptResult(started_at, time.monotonic() - t0, status_code=response.status_code,
-                             error=netguard.describe(exc))
+    status = response.status
     error = None
-    if not 200 <= response.status_code < 300:
-        error = f"HTTP {response.status_code}"
-        if response.is_redirect:
+    if not 200 <= status < 300:
+        error = f"HTTP {status}"
+        if 300 <= status < 400:
             error += " (redirects are not followed)"
-    retry_after = None
-    if response.status_code in (429, 503):
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-    return AttemptResult(started_at, time.monotonic() - t0, status_code=response.status_code,
-                         error=error, retry_after=retry_after)
-
-
-def _drain(response: requests.Response, deadline: float) -> None:
-    """Read the answer so the connection can be reused; a long or endless answer closes it instead."""
-    size = 0
-    with response:
-        for chunk in response.iter_content(16 * 1024):
-            size += len(chunk)
-            if size > MAX_RESPONSE_BYTES:
-                return  # closing discards the rest along with the connection
-            if time.monotonic() > deadline:
-                raise TimeoutError("the receiver's answer took longer than the timeout")
+    retry_after = parse_retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
+    return AttemptResult(started_at, time.monotonic() - t0, status_code=status, error=error,
+                         retry_after=retry_after)
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

@@ -5,8 +5,8 @@ number of dispatchers can run side by side), marked ``sending`` with a lease, se
 transaction, and its result recorded under the claim token. A dispatcher that dies mid-send leaves
 rows whose lease expires and which another dispatcher sends again (at least once, same event id).
 
-Isolation: requests run on a bounded thread pool (``webhook_concurrency``), and one URL gets at
-most ``per_url_limit`` of its slots, so a slow receiver slows only its own deliveries.
+Isolation: requests run on a bounded thread pool (``webhook_concurrency``) and each URL has a share
+of it that depends on how it behaves (see ``UrlLimits``), so a slow receiver slows only itself.
 """
 
 from __future__ import annotations
@@ -14,48 +14,57 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from inference_server import netguard
 from inference_server.db import JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.settings import Settings
-from webhooks import metrics
-from webhooks.delivery import AttemptResult, attempt, encode_body, plan_next
-from webhooks.fanout import fan_out, url_hash
+from webhooks.chain import sweep
+from webhooks.delivery import AttemptResult, attempt, encode_body
+from webhooks.fanout import fan_out
+from webhooks.recording import Claimed, record_results
 from webhooks.secrets import signing_secrets
-from webhooks.tables import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookGoneURL
+from webhooks.tables import DeliveryStatus, WebhookDelivery
+from webhooks.transport import PinnedPool
 
 log = logging.getLogger(__name__)
-ACTIVE = DeliveryStatus.ACTIVE
+SWEEP_INTERVAL = 5.0  # seconds between repairs of missed chain promotions
+SLOW_SECONDS = 1.0  # a URL whose recent attempts average more than this is slow
 
 
-@dataclass(frozen=True)
-class Claimed:
-    """A delivery this dispatcher holds the lease on, with everything needed to send it."""
+class UrlLimits:
+    """How many concurrent requests a URL may have: a new URL gets half the pool, a URL that answers
+    fast gets all of it, a slow or failing-by-timeout one an eighth. Latency is a moving average."""
 
-    id: str
-    token: str
-    url: str
-    event_id: str
-    attempts: int
-    retry_base: int
-    tenant_id: str
-    body: bytes
-    secrets: list[str]
+    def __init__(self, concurrency: int, unknown: int | None = None, max_urls: int = 10_000) -> None:
+        self.fast = concurrency
+        self.unknown = unknown or max(1, concurrency // 2)
+        self.slow = max(1, concurrency // 8)
+        self._latency: OrderedDict[str, float] = OrderedDict()
+        self._max_urls = max_urls
+
+    def limit(self, url: str) -> int:
+        latency = self._latency.get(url)
+        if latency is None:
+            return self.unknown
+        return self.slow if latency > SLOW_SECONDS else self.fast
+
+    def observe(self, url: str, seconds: float) -> None:
+        old = self._latency.pop(url, None)
+        self._latency[url] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        if len(self._latency) > self._max_urls:
+            self._latency.popitem(last=False)
 
 
 class Dispatcher:
-    """Fans events out and delivers them. ``run(stop)`` loops until ``stop`` is set; ``run_once()`` is one pass."""
+    """Fans events out and delivers them: ``run(stop)`` loops until ``stop`` is set, ``run_once()`` is one pass."""
 
     def __init__(
         self,
@@ -69,11 +78,11 @@ class Dispatcher:
         self.session_factory = session_factory
         self.batch_size = batch_size
         self.concurrency = max(1, settings.webhook_concurrency)
-        self.per_url_limit = per_url_limit or max(1, self.concurrency // 4)
+        self.limits = UrlLimits(self.concurrency, per_url_limit)
         self.delays = list(settings.webhook_retry_delays)
         # Longer than any attempt can take, so a live dispatcher never loses its lease mid-send.
         self.lease = timedelta(seconds=2 * settings.webhook_timeout + 30)
-        self.adapter = netguard.new_adapter(self.concurrency)
+        self.http = PinnedPool()
         self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="webhook")
         with session_factory() as session:
             self.skip_locked = session.get_bind().dialect.name == "postgresql"
@@ -81,13 +90,19 @@ class Dispatcher:
         self._done: list[tuple[Claimed, AttemptResult]] = []
         self._wake = threading.Event()
         self._inflight: Counter[str] = Counter()  # per URL
+        self._next_fanout = 0.0
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Deliver until ``stop`` is set, then finish the requests in flight and record them."""
+        next_sweep = 0.0
         while not stop.is_set():
             try:
+                if time.monotonic() >= next_sweep:
+                    with self.session_factory() as session, session.begin():
+                        sweep(session)
+                    next_sweep = time.monotonic() + SWEEP_INTERVAL
                 busy = self._step()
             except Exception:  # the database blinked: keep the process, retry shortly
                 log.exception("webhook dispatcher step failed")
@@ -103,6 +118,7 @@ class Dispatcher:
         with self.session_factory() as session, session.begin():
             while fan_out(session, batch_size=self.batch_size, skip_locked=self.skip_locked) == self.batch_size:
                 pass
+            sweep(session, min_age=0)
         claimed = self._claim(self.batch_size)
         futures = [self._submit(c) for c in claimed]
         for f in futures:
@@ -112,21 +128,21 @@ class Dispatcher:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        self.adapter.close()
+        self.http.close()
 
     def _step(self) -> bool:
         busy = False
         done = self._take_done()
         if done:
-            try:
-                self._record(done)
-            except Exception:
-                with self._lock:  # keep the results for the next step rather than resend them
-                    self._done[:0] = done
-                raise
+            self._record(done)
             busy = True
-        with self.session_factory() as session, session.begin():
-            busy |= fan_out(session, batch_size=self.batch_size, skip_locked=self.skip_locked) > 0
+        # Fan out when the last pass found work, otherwise once per poll interval: an idle query per
+        # step would cost more than the deliveries it schedules.
+        if time.monotonic() >= self._next_fanout:
+            with self.session_factory() as session, session.begin():
+                taken = fan_out(session, batch_size=self.batch_size, skip_locked=self.skip_locked)
+            self._next_fanout = 0.0 if taken else time.monotonic() + self.settings.webhook_poll_interval
+            busy |= taken > 0
         free = self.concurrency - sum(self._inflight.values())
         if free > 0:
             for claimed in self._claim(free):
@@ -147,59 +163,51 @@ class Dispatcher:
     # -- claiming -----------------------------------------------------------------------------
 
     def _claim(self, limit: int) -> list[Claimed]:
-        """Lease up to ``limit`` due deliveries that are first in line for their job and URL."""
+        """Lease up to ``limit`` due deliveries (chain heads only: later events of a job are ``waiting``)."""
         d = WebhookDelivery
-        earlier = aliased(WebhookDelivery)
         now = utcnow()
-        full = [url for url, n in self._inflight.items() if n >= self.per_url_limit]
-        # Per job and URL, events go out in order: nothing while an earlier one is waiting or sending,
-        # or while an earlier event of the job is not fanned out yet.
-        earlier_active = (
-            select(earlier.id)
-            .where(earlier.job_id == d.job_id, earlier.url == d.url, earlier.event_seq < d.event_seq,
-                   earlier.status.in_(ACTIVE))
-            .exists()
-        )
-        earlier_unfanned = (
-            select(JobEvent.seq)
-            .where(JobEvent.job_id == d.job_id, JobEvent.seq < d.event_seq, JobEvent.fanned_out.is_(False))
-            .exists()
-        )
-        stmt = (
-            select(d.id, d.url, d.event_id, d.attempts, d.retry_base, d.tenant_id, JobEvent.payload,
-                   Tenant.webhook_secret, Tenant.previous_webhook_secret, Tenant.previous_secret_expires_at)
-            .join(JobEvent, JobEvent.seq == d.event_seq)
-            .join(Tenant, Tenant.id == d.tenant_id)
-            .where(d.status.in_(ACTIVE), d.next_attempt_at <= now, ~earlier_active, ~earlier_unfanned)
-            .order_by(d.next_attempt_at)
-            .limit(limit)
-        )
+        room = {url: self.limits.limit(url) - n for url, n in self._inflight.items()}
+        full = [url for url, r in room.items() if r <= 0]
+        # A plain walk of the partial due index; no joins here, so the planner cannot pick a plan
+        # that reads every due row before the LIMIT.
+        stmt = select(d.id, d.url).where(d.status.in_(DeliveryStatus.ACTIVE), d.next_attempt_at <= now)
         if full:
             stmt = stmt.where(d.url.not_in(full))
+        stmt = stmt.order_by(d.next_attempt_at).limit(limit)
         if self.skip_locked:
-            stmt = stmt.with_for_update(of=d, skip_locked=True)
+            stmt = stmt.with_for_update(skip_locked=True)
         token = new_id()
-        claimed: list[Claimed] = []
-        room = Counter({url: self.per_url_limit - n for url, n in self._inflight.items()})
         with self.session_factory() as session, session.begin():
+            ids: list[str] = []
             for row in session.execute(stmt):
-                if room.get(row.url, self.per_url_limit) <= 0:
+                left = room.get(row.url, self.limits.limit(row.url))
+                if left <= 0:
                     continue  # left pending, untouched: taken when this URL has room again
-                room[row.url] = room.get(row.url, self.per_url_limit) - 1
-                claimed.append(Claimed(
-                    id=row.id, token=token, url=row.url, event_id=row.event_id, attempts=row.attempts,
-                    retry_base=row.retry_base, tenant_id=row.tenant_id, body=encode_body(row.payload),
-                    secrets=signing_secrets(row, now),  # type: ignore[arg-type]
-                ))
-            if claimed:
-                session.execute(
-                    update(d).where(d.id.in_([c.id for c in claimed])).values(
-                        status=DeliveryStatus.SENDING, claim_token=token,
-                        next_attempt_at=now + self.lease, updated_at=now,
-                    ),
-                    execution_options={"synchronize_session": False},
-                )
-        return claimed
+                room[row.url] = left - 1
+                ids.append(row.id)
+            if not ids:
+                return []
+            rows = session.execute(
+                select(d.id, d.url, d.event_id, d.attempts, d.retry_base, d.tenant_id, d.job_id,
+                       JobEvent.payload, Tenant.webhook_secret, Tenant.previous_webhook_secret,
+                       Tenant.previous_secret_expires_at)
+                .join(JobEvent, JobEvent.seq == d.event_seq)
+                .join(Tenant, Tenant.id == d.tenant_id)
+                .where(d.id.in_(ids))
+            ).all()
+            session.execute(
+                update(d).where(d.id.in_(ids)).values(
+                    status=DeliveryStatus.SENDING, claim_token=token, next_attempt_at=now + self.lease,
+                    updated_at=now,
+                ),
+                execution_options={"synchronize_session": False},
+            )
+        return [
+            Claimed(id=row.id, token=token, url=row.url, event_id=row.event_id, attempts=row.attempts,
+                    retry_base=row.retry_base, tenant_id=row.tenant_id, job_id=row.job_id,
+                    body=encode_body(row.payload), secrets=signing_secrets(row, now))  # type: ignore[arg-type]
+            for row in rows
+        ]
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -209,7 +217,7 @@ class Dispatcher:
 
     def _send(self, c: Claimed) -> None:
         try:
-            result = attempt(self.adapter, c.url, c.event_id, c.body, c.secrets,
+            result = attempt(self.http, c.url, c.event_id, c.body, c.secrets,
                              allow_private=self.settings.allow_private_networks,
                              timeout=self.settings.webhook_timeout)
         except Exception as exc:  # a bug must not leave the row leased until the lease expires
@@ -222,69 +230,20 @@ class Dispatcher:
     def _take_done(self) -> list[tuple[Claimed, AttemptResult]]:
         with self._lock:
             done, self._done = self._done, []
-        for c, _ in done:
+        for c, r in done:
+            self.limits.observe(c.url, r.duration)
             self._inflight[c.url] -= 1
             if self._inflight[c.url] <= 0:
                 del self._inflight[c.url]
         return done
 
-    # -- recording ----------------------------------------------------------------------------
-
     def _record(self, done: list[tuple[Claimed, AttemptResult]]) -> None:
-        """Store the results of finished attempts in one transaction, under each claim's token."""
-        if not done:
-            return
-        now = utcnow()
-        table = WebhookDelivery.__table__
-        succeeded: list[dict[str, Any]] = []
-        others: list[dict[str, Any]] = []
-        attempts: list[dict[str, Any]] = []
-        gone: set[tuple[str, str]] = set()
-        for c, r in done:
-            n = c.attempts + 1
-            nxt = plan_next(r, n - c.retry_base, self.delays, now)
-            row = {"b_id": c.id, "b_token": c.token, "status": nxt.status, "attempts": n,
-                   "next_attempt_at": nxt.next_attempt_at, "last_status_code": r.status_code,
-                   "last_error": r.error, "updated_at": now}
-            (succeeded if nxt.status == DeliveryStatus.SUCCEEDED else others).append(row)
-            attempts.append({"delivery_id": c.id, "number": n, "started_at": r.started_at,
-                             "duration_ms": int(r.duration * 1000), "status_code": r.status_code,
-                             "error": r.error})
-            if nxt.status == DeliveryStatus.GONE:
-                gone.add((c.tenant_id, c.url))
-            metrics.DELIVERIES.labels(outcome=nxt.outcome).inc()
-            metrics.ATTEMPT_SECONDS.observe(r.duration)
-        base = (
-            update(table)
-            .where(table.c.id == bindparam("b_id"), table.c.claim_token == bindparam("b_token"))
-        )
-        fields = {k: bindparam(k) for k in ("status", "attempts", "next_attempt_at", "last_status_code",
-                                              "last_error", "updated_at")}
-        with self.session_factory() as session, session.begin():
-            conn = session.connection()
-            if succeeded:
-                conn.execute(base.values(**fields, claim_token=None, delivered_at=bindparam("updated_at")),
-                             succeeded)
-            if others:
-                conn.execute(base.values(**fields, claim_token=None), others)
-            conn.execute(insert(WebhookAttempt.__table__), attempts)
-            for tenant_id, url in gone:
-                self._mark_gone(session, tenant_id, url)
-
-    def _mark_gone(self, session: Session, tenant_id: str, url: str) -> None:
-        """Remember a 410 and stop the URL's waiting deliveries (rows being sent finish on their own)."""
         try:
-            with session.begin_nested():
-                session.execute(insert(WebhookGoneURL).values(tenant_id=tenant_id, url=url, url_sha256=url_hash(url)))
-        except IntegrityError:
-            pass  # already known
-        d = WebhookDelivery
-        count = session.execute(
-            update(d)
-            .where(d.tenant_id == tenant_id, d.url == url, d.status == DeliveryStatus.PENDING)
-            .values(status=DeliveryStatus.GONE, next_attempt_at=None, updated_at=utcnow(),
-                    last_error="not sent: this URL answered 410 Gone"),
-            execution_options={"synchronize_session": False},
-        ).rowcount
-        if count:
-            metrics.DELIVERIES.labels(outcome=DeliveryStatus.GONE).inc(count)
+            with self.session_factory() as session, session.begin():
+                record_results(session, done, self.delays)
+        except Exception:
+            with self._lock:  # keep the results for the next step rather than send them again
+                self._done[:0] = done
+            for c, _ in done:
+                self._inflight[c.url] += 1
+            raise

@@ -13,16 +13,20 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.jobs.status import EventType
 from webhooks import metrics
+from webhooks.chain import open_chains, promote
 from webhooks.tables import DeliveryStatus, WebhookDelivery, WebhookGoneURL
 
 PROGRESS = EventType.PROGRESS.value
+# One fan-out at a time across dispatchers (PostgreSQL advisory lock): two fan-outs splitting one
+# job's events could otherwise create its deliveries out of order. Fan-out is a few milliseconds.
+FANOUT_LOCK_KEY = 0x57484F4B
 
 
 def url_hash(url: str) -> str:
@@ -49,8 +53,11 @@ def destinations(job: Any, tenant: Any) -> list[tuple[str, Sequence[str] | None]
 def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True) -> int:
     """Turn up to ``batch_size`` unprocessed events into delivery rows; return how many events were taken.
 
-    Events are locked ``FOR UPDATE SKIP LOCKED`` so dispatchers running side by side split them.
-    The caller commits (the deliveries and the ``fanned_out`` marks land together)."""
+    On PostgreSQL (``skip_locked``) one dispatcher fans out at a time (an advisory transaction lock;
+    the others skip this step) and events are locked ``FOR UPDATE SKIP LOCKED``. The caller commits:
+    the deliveries and the ``fanned_out`` marks land together."""
+    if skip_locked and not session.execute(text(f"SELECT pg_try_advisory_xact_lock({FANOUT_LOCK_KEY})")).scalar():
+        return 0
     stmt = (
         select(JobEvent.seq, JobEvent.id, JobEvent.job_id, JobEvent.tenant_id, JobEvent.type)
         .where(JobEvent.fanned_out.is_(False))
@@ -78,13 +85,14 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
             )
         )
     }
-    gone = set(
-        session.execute(
+    gone = {
+        (row.tenant_id, row.url_sha256)
+        for row in session.execute(
             select(WebhookGoneURL.tenant_id, WebhookGoneURL.url_sha256).where(
                 WebhookGoneURL.tenant_id.in_(tenant_ids)
             )
-        ).tuples()
-    )
+        )
+    }
 
     # Only the newest progress event of this batch per (job, url) gets a row.
     planned: list[tuple[Any, str]] = []
@@ -102,6 +110,9 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
 
     now = utcnow()
     inherited = _supersede_waiting_progress(session, latest_progress)
+    if inherited:  # a superseded head may have had followers: they move up
+        promote(session, {job_id for job_id, _ in inherited})
+    busy = open_chains(session, {event.job_id for event, _ in planned})
     rows: list[dict[str, Any]] = []
     coalesced = 0
     for event, url in planned:
@@ -114,13 +125,18 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
             "status": DeliveryStatus.PENDING, "attempts": 0, "retry_base": 0,
             "next_attempt_at": now, "created_at": now, "updated_at": now,
         }
+        chain = (event.job_id, url)
         if (event.tenant_id, url_hash(url)) in gone:
             row.update(status=DeliveryStatus.GONE, next_attempt_at=None,
                        last_error="not sent: this URL answered 410 Gone earlier")
             metrics.DELIVERIES.labels(outcome=DeliveryStatus.GONE).inc()
-        elif event.type == PROGRESS:
-            # Keep the replaced row's backoff so a dead receiver is not hit at every progress tick.
-            row["next_attempt_at"] = max(now, inherited.get((event.job_id, url), now))
+        elif chain in busy:
+            row.update(status=DeliveryStatus.WAITING, next_attempt_at=None)
+        else:
+            busy.add(chain)
+            if event.type == PROGRESS:
+                # Keep the replaced row's backoff so a dead receiver is not hit at every progress tick.
+                row["next_attempt_at"] = max(now, inherited.get(chain, now))
         rows.append(row)
     if rows:
         session.execute(insert(WebhookDelivery), rows)
@@ -134,7 +150,7 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
 
 
 def _supersede_waiting_progress(session: Session, latest: dict[tuple[str, str], int]) -> dict[tuple[str, str], datetime]:
-    """Mark waiting progress deliveries older than the new ones superseded; return their next attempt times.
+    """Mark unsent progress deliveries older than the new ones superseded; return their next attempt times.
 
     Rows being sent (``sending``) are left alone: they finish, and the new row waits behind them."""
     inherited: dict[tuple[str, str], datetime] = {}
@@ -143,7 +159,7 @@ def _supersede_waiting_progress(session: Session, latest: dict[tuple[str, str], 
         waiting = session.execute(
             select(d.id, d.next_attempt_at).where(
                 d.job_id == job_id, d.url == url, d.event_type == PROGRESS,
-                d.status == DeliveryStatus.PENDING, d.event_seq < seq,
+                d.status.in_((DeliveryStatus.PENDING, DeliveryStatus.WAITING)), d.event_seq < seq,
             )
         ).all()
         if not waiting:
@@ -151,12 +167,12 @@ def _supersede_waiting_progress(session: Session, latest: dict[tuple[str, str], 
         # Re-checked under the row lock: a row a dispatcher claimed meanwhile is no longer pending.
         replaced = session.execute(
             update(d)
-            .where(d.id.in_([w.id for w in waiting]), d.status == DeliveryStatus.PENDING)
+            .where(d.id.in_([w.id for w in waiting]),
+                   d.status.in_((DeliveryStatus.PENDING, DeliveryStatus.WAITING)))
             .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None, updated_at=utcnow()),
             execution_options={"synchronize_session": False},
         ).rowcount
         times = [w.next_attempt_at for w in waiting if w.next_attempt_at is not None]
-        if times:
-            inherited[(job_id, url)] = max(times)
+        inherited[(job_id, url)] = max(times) if times else utcnow()
         metrics.DELIVERIES.labels(outcome=DeliveryStatus.SUPERSEDED).inc(replaced)
     return inherited

@@ -15,21 +15,28 @@ from inference_server.db.tables import BigId
 class DeliveryStatus:
     """Delivery states (stored as strings). Only PENDING and SENDING are active."""
 
-    PENDING = "pending"  # waiting for its next attempt (first, or a retry after a failure)
+    WAITING = "waiting"  # behind an earlier delivery of the same job and URL; promoted when that one ends
+    PENDING = "pending"  # due at next_attempt_at (first attempt, or a retry after a failure)
     SENDING = "sending"  # claimed by a dispatcher; next_attempt_at is the claim's lease expiry
     SUCCEEDED = "succeeded"
     EXHAUSTED = "exhausted"  # every attempt failed (or the URL was refused); replayable
     GONE = "gone"  # the receiver answered 410: nothing more goes to that URL
     SUPERSEDED = "superseded"  # a progress event replaced by a newer one before it was delivered
 
-    ACTIVE = (PENDING, SENDING)
+    ACTIVE = (PENDING, SENDING)  # claimable once next_attempt_at has passed
+    OPEN = (WAITING, PENDING, SENDING)  # not finished: later events of the job wait behind these
 
 
 _ACTIVE_SQL = text("status IN ('pending', 'sending')")
+_WAITING_SQL = text("status = 'waiting'")
 
 
 class WebhookDelivery(Base):
-    """One event to one URL. ``event_id`` is the ``webhook-id``: the same on every attempt and replay."""
+    """One event to one URL. ``event_id`` is the ``webhook-id``: the same on every attempt and replay.
+
+    Per (job, URL) the deliveries form a chain in event order: only the first unfinished one is
+    ``pending``/``sending``; the later ones are ``waiting`` with no ``next_attempt_at``, so the
+    dispatcher's claim is a plain walk of the due index, never a scan past blocked rows."""
 
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
@@ -38,6 +45,9 @@ class WebhookDelivery(Base):
               sqlite_where=_ACTIVE_SQL),
         # Per-job ordering and coalescing look at a job's deliveries in event order.
         Index("ix_webhook_deliveries_job_seq", "job_id", "event_seq"),
+        # The sweep that repairs a missed promotion scans only waiting rows.
+        Index("ix_webhook_deliveries_waiting", "updated_at", postgresql_where=_WAITING_SQL,
+              sqlite_where=_WAITING_SQL),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

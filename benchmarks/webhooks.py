@@ -1,0 +1,146 @@
+"""Webhook throughput: deliveries per second from one dispatcher to a local receiver that answers at once.
+
+Seeds N jobs with one terminal event each on a scratch PostgreSQL database, starts a receiver in its
+own process (so it does not share the dispatcher's interpreter lock), runs one ``Dispatcher`` until
+every delivery is acknowledged, and reports deliveries/s end to end (fan-out, claim, signed POST,
+result recorded). Each delivery is checked afterwards: all ``succeeded``, each event id received once.
+Goal: 500/s or more on this machine.
+
+    python benchmarks/webhooks.py [--events 3000] [--concurrency 32] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def receiver_process(port_out: Any, count: Any, ids_path: str) -> None:
+    """A keep-alive HTTP/1.1 receiver answering 204 at once; writes the ids it saw at exit."""
+    import http.server
+    import signal
+
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            with lock:
+                seen.append(self.headers["webhook-id"])
+            with count.get_lock():
+                count.value += 1
+            self.send_response_only(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    port_out.value = server.server_address[1]
+
+    def finish(*_: object) -> None:
+        with open(ids_path, "w") as f:
+            f.write("\n".join(seen))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, finish)
+    server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from sqlalchemy import func, insert, select
+
+    from inference_server.db import Job, JobEvent, make_engine, make_session_factory
+    from inference_server.db.base import utcnow
+    from tests.webhook_support import add_tenant, create_database, drop_database, make_settings
+    from webhooks.dispatcher import Dispatcher
+    from webhooks.tables import WebhookDelivery
+
+    port, count = mp.Value("i", 0), mp.Value("i", 0)
+    ids_path = f"/tmp/webhook-bench-{os.getpid()}.ids"
+    rx = mp.Process(target=receiver_process, args=(port, count, ids_path), daemon=True)
+    rx.start()
+    while not port.value:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{port.value}/hook"
+
+    name = f"webhooks_bench_{os.getpid()}"
+    db_url = create_database(name)
+    engine = make_engine(db_url, pool_size=5)
+    sf = make_session_factory(engine)
+    try:
+        with sf() as s, s.begin():
+            tenant = add_tenant(s)
+            jobs = [{"id": str(uuid.uuid4()), "tenant_id": tenant.id, "status": "succeeded", "family": "sd15",
+                     "task": "txt2img", "params": {"prompt": "x"}, "webhook_url": url} for _ in range(args.events)]
+            s.execute(insert(Job), jobs)
+            now = utcnow()
+            s.execute(insert(JobEvent), [
+                {"id": f"msg_{uuid.uuid4().hex}", "job_id": j["id"], "tenant_id": tenant.id, "type": "job.succeeded",
+                 "payload": {"type": "job.succeeded", "timestamp": now.isoformat(),
+                             "data": {"id": j["id"], "status": "succeeded", "outputs": [{"url": "x" * 80}]}},
+                 "created_at": now}
+                for j in jobs
+            ])
+        settings = make_settings(db_url, webhook_concurrency=args.concurrency, webhook_poll_interval=0.05)
+        dispatcher = Dispatcher(settings, sf)
+        stop = threading.Event()
+        thread = threading.Thread(target=dispatcher.run, args=(stop,))
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        thread.start()
+        while count.value < args.events:
+            time.sleep(0.005)
+        received_s = time.perf_counter() - t0
+        cpu_s = time.process_time() - cpu0
+        stop.set()
+        thread.join()
+        dispatcher.close()
+        with sf() as s:
+            statuses = dict(s.execute(select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)).all())
+        rx.terminate()
+        rx.join()
+        with open(ids_path) as f:
+            ids = f.read().split()
+        os.unlink(ids_path)
+    finally:
+        engine.dispose()
+        drop_database(name)
+    result = {
+        "events": args.events, "concurrency": args.concurrency, "seconds": round(received_s, 3), "dispatcher_cpu_seconds": round(cpu_s, 3),
+        "deliveries_per_second": round(args.events / received_s, 1),
+        "statuses": statuses, "received": len(ids), "unique_ids": len(set(ids)),
+    }
+    ok = statuses == {"succeeded": args.events} and len(set(ids)) == len(ids) == args.events
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.events} deliveries in {received_s:.2f} s: {result['deliveries_per_second']} deliveries/s "
+              f"(concurrency {args.concurrency}, dispatcher CPU {cpu_s:.2f} s = {1000 * cpu_s / args.events:.2f} ms "
+              f"per delivery); all succeeded once: {ok}")
+    if not ok:
+        raise SystemExit(f"inconsistent result: {result}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The dispatcher against real PostgreSQL and real HTTP receivers on loopback."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import standardwebhooks
+from sqlalchemy import select
+
+from inference_server.db import make_engine, make_session_factory
+from inference_server.db.base import utcnow
+from webhooks import verify
+from webhooks.dispatcher import Dispatcher
+from webhooks.secrets import rotate_webhook_secret
+from webhooks.tables import WebhookAttempt, WebhookDelivery
+from tests.webhook_support import (
+    Receiver, add_event, add_job, add_tenant, create_database, drop_database, make_settings, truncate_all,
+    wait_for,
+)
+
+DB_NAME = f"webhooks_test_{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def db_url() -> Iterator[str]:
+    url = create_database(DB_NAME)
+    yield url
+    drop_database(DB_NAME)
+
+
+@pytest.fixture
+def sf(db_url: str):  # type: ignore[no-untyped-def]
+    engine = make_engine(db_url)
+    factory = make_session_factory(engine)
+    truncate_all(factory)
+    yield factory
+    engine.dispose()
+
+
+@pytest.fixture
+def receivers() -> Iterator[list[Receiver]]:
+    made: list[Receiver] = []
+    yield made
+    for r in made:
+        r.close()
+
+
+def start_receiver(made: list[Receiver], behaviour=None) -> Receiver:  # type: ignore[no-untyped-def]
+    r = Receiver(behaviour) if behaviour else Receiver()
+    made.append(r)
+    return r
+
+
+def deliveries(sf) -> list[WebhookDelivery]:  # type: ignore[no-untyped-def]
+    with sf() as s:
+        return list(s.scalars(select(WebhookDelivery).order_by(WebhookDelivery.event_seq)))
+
+
+def run_until(dispatcher: Dispatcher, predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        if not dispatcher.run_once():
+            time.sleep(0.02)
+        if predicate():
+            return
+        assert time.monotonic() < deadline, "condition not reached"
+
+
+def test_fails_twice_then_accepted_with_the_same_id(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = start_receiver(receivers, lambda n, req: (500 if n < 2 else 200, {}, 0.0))
+    with sf() as s, s.begin():
+        tenant = add_tenant(s)
+        secret = tenant.webhook_secret
+        event = add_event(s, add_job(s, tenant, rx.url), "job.succeeded", status="succeeded")
+        event_id = event.id
+    d = Dispatcher(make_settings(db_url), sf)
+    run_until(d, lambda: len(rx.requests) >= 3)
+    for _ in range(3):
+        d.run_once()
+    d.close()
+    assert rx.ids() == [event_id] * 3  # the id never changes; nothing after the 2xx
+    for req in rx.requests:
+        assert verify(req.body, req.headers, secret)["data"]["id"]
+        assert standardwebhooks.Webhook(secret).verify(req.body, req.headers)["type"] == "job.succeeded"
+    [row] = deliveries(sf)
+    assert (row.status, row.attempts, row.last_status_code) == ("succeeded", 3, 200)
+    assert row.delivered_at is not None
+    with sf() as s:
+        codes = s.scalars(select(WebhookAttempt.status_code).order_by(WebhookAttempt.number)).all()
+    assert codes == [500, 500, 200]
+
+
+def test_exhausted_after_the_last_attempt_then_replayable(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    from webhooks.service import list_deliveries, replay_delivery
+
+    rx = start_receiver(receivers, lambda n, req: (503 if n < 3 else 204, {}, 0.0))
+    with sf() as s, s.begin():
+        tenant = add_tenant(s)
+        job = add_job(s, tenant, rx.url)
+        add_event(s, job, "job.failed")
+        tenant_id, job_id = tenant.id, job.id
+    d = Dispatcher(make_settings(db_url, webhook_retry_delays=[0.01, 0.01]), sf)
+    run_until(d, lambda: deliveries(sf)[0].status == "exhausted")
+    assert len(rx.requests) == 3 and deliveries(sf)[0].next_attempt_at is None
+    with sf() as s:
+        [row] = list_deliveries(s, tenant_id, job_id)
+        assert [a.status_code for a in row.attempt_log] == [503, 503, 503]
+        replay_delivery(s, tenant_id, row.id)
+    run_until(d, lambda: deliveries(sf)[0].status == "succeeded")
+    d.close()
+    assert len(set(rx.ids())) == 1 and len(rx.requests) == 4
+
+
+def test_retry_after_is_honoured(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = start_receiver(receivers, lambda n, req: (429, {"Retry-After": "30"}, 0.0))
+    with sf() as s, s.begin():
+        add_event(s, add_job(s, add_tenant(s), rx.url), "job.queued")
+    d = Dispatcher(make_settings(db_url), sf)
+    assert d.run_once() == 1
+    d.close()
+    [row] = deliveries(sf)
+    assert row.status == "pending" and row.last_status_code == 429
+    assert row.next_attempt_at - utcnow() > timedelta(seconds=25)
+
+
+def test_410_stops_delivering_to_that_url(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = start_receiver(receivers, lambda n, req: (410, {}, 0.0))
+    with sf() as s, s.begin():
+        tenant = add_tenant(s)
+        add_event(s, add_job(s, tenant, rx.url), "job.queued")
+    d = Dispatcher(make_settings(db_url), sf)
+    d.run_once()
+    with sf() as s, s.begin():
+        tenant = add_tenant(s, name=None)
+        other_tenant_job = add_job(s, tenant, rx.url)
+        add_event(s, other_tenant_job, "job.queued")
+    with sf() as s, s.begin():
+        same_tenant = s.get(type(tenant), deliveries(sf)[0].tenant_id)
+        add_event(s, add_job(s, same_tenant, rx.url), "job.succeeded")
+    for _ in range(3):
+        d.run_once()
+    d.close()
+    statuses = [(r.tenant_id == deliveries(sf)[0].tenant_id, r.status) for r in deliveries(sf)]
+    # The URL is gone for the tenant that got the 410; another tenant's deliveries are its own business.
+    assert statuses.count((True, "gone")) == 2
+    assert len(rx.requests) == 2  # the first delivery, and the other tenant's (which also got a 410)
+
+
+def test_redirect_to_a_private_address_is_not_followed(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    inner = start_receiver(receivers)
+    rx = start_receiver(receivers, lambda n, req: (302, {"Location": inner.url.replace("127.0.0.1", "10.0.0.1")}, 0.0))
+    rx2 = start_receiver(receivers, lambda n, req: (307, {"Location": inner.url}, 0.0))
+    with sf() as s, s.begin():
+        tenant = add_tenant(s)
+        add_event(s, add_job(s, tenant, rx.url), "job.succeeded")
+        add_event(s, add_job(s, tenant, rx2.url), "job.succeeded")
+    d = Dispatcher(make_settings(db_url, webhook_retry_delays=[0.01]), sf)
+    run_until(d, lambda: all(r.status == "exhausted" for r in deliveries(sf)))
+    d.close()
+    assert inner.requests == []
+    assert {r.last_status_code for r in deliveries(sf)} == {302, 307}
+    assert all("not followed" in (r.last_error or "") for r in deliveries(sf))
+
+
+def test_private_webhook_url_refused_at_send(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = start_receiver(receivers)
+    with sf() as s, s.begin():
+        tenant = add_tenant(s)
+        add_event(s, add_job(s, tenant, rx.url.replace("127.0.0.1", "localhost")), "job.succeeded")
+    d = Dispatcher(make_settings(db_url, allow_private_networks=False), sf)
+    d.run_once()
+    d.close()
+    [row] = deliveries(sf)
+    assert row.status == "exhausted" and row.last_error.startswith("unsafe_url")
+    assert rx.requests == []
+
+
+def test_signatures_during_secret_rotation(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = start_receiver(receivers)
+    with sf() as s, s.begin():
+        tenant = add_tenant(s)
+        old_secret, name = tenant.webhook_secret, tenant.name
+        job = add_job(s, tenant, rx.url)
+        add_event(s, job, "job.queued")
+        job_id = job.id
+    d = Dispatcher(make_settings(db_url), sf)
+    d.run_once()
+    with sf() as s, s.begin():
+        new_secret = rotate_webhook_secret(s, name, grace_hours=24)
+        add_event(s, s.get(type(job), job_id), "job.started")
+    d.run_once()
+    with sf() as s, s.begin():  # the grace period ends
+        t = s.get(type(tenant), tenant.id)
+        t.previous_secret_expires_at = utcnow() - timedelta(seconds=1)
+        add_event(s, s.get(type(job), job_id), "job.succeeded")
+    d.run_once()
+    d.close()
+    before, during, after = rx.requests
+    verify(before.body, before.headers, old_secret)
+    with pytest.raises(Exception):
+        verify(before.body, before.headers, new_secret)
+    assert len(during.headers["webhook-signature"].split()) == 2
+    for secret in (old_secret, new_secret):
+        verify(during.body, during.headers, secret)
+        standardwebhooks.Webhook(secret).verify(during.body, during.headers)
+    assert len(after.headers["webhook-signature"].split()) == 1
+    standardwebhooks.Webhook(new_secret).verify(after.body, after.headers)
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(old_secret).verify(after.body, after.headers)
+
+
+def test_parallel_dispatchers_never_double_deliver(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = start_receiver(receivers)
+    expected: dict[str, list[str]] = {}
+    with sf() as s, s.begin():
+        tenant = add_tenant(s)
+        jobs = [add_job(s, tenant, rx.url) for _ in range(40)]
+        for kind in ("job.queued", "job.started", "job.succeeded"):
+            for job in jobs:
+                expected.setdefault(job.id, []).append(add_event(s, job, kind).id)
+    settings = make_settings(db_url)
+    stop = threading.Event()
+    dispatchers = [Dispatcher(settings, sf) for _ in range(2)]
+    threads = [threading.Thread(target=d.run, args=(stop,)) for d in dispatchers]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_for(lambda: len(rx.requests) >= 120, timeout=20)
+        time.sleep(0.3)  # room for a double delivery to show up
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        for d in dispatchers:
+            d.close()
+    ids = rx.ids()
+    assert len(ids) == len(set(ids)) == 120
+    received: dict[str, list[str]] = {}
+    for req in rx.requests:
+        received.setdefault(verify(req.body, req.headers, tenant.webhook_secret)["data"]["id"], []).append(
+            req.headers["webhook-id"])
+    assert received == expected  # every job's events in the order they happened
+    assert all(r.status == "succeeded" for r in deliveries(sf))
+
+
+def test_slow_receiver_does_not_block_others(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    slow = start_receiver(receivers, lambda n, req: (200, {}, 1.5))
+    fast = start_receiver(receivers)
+    with sf() as s, s.begin():
+        tenant = add_tenant(s)
+        for _ in range(12):
+            add_event(s, add_job(s, tenant, slow.url), "job.succeeded")
+        for _ in range(10):
+            add_event(s, add_job(s, tenant, fast.url), "job.succeeded")
+    stop = threading.Event()
+    d = Dispatcher(make_settings(db_url, webhook_concurrency=8), sf)
+    thread = threading.Thread(target=d.run, args=(stop,))
+    t0 = time.monotonic()
+    thread.start()
+    try:
+        assert wait_for(lambda: len(fast.requests) == 10, timeout=5)
+        fast_done = time.monotonic() - t0
+    finally:
+        stop.set()
+        thread.join()
+        d.close()
+    assert fast_done < 1.0, fast_done
+    assert len(slow.requests) <= d.limits.unknown + d.limits.slow  # the slow URL never had more than its share
+
+
+def test_timeout_is_a_failed_attempt(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = start_receiver(receivers, lambda n, req: (200, {}, 1.0 if n == 0 else 0.0))
+    with sf() as s, s.begin():
+        add_event(s, add_job(s, add_tenant(s), rx.url), "job.succeeded")
+    d = Dispatcher(make_settings(db_url, webhook_timeout=0.3), sf)
+    d.run_once()
+    [row] = deliveries(sf)
+    assert row.status == "pending" and row.last_status_code is None and "Timeout" in row.last_error
+    run_until(d, lambda: deliveries(sf)[0].status == "succeeded")
+    d.close()
+    assert len(set(rx.ids())) == 1
