@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
 from inference_server.engine.df11 import compress_transformer, df11_memory_bytes, load_df11
@@ -68,26 +69,48 @@ def build(cls, config: dict, seed: int) -> torch.nn.Module:  # type: ignore[no-u
     return model.to(torch.bfloat16).eval()
 
 
-def model_memory(name: str, cls, config: dict) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def flux_inputs(config: dict, seq: int = 256, txt: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(1, seq, config["in_channels"], generator=g).to(torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, txt, config["joint_attention_dim"], generator=g).to(torch.bfloat16),
+        pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g).to(torch.bfloat16),
+        timestep=torch.tensor([0.5], dtype=torch.bfloat16),
+        img_ids=torch.zeros(seq, 3),
+        txt_ids=torch.zeros(txt, 3),
+        return_dict=False,
+    )
+
+
+def model_memory(name: str, cls, config: dict, time_forward: bool) -> dict[str, object]:  # type: ignore[no-untyped-def]
     reference = build(cls, config, seed=0)
     bf16 = df11_memory_bytes(reference)
     n_params = sum(p.numel() for p in reference.parameters())
+    row: dict[str, object] = {"model": name, "params": n_params}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         compress_transformer(reference, Path(tmp))
-        compress_s = time.perf_counter() - start
-        disk = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
-        del reference
-        with torch.device("meta"):
+        row["compress_s"] = time.perf_counter() - start
+        row["disk_mb"] = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors")) / 1e6
+        with init_empty_weights():  # parameters on meta: the BF16 weights are never allocated
             empty = cls(**config).to(torch.bfloat16)
         model = load_df11(empty, Path(tmp), "cpu")
+        if time_forward:
+            with init_empty_weights():
+                empty = cls(**config).to(torch.bfloat16)
+            eager = load_df11(empty, Path(tmp), "cpu", mode="eager")
     df11 = df11_memory_bytes(model)
-    with_buffer = df11_memory_bytes(model, include_decode_buffer=True)
-    return {
-        "model": name, "params": n_params, "bf16_mb": bf16 / 1e6, "df11_mb": df11 / 1e6,
-        "ratio": df11 / bf16, "ratio_with_buffer": with_buffer / bf16, "disk_mb": disk / 1e6,
-        "compress_s": compress_s,
-    }
+    row.update(bf16_mb=bf16 / 1e6, df11_mb=df11 / 1e6, ratio=df11 / bf16,
+               ratio_with_buffer=df11_memory_bytes(model, include_decode_buffer=True) / bf16)
+    if time_forward:
+        inputs = flux_inputs(config)
+        with torch.no_grad():
+            expected = reference(**inputs)[0]
+            for label, m in (("bf16", reference), ("df11", model), ("eager", eager)):
+                out = m(**inputs)[0]
+                assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), label
+                row[f"fwd_{label}_s"] = best_of(lambda m=m: m(**inputs), 3)
+    return row
 
 
 def main() -> None:
@@ -108,13 +131,22 @@ def main() -> None:
     models = [("tiny FLUX", FluxTransformer2DModel, TINY_FLUX), ("tiny Qwen-Image", QwenImageTransformer2DModel, TINY_QWEN)]
     if not args.quick:
         models.append(("FLUX-shaped stack", FluxTransformer2DModel, STACK_FLUX))
+    timed = []
     for name, cls, config in models:
-        r = model_memory(name, cls, config)
+        r = model_memory(name, cls, config, time_forward=name == "FLUX-shaped stack")
         print(
             f"{r['model']:<22} {r['params']:>12,} {r['bf16_mb']:>9.2f} {r['df11_mb']:>9.2f} {r['ratio']:>7.3f}"
             f" {r['ratio_with_buffer']:>8.3f} {r['disk_mb']:>8.2f} {r['compress_s']:>11.2f}"
         )
+        if "fwd_bf16_s" in r:
+            timed.append(r)
     print("\nratio: parameters + DF11 tensors; +buffer: also the shared decode buffer (largest block, BF16).")
+    for r in timed:
+        print(
+            f"\nOne forward of the {r['model']} (256 image + 32 text tokens), outputs bit-identical:"
+            f"\n  BF16 {r['fwd_bf16_s']:.3f} s | DF11 per_block {r['fwd_df11_s']:.3f} s (decodes every block)"
+            f" | DF11 eager {r['fwd_eager_s']:.3f} s"
+        )
 
 
 if __name__ == "__main__":

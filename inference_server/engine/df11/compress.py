@@ -64,13 +64,20 @@ def default_pattern_dict(model: torch.nn.Module) -> dict[str, list[str]]:
 
 
 def compress_transformer(
-    model: torch.nn.Module, out_dir: Path, *, pattern_dict: dict[str, list[str]] | None = None
+    model: torch.nn.Module,
+    out_dir: Path,
+    *,
+    pattern_dict: dict[str, list[str]] | None = None,
+    release_weights: bool = False,
 ) -> Path:
     """Write ``model`` (BF16) to ``out_dir`` in the dfloat11 0.5.0 format and return ``out_dir``.
 
-    Each module matching a ``pattern_dict`` regex has its listed Linears' weights coded together.
-    A block whose weights hold an exponent the format cannot code (inf, nan, |w| >= 2**113) is
-    kept as plain BF16, with a warning, so the folder still restores the model exactly.
+    Each module matching a ``pattern_dict`` regex (default: ``default_pattern_dict(model)``) has
+    its listed Linears' weights coded together. A block whose weights hold an exponent the
+    format cannot code (inf, nan, |w| >= 2**113) is kept as plain BF16, with a warning, so the
+    folder still restores the model exactly. ``release_weights`` deletes each block's BF16
+    weights from ``model`` once coded (as upstream does), so the peak memory stays near the
+    BF16 model's size; the model is unusable afterwards.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,11 +103,14 @@ def compress_transformer(
             tensors[prefix + field] = torch.from_numpy(np.ascontiguousarray(getattr(block, field)))
         covered.update(f"{prefix}{path}.weight" if path else f"{prefix}weight" for path, _ in linears)
         n_blocks += 1
+        if release_weights:
+            for _, lin in linears:
+                del lin.weight
     if n_blocks == 0:
         raise DF11FormatError("pattern_dict matched no module with codable weights")
 
     for key, value in model.state_dict().items():
-        if key not in covered:
+        if key not in covered and value is not None:
             tensors[key] = value.detach().to("cpu").contiguous()
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "dfloat11": config.version})
     write_config(out_dir, config, _model_config(model))
@@ -125,7 +135,7 @@ def compress_folder(src: Path, dst: Path) -> Path:
         raise DF11FormatError(f"{src}/config.json: unknown diffusers model class {class_name!r}")
     model = cls.from_pretrained(str(src), torch_dtype=torch.bfloat16, low_cpu_mem_usage=True)
     model = model.to(torch.bfloat16).eval()
-    return compress_transformer(model, Path(dst))
+    return compress_transformer(model, Path(dst), release_weights=True)
 
 
 def _bf16_bits(weight: torch.Tensor, name: str) -> np.ndarray:
