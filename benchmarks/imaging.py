@@ -1,8 +1,9 @@
 """How much of a job's time image handling takes.
 
 Measures, on photo-like synthetic images (smooth shapes, texture, fine grain; no files needed):
-- input side: decode-and-validate of a 4-megapixel JPEG (with EXIF orientation and an ICC profile,
-  as phones send them), with and without JPEG draft decoding, then fitting to 1024x1024;
+- input side: validation at submit, then decode-and-validate of a 4-megapixel JPEG (with EXIF
+  orientation and an sRGB ICC profile, as phones send them) and fitting to 1024x1024 (also from
+  a 12-megapixel photo, where JPEG draft decoding helps);
 - output side: signature compositing, metadata and encoding of a 1024x1024 output, per format.
 
 Then compares with the denoising time of a job: the tiny SD 1.5 model here (0.09 s/step at 64x64 on
@@ -15,8 +16,10 @@ one thread, ENGINE_FACTS.md) and an assumed production GPU (SDXL 1024x1024, 30 s
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -24,11 +27,19 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageCms, ImageDraw, ImageFilter
 
-from inference_server.imaging import composite_signature, decode_image, encode_output, fit_input, parse_data_uri
+from inference_server.imaging import (
+    composite_signature,
+    decode_image,
+    encode_output,
+    fit_input,
+    parse_data_uri,
+    validate_image,
+)
 
 TINY_SD_STEP_S = 0.09  # ENGINE_FACTS.md: tiny SD 1.5, 64x64, one thread, this machine
 GPU_STEP_S = 0.075  # assumption: SDXL 1024x1024 on an A100, middle of the 0.05-0.1 s/step range
 GPU_STEPS = 30
+FORMATS = ("png", "jpeg", "webp")
 LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_pixels": 16_000_000}
 METADATA = {"artist_id": "artist_7f3a", "model_id": "sdxl/base-1.0", "collection": "autumn"}
 PARAMETERS = {
@@ -84,69 +95,73 @@ def timed(fn: Callable[[], object], repeat: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
+    repeat = args.repeat
 
     jpeg = phone_jpeg(2448, 1632)  # 4.0 megapixels
-    import base64
-
-    data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    jpeg_12mp = phone_jpeg(4032, 3024)  # a phone's full-size photo
+    uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
     output = photo_like(1024, 1024, seed=1)
     signature = Image.new("RGBA", (600, 200), (0, 0, 0, 0))
     ImageDraw.Draw(signature).text((20, 60), "A. Artist", fill=(255, 255, 255, 255), font_size=90)
 
-    def output_path(fmt: str) -> Callable[[], object]:
-        def run() -> object:
-            signed = composite_signature(output, signature, position="bottom-right", opacity=0.8, size="medium")
-            return encode_output(signed, fmt=fmt, quality=90, metadata=METADATA, parameters=PARAMETERS)
+    def sign() -> Image.Image:
+        return composite_signature(output, signature, position="bottom-right", opacity=0.8, size="medium")
 
-        return run
+    def output_path(fmt: str) -> Callable[[], tuple[bytes, str]]:
+        return lambda: encode_output(sign(), fmt=fmt, quality=90, metadata=METADATA, parameters=PARAMETERS)
+
+    def input_path(data: bytes) -> Callable[[], Image.Image]:
+        return lambda: fit_input(decode_image(data, **LIMITS, draft_size=(1024, 1024)), 1024, 1024)
 
     results: dict[str, dict[str, float]] = {
-        "data_uri_parse_4mp": timed(lambda: parse_data_uri(data_uri, max_bytes=LIMITS["max_bytes"]), args.repeat),
-        "decode_4mp_jpeg": timed(lambda: decode_image(jpeg, **LIMITS), args.repeat),
-        "decode_4mp_jpeg_draft_1024": timed(
-            lambda: decode_image(jpeg, **LIMITS, draft_size=(1024, 1024)), args.repeat
-        ),
-        "decode_draft_and_fit_1024": timed(
-            lambda: fit_input(decode_image(jpeg, **LIMITS, draft_size=(1024, 1024)), 1024, 1024), args.repeat
-        ),
-        "signature_only_1024": timed(
-            lambda: composite_signature(output, signature, position="bottom-right", opacity=0.8, size="medium"),
-            args.repeat,
-        ),
+        "api_parse_data_uri_4mp": timed(lambda: parse_data_uri(uri, max_bytes=LIMITS["max_bytes"]), repeat),
+        "api_validate_image_4mp": timed(lambda: validate_image(jpeg, **LIMITS), repeat),
+        "decode_4mp_jpeg": timed(lambda: decode_image(jpeg, **LIMITS), repeat),
+        "decode_and_fit_4mp_to_1024": timed(input_path(jpeg), repeat),
+        "decode_and_fit_12mp_to_1024": timed(input_path(jpeg_12mp), repeat),
+        "signature_only_1024": timed(sign, repeat),
     }
-    for fmt in ("png", "jpeg", "webp"):
-        results[f"signature_metadata_encode_1024_{fmt}"] = timed(output_path(fmt), args.repeat)
-    sizes = {fmt: len(output_path(fmt)()[0]) for fmt in ("png", "jpeg", "webp")}  # type: ignore[index]
+    for fmt in FORMATS:
+        results[f"sign_metadata_encode_1024_{fmt}"] = timed(output_path(fmt), repeat)
+    sizes = {fmt: len(output_path(fmt)()[0]) for fmt in FORMATS}
 
     gpu_job_s = GPU_STEP_S * GPU_STEPS
-    input_s = results["decode_draft_and_fit_1024"]["median_s"]
+    input_s = results["decode_and_fit_4mp_to_1024"]["median_s"]
+    shares = {}
+    for fmt in FORMATS:
+        out_s = results[f"sign_metadata_encode_1024_{fmt}"]["median_s"]
+        shares[f"txt2img_{fmt}"] = out_s / gpu_job_s
+        shares[f"img2img_4mp_{fmt}"] = (input_s + out_s) / gpu_job_s
     report = {
+        "load_average_1min": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
         "input_jpeg_bytes": len(jpeg),
         "output_bytes": sizes,
         "timings": results,
         "assumptions": {"tiny_sd_step_s": TINY_SD_STEP_S, "gpu_step_s": GPU_STEP_S, "gpu_steps": GPU_STEPS},
-        "share_of_gpu_job": {
-            fmt: (input_s + results[f"signature_metadata_encode_1024_{fmt}"]["median_s"]) / gpu_job_s
-            for fmt in ("png", "jpeg", "webp")
-        },
+        "share_of_gpu_job": shares,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"input: 4.0 MP phone JPEG, {len(jpeg) / 1e6:.2f} MB; output 1024x1024: "
-          + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items()))
-    print(f"{'operation':42} {'median':>9} {'min':>9} {'tiny-SD steps':>14} {'% of GPU job':>13}")
+    print(
+        f"load average {report['load_average_1min']:.1f} on {report['cpus']} CPUs; "
+        f"input 4.0 MP phone JPEG {len(jpeg) / 1e6:.2f} MB; 1024x1024 output "
+        + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items())
+    )
+    print(f"{'operation':34} {'median':>9} {'min':>9} {'tiny-SD steps':>14} {'% of GPU job':>13}")
     for name, t in results.items():
-        print(f"{name:42} {t['median_s'] * 1000:7.1f}ms {t['min_s'] * 1000:7.1f}ms "
-              f"{t['median_s'] / TINY_SD_STEP_S:14.2f} {100 * t['median_s'] / gpu_job_s:12.1f}%")
+        print(
+            f"{name:34} {t['median_s'] * 1000:7.1f}ms {t['min_s'] * 1000:7.1f}ms "
+            f"{t['median_s'] / TINY_SD_STEP_S:14.2f} {100 * t['median_s'] / gpu_job_s:12.1f}%"
+        )
     print(f"GPU job assumed: SDXL 1024x1024, {GPU_STEPS} steps x {GPU_STEP_S} s = {gpu_job_s:.2f} s (A100)")
-    for fmt, share in report["share_of_gpu_job"].items():
-        print(f"img2img job, {fmt} output (decode+fit input, sign+metadata+encode output): "
-              f"{100 * share:.1f}% of the GPU time (goal < 5%)")
+    for name, share in shares.items():
+        print(f"  {name:22} image handling = {100 * share:4.1f}% of the GPU time (goal < 5%)")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,14 @@ def test_jpeg_bomb_refused() -> None:
     assert isinstance(error, InputTooLarge) and error.code == "decompression_bomb"
 
 
+def test_jpeg_scan_bomb_refused_and_progressive_accepted() -> None:
+    progressive = encode(noise((64, 64)), "JPEG", progressive=True)
+    assert decode_image(progressive, **LIMITS).size == (64, 64)
+    # Scan markers stand in for the thousands of tiny scans of a real CPU bomb: the count is the check.
+    error = refused(encode(noise((64, 64)), "JPEG", progressive=True, comment=b"\xff\xda" * 200))
+    assert isinstance(error, InputTooLarge) and error.code == "decompression_bomb"
+
+
 def test_large_image_over_pixel_limit() -> None:
     error = refused(encode(noise((128, 96)), "PNG"), max_pixels=10_000)
     assert isinstance(error, InputTooLarge) and error.code == "input_too_large"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from inference_server.errors import InvalidRequest
-from inference_server.imaging import edit_size, fit_input, fit_mask
+from inference_server.imaging import decode_image, edit_size, fit_input, fit_mask, normalize_input
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+LIMITS = {"max_bytes": 10**7, "max_pixels": 10**7}
 
 
 def three_bands(width: int, height: int, horizontal: bool = True) -> Image.Image:
@@ -100,3 +103,20 @@ def test_invalid_sizes_refused() -> None:
         fit_input(Image.new("RGB", (8, 8)), 0, 8)
     with pytest.raises(InvalidRequest):
         edit_size(Image.new("RGB", (8, 8)), multiple=16, max_pixels=100)
+
+
+def test_normalize_input_gives_a_fitted_png_the_worker_loads_unchanged() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 400x200 landscape, displayed 200x400 portrait
+    buf = io.BytesIO()
+    three_bands(400, 200).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    data = normalize_input(buf.getvalue(), width=64, height=128, **LIMITS)
+    assert data.startswith(b"\x89PNG")
+    image = decode_image(data, **LIMITS)
+    assert image.size == (64, 128) and image.mode == "RGB"
+    # Oriented first, then fitted: the 200x400 portrait already has the 1:2 shape, nothing is cropped.
+    top, bottom = image.getpixel((32, 4)), image.getpixel((32, 123))
+    assert top[0] > 200 and bottom[2] > 200
+    assert np.array_equal(np.asarray(fit_input(image, 64, 128)), np.asarray(image))
+    mask = normalize_input(buf.getvalue(), width=64, height=128, kind="mask", **LIMITS)
+    assert Image.open(io.BytesIO(mask)).mode == "L"

@@ -7,14 +7,11 @@ Pillow only, no torch: the API imports this package to validate inline inputs at
   truncation, EXIF orientation, colour profile)
 - ``fit``: ``fit_input``, ``fit_mask``, ``edit_size`` (cover and centre-crop rule)
 - ``signature``: ``composite_signature``, ``signature_box``, ``validate_signature``
+- ``prepare``: ``load_image`` (resolve + decode), ``normalize_input`` (decode + fit + PNG, at submit)
 - ``encode``: ``encode_output``, ``validate_metadata`` (PNG text chunks, EXIF for JPEG/WebP)
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-
-from PIL import Image
 
 from inference_server.imaging.decode import (
     SUPPORTED_FORMATS,
@@ -26,6 +23,7 @@ from inference_server.imaging.decode import (
 from inference_server.imaging.encode import CONTENT_TYPES, encode_output, validate_metadata
 from inference_server.imaging.fit import edit_size, fit_input, fit_mask
 from inference_server.imaging.inputs import input_kind, parse_data_uri, resolve_input
+from inference_server.imaging.prepare import load_image, normalize_input
 from inference_server.imaging.signature import (
     POSITIONS,
     SIZES,
@@ -34,24 +32,6 @@ from inference_server.imaging.signature import (
     signature_box,
     validate_signature,
 )
-
-
-def load_image(
-    ref: str,
-    *,
-    read_storage: Callable[[str], bytes],
-    allow_private: bool,
-    timeout: float,
-    max_bytes: int,
-    max_pixels: int,
-    draft_size: tuple[int, int] | None = None,
-) -> Image.Image:
-    """``resolve_input`` then ``decode_image``: the one call a worker needs per input reference."""
-    data = resolve_input(
-        ref, read_storage=read_storage, allow_private=allow_private, timeout=timeout, max_bytes=max_bytes
-    )
-    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, draft_size=draft_size)
-
 
 __all__ = [
     "CONTENT_TYPES",
@@ -67,6 +47,7 @@ __all__ = [
     "fit_mask",
     "input_kind",
     "load_image",
+    "normalize_input",
     "parse_data_uri",
     "prepare_signature",
     "resolve_input",

@@ -36,6 +36,11 @@ _KNOWN_UNSUPPORTED = (
 # Over the pixel limit, a file that declares more than this many pixels per byte is a bomb rather
 # than a big photo: camera JPEGs are 2 to 10 pixels per byte, even flat PNGs rarely pass 100.
 BOMB_PIXELS_PER_BYTE = 200
+# A progressive JPEG is decoded scan by scan, each pass over the whole image: thousands of tiny
+# scans in a small file make a CPU bomb (libjpeg-turbo's own answer is a scan limit, which Pillow
+# does not set). Encoders write about 10; 0xFFDA cannot occur in entropy-coded data (0xFF is
+# stuffed), so counting the markers is exact but for comments and thumbnails, which stay far below.
+MAX_JPEG_SCANS = 100
 
 _SRGB = ImageCms.createProfile("sRGB")
 
@@ -110,8 +115,8 @@ def decode_image(
 def validate_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
     """Every check of ``decode_image`` (pixels fully decoded, so truncation is caught), no conversion.
 
-    For the API at submit and in ``POST /v1/uploads``: about half the cost of ``decode_image`` on a
-    phone photo, since orientation, colour conversion and the clean copy are left to the worker.
+    For the API at submit and in ``POST /v1/uploads`` when it stores the bytes as sent: orientation,
+    colour conversion and the clean copy are left to the worker.
     """
     with _open_loaded(data, max_bytes=max_bytes, max_pixels=max_pixels, draft_size=None) as image:
         width, height = image.size
@@ -131,6 +136,8 @@ def _open_loaded(
     if fmt == "WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
         # libwebp only says "could not create decoder object"; the RIFF size says what happened.
         raise InvalidInput("the WebP file is shorter than its RIFF header declares", code="truncated_image")
+    if fmt == "JPEG" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise InputTooLarge(f"the JPEG has more than {MAX_JPEG_SCANS} scans", code="decompression_bomb")
     try:
         # Pillow checks its own global limit (about 89 MP warns, 179 MP raises) here; ours follows.
         image = Image.open(io.BytesIO(data), formats=[fmt])
