@@ -130,3 +130,13 @@ def test_png_writer_is_lossless_and_valid(mode: str, size: tuple[int, int]) -> N
     assert back.mode == mode and back.size == size
     assert np.array_equal(np.asarray(back), np.asarray(image))
     assert back.text == {"k": "v", "unicode": "ü→✓"}
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_long_non_latin_parameters_still_fit_in_exif(fmt: str) -> None:
+    metadata = {f"k{i}": "🦊" * 400 for i in range(10)}  # 16,000 bytes of UTF-8: the submit cap
+    parameters = {"prompt": "狐" * 2000, "negative_prompt": "🦊" * 2000, "seed": 1}
+    data, _ = encode_output(output_image(), fmt=fmt, quality=90, metadata=metadata, parameters=parameters)
+    raw = reopen(data).getexif()[0x010E]
+    description = json.loads(raw.encode("latin-1").decode("utf-8"))
+    assert description["parameters"] == parameters and description["k3"] == metadata["k3"]

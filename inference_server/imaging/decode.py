@@ -220,7 +220,7 @@ def _clean(image: Image.Image) -> Image.Image:
         converted = work.convert(target) if work.mode != target else None
     transpose = _TRANSPOSE.get(_orientation(image))
     if transpose is not None:
-        converted = (converted or work).transpose(transpose)
+        converted = (converted if converted is not None else work).transpose(transpose)
     if converted is None or converted is image:
         converted = image.copy()
     converted.info = {}

@@ -4,7 +4,8 @@ Where the metadata goes (documented for clients):
 - PNG: one text chunk per ``output.metadata`` key (tEXt, or iTXt when the value is not Latin-1),
   plus a ``parameters`` chunk holding the generation parameters as JSON;
 - JPEG and WebP: EXIF ImageDescription holds one JSON object, the metadata keys plus a
-  ``parameters`` key with the generation parameters (ASCII JSON, non-ASCII escaped as \\uXXXX);
+  ``parameters`` key with the generation parameters (ASCII JSON, non-ASCII escaped as \\uXXXX;
+  raw UTF-8 JSON instead only when the escaped form would not fit in the 64 KB of EXIF);
   ``artist_id``, when present, is also written to EXIF Artist (UTF-8 bytes).
 """
 
@@ -26,6 +27,7 @@ EXIF_ARTIST = 0x013B
 EXIF_SOFTWARE = 0x0131
 SOFTWARE = "inference-server"
 MAX_METADATA_BYTES = 16 * 1024  # all keys and values together; EXIF caps a segment at 64 KB
+MAX_EXIF_BYTES = 65_000  # a JPEG APP1 segment holds 65,533 bytes, "Exif\0\0" header included
 
 # libwebp effort 0..6. Measured on a photo-like 1024x1024 at quality 90: method 0 takes 43 ms for
 # the same PSNR and a file 3.5% larger than method 2 (95 ms) or 4 (Pillow's default, 150 ms). The
@@ -74,7 +76,20 @@ def _exif(metadata: dict[str, str], parameters: dict[str, Any]) -> bytes:
     if "artist_id" in metadata:
         # Pillow would write str as ASCII with '?' for anything else; UTF-8 bytes keep the name.
         exif[EXIF_ARTIST] = metadata["artist_id"].encode("utf-8")
-    return exif.tobytes()
+    data = exif.tobytes()
+    if len(data) > MAX_EXIF_BYTES:
+        # \uXXXX escapes take 6 bytes a character (12 for an emoji): long non-Latin prompts could
+        # pass the 64 KB a JPEG APP1 segment holds. UTF-8 takes 3 to 4; with the submit-time caps
+        # on metadata and prompts it always fits, and UTF-8 JSON readers still parse it.
+        exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(
+            {**metadata, PARAMETERS_KEY: parameters}, ensure_ascii=False, separators=(",", ":"), default=str
+        ).encode("utf-8")
+        data = exif.tobytes()
+    if len(data) > MAX_EXIF_BYTES:
+        raise InvalidRequest(
+            "output metadata and parameters do not fit in EXIF (64 KB)", code="invalid_metadata"
+        )
+    return data
 
 
 def _png_text(metadata: dict[str, str], parameters: dict[str, Any]) -> list[tuple[str, str]]:
