@@ -3,7 +3,8 @@
 Measures, on photo-like synthetic images (smooth shapes, texture, fine grain; no files needed):
 - input side: validation at submit, then decode-and-validate of a 4-megapixel JPEG (with EXIF
   orientation and an sRGB ICC profile, as phones send them) and fitting to 1024x1024 (also from
-  a 12-megapixel photo, where JPEG draft decoding helps);
+  a 12-megapixel photo, where JPEG draft decoding helps), and the same input normalized at submit
+  (``normalize_input``: the worker then decodes a 1024x1024 PNG);
 - output side: signature compositing, metadata and encoding of a 1024x1024 output, per format.
 
 Then compares with the denoising time of a job: the tiny SD 1.5 model here (0.09 s/step at 64x64 on
@@ -32,6 +33,7 @@ from inference_server.imaging import (
     decode_image,
     encode_output,
     fit_input,
+    normalize_input,
     parse_data_uri,
     validate_image,
 )
@@ -40,7 +42,8 @@ TINY_SD_STEP_S = 0.09  # ENGINE_FACTS.md: tiny SD 1.5, 64x64, one thread, this m
 GPU_STEP_S = 0.075  # assumption: SDXL 1024x1024 on an A100, middle of the 0.05-0.1 s/step range
 GPU_STEPS = 30
 FORMATS = ("png", "jpeg", "webp")
-LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_pixels": 16_000_000}
+MAX_BYTES = 20 * 1024 * 1024  # the Settings defaults
+MAX_PIXELS = 16_000_000
 METADATA = {"artist_id": "artist_7f3a", "model_id": "sdxl/base-1.0", "collection": "autumn"}
 PARAMETERS = {
     "prompt": "a watercolour fox in an autumn forest, soft light",
@@ -104,6 +107,7 @@ def main() -> None:
     jpeg = phone_jpeg(2448, 1632)  # 4.0 megapixels
     jpeg_12mp = phone_jpeg(4032, 3024)  # a phone's full-size photo
     uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    normalized = normalize_input(jpeg, width=1024, height=1024, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
     output = photo_like(1024, 1024, seed=1)
     signature = Image.new("RGBA", (600, 200), (0, 0, 0, 0))
     ImageDraw.Draw(signature).text((20, 60), "A. Artist", fill=(255, 255, 255, 255), font_size=90)
@@ -115,14 +119,29 @@ def main() -> None:
         return lambda: encode_output(sign(), fmt=fmt, quality=90, metadata=METADATA, parameters=PARAMETERS)
 
     def input_path(data: bytes) -> Callable[[], Image.Image]:
-        return lambda: fit_input(decode_image(data, **LIMITS, draft_size=(1024, 1024)), 1024, 1024)
+        return lambda: fit_input(
+            decode_image(data, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, draft_size=(1024, 1024)),
+            1024,
+            1024,
+        )
 
     results: dict[str, dict[str, float]] = {
-        "api_parse_data_uri_4mp": timed(lambda: parse_data_uri(uri, max_bytes=LIMITS["max_bytes"]), repeat),
-        "api_validate_image_4mp": timed(lambda: validate_image(jpeg, **LIMITS), repeat),
-        "decode_4mp_jpeg": timed(lambda: decode_image(jpeg, **LIMITS), repeat),
+        "api_parse_data_uri_4mp": timed(lambda: parse_data_uri(uri, max_bytes=MAX_BYTES), repeat),
+        "api_validate_image_4mp": timed(
+            lambda: validate_image(jpeg, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS), repeat
+        ),
+        "decode_4mp_jpeg": timed(
+            lambda: decode_image(jpeg, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS), repeat
+        ),
         "decode_and_fit_4mp_to_1024": timed(input_path(jpeg), repeat),
         "decode_and_fit_12mp_to_1024": timed(input_path(jpeg_12mp), repeat),
+        "api_normalize_input_4mp": timed(
+            lambda: normalize_input(
+                jpeg, width=1024, height=1024, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS
+            ),
+            repeat,
+        ),
+        "decode_and_fit_normalized_1024": timed(input_path(normalized), repeat),
         "signature_only_1024": timed(sign, repeat),
     }
     for fmt in FORMATS:
@@ -131,11 +150,13 @@ def main() -> None:
 
     gpu_job_s = GPU_STEP_S * GPU_STEPS
     input_s = results["decode_and_fit_4mp_to_1024"]["median_s"]
+    normalized_s = results["decode_and_fit_normalized_1024"]["median_s"]
     shares = {}
     for fmt in FORMATS:
         out_s = results[f"sign_metadata_encode_1024_{fmt}"]["median_s"]
         shares[f"txt2img_{fmt}"] = out_s / gpu_job_s
         shares[f"img2img_4mp_{fmt}"] = (input_s + out_s) / gpu_job_s
+        shares[f"img2img_normalized_{fmt}"] = (normalized_s + out_s) / gpu_job_s
     report = {
         "load_average_1min": os.getloadavg()[0],
         "cpus": os.cpu_count(),
