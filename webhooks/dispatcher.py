@@ -15,11 +15,12 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from inference_server import netguard
@@ -100,7 +101,7 @@ class Dispatcher:
         while not stop.is_set():
             try:
                 if time.monotonic() >= next_sweep:
-                    with self.session_factory() as session, session.begin():
+                    with self._transaction() as session:
                         sweep(session)
                     next_sweep = time.monotonic() + SWEEP_INTERVAL
                 busy = self._step()
@@ -115,7 +116,7 @@ class Dispatcher:
 
     def run_once(self) -> int:
         """Fan out every waiting event, send the due deliveries, wait for them; return attempts made."""
-        with self.session_factory() as session, session.begin():
+        with self._transaction() as session:
             while fan_out(session, batch_size=self.batch_size, skip_locked=self.skip_locked) == self.batch_size:
                 pass
             sweep(session, min_age=0)
@@ -125,6 +126,16 @@ class Dispatcher:
             f.result()
         self._record(self._take_done())
         return len(claimed)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        """A dispatcher transaction. On PostgreSQL its commit does not wait for the WAL flush: a commit
+        lost in a database crash only means a delivery is sent again (its lease expires, or its claim
+        is undone), never that an event is lost, and it halves the cost of a delivery here."""
+        with self.session_factory() as session, session.begin():
+            if self.skip_locked:
+                session.execute(text("SET LOCAL synchronous_commit = off"))
+            yield session
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -139,7 +150,7 @@ class Dispatcher:
         # Fan out when the last pass found work, otherwise once per poll interval: an idle query per
         # step would cost more than the deliveries it schedules.
         if time.monotonic() >= self._next_fanout:
-            with self.session_factory() as session, session.begin():
+            with self._transaction() as session:
                 taken = fan_out(session, batch_size=self.batch_size, skip_locked=self.skip_locked)
             self._next_fanout = 0.0 if taken else time.monotonic() + self.settings.webhook_poll_interval
             busy |= taken > 0
@@ -177,7 +188,7 @@ class Dispatcher:
         if self.skip_locked:
             stmt = stmt.with_for_update(skip_locked=True)
         token = new_id()
-        with self.session_factory() as session, session.begin():
+        with self._transaction() as session:
             ids: list[str] = []
             for row in session.execute(stmt):
                 left = room.get(row.url, self.limits.limit(row.url))
@@ -239,7 +250,7 @@ class Dispatcher:
 
     def _record(self, done: list[tuple[Claimed, AttemptResult]]) -> None:
         try:
-            with self.session_factory() as session, session.begin():
+            with self._transaction() as session:
                 record_results(session, done, self.delays)
         except Exception:
             with self._lock:  # keep the results for the next step rather than send them again

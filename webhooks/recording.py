@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, String, Text, case, cast, column, insert, update, values
+from sqlalchemy import bindparam, func, insert, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -60,28 +60,64 @@ def record_results(session: Session, done: list[tuple[Claimed, AttemptResult]], 
         metrics.DELIVERIES.labels(outcome=nxt.outcome).inc()
         metrics.ATTEMPT_SECONDS.observe(r.duration)
 
-    # One UPDATE ... FROM (VALUES ...) for the whole batch rather than a statement per row.
-    v = values(
-        column("id", String), column("token", String), column("status", String), column("attempts", Integer),
-        column("next_at", UTCDateTime()), column("code", Integer), column("error", Text),
-        column("delivered", UTCDateTime()), name="results",
-    ).data(rows)
-    t = WebhookDelivery.__table__
-    delivered = cast(v.c.delivered, UTCDateTime())
-    session.execute(
-        update(t)
-        .where(t.c.id == v.c.id, t.c.claim_token == v.c.token)
-        .values(
-            status=v.c.status, attempts=cast(v.c.attempts, Integer),
-            next_attempt_at=cast(v.c.next_at, UTCDateTime()), last_status_code=cast(v.c.code, Integer),
-            last_error=cast(v.c.error, Text), claim_token=None, updated_at=now,
-            delivered_at=case((delivered.is_(None), t.c.delivered_at), else_=delivered),
-        )
-    )
-    session.execute(insert(WebhookAttempt.__table__), attempts)
+    if session.get_bind().dialect.name == "postgresql":
+        _apply_postgresql(session, rows, attempts, now)
+    else:
+        _apply_portable(session, rows, attempts, now)
     for tenant_id, url in gone:
         mark_gone(session, tenant_id, url)
     promote(session, finished_jobs)
+
+
+# PostgreSQL: the whole batch in two statements whose text never changes (arrays, not a VALUES list
+# that SQLAlchemy would compile afresh for every batch).
+_PG_UPDATE = text("""
+    UPDATE webhook_deliveries AS d
+    SET status = r.status, attempts = r.attempts, next_attempt_at = r.next_at, last_status_code = r.code,
+        last_error = r.error, claim_token = NULL, updated_at = :now,
+        delivered_at = COALESCE(r.delivered, d.delivered_at)
+    FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
+                CAST(:attempts AS int[]), CAST(:next_ats AS timestamptz[]), CAST(:codes AS int[]),
+                CAST(:errors AS text[]), CAST(:delivered AS timestamptz[]))
+         AS r(id, token, status, attempts, next_at, code, error, delivered)
+    WHERE d.id = r.id AND d.claim_token = r.token
+""")
+_PG_ATTEMPTS = text("""
+    INSERT INTO webhook_attempts (delivery_id, number, started_at, duration_ms, status_code, error)
+    SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:numbers AS int[]), CAST(:started AS timestamptz[]),
+                         CAST(:durations AS int[]), CAST(:codes AS int[]), CAST(:errors AS text[]))
+""")
+
+
+def _apply_postgresql(session: Session, rows: list[tuple[Any, ...]], attempts: list[dict[str, Any]],
+                      now: datetime) -> None:
+    cols = list(zip(*rows, strict=True))
+    session.execute(_PG_UPDATE, {
+        "now": now, "ids": list(cols[0]), "tokens": list(cols[1]), "statuses": list(cols[2]),
+        "attempts": list(cols[3]), "next_ats": list(cols[4]), "codes": list(cols[5]), "errors": list(cols[6]),
+        "delivered": list(cols[7]),
+    })
+    session.execute(_PG_ATTEMPTS, {
+        "ids": [a["delivery_id"] for a in attempts], "numbers": [a["number"] for a in attempts],
+        "started": [a["started_at"] for a in attempts], "durations": [a["duration_ms"] for a in attempts],
+        "codes": [a["status_code"] for a in attempts], "errors": [a["error"] for a in attempts],
+    })
+
+
+def _apply_portable(session: Session, rows: list[tuple[Any, ...]], attempts: list[dict[str, Any]],
+                    now: datetime) -> None:
+    t = WebhookDelivery.__table__
+    stmt = (
+        update(t)
+        .where(t.c.id == bindparam("b_id"), t.c.claim_token == bindparam("b_token"))
+        .values(status=bindparam("b_status"), attempts=bindparam("b_attempts"),
+                next_attempt_at=bindparam("b_next"), last_status_code=bindparam("b_code"),
+                last_error=bindparam("b_error"), claim_token=None, updated_at=now,
+                delivered_at=func.coalesce(bindparam("b_delivered", type_=UTCDateTime()), t.c.delivered_at))
+    )
+    keys = ("b_id", "b_token", "b_status", "b_attempts", "b_next", "b_code", "b_error", "b_delivered")
+    session.connection().execute(stmt, [dict(zip(keys, row, strict=True)) for row in rows])
+    session.execute(insert(WebhookAttempt.__table__), attempts)
 
 
 def mark_gone(session: Session, tenant_id: str, url: str) -> None:
