@@ -13,6 +13,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,17 +25,37 @@ from inference_server.engine.df11.codec import encode_weights
 from inference_server.engine.df11.decoder import BlockDecoder
 
 TINY_FLUX = dict(
-    patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
-    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    patch_size=1,
+    in_channels=8,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=(4, 6, 6),
 )
 TINY_QWEN = dict(
-    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-    num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    axes_dims_rope=(4, 6, 6),
 )
 # FLUX-shaped, hidden 512: ~9.5 M weights per double block, ~3.9 M per single block.
 STACK_FLUX = dict(
-    patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64,
-    num_attention_heads=8, joint_attention_dim=512, pooled_projection_dim=256, axes_dims_rope=(16, 24, 24),
+    patch_size=1,
+    in_channels=64,
+    num_layers=4,
+    num_single_layers=8,
+    attention_head_dim=64,
+    num_attention_heads=8,
+    joint_attention_dim=512,
+    pooled_projection_dim=256,
+    axes_dims_rope=(16, 24, 24),
 )
 
 
@@ -47,13 +68,15 @@ def best_of(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return min(times)
 
 
-def codec_throughput(n: int, repeats: int) -> dict[str, float]:
+def codec_throughput(n: int, repeats: int) -> dict[str, Any]:
     weights = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     bits = weights.view(torch.int16).numpy().view(np.uint16)
     start = time.perf_counter()
     block = encode_weights([bits])
     encode_s = time.perf_counter() - start
-    decoder = BlockDecoder(block.luts, block.encoded_exponent, block.sign_mantissa, block.output_positions, block.gaps)
+    decoder = BlockDecoder(
+        block.luts, block.encoded_exponent, block.sign_mantissa, block.output_positions, block.gaps
+    )
     out = np.empty(n, dtype=np.uint16)
     decode_s = best_of(lambda: decoder.decode_into(out), repeats)
     assert np.array_equal(out, bits), "decode is not bit-exact"
@@ -69,11 +92,13 @@ def build(cls, config: dict, seed: int) -> torch.nn.Module:  # type: ignore[no-u
     return model.to(torch.bfloat16).eval()
 
 
-def flux_inputs(config: dict, seq: int = 256, txt: int = 32) -> dict[str, torch.Tensor]:
+def flux_inputs(config: dict, seq: int = 256, txt: int = 32) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     return dict(
         hidden_states=torch.randn(1, seq, config["in_channels"], generator=g).to(torch.bfloat16),
-        encoder_hidden_states=torch.randn(1, txt, config["joint_attention_dim"], generator=g).to(torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, txt, config["joint_attention_dim"], generator=g).to(
+            torch.bfloat16
+        ),
         pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g).to(torch.bfloat16),
         timestep=torch.tensor([0.5], dtype=torch.bfloat16),
         img_ids=torch.zeros(seq, 3),
@@ -82,11 +107,11 @@ def flux_inputs(config: dict, seq: int = 256, txt: int = 32) -> dict[str, torch.
     )
 
 
-def model_memory(name: str, cls, config: dict, time_forward: bool) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def model_memory(name: str, cls, config: dict, time_forward: bool) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     reference = build(cls, config, seed=0)
     bf16 = df11_memory_bytes(reference)
     n_params = sum(p.numel() for p in reference.parameters())
-    row: dict[str, object] = {"model": name, "params": n_params}
+    row: dict[str, Any] = {"model": name, "params": n_params}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         compress_transformer(reference, Path(tmp))
@@ -100,8 +125,12 @@ def model_memory(name: str, cls, config: dict, time_forward: bool) -> dict[str, 
                 empty = cls(**config).to(torch.bfloat16)
             eager = load_df11(empty, Path(tmp), "cpu", mode="eager")
     df11 = df11_memory_bytes(model)
-    row.update(bf16_mb=bf16 / 1e6, df11_mb=df11 / 1e6, ratio=df11 / bf16,
-               ratio_with_buffer=df11_memory_bytes(model, include_decode_buffer=True) / bf16)
+    row.update(
+        bf16_mb=bf16 / 1e6,
+        df11_mb=df11 / 1e6,
+        ratio=df11 / bf16,
+        ratio_with_buffer=df11_memory_bytes(model, include_decode_buffer=True) / bf16,
+    )
     if time_forward:
         inputs = flux_inputs(config)
         with torch.no_grad():
@@ -124,19 +153,28 @@ def main() -> None:
     sizes = [1 << 20] if args.quick else [1 << 20, 1 << 24]
     for n in sizes:
         r = codec_throughput(n, repeats=3)
-        print(f"{r['n']:>12,} {r['encode_wps'] / 1e6:>12.1f} {r['decode_wps'] / 1e6:>12.1f} {r['ratio']:>10.4f}")
+        print(
+            f"{r['n']:>12,} {r['encode_wps'] / 1e6:>12.1f} {r['decode_wps'] / 1e6:>12.1f} {r['ratio']:>10.4f}"
+        )
 
     print("\nModels: memory of the DF11-loaded model / its BF16 twin (goal <= 0.72)")
-    print(f"{'model':<22} {'params':>12} {'BF16 MB':>9} {'DF11 MB':>9} {'ratio':>7} {'+buffer':>8} {'disk MB':>8} {'compress s':>11}")
-    models = [("tiny FLUX", FluxTransformer2DModel, TINY_FLUX), ("tiny Qwen-Image", QwenImageTransformer2DModel, TINY_QWEN)]
+    print(
+        f"{'model':<22} {'params':>12} {'BF16 MB':>9} {'DF11 MB':>9} {'ratio':>7} {'+buffer':>8}"
+        f" {'disk MB':>8} {'compress s':>11}"
+    )
+    models = [
+        ("tiny FLUX", FluxTransformer2DModel, TINY_FLUX),
+        ("tiny Qwen-Image", QwenImageTransformer2DModel, TINY_QWEN),
+    ]
     if not args.quick:
         models.append(("FLUX-shaped stack", FluxTransformer2DModel, STACK_FLUX))
     timed = []
     for name, cls, config in models:
         r = model_memory(name, cls, config, time_forward=name == "FLUX-shaped stack")
         print(
-            f"{r['model']:<22} {r['params']:>12,} {r['bf16_mb']:>9.2f} {r['df11_mb']:>9.2f} {r['ratio']:>7.3f}"
-            f" {r['ratio_with_buffer']:>8.3f} {r['disk_mb']:>8.2f} {r['compress_s']:>11.2f}"
+            f"{r['model']:<22} {r['params']:>12,} {r['bf16_mb']:>9.2f} {r['df11_mb']:>9.2f}"
+            f" {r['ratio']:>7.3f} {r['ratio_with_buffer']:>8.3f} {r['disk_mb']:>8.2f}"
+            f" {r['compress_s']:>11.2f}"
         )
         if "fwd_bf16_s" in r:
             timed.append(r)

@@ -31,7 +31,9 @@ def normal_bits(n: int, std: float = 0.02, seed: int = 0) -> np.ndarray:
 
 
 def ours(block) -> np.ndarray:  # type: ignore[no-untyped-def]
-    return BlockDecoder(block.luts, block.encoded_exponent, block.sign_mantissa, block.output_positions, block.gaps).decode()
+    return BlockDecoder(
+        block.luts, block.encoded_exponent, block.sign_mantissa, block.output_positions, block.gaps
+    ).decode()
 
 
 def kernel(block, threads: int = 512) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -90,7 +92,16 @@ def test_large_block_ours_only() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["zeros", "signed_zeros", "subnormals", "one_exponent", "two_exponents", "extremes", "all_codable", "wide"],
+    [
+        "zeros",
+        "signed_zeros",
+        "subnormals",
+        "one_exponent",
+        "two_exponents",
+        "extremes",
+        "all_codable",
+        "wide",
+    ],
 )
 def test_edge_values_roundtrip(name: str) -> None:
     rng = np.random.default_rng(0)
@@ -98,7 +109,8 @@ def test_edge_values_roundtrip(name: str) -> None:
     cases = {
         "zeros": np.zeros(5000, dtype=np.uint16),
         "signed_zeros": np.tile(np.array([0x0000, 0x8000], dtype=np.uint16), 3000),
-        "subnormals": rng.integers(0, 0x80, 6000).astype(np.uint16) | (rng.integers(0, 2, 6000).astype(np.uint16) << 15),
+        "subnormals": rng.integers(0, 0x80, 6000).astype(np.uint16)
+        | (rng.integers(0, 2, 6000).astype(np.uint16) << 15),
         "one_exponent": (np.uint16(120 << 7) | rng.integers(0, 0x80, 9000).astype(np.uint16)),
         "two_exponents": (rng.integers(119, 121, 9000).astype(np.uint16) << 7) | np.uint16(0x8055),
         "extremes": np.array([0x0001, 0x7780, 0xF7FF, 0x0080, 0x8000, 0x0000] * 500, dtype=np.uint16),
@@ -134,8 +146,11 @@ def test_code_lengths_are_capped_at_32_bits() -> None:
     encoded, gaps, positions = encode_exponents(exponents, lengths, codes)
     sm = np.arange(exponents.size, dtype=np.uint8)
     block = EncodedBlock(
-        luts=build_luts(lengths, codes), encoded_exponent=encoded, sign_mantissa=sm,
-        output_positions=positions.astype("<u4").view(np.uint8), gaps=gaps,
+        luts=build_luts(lengths, codes),
+        encoded_exponent=encoded,
+        sign_mantissa=sm,
+        output_positions=positions.astype("<u4").view(np.uint8),
+        gaps=gaps,
         split_positions=np.zeros(0, dtype=np.int64),
     )
     expected = (exponents.astype(np.uint16) << 7) | ((sm.astype(np.uint16) & 0x80) << 8) | (sm & 0x7F)

@@ -24,19 +24,36 @@ torch.set_num_threads(1)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 FLUX_CONFIG = dict(
-    patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
-    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    patch_size=1,
+    in_channels=8,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=(4, 6, 6),
 )
 QWEN_CONFIG = dict(
-    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-    num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    axes_dims_rope=(4, 6, 6),
 )
 
 
 def build(kind: str, seed: int) -> torch.nn.Module:
     """A tiny transformer with seeded N(0, 0.02) weights (like real checkpoints), in bfloat16."""
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**FLUX_CONFIG) if kind == "flux" else QwenImageTransformer2DModel(**QWEN_CONFIG)
+    model = (
+        FluxTransformer2DModel(**FLUX_CONFIG)
+        if kind == "flux"
+        else QwenImageTransformer2DModel(**QWEN_CONFIG)
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
@@ -68,7 +85,11 @@ def run(kind: str, model: torch.nn.Module) -> torch.Tensor:
 
 
 def lora_config(kind: str) -> LoraConfig:
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"] if kind == "flux" else ["to_q", "to_k", "to_v", "img_mod.1"]
+    targets = (
+        ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"]
+        if kind == "flux"
+        else ["to_q", "to_k", "to_v", "img_mod.1"]
+    )
     return LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
 
 
@@ -127,7 +148,9 @@ def test_lora_on_df11_equals_bf16_plus_lora(kind: str, tmp_path: Path) -> None:
     model = load_df11(build(kind, seed=7), tmp_path / "df11", "cpu")
     run(kind, model)  # a forward first leaves decoded views behind; they must come back intact
     with lora_placeholders(model):
-        model.load_lora_adapter(str(tmp_path / "lora"), weight_name=LORA_FILE, prefix=None, adapter_name="style")
+        model.load_lora_adapter(
+            str(tmp_path / "lora"), weight_name=LORA_FILE, prefix=None, adapter_name="style"
+        )
     assert same_bits(run(kind, model), expected)
     model.set_adapters(["style"], [0.0])
     assert same_bits(run(kind, model), base_out)
@@ -148,7 +171,9 @@ def test_lora_fails_without_placeholders(tmp_path: Path) -> None:
 def test_memory_ratio_of_a_realistic_stack(tmp_path: Path) -> None:
     """A FLUX with realistic widths (blocks dominate the parameters): DF11 / BF16 <= 0.72."""
     torch.manual_seed(0)
-    config = dict(FLUX_CONFIG, attention_head_dim=64, num_attention_heads=4, num_layers=1, num_single_layers=2)
+    config = dict(
+        FLUX_CONFIG, attention_head_dim=64, num_attention_heads=4, num_layers=1, num_single_layers=2
+    )
     reference = FluxTransformer2DModel(**config)
     with torch.no_grad():
         for p in reference.parameters():

@@ -45,8 +45,17 @@ class EncodedBlock:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.luts, self.encoded_exponent, self.sign_mantissa,
-                                      self.output_positions, self.gaps, self.split_positions))
+        return sum(
+            a.nbytes
+            for a in (
+                self.luts,
+                self.encoded_exponent,
+                self.sign_mantissa,
+                self.output_positions,
+                self.gaps,
+                self.split_positions,
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,19 +27,46 @@ log = logging.getLogger(__name__)
 # small and run once per step.
 FLUX_PATTERNS: dict[str, list[str]] = {
     r"transformer_blocks\.\d+": [
-        "norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v",
-        "attn.add_k_proj", "attn.add_v_proj", "attn.add_q_proj", "attn.to_out.0", "attn.to_add_out",
-        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+        "norm1.linear",
+        "norm1_context.linear",
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.add_q_proj",
+        "attn.to_out.0",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
     ],
     r"single_transformer_blocks\.\d+": [
-        "norm.linear", "proj_mlp", "proj_out", "attn.to_q", "attn.to_k", "attn.to_v",
+        "norm.linear",
+        "proj_mlp",
+        "proj_out",
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
     ],
 }
 QWEN_IMAGE_PATTERNS: dict[str, list[str]] = {
     r"transformer_blocks\.\d+": [
-        "img_mod.1", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_k_proj", "attn.add_v_proj",
-        "attn.add_q_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
-        "txt_mod.1", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+        "img_mod.1",
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.add_q_proj",
+        "attn.to_out.0",
+        "attn.to_add_out",
+        "img_mlp.net.0.proj",
+        "img_mlp.net.2",
+        "txt_mod.1",
+        "txt_mlp.net.0.proj",
+        "txt_mlp.net.2",
     ],
 }
 KNOWN_PATTERNS = {"FluxTransformer2DModel": FLUX_PATTERNS, "QwenImageTransformer2DModel": QWEN_IMAGE_PATTERNS}
@@ -99,7 +126,14 @@ def compress_transformer(
             log.warning("DF11: keeping %s as BF16: %s", name, exc)
             continue
         prefix = f"{name}." if name else ""
-        for field in ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps", "split_positions"):
+        for field in (
+            "luts",
+            "encoded_exponent",
+            "sign_mantissa",
+            "output_positions",
+            "gaps",
+            "split_positions",
+        ):
             tensors[prefix + field] = torch.from_numpy(np.ascontiguousarray(getattr(block, field)))
         covered.update(f"{prefix}{path}.weight" if path else f"{prefix}weight" for path, _ in linears)
         n_blocks += 1

@@ -149,7 +149,9 @@ def _walk_luts(luts: np.ndarray, window32: np.ndarray) -> tuple[np.ndarray, np.n
         ptr = value >= 240
         if not ptr.any():
             break
-        value = np.where(ptr, luts[(256 - value.astype(np.int64)) % luts.shape[0], (window32 >> shift) & 0xFF], value)
+        value = np.where(
+            ptr, luts[(256 - value.astype(np.int64)) % luts.shape[0], (window32 >> shift) & 0xFF], value
+        )
     return value.astype(np.uint8), luts[-1, value].astype(np.int64)
 
 
@@ -161,7 +163,13 @@ def _fast_table(luts: np.ndarray) -> np.ndarray:
     sym, length = _walk_luts(luts, window.astype(np.int64))
     length = np.where(length > _FAST_BITS, 0, np.maximum(length, 1))
     # A third table level means the code is longer than 16 bits, whatever it decodes to.
-    second = np.where(first >= 240, luts[(256 - first.astype(np.int64)) % luts.shape[0], (window >> np.uint64(16)).astype(np.int64) & 0xFF], 0)
+    second = np.where(
+        first >= 240,
+        luts[
+            (256 - first.astype(np.int64)) % luts.shape[0], (window >> np.uint64(16)).astype(np.int64) & 0xFF
+        ],
+        0,
+    )
     length = np.where(second >= 240, 0, length)
     return (sym.astype(np.int64) | (length << 8)).astype(np.uint16)
 

@@ -33,7 +33,9 @@ _CODED_FIELDS = ("luts", "encoded_exponent", "sign_mantissa", "output_positions"
 MODES = ("per_block", "eager")
 
 
-def load_df11(model: torch.nn.Module, df11_dir: Path, device: str, *, mode: str = "per_block") -> torch.nn.Module:
+def load_df11(
+    model: torch.nn.Module, df11_dir: Path, device: str, *, mode: str = "per_block"
+) -> torch.nn.Module:
     """Install the DF11 weights of ``df11_dir`` into ``model`` and move it to ``device``.
 
     ``model`` has the BF16 architecture; its weights may be random or on the ``meta`` device
@@ -93,7 +95,9 @@ def load_df11(model: torch.nn.Module, df11_dir: Path, device: str, *, mode: str 
     return model
 
 
-def resolve_targets(module: torch.nn.Module, name: str, attrs: list[str]) -> list[tuple[str, torch.nn.Linear]]:
+def resolve_targets(
+    module: torch.nn.Module, name: str, attrs: list[str]
+) -> list[tuple[str, torch.nn.Linear]]:
     """(path, Linear) pairs whose weights a DF11 block holds, in pattern order; the matched module
     itself when it is a Linear (upstream's rule)."""
     if isinstance(module, torch.nn.Linear):
@@ -171,7 +175,10 @@ class _BlockState:
 
 
 def _install_per_block(
-    module: torch.nn.Module, linears: list[tuple[str, torch.nn.Linear]], coded: dict[str, torch.Tensor], splits: list[int]
+    module: torch.nn.Module,
+    linears: list[tuple[str, torch.nn.Linear]],
+    coded: dict[str, torch.Tensor],
+    splits: list[int],
 ) -> None:
     for _, lin in linears:
         del lin.weight
@@ -185,7 +192,8 @@ def _install_per_block(
 
 def _decode_hook(module: torch.nn.Module, _args: object) -> None:
     state: _BlockState = module._df11_state  # type: ignore[assignment]
-    device = _canonical(module.luts.device)
+    luts: torch.Tensor = module.luts  # type: ignore[assignment]
+    device = _canonical(luts.device)
     buf = DECODE_BUFFERS.reserve(device, state.n_elements)
     if DECODE_BUFFERS.owner.get(device) is not state:
         decoder = _decoder_for(module, state)
@@ -196,7 +204,7 @@ def _decode_hook(module: torch.nn.Module, _args: object) -> None:
             buf[: state.n_elements].view(torch.int16).copy_(torch.from_numpy(staging))
         DECODE_BUFFERS.owner[device] = state
     pieces = torch.tensor_split(buf[: state.n_elements], state.splits)
-    for lin, piece in zip(state.linears, pieces):
+    for lin, piece in zip(state.linears, pieces, strict=True):
         lin.weight = piece.view(lin.out_features, lin.in_features)
 
 
@@ -214,10 +222,12 @@ def _decoder_for(module: torch.nn.Module, state: _BlockState) -> BlockDecoder:
     return state.decoder
 
 
-def _install_decoded(linears: list[tuple[str, torch.nn.Linear]], coded: dict[str, torch.Tensor], splits: list[int]) -> None:
+def _install_decoded(
+    linears: list[tuple[str, torch.nn.Linear]], coded: dict[str, torch.Tensor], splits: list[int]
+) -> None:
     decoder = BlockDecoder(*(coded[f].numpy() for f in _CODED_FIELDS))
     flat = torch.from_numpy(decoder.decode().view(np.int16)).view(torch.bfloat16)
-    for (_, lin), piece in zip(linears, torch.tensor_split(flat, splits)):
+    for (_, lin), piece in zip(linears, torch.tensor_split(flat, splits), strict=True):
         lin.weight = torch.nn.Parameter(piece.view(lin.out_features, lin.in_features), requires_grad=False)
 
 
@@ -235,7 +245,9 @@ def _assign(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
         old_buf = module._buffers[leaf]
         assert old_buf is not None
         if tuple(old_buf.shape) != tuple(value.shape):
-            raise DF11FormatError(f"{key}: shape {tuple(value.shape)} in file, {tuple(old_buf.shape)} in model")
+            raise DF11FormatError(
+                f"{key}: shape {tuple(value.shape)} in file, {tuple(old_buf.shape)} in model"
+            )
         module._buffers[leaf] = value.to(old_buf.dtype)
 
 
