@@ -42,9 +42,19 @@ def request(family: str, model: str | None, task: str, seeds: list[int], **kw: o
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
     fields: dict = dict(
-        family=family, model=model, task=task, prompt="a photo of the cat", negative_prompt=None,
-        width=64, height=64, steps=3, guidance_scale=None, seeds=seeds, strength=None,
-        image=image if task != "txt2img" else None, mask=mask if task == "inpaint" else None,
+        family=family,
+        model=model,
+        task=task,
+        prompt="a photo of the cat",
+        negative_prompt=None,
+        width=64,
+        height=64,
+        steps=3,
+        guidance_scale=None,
+        seeds=seeds,
+        strength=None,
+        image=image if task != "txt2img" else None,
+        mask=mask if task == "inpaint" else None,
     )
     fields.update(kw)
     return GenerationRequest(**fields)
@@ -57,7 +67,9 @@ def digest(images: list[Image.Image]) -> list[str]:
 @pytest.mark.parametrize(("family", "model", "task"), CASES)
 def test_every_family_and_task(engine: Engine, family: str, model: str | None, task: str) -> None:
     steps: list[tuple[int, int]] = []
-    images = engine.generate(request(family, model, task, [1, 2]), on_step=lambda d, t: steps.append((d, t)) and False)
+    images = engine.generate(
+        request(family, model, task, [1, 2]), on_step=lambda d, t: steps.append((d, t)) and False
+    )
     assert [im.size for im in images] == [(64, 64), (64, 64)]
     assert all(im.mode == "RGB" for im in images)
     # Progress: every step reported once, counting up to a stable total across both images.
@@ -83,7 +95,9 @@ def test_prompt_and_params_matter(engine: Engine) -> None:
     assert digest(engine.generate(request("sd15", None, "txt2img", [3], guidance_scale=2.0))) != base
 
 
-@pytest.mark.parametrize(("family", "task"), [("sd15", "txt2img"), ("flux", "txt2img"), ("qwen-image-edit", "edit")])
+@pytest.mark.parametrize(
+    ("family", "task"), [("sd15", "txt2img"), ("flux", "txt2img"), ("qwen-image-edit", "edit")]
+)
 def test_cancel_stops_at_the_step(engine: Engine, family: str, task: str) -> None:
     seen: list[int] = []
 
@@ -100,8 +114,10 @@ def test_cancel_stops_at_the_step(engine: Engine, family: str, task: str) -> Non
 
 def test_img2img_strength_shortens_the_run(engine: Engine) -> None:
     steps: list[tuple[int, int]] = []
-    engine.generate(request("sd15", None, "img2img", [1], steps=10, strength=0.5),
-                    on_step=lambda d, t: steps.append((d, t)) and False)
+    engine.generate(
+        request("sd15", None, "img2img", [1], steps=10, strength=0.5),
+        on_step=lambda d, t: steps.append((d, t)) and False,
+    )
     assert steps[-1] == (5, 5)
 
 

@@ -20,24 +20,37 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def engine(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    yield Engine(load_registry(tiny_models), max_edit_pixels=64 * 64,
-                 cache_dir=tmp_path_factory.mktemp("engine-cache"), fetch=_copy_fetch)
+    yield Engine(
+        load_registry(tiny_models),
+        max_edit_pixels=64 * 64,
+        cache_dir=tmp_path_factory.mktemp("engine-cache"),
+        fetch=_copy_fetch,
+    )
 
 
 def _copy_fetch(uri: str, dest: Path) -> Path:
     """A fetch for ``copy://<folder>`` URIs: exercises the download path without a network."""
     assert uri.startswith("copy://")
     target = dest / "lora"
-    shutil.copytree(uri[len("copy://"):], target)
+    shutil.copytree(uri[len("copy://") :], target)
     return target
 
 
 def run(engine: Engine, family: str, loras: list[LoraRef], seed: int = 4) -> str:
     task = "edit" if family == "qwen-image-edit" else "txt2img"
     req = GenerationRequest(
-        family=family, model=None, task=task, prompt="a photo of the cat", negative_prompt=None,
-        width=64, height=64, steps=3, guidance_scale=None, seeds=[seed],
-        image=Image.new("RGB", (64, 64), (120, 60, 30)) if task == "edit" else None, loras=loras,
+        family=family,
+        model=None,
+        task=task,
+        prompt="a photo of the cat",
+        negative_prompt=None,
+        width=64,
+        height=64,
+        steps=3,
+        guidance_scale=None,
+        seeds=[seed],
+        image=Image.new("RGB", (64, 64), (120, 60, 30)) if task == "edit" else None,
+        loras=loras,
     )
     return hashlib.sha256(engine.generate(req)[0].tobytes()).hexdigest()
 
@@ -51,8 +64,14 @@ def test_lora_changes_output_and_leaves_base_intact(engine: Engine, family: str)
     assert run(engine, family, [LoraRef("tiny-style", 1.0)]) == full  # reloaded adapter: same bytes
     assert run(engine, family, [LoraRef("tiny-style", 0.0)]) == base  # scale 0 is the base model
     assert run(engine, family, []) == base  # the next job without LoRA runs on base weights exactly
-    entry = engine.cache._entries[(family, engine.registry.family(family).model(None, "edit" if family ==
-                                   "qwen-image-edit" else "txt2img").id)]
+    entry = engine.cache._entries[
+        (
+            family,
+            engine.registry.family(family)
+            .model(None, "edit" if family == "qwen-image-edit" else "txt2img")
+            .id,
+        )
+    ]
     assert len(entry.adapters) == 1  # loaded once, kept for the next job
 
 

@@ -90,7 +90,9 @@ def test_catalog_shape(tmp_path: Path) -> None:
     assert sd["tasks"] == ["txt2img", "img2img", "inpaint"]
     assert sd["defaults"]["steps"] == 30
     assert [(m["id"], m["default"], m["df11"]) for m in sd["models"]] == [
-        ("base", True, False), ("inpainting", False, False)]
+        ("base", True, False),
+        ("inpainting", False, False),
+    ]
     assert sd["loras"] == [{"name": "style"}]
     assert catalog["families"][1]["models"][1]["df11"] is True
 
@@ -99,18 +101,39 @@ def test_catalog_shape(tmp_path: Path) -> None:
     ("text", "key"),
     [
         ("[families.sd15]\ntasks = ['txt2img']\n", "families.sd15.models"),
-        ("[families.sd15]\ntasks = ['dance']\n[[families.sd15.models]]\nid='a'\nsource='b'\n", "families.sd15.tasks"),
-        ("[families.sd15]\ntasks = ['txt2img']\n[[families.sd15.models]]\nid='a'\n", "families.sd15.models[0].source"),
-        ("[families.sd15]\ntasks = ['txt2img']\n[[families.sd15.models]]\nid='a'\nsource='b'\ndtype='int8'\n",
-         "families.sd15.models[0].dtype"),
-        ("[families.sd15]\ntasks = ['txt2img']\ncolour = 1\n[[families.sd15.models]]\nid='a'\nsource='b'\n",
-         "families.sd15.colour"),
-        ("[families.sd15]\ntasks = ['txt2img']\nlimits = { max_size = -1 }\n[[families.sd15.models]]\n"
-         "id='a'\nsource='b'\n", "families.sd15.limits.max_size"),
-        ("[families.sd15]\ntasks = ['txt2img']\n[[families.sd15.models]]\nid='a'\nsource='b'\n"
-         "[[families.sd15.models]]\nid='a'\nsource='c'\n", "duplicate model id"),
-        ("[families.sd15]\ntasks = ['txt2img']\n[[families.sd15.models]]\nid='a'\nsource='b'\n"
-         "[[families.sd15.loras]]\nname='x'\n", "families.sd15.loras[0].source"),
+        (
+            "[families.sd15]\ntasks = ['dance']\n[[families.sd15.models]]\nid='a'\nsource='b'\n",
+            "families.sd15.tasks",
+        ),
+        (
+            "[families.sd15]\ntasks = ['txt2img']\n[[families.sd15.models]]\nid='a'\n",
+            "families.sd15.models[0].source",
+        ),
+        (
+            "[families.sd15]\ntasks = ['txt2img']\n[[families.sd15.models]]\nid='a'\nsource='b'\n"
+            "dtype='int8'\n",
+            "families.sd15.models[0].dtype",
+        ),
+        (
+            "[families.sd15]\ntasks = ['txt2img']\ncolour = 1\n[[families.sd15.models]]\n"
+            "id='a'\nsource='b'\n",
+            "families.sd15.colour",
+        ),
+        (
+            "[families.sd15]\ntasks = ['txt2img']\nlimits = { max_size = -1 }\n[[families.sd15.models]]\n"
+            "id='a'\nsource='b'\n",
+            "families.sd15.limits.max_size",
+        ),
+        (
+            "[families.sd15]\ntasks = ['txt2img']\n[[families.sd15.models]]\nid='a'\nsource='b'\n"
+            "[[families.sd15.models]]\nid='a'\nsource='c'\n",
+            "duplicate model id",
+        ),
+        (
+            "[families.sd15]\ntasks = ['txt2img']\n[[families.sd15.models]]\nid='a'\nsource='b'\n"
+            "[[families.sd15.loras]]\nname='x'\n",
+            "families.sd15.loras[0].source",
+        ),
         ("nothing = 1\n", "families"),
         ("[families\n", "cannot read registry"),
     ],

@@ -44,7 +44,8 @@ def test_build_is_deterministic_and_registered(tmp_path: Path, tiny_models: Path
     ours = tree_digest(tmp_path / "a" / "sd15")
     assert ours == tree_digest(tiny_models.parent / "sd15")
     assert tree_digest(tmp_path / "a" / "qwen-image-edit-df11") == tree_digest(
-        tiny_models.parent / "qwen-image-edit-df11")
+        tiny_models.parent / "qwen-image-edit-df11"
+    )
     assert any(name.endswith(".safetensors") for name in ours)
 
 
@@ -61,7 +62,9 @@ def test_cli_list_prints_the_catalog(tiny_models: Path) -> None:
 
 
 def test_cli_compress_matches_the_registered_twin(tmp_path: Path, tiny_models: Path) -> None:
-    result = CliRunner().invoke(models, ["compress", str(tiny_models.parent / "flux"), str(tmp_path / "df11")])
+    result = CliRunner().invoke(
+        models, ["compress", str(tiny_models.parent / "flux"), str(tmp_path / "df11")]
+    )
     assert result.exit_code == 0, result.output
     assert "DF11" in result.output
     assert tree_digest(tmp_path / "df11") == tree_digest(tiny_models.parent / "flux-df11")

@@ -51,7 +51,9 @@ def compress(src: Path, dst: Path) -> None:
     if (src / "model_index.json").exists():
         index = diffusers.DiffusionPipeline.load_config(str(src))
         if "transformer" not in index:
-            raise click.ClickException(f"{src} has no transformer (a UNet model cannot be compressed to DF11)")
+            raise click.ClickException(
+                f"{src} has no transformer (a UNet model cannot be compressed to DF11)"
+            )
         class_name = index["transformer"][1]
         subfolder = "transformer"
     else:
@@ -61,7 +63,9 @@ def compress(src: Path, dst: Path) -> None:
     started = time.perf_counter()
     model = cls.from_pretrained(str(folder), subfolder=subfolder, dtype=torch.bfloat16)
     # Record a relative origin, not this machine's absolute path: the output is then reproducible.
-    model.register_to_config(_name_or_path=f"{src.resolve().name}/{subfolder}" if subfolder else src.resolve().name)
+    model.register_to_config(
+        _name_or_path=f"{src.resolve().name}/{subfolder}" if subfolder else src.resolve().name
+    )
     out = compress_transformer(model, dst)
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     after = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
@@ -72,8 +76,13 @@ def compress(src: Path, dst: Path) -> None:
 
 
 @models.command("list")
-@click.option("--file", "models_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Default: MODELS_FILE.")
+@click.option(
+    "--file",
+    "models_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Default: MODELS_FILE.",
+)
 def list_models(models_file: Path | None) -> None:
     """Validate a registry file and print its catalog as JSON."""
     from inference_server.engine.registry import load_registry

@@ -31,7 +31,7 @@ def qwen_processor_without_video() -> None:
         return
     from transformers import Qwen2VLProcessor
 
-    classes = [Qwen2VLProcessor]
+    classes: list[type] = [Qwen2VLProcessor]
     try:
         from transformers import Qwen2_5_VLProcessor
 
@@ -39,10 +39,10 @@ def qwen_processor_without_video() -> None:
     except ImportError:
         pass
     for cls in classes:
-        original = cls.get_attributes.__func__
+        original = cls.get_attributes.__func__  # type: ignore[attr-defined]
 
         def get_attributes(klass, _original=original):
             return [a for a in _original(klass) if a != "video_processor"]
 
-        cls.get_attributes = classmethod(get_attributes)
+        cls.get_attributes = classmethod(get_attributes)  # type: ignore[method-assign,assignment]
     _done = True

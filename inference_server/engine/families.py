@@ -41,7 +41,9 @@ def variant(base: Any, task: str) -> Any:
     try:
         pipe = auto.from_pipe(base)
     except ValueError as exc:  # no variant of this architecture for the task
-        raise InvalidRequest(f"{name} does not support task {task!r}: {exc}", code="unsupported_task") from exc
+        raise InvalidRequest(
+            f"{name} does not support task {task!r}: {exc}", code="unsupported_task"
+        ) from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -73,7 +75,8 @@ def call_kwargs(pipe: Any, req: Any, seed: int, callback: Any) -> dict[str, Any]
         kwargs.pop("negative_prompt")
     if name in _EDIT_CLASSES:
         kwargs["image"] = req.image
-        # Qwen edit runs true classifier-free guidance; its scale is true_cfg_scale and needs a negative prompt.
+        # Qwen edit runs true classifier-free guidance: its scale is true_cfg_scale, and it needs
+        # a negative prompt.
         kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale", 4.0)
         if kwargs["true_cfg_scale"] > 1 and not kwargs.get("negative_prompt"):
             kwargs["negative_prompt"] = " "

@@ -73,12 +73,13 @@ def resolve(
 
 def _local(source: str, fetch: Callable[[str, Path], Path] | None, cache_dir: Path | None) -> Path:
     if source.startswith("file://"):
-        return Path(source[len("file://"):])
+        return Path(source[len("file://") :])
     if "://" not in source:
         return Path(source)
     if fetch is None or cache_dir is None:
-        raise InvalidRequest(f"LoRA source {source} needs remote storage, which this worker lacks",
-                             code="unknown_lora")
+        raise InvalidRequest(
+            f"LoRA source {source} needs remote storage, which this worker lacks", code="unknown_lora"
+        )
     dest = cache_dir / "loras" / hashlib.sha256(source.encode()).hexdigest()[:16]
     marker = dest / ".complete"
     if not marker.exists():
@@ -114,7 +115,9 @@ def apply(entry: CachedModel, loras: list[ResolvedLora], placeholders: Callable[
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     pipe.delete_adapters(adapter)
-                raise ModelError(f"could not load LoRA {lo.key} into {entry.family}/{entry.model}: {exc}") from exc
+                raise ModelError(
+                    f"could not load LoRA {lo.key} into {entry.family}/{entry.model}: {exc}"
+                ) from exc
             entry.adapters[lo.key] = adapter
             metrics.LORA_LOADS.labels(entry.family).inc()
             log.info("loaded LoRA %s as %s on %s/%s", lo.key, adapter, entry.family, entry.model)

@@ -18,7 +18,9 @@ PIPELINE_EVICTIONS = Counter(
     "engine_pipeline_evictions_total", "Pipelines evicted from the cache to make room", ["family", "model"]
 )
 PIPELINE_LOAD_SECONDS = Histogram(
-    "engine_pipeline_load_seconds", "Time to load a pipeline", ["family", "model"],
+    "engine_pipeline_load_seconds",
+    "Time to load a pipeline",
+    ["family", "model"],
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )
 CACHE_BYTES = Gauge("engine_pipeline_cache_bytes", "Bytes of parameters and buffers held by cached pipelines")

@@ -250,7 +250,18 @@ def _parse_model(family: str, i: int, raw: Any, family_tasks: list[str], fail: A
     key = f"families.{family}.models[{i}]"
     if not isinstance(raw, dict):
         raise fail(key, "must be a table")
-    allowed = {"id", "source", "default", "dtype", "offload", "memory_gb", "attention", "compile", "tasks", "df11"}
+    allowed = {
+        "id",
+        "source",
+        "default",
+        "dtype",
+        "offload",
+        "memory_gb",
+        "attention",
+        "compile",
+        "tasks",
+        "df11",
+    }
     unknown = set(raw) - allowed
     if unknown:
         raise fail(f"{key}.{sorted(unknown)[0]}", "unknown key")
@@ -276,9 +287,17 @@ def _parse_model(family: str, i: int, raw: Any, family_tasks: list[str], fail: A
         if not isinstance(raw.get(b, False), bool):
             raise fail(f"{key}.{b}", "must be true or false")
     return ModelSpec(
-        id=raw["id"], source=raw["source"], family=family, default=raw.get("default", False),
-        dtype=dtype, offload=offload, memory_gb=float(memory), attention=str(raw.get("attention", "sdpa")),
-        compile=raw.get("compile", False), tasks=tuple(tasks), df11=df11,
+        id=raw["id"],
+        source=raw["source"],
+        family=family,
+        default=raw.get("default", False),
+        dtype=dtype,
+        offload=offload,
+        memory_gb=float(memory),
+        attention=str(raw.get("attention", "sdpa")),
+        compile=raw.get("compile", False),
+        tasks=tuple(tasks),
+        df11=df11,
     )
 
 

@@ -95,7 +95,9 @@ class Engine:
         spec = family.model(req.model, req.task)
         _check(req)
         resolved = [
-            loras.resolve(self.registry, family, ref.name, ref.scale, fetch=self.fetch, cache_dir=self.cache_dir)
+            loras.resolve(
+                self.registry, family, ref.name, ref.scale, fetch=self.fetch, cache_dir=self.cache_dir
+            )
             for ref in req.loras
         ]
         entry = self._entry(spec)
@@ -110,8 +112,10 @@ class Engine:
     def warm(self, family: str, model: str | None = None) -> None:
         """Load a model into the cache ahead of its first job."""
         fam = self.registry.family(family)
-        spec = fam.model(model, fam.tasks[0]) if model is None else next(
-            (m for m in fam.models if m.id == model), None
+        spec = (
+            fam.model(model, fam.tasks[0])
+            if model is None
+            else next((m for m in fam.models if m.id == model), None)
         )
         if spec is None:
             raise InvalidRequest(f"unknown model {model!r} for family {family!r}", code="unknown_model")
@@ -194,7 +198,7 @@ class Engine:
         """A local folder for ``source``: as is, relative to the registry, or downloaded via ``fetch``."""
         resolved = self.registry.resolve_source(source)
         if resolved.startswith("file://"):
-            return resolved[len("file://"):]
+            return resolved[len("file://") :]
         if "://" not in resolved:
             return resolved  # a local folder, or a hub id diffusers resolves itself
         if self.fetch is None or self.cache_dir is None:

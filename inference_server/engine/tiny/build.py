@@ -10,26 +10,39 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("sd15", "sdxl", "flux", "qwen-image-edit")
 
 # Limits allow 64 px so tests stay fast; defaults are small for the same reason.
-_FAMILY_TOML = {
-    "sd15": dict(tasks=["txt2img", "img2img", "inpaint"], size_multiple=8,
-                 defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 7.5, strength = 0.75 }"),
-    "sdxl": dict(tasks=["txt2img", "img2img", "inpaint"], size_multiple=8,
-                 defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 5.0, strength = 0.75 }"),
-    "flux": dict(tasks=["txt2img", "img2img"], size_multiple=16,
-                 defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 3.5, strength = 0.75 }"),
-    "qwen-image-edit": dict(tasks=["edit"], size_multiple=16,
-                            defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 4.0 }"),
+_FAMILY_TOML: dict[str, dict[str, Any]] = {
+    "sd15": dict(
+        tasks=["txt2img", "img2img", "inpaint"],
+        size_multiple=8,
+        defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 7.5, strength = 0.75 }",
+    ),
+    "sdxl": dict(
+        tasks=["txt2img", "img2img", "inpaint"],
+        size_multiple=8,
+        defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 5.0, strength = 0.75 }",
+    ),
+    "flux": dict(
+        tasks=["txt2img", "img2img"],
+        size_multiple=16,
+        defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 3.5, strength = 0.75 }",
+    ),
+    "qwen-image-edit": dict(
+        tasks=["edit"],
+        size_multiple=16,
+        defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 4.0 }",
+    ),
 }
 
 
 def build_tiny_models(dir: Path, families: list[str] | None = None) -> Path:
-    """Write tiny models of ``families`` (default all) under ``dir``; return the written ``dir/models.toml``."""
+    """Write tiny models of ``families`` (default: all) under ``dir``; return ``dir/models.toml``."""
     import torch
 
     from inference_server.engine.tiny import flux, loras, qwen, sd
@@ -53,8 +66,13 @@ def build_tiny_models(dir: Path, families: list[str] | None = None) -> Path:
                 sd.build_sd15(dir / "sd15-inpaint", seed=10, inpaint_unet=True)
                 models = [
                     dict(id="tiny-sd15", source="sd15", default=True, dtype="float32", memory_gb=0.01),
-                    dict(id="tiny-sd15-inpaint", source="sd15-inpaint", dtype="float32", memory_gb=0.01,
-                         tasks=["inpaint"]),
+                    dict(
+                        id="tiny-sd15-inpaint",
+                        source="sd15-inpaint",
+                        dtype="float32",
+                        memory_gb=0.01,
+                        tasks=["inpaint"],
+                    ),
                 ]
                 loras.build_lora(dir / "sd15", dir / "loras" / "sd15-style")
                 lora_names = ["tiny-style"]
@@ -69,8 +87,15 @@ def build_tiny_models(dir: Path, families: list[str] | None = None) -> Path:
                 models += _df11_twin(dir, "flux", "tiny-flux-df11")
             elif family == "qwen-image-edit":
                 qwen.build_qwen_edit(dir / "qwen-image-edit")
-                models = [dict(id="tiny-qwen-image-edit", source="qwen-image-edit", default=True,
-                               dtype="bfloat16", memory_gb=0.01)]
+                models = [
+                    dict(
+                        id="tiny-qwen-image-edit",
+                        source="qwen-image-edit",
+                        default=True,
+                        dtype="bfloat16",
+                        memory_gb=0.01,
+                    )
+                ]
                 loras.build_lora(dir / "qwen-image-edit", dir / "loras" / "qwen-image-edit-style")
                 lora_names = ["tiny-style"]
                 models += _df11_twin(dir, "qwen-image-edit", "tiny-qwen-image-edit-df11")
@@ -94,7 +119,6 @@ def _df11_twin(dir: Path, folder: str, model_id: str) -> list[dict]:
 
     index = DiffusionPipeline.load_config(str(dir / folder))
     import diffusers
-
     import torch
 
     cls = getattr(diffusers, index["transformer"][1])
@@ -117,11 +141,12 @@ def _family_toml(family: str, models: list[dict], lora_names: list[str]) -> str:
     spec = _FAMILY_TOML[family]
     tasks = ", ".join(f'"{t}"' for t in spec["tasks"])
     lines = [
-        f'[families.{_key(family)}]',
+        f"[families.{_key(family)}]",
         f'queue = "jobs.{family}"',
         f"tasks = [{tasks}]",
-        f'limits = {{ min_size = 64, max_size = 512, max_steps = 50, size_multiple = {spec["size_multiple"]} }}',
-        f'defaults = {spec["defaults"]}',
+        "limits = { min_size = 64, max_size = 512, max_steps = 50, "
+        f"size_multiple = {spec['size_multiple']} }}",
+        f"defaults = {spec['defaults']}",
     ]
     for m in models:
         lines.append(f"\n[[families.{_key(family)}.models]]")

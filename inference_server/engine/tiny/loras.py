@@ -23,9 +23,7 @@ def build_lora(pipeline_dir: Path, out: Path, *, seed: int = 7, rank: int = 4) -
     pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir))
     denoiser = getattr(pipe, "transformer", None) or pipe.unet
     torch.manual_seed(seed)
-    denoiser.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False)
-    )
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False))
     layers = get_peft_model_state_dict(denoiser)
     # LoRA weights are float32 whatever the base dtype: small, and exact when cast down.
     layers = {k: v.detach().to(torch.float32).contiguous() for k, v in layers.items()}

@@ -19,19 +19,34 @@ def _text_encoder(seed: int, ids: dict[str, int], vocab_size: int):
 
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": vocab_size, "hidden_size": HIDDEN, "intermediate_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+            "vocab_size": vocab_size,
+            "hidden_size": HIDDEN,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
             "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1000000.0},
-            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
         vision_config={
-            "depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": HIDDEN,
-            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+            "depth": 2,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": HIDDEN,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
             "fullatt_block_indexes": [1],
         },
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
     seeded(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -43,7 +58,11 @@ def _processor(tokenizer):
 
     qwen_processor_without_video()
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 64,
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=56 * 56,
+        max_pixels=28 * 28 * 64,
     )
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -64,17 +83,32 @@ def build_qwen_edit(out: Path, *, seed: int = 300) -> Path:
     z = 4
     # Three temporal downsamples: 8x spatially, like the real Qwen-Image VAE.
     vae = AutoencoderKLQwenImage(
-        base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * z, latents_std=[1.0] * z,
+        base_dim=8,
+        z_dim=z,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * z,
+        latents_std=[1.0] * z,
     ).eval()
     seeded(seed + 3)
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * z, out_channels=z, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=HIDDEN, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+        patch_size=2,
+        in_channels=4 * z,
+        out_channels=z,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=HIDDEN,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
     ).eval()
     pipe = QwenImageEditPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, processor=_processor(tokenizer),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        processor=_processor(tokenizer),
         transformer=transformer,
     )
     pipe.transformer.to(torch.bfloat16)
