@@ -114,6 +114,17 @@ def test_storage_uri_goes_to_reader() -> None:
         resolve("s3://bucket/uploads/abc", read_storage=read, max_bytes=10)
 
 
+def test_storage_not_found_is_an_input_error(tmp_path) -> None:
+    from inference_server.storage.local import FileStorage
+
+    storage = FileStorage(tmp_path.as_uri())
+    uri = storage.put("uploads/t/a.png", png_bytes(), "image/png")
+    assert resolve(uri, read_storage=storage.get) == png_bytes()
+    with pytest.raises(InvalidInput) as info:
+        resolve(uri.replace("a.png", "b.png"), read_storage=storage.get)
+    assert info.value.code == "input_not_found"
+
+
 # -- URLs: the private-address guard and a real local HTTP server --------------------------------
 
 

@@ -13,7 +13,7 @@ import binascii
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
-from inference_server.errors import InputTooLarge, InvalidInput, UnsafeURL
+from inference_server.errors import InputTooLarge, InvalidInput, NotFound, UnsafeURL
 
 # Schemes handed to the storage reader. The reader must refuse URIs outside the configured storage
 # root (file:///etc/passwd, another bucket): this module cannot know that root.
@@ -117,7 +117,7 @@ def resolve_input(
     else:
         try:
             data = read_storage(ref)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotFound) as exc:  # the storage backends raise NotFound
             raise InvalidInput(f"no uploaded input at {ref}", code="input_not_found") from exc
     if len(data) > max_bytes:
         raise InputTooLarge(f"input is larger than {max_bytes} bytes", code="input_too_large")
