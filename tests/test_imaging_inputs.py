@@ -211,3 +211,16 @@ def test_decode_after_resolve_of_data_uri() -> None:
     uri = "data:image/png;base64," + base64.b64encode(png_bytes((8, 4))).decode()
     image = decode_image(resolve(uri), max_bytes=MB, max_pixels=1000)
     assert image.size == (8, 4) and image.mode == "RGB"
+
+
+def test_imaging_does_not_import_torch() -> None:
+    """The API imports this package: it must stay free of torch and diffusers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, inference_server.imaging\n"
+        "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
