@@ -69,6 +69,7 @@ class Echo(http.server.BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
 
     def do_GET(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))  # keep the connection usable
         status, headers, body = self.routes.get(self.path, (200, {}, self.headers.get("Host", "").encode()))
         self.send_response(status)
         for k, v in headers.items():

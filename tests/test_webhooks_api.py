@@ -1,0 +1,128 @@
+"""The webhook endpoints in the real API app (its auth and error mapping), on real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from api.app import create_app
+from api.auth import create_tenant_key
+from inference_server.db import make_engine, make_session_factory
+from tests.webhook_support import (
+    Receiver, add_event, add_job, create_database, drop_database, make_settings, truncate_all,
+)
+from webhooks.dispatcher import Dispatcher
+from webhooks.metrics import DELIVERIES, DeliveryStatusCollector
+from webhooks.tables import WebhookDelivery
+
+DB_NAME = f"webhooks_api_test_{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def db_url() -> Iterator[str]:
+    url = create_database(DB_NAME)
+    yield url
+    drop_database(DB_NAME)
+
+
+@pytest.fixture
+def sf(db_url: str):  # type: ignore[no-untyped-def]
+    engine = make_engine(db_url)
+    factory = make_session_factory(engine)
+    truncate_all(factory)
+    yield factory
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(db_url, tmp_path):  # type: ignore[no-untyped-def]
+    return make_settings(db_url, webhook_retry_delays=[0.01], storage_url=(tmp_path / "storage").as_uri(),
+                         INFERENCE_SERVER_HOME=str(tmp_path))
+
+
+def client_for(settings, key: str) -> TestClient:  # type: ignore[no-untyped-def]
+    client = TestClient(create_app(settings, run_relay=False))
+    client.headers["Authorization"] = f"Bearer {key}"
+    return client
+
+
+def test_list_and_replay(sf, settings) -> None:  # type: ignore[no-untyped-def]
+    rx = Receiver(lambda n, req: (500 if n < 2 else 200, {}, 0.0))
+    try:
+        with sf() as s:
+            tenant, key = create_tenant_key(s, "acme")
+            _, other_key = create_tenant_key(s, "other")
+        with sf() as s, s.begin():
+            job = add_job(s, s.merge(tenant), rx.url)
+            event_id = add_event(s, job, "job.succeeded").id
+            job_id = job.id
+        d = Dispatcher(settings, sf)
+        before = DELIVERIES.labels(outcome="exhausted")._value.get()
+        d.run_once()
+        time.sleep(0.05)  # past the 0.01 s retry delay
+        d.run_once()
+        assert DELIVERIES.labels(outcome="exhausted")._value.get() == before + 1
+
+        with client_for(settings, key) as client:
+            body = client.get(f"/v1/jobs/{job_id}/webhooks").json()
+            [delivery] = body["deliveries"]
+            assert delivery["event_id"] == event_id and delivery["status"] == "exhausted"
+            assert delivery["next_attempt_at"] is None and delivery["last_status_code"] == 500
+            assert [a["status_code"] for a in delivery["attempt_log"]] == [500, 500]
+            assert all(a["started_at"] and a["duration_ms"] >= 0 for a in delivery["attempt_log"])
+
+            replayed = client.post(f"/v1/webhooks/deliveries/{delivery['id']}/replay")
+            assert replayed.status_code == 202, replayed.text
+            assert replayed.json()["status"] == "pending" and replayed.json()["next_attempt_at"]
+            d.run_once()
+            [delivery] = client.get(f"/v1/jobs/{job_id}/webhooks").json()["deliveries"]
+            assert delivery["status"] == "succeeded" and delivery["attempts"] == 3
+            assert delivery["delivered_at"] is not None
+            assert client.post("/v1/webhooks/deliveries/nope/replay").status_code == 404
+            assert client.get("/v1/jobs/nope/webhooks").status_code == 404
+
+        with client_for(settings, other_key) as client:  # another tenant sees nothing
+            missing = client.get(f"/v1/jobs/{job_id}/webhooks")
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+            assert client.post(f"/v1/webhooks/deliveries/{delivery['id']}/replay").status_code == 404
+        d.close()
+        assert rx.ids() == [event_id] * 3
+    finally:
+        rx.close()
+
+
+def test_replay_while_sending_is_a_conflict(sf, settings) -> None:  # type: ignore[no-untyped-def]
+    with sf() as s:
+        tenant, key = create_tenant_key(s, "busy")
+    with sf() as s, s.begin():
+        add_event(s, add_job(s, s.merge(tenant), "http://127.0.0.1:9/x"), "job.queued")
+    d = Dispatcher(settings, sf)
+    with sf() as s, s.begin():
+        from webhooks.fanout import fan_out
+
+        fan_out(s)
+    d._claim(1)
+    with sf() as s:
+        delivery_id = s.scalar(select(WebhookDelivery.id))
+    with client_for(settings, key) as client:
+        answer = client.post(f"/v1/webhooks/deliveries/{delivery_id}/replay")
+        assert answer.status_code == 409 and answer.json()["error"]["code"] == "delivery_in_flight"
+    d.close()
+
+
+def test_status_collector_counts_rows(sf, settings) -> None:  # type: ignore[no-untyped-def]
+    with sf() as s:
+        tenant, _ = create_tenant_key(s, "metrics")
+    with sf() as s, s.begin():
+        add_event(s, add_job(s, s.merge(tenant), "http://127.0.0.1:9/x"), "job.queued")
+    with sf() as s, s.begin():
+        from webhooks.fanout import fan_out
+
+        fan_out(s)
+    [family] = list(DeliveryStatusCollector(sf).collect())
+    assert {(sample.labels["status"], sample.value) for sample in family.samples} == {("pending", 1)}
