@@ -164,13 +164,15 @@ class JobRunner:
         return images
 
     def _load_inputs(self, p: dict[str, Any]) -> tuple[Image.Image | None, Image.Image | None]:
+        # JPEG inputs decode at reduced scale when they are much larger than the output.
+        draft = (int(p["width"]), int(p["height"])) if p.get("width") and p.get("height") else None
         loaded = []
         for name in ("image", "mask"):
             ref = p.get(name)
-            loaded.append(self._read_image(ref) if ref else None)
+            loaded.append(self._read_image(ref, draft_size=draft) if ref else None)
         return loaded[0], loaded[1]
 
-    def _read_image(self, ref: str) -> Image.Image:
+    def _read_image(self, ref: str, *, draft_size: tuple[int, int] | None = None) -> Image.Image:
         from inference_server import imaging
 
         s = self.settings
@@ -181,7 +183,9 @@ class JobRunner:
             timeout=s.input_fetch_timeout,
             max_bytes=s.max_input_bytes,
         )
-        return imaging.decode_image(data, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels)
+        return imaging.decode_image(
+            data, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels, draft_size=draft_size
+        )
 
     # -- outputs ---------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ def upload(file: UploadFile, tenant: Tenant = Depends(current_tenant), st: AppSt
     data = file.file.read(s.max_input_bytes + 1)
     if len(data) > s.max_input_bytes:
         raise InputTooLarge(f"uploads are limited to {s.max_input_bytes} bytes", code="input_too_large")
-    image = imaging.decode_image(data, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels)
-    ext, content_type = FORMATS.get(imaging.sniff_format(data), ("img", "application/octet-stream"))
+    info = imaging.validate_image(data, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels)
+    ext, content_type = FORMATS.get(info.format, ("img", "application/octet-stream"))
     uri = st.ctx.storage.put(f"uploads/{tenant.id}/{uuid.uuid4().hex}.{ext}", data, content_type)
-    return {"uri": uri, "width": image.width, "height": image.height, "content_type": content_type}
+    return {"uri": uri, "width": info.width, "height": info.height, "content_type": content_type}

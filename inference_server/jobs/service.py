@@ -99,8 +99,8 @@ def _store_input(ctx: JobContext, tenant: Tenant, job_id: str, name: str, ref: s
 
     s = ctx.settings
     if ref.startswith("data:"):
-        data = imaging.parse_data_uri(ref)
-        imaging.decode_image(data, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels)
+        data = imaging.parse_data_uri(ref, max_bytes=s.max_input_bytes)
+        imaging.validate_image(data, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels)
         return ctx.storage.put(input_key(job_id, name, "img"), data, "application/octet-stream")
     if ref.startswith(("https://", "http://")):
         netguard.check_url(ref, allow_private=s.allow_private_networks)
@@ -126,6 +126,11 @@ def submit(
             return _replay(existing, digest)
     family, model = _check_family(ctx, req)
     _check_inputs(req)
+    if req.output.metadata:
+        from inference_server import imaging
+
+        # Refuse now what would otherwise fail the job at encode time, after the GPU work.
+        imaging.validate_metadata(req.output.metadata)
     params = _resolve_params(family, req)
     if req.webhook:
         from inference_server import netguard
