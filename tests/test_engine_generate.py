@@ -142,3 +142,12 @@ def test_bad_requests(engine: Engine, kw: dict, code: str) -> None:
     with pytest.raises(InvalidRequest) as exc:
         engine.generate(req)
     assert exc.value.code == code
+
+
+def test_edit_working_area_is_capped(engine: Engine, tiny_models: Path) -> None:
+    """The cap decides the area Qwen edit encodes the input at: another cap, another image."""
+    small = digest(engine.generate(request("qwen-image-edit", None, "edit", [9])))
+    wider = Engine(load_registry(tiny_models), max_edit_pixels=128 * 128)
+    larger = digest(wider.generate(request("qwen-image-edit", None, "edit", [9])))
+    assert larger != small
+    assert digest(engine.generate(request("qwen-image-edit", None, "edit", [9]))) == small

@@ -111,6 +111,9 @@ def _install_edit_cap() -> None:
 @contextlib.contextmanager
 def edit_area(max_pixels: int) -> Iterator[None]:
     """Cap the working area of Qwen edit pipelines inside the block (0: the pipeline's own)."""
+    if not max_pixels:  # no cap: nothing to install, the pipeline keeps its own area
+        yield
+        return
     _install_edit_cap()
     token = _edit_pixels.set(max_pixels)
     try:

@@ -69,7 +69,9 @@ StepCallback = Callable[[int, int], bool]
 
 
 class Engine:
-    """Runs generation requests on the models of a registry, caching loaded pipelines."""
+    """Runs generation requests on the models of a registry, caching loaded pipelines.
+
+    One job at a time (a worker child runs one job): not safe to call from several threads."""
 
     def __init__(
         self,
@@ -87,6 +89,7 @@ class Engine:
         self.cache_dir = cache_dir
         self.fetch = fetch
         self.cache = PipelineCache(cache_bytes or default_cache_bytes(device), device)
+        _quiet_loading()
 
     # --- public -----------------------------------------------------------------------------------
     def generate(self, req: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
@@ -139,16 +142,12 @@ class Engine:
                 canceled = True
             return kwargs
 
-        edit_cap = families.edit_area(self.max_edit_pixels) if req.task == "edit" else None
+        cap = self.max_edit_pixels if req.task == "edit" else 0
         for seed in req.seeds:
             kwargs = families.call_kwargs(pipe, req, seed, callback)
             try:
-                with torch.inference_mode():
-                    if edit_cap is not None:
-                        with families.edit_area(self.max_edit_pixels):
-                            out = pipe(**kwargs)
-                    else:
-                        out = pipe(**kwargs)
+                with torch.inference_mode(), families.edit_area(cap):
+                    out = pipe(**kwargs)
             except InferenceError:
                 raise
             except Exception as exc:
@@ -261,6 +260,15 @@ class Engine:
                 log.warning("attention backend %s unavailable for %s: %s", spec.attention, spec.id, exc)
         if spec.compile:
             denoiser.compile()
+
+
+def _quiet_loading() -> None:
+    """Loading progress bars are noise in a worker's log; the cache logs each load in one line."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def _check(req: GenerationRequest) -> None:
