@@ -2,9 +2,9 @@
 
 Like the kernel, it splits the bitstream into 8-byte chunks and decodes them side by side: the
 ``gaps`` say where the first code of each chunk starts, so every chunk is independent. Here the
-chunks are numpy lanes advanced in lock step (one code per lane per step) rather than GPU
-threads; one 64 K-entry table resolves codes of up to 16 bits in one lookup, and the rare longer
-codes walk the upstream tables. ``output_positions`` are checked against the decoded counts, so
+chunks are numpy lanes advanced in lock step rather than GPU threads; one 64 K-entry table
+resolves the next one or two codes (when they fit in 16 bits) in one lookup, and the rare codes
+longer than 16 bits walk the upstream tables. ``output_positions`` are checked against the decoded counts, so
 a corrupt stream fails loudly instead of yielding wrong weights.
 """
 
@@ -15,11 +15,13 @@ import numpy as np
 from inference_server.engine.df11.format import BYTES_PER_THREAD, THREADS_PER_BLOCK, DF11FormatError
 
 _FAST_BITS = 16
-_LANES = 1 << 15  # chunks decoded per lock-step batch: bounds the scratch memory (~2 MB)
+_TOTAL_SHIFT = 23  # table entry layout, see _fast_table
+_NO_SECOND = 64
+_LANES = 1 << 15  # chunks decoded per lock-step batch: bounds the scratch memory (about 20 MB)
 
 
 class BlockDecoder:
-    """Decodes one DF11 block. Build once per block (it precomputes a 128 KB table), then call
+    """Decodes one DF11 block. Build once per block (it precomputes a 256 KB table), then call
     ``decode_into`` as often as needed."""
 
     def __init__(
@@ -69,14 +71,11 @@ class BlockDecoder:
         written = 0
         for c0 in range(0, n_chunks, _LANES):
             c1 = min(c0 + _LANES, n_chunks)
-            syms, keep = self._decode_lanes(gaps[c0:c1], c0, c1)
-            cnt = keep.sum(axis=0)
+            syms, keep, cnt = self._decode_lanes(gaps[c0:c1], c0, c1)
             counts[c0:c1] = cnt
             take = min(int(cnt.sum()), self.n_elements - written)
             if take > 0:
-                # Transposed, the lanes are in stream order: keep the codes that started in
-                # their own chunk.
-                result[written : written + take] = syms.T[keep.T][:take]
+                result[written : written + take] = np.compress(keep, syms)[:take]
                 written += take
             if written >= self.n_elements:
                 break
@@ -85,9 +84,10 @@ class BlockDecoder:
         self._check_positions(counts)
         return result
 
-    def _decode_lanes(self, gaps: np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decode chunks c0..c1 side by side. Returns symbols [step, lane] (uint8) and which of
-        them started inside their lane's chunk (bool [step, lane])."""
+    def _decode_lanes(self, gaps: np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Decode chunks c0..c1 side by side, up to two codes per lane and step. Returns the
+        symbols in stream order with padding slots (uint8), which of them to keep (real codes
+        that started inside their lane's chunk) and the kept codes per lane."""
         lanes = c1 - c0
         # Lanes are not stopped at their chunk's end (that would cost a select per step): they
         # run on into the next chunk until every lane is done, and the codes that started past
@@ -99,29 +99,42 @@ class BlockDecoder:
         d32 = data.astype(np.uint32)
         # win32[i]: bytes i..i+3 big-endian; a 16-bit window at bit p is (win32[p >> 3] << (p & 7)) >> 16.
         win32 = (d32[:-3] << 24) | (d32[1:-2] << 16) | (d32[2:-1] << 8) | d32[3:]
-        start = np.arange(lanes, dtype=np.int32) * 64
-        pos = start + gaps.astype(np.int32)
+        # Unsigned bit positions: shifts, masks and adds then need no casts in the loop.
+        start = np.arange(lanes, dtype=np.uint32) * np.uint32(64)
+        pos = start + gaps.astype(np.uint32)
         end = start + 64
-        syms = np.empty((64, lanes), dtype=np.uint16)
-        seen = np.empty((64, lanes), dtype=np.int32)
+        entries = np.empty((64, lanes), dtype=np.uint32)
+        seen = np.empty((64, lanes), dtype=np.uint32)
         fast = self.fast
         steps = 64
         for step in range(64):
-            window = (win32[pos >> 3] << (pos & 7).astype(np.uint32)) >> 16
+            window = (win32[pos >> 3] << (pos & 7)) >> 16
             entry = fast[window]
-            length = entry >> 8
-            if length.min() == 0:  # some lane holds a code longer than 16 bits
-                idx = np.flatnonzero(length == 0)
-                sym, length[idx] = _decode_long(self.luts, data, pos[idx])
-                entry[idx] = sym
-            syms[step] = entry
+            advance = entry >> _TOTAL_SHIFT
+            if advance.min() == 0:  # some lane holds a code longer than 16 bits
+                idx = np.flatnonzero(advance == 0)
+                sym, length = _decode_long(self.luts, data, pos[idx])
+                advance[idx] = length
+                entry[idx] = (
+                    sym.astype(np.uint32) | (_NO_SECOND << 16) | (length.astype(np.uint32) << _TOTAL_SHIFT)
+                )
+            entries[step] = entry
             seen[step] = pos
-            pos += length
+            pos += advance
             if step % 4 == 3 and (pos >= end).all():
                 steps = step + 1
                 break
-        keep = seen[:steps] < end
-        return syms[:steps].astype(np.uint8), keep
+        entries, seen = entries[:steps], seen[:steps]
+        first = seen < end
+        second = (seen + ((entries >> 16) & 0x7F)) < end
+        counts = first.sum(axis=0) + second.sum(axis=0)
+        # Lane-major order is stream order: transpose symbol pairs and their keep flags to
+        # [lane, step, (first, second)], flat, for one np.compress.
+        pairs = (entries & 0xFFFF).astype(np.uint16)  # first symbol | second symbol << 8
+        flags = first.view(np.uint8).astype(np.uint16) | (second.view(np.uint8).astype(np.uint16) << 8)
+        syms = np.ascontiguousarray(pairs.T).view(np.uint8).reshape(-1)
+        keep = np.ascontiguousarray(flags.T).view(np.bool_).reshape(-1)
+        return syms, keep, counts
 
     def _check_positions(self, counts: np.ndarray) -> None:
         """Codes per CUDA block must match output_positions (the last block may hold padding)."""
@@ -156,22 +169,32 @@ def _walk_luts(luts: np.ndarray, window32: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def _fast_table(luts: np.ndarray) -> np.ndarray:
-    """For every 16-bit window: symbol | length << 8, or length 0 for codes longer than 16 bits
-    (uint16: 128 KB per block, kept while the block is loaded)."""
-    window = np.arange(1 << _FAST_BITS, dtype=np.uint64) << np.uint64(16)
-    first = luts[0, (window >> np.uint64(24)).astype(np.int64)]
-    sym, length = _walk_luts(luts, window.astype(np.int64))
-    length = np.where(length > _FAST_BITS, 0, np.maximum(length, 1))
-    # A third table level means the code is longer than 16 bits, whatever it decodes to.
-    second = np.where(
-        first >= 240,
-        luts[
-            (256 - first.astype(np.int64)) % luts.shape[0], (window >> np.uint64(16)).astype(np.int64) & 0xFF
-        ],
-        0,
-    )
-    length = np.where(second >= 240, 0, length)
-    return (sym.astype(np.int64) | (length << 8)).astype(np.uint16)
+    """For every 16-bit window, the codes at its start, as one uint32 (256 KB per block):
+    first symbol (bits 0-7), second symbol (8-15), bit offset of the second code (16-22; 64 when
+    the second code does not fit in the window), bits consumed (23-28; 0 when the first code is
+    longer than 16 bits and needs the upstream tables)."""
+    window = np.arange(1 << _FAST_BITS, dtype=np.int64)
+    sym1, len1 = _first_code(luts, window)
+    rest = (window << np.where(len1 > 0, len1, 0)) & 0xFFFF
+    sym2, len2 = _first_code(luts, rest)
+    two = (len1 > 0) & (len2 > 0) & (len1 + len2 <= _FAST_BITS)
+    offset2 = np.where(two, len1, _NO_SECOND)
+    total = np.where(two, len1 + len2, len1)
+    table = sym1 | (np.where(two, sym2, 0) << 8) | (offset2 << 16) | (total << _TOTAL_SHIFT)
+    return table.astype(np.uint32)
+
+
+def _first_code(luts: np.ndarray, window16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symbol and length of the code at the top of each 16-bit window (zero bits after it);
+    length 0 when the code is longer than 16 bits. Lengths are at least 1, so that padding
+    always advances."""
+    window32 = window16 << 16
+    sym, length = _walk_luts(luts, window32)
+    first = luts[0, window16 >> 8]
+    second = np.where(first >= 240, luts[(256 - first.astype(np.int64)) % luts.shape[0], window16 & 0xFF], 0)
+    # A third table level means the code is longer than 16 bits, whatever it decoded to.
+    long_ = (second >= 240) | (length > _FAST_BITS)
+    return sym.astype(np.int64), np.where(long_, 0, np.maximum(length, 1))
 
 
 def _decode_long(luts: np.ndarray, data: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
