@@ -92,17 +92,38 @@ def main() -> None:
     try:
         with sf() as s, s.begin():
             tenant = add_tenant(s)
-            jobs = [{"id": str(uuid.uuid4()), "tenant_id": tenant.id, "status": "succeeded", "family": "sd15",
-                     "task": "txt2img", "params": {"prompt": "x"}, "webhook_url": url} for _ in range(args.events)]
+            jobs = [
+                {
+                    "id": str(uuid.uuid4()),
+                    "tenant_id": tenant.id,
+                    "status": "succeeded",
+                    "family": "sd15",
+                    "task": "txt2img",
+                    "params": {"prompt": "x"},
+                    "webhook_url": url,
+                }
+                for _ in range(args.events)
+            ]
             s.execute(insert(Job), jobs)
             now = utcnow()
-            s.execute(insert(JobEvent), [
-                {"id": f"msg_{uuid.uuid4().hex}", "job_id": j["id"], "tenant_id": tenant.id, "type": "job.succeeded",
-                 "payload": {"type": "job.succeeded", "timestamp": now.isoformat(),
-                             "data": {"id": j["id"], "status": "succeeded", "outputs": [{"url": "x" * 80}]}},
-                 "created_at": now}
-                for j in jobs
-            ])
+            s.execute(
+                insert(JobEvent),
+                [
+                    {
+                        "id": f"msg_{uuid.uuid4().hex}",
+                        "job_id": j["id"],
+                        "tenant_id": tenant.id,
+                        "type": "job.succeeded",
+                        "payload": {
+                            "type": "job.succeeded",
+                            "timestamp": now.isoformat(),
+                            "data": {"id": j["id"], "status": "succeeded", "outputs": [{"url": "x" * 80}]},
+                        },
+                        "created_at": now,
+                    }
+                    for j in jobs
+                ],
+            )
         settings = make_settings(db_url, webhook_concurrency=args.concurrency, webhook_poll_interval=0.05)
         dispatcher = Dispatcher(settings, sf)
         stop = threading.Event()
@@ -117,7 +138,9 @@ def main() -> None:
         thread.join()
         dispatcher.close()
         with sf() as s:
-            statuses = dict(s.execute(select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)).all())
+            statuses = dict(
+                s.execute(select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)).all()
+            )
         rx.terminate()
         rx.join()
         with open(ids_path) as f:
@@ -127,17 +150,24 @@ def main() -> None:
         engine.dispose()
         drop_database(name)
     result = {
-        "events": args.events, "concurrency": args.concurrency, "seconds": round(received_s, 3), "dispatcher_cpu_seconds": round(cpu_s, 3),
+        "events": args.events,
+        "concurrency": args.concurrency,
+        "seconds": round(received_s, 3),
+        "dispatcher_cpu_seconds": round(cpu_s, 3),
         "deliveries_per_second": round(args.events / received_s, 1),
-        "statuses": statuses, "received": len(ids), "unique_ids": len(set(ids)),
+        "statuses": statuses,
+        "received": len(ids),
+        "unique_ids": len(set(ids)),
     }
     ok = statuses == {"succeeded": args.events} and len(set(ids)) == len(ids) == args.events
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.events} deliveries in {received_s:.2f} s: {result['deliveries_per_second']} deliveries/s "
-              f"(concurrency {args.concurrency}, dispatcher CPU {cpu_s:.2f} s = {1000 * cpu_s / args.events:.2f} ms "
-              f"per delivery); all succeeded once: {ok}")
+        print(
+            f"{args.events} deliveries in {received_s:.2f} s: {result['deliveries_per_second']} deliveries/s "
+            f"(concurrency {args.concurrency}, dispatcher CPU {cpu_s:.2f} s = "
+            f"{1000 * cpu_s / args.events:.2f} ms per delivery); all succeeded once: {ok}"
+        )
     if not ok:
         raise SystemExit(f"inconsistent result: {result}")
 

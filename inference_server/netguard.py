@@ -32,7 +32,7 @@ MAX_REDIRECTS = 5
 
 
 def _as_ip(host: str) -> IPAddress | None:
-    """The address a literal host denotes, including the legacy forms inet_aton accepts (0x7f.1, 2130706433)."""
+    """The address a literal host denotes, legacy inet_aton forms included (0x7f.1, 2130706433)."""
     host = host.strip("[]")
     try:
         return ipaddress.ip_address(host.split("%", 1)[0])
@@ -47,7 +47,7 @@ def _as_ip(host: str) -> IPAddress | None:
 
 
 def is_public(ip: IPAddress) -> bool:
-    """True when the address is globally routable (IPv4-mapped and 6to4/NAT64 forms judged by the IPv4 inside)."""
+    """True when the address is globally routable (IPv4-mapped, 6to4 and NAT64 judged by the IPv4 inside)."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return is_public(ip.ipv4_mapped)
@@ -195,7 +195,11 @@ def fetch_url(
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 response = pinned_request(
-                    adapter, "GET", url, allow_private=allow_private, timeout=timeout,
+                    adapter,
+                    "GET",
+                    url,
+                    allow_private=allow_private,
+                    timeout=timeout,
                     headers={"Accept": "image/*, */*;q=0.5", "User-Agent": "inference-server"},
                 )
             except UnsafeURL:

@@ -22,16 +22,42 @@ from inference_server import netguard
 from inference_server.errors import InputFetchFailed, InputTooLarge, UnsafeURL
 
 REFUSED = [
-    "ftp://example.com/x", "file:///etc/passwd", "gopher://example.com", "http:///nohost", "example.com/x",
-    "http://127.0.0.1/", "http://127.1.2.3:8080/", "http://10.0.0.1/", "http://172.16.5.4/", "http://192.168.1.1/",
-    "http://169.254.169.254/latest/meta-data/", "http://0.0.0.0/", "http://100.64.0.1/",
-    "http://[::1]/", "http://[fe80::1]/", "http://[fc00::1]/", "http://[fd12:3456::1]/",
-    "http://[::ffff:127.0.0.1]/", "http://[::ffff:10.0.0.1]/", "http://[::ffff:169.254.169.254]/",
-    "http://2130706433/", "http://0x7f.1/", "http://017700000001/", "http://127.1/",
-    "http://localhost:8000/", "http://api.localhost/", "http://[ff02::1]/", "http://224.0.0.1/",
+    "ftp://example.com/x",
+    "file:///etc/passwd",
+    "gopher://example.com",
+    "http:///nohost",
+    "example.com/x",
+    "http://127.0.0.1/",
+    "http://127.1.2.3:8080/",
+    "http://10.0.0.1/",
+    "http://172.16.5.4/",
+    "http://192.168.1.1/",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://0.0.0.0/",
+    "http://100.64.0.1/",
+    "http://[::1]/",
+    "http://[fe80::1]/",
+    "http://[fc00::1]/",
+    "http://[fd12:3456::1]/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://[::ffff:10.0.0.1]/",
+    "http://[::ffff:169.254.169.254]/",
+    "http://2130706433/",
+    "http://0x7f.1/",
+    "http://017700000001/",
+    "http://127.1/",
+    "http://localhost:8000/",
+    "http://api.localhost/",
+    "http://[ff02::1]/",
+    "http://224.0.0.1/",
     "http://[2002:7f00:1::]/",  # 6to4 wrapping 127.0.0.1
 ]
-ACCEPTED = ["https://example.com/hook", "http://8.8.8.8:8080/x", "https://[2606:4700:4700::1111]/", "http://1.1.1.1/"]
+ACCEPTED = [
+    "https://example.com/hook",
+    "http://8.8.8.8:8080/x",
+    "https://[2606:4700:4700::1111]/",
+    "http://1.1.1.1/",
+]
 
 
 @pytest.mark.parametrize("url", REFUSED)
@@ -107,7 +133,9 @@ def test_dns_rebinding_fails(echo, monkeypatch: pytest.MonkeyPatch) -> None:  # 
     real_getaddrinfo = socket.getaddrinfo
 
     def fake_getaddrinfo(host, port_, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if host == "127.0.0.1":  # a numeric host is no lookup (urllib3 passes the pinned address through here)
+        if (
+            host == "127.0.0.1"
+        ):  # a numeric host is no lookup (urllib3 passes the pinned address through here)
             return real_getaddrinfo(host, port_, *args, **kwargs)
         calls.append(host)
         ip = next(answers, "192.0.2.1")
@@ -115,19 +143,27 @@ def test_dns_rebinding_fails(echo, monkeypatch: pytest.MonkeyPatch) -> None:  # 
 
     monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     adapter = netguard.new_adapter()
-    response = netguard.pinned_request(adapter, "GET", f"http://rebind.test:{port}/", allow_private=True, timeout=5)
+    response = netguard.pinned_request(
+        adapter, "GET", f"http://rebind.test:{port}/", allow_private=True, timeout=5
+    )
     assert response.status_code == 200
     assert response.content == f"rebind.test:{port}".encode()  # the Host header keeps the name
     assert calls == ["rebind.test"]
 
 
 def test_name_resolving_to_private_is_refused_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **k: [
-        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port)),
-        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::ffff:10.1.2.3", port, 0, 0)),
-    ])
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda host, port, *a, **k: [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port)),
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::ffff:10.1.2.3", port, 0, 0)),
+        ],
+    )
     with pytest.raises(UnsafeURL, match="non-public"):
-        netguard.pinned_request(netguard.new_adapter(), "GET", "http://mixed.test/", allow_private=False, timeout=1)
+        netguard.pinned_request(
+            netguard.new_adapter(), "GET", "http://mixed.test/", allow_private=False, timeout=1
+        )
 
 
 def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
@@ -139,8 +175,10 @@ def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         )
         if san:
@@ -153,8 +191,9 @@ def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
     pem = serialization.Encoding.PEM
     (tmp / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
     (tmp / "srv.pem").write_bytes(srv_cert.public_bytes(pem))
-    (tmp / "srv.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
+    (tmp / "srv.key").write_bytes(
+        srv_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return tmp / "ca.pem", tmp / "srv.pem", tmp / "srv.key"
 
 
@@ -170,17 +209,21 @@ def test_tls_uses_the_hostname_for_sni_and_certificate(tmp_path: Path) -> None:
     port = server.server_address[1]
     try:
         adapter = netguard.new_adapter()
-        ok = netguard.pinned_request(adapter, "GET", f"https://localhost:{port}/", allow_private=True,
-                                     timeout=5, verify=str(ca))
+        ok = netguard.pinned_request(
+            adapter, "GET", f"https://localhost:{port}/", allow_private=True, timeout=5, verify=str(ca)
+        )
         assert ok.status_code == 200 and ok.content == f"localhost:{port}".encode()
         assert seen_sni[-1] == "localhost"
         # The same server reached by address: the certificate does not name 127.0.0.1, so it is refused.
         with pytest.raises(requests.exceptions.SSLError):
-            netguard.pinned_request(adapter, "GET", f"https://127.0.0.1:{port}/", allow_private=True,
-                                    timeout=5, verify=str(ca))
+            netguard.pinned_request(
+                adapter, "GET", f"https://127.0.0.1:{port}/", allow_private=True, timeout=5, verify=str(ca)
+            )
         # And without the test CA, the system store does not trust it.
         with pytest.raises(requests.exceptions.SSLError):
-            netguard.pinned_request(adapter, "GET", f"https://localhost:{port}/", allow_private=True, timeout=5)
+            netguard.pinned_request(
+                adapter, "GET", f"https://localhost:{port}/", allow_private=True, timeout=5
+            )
     finally:
         server.shutdown()
         server.server_close()
@@ -234,8 +277,12 @@ def test_fetch_caps_a_body_without_content_length() -> None:
     server = serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chunked))
     try:
         with pytest.raises(InputTooLarge):
-            netguard.fetch_url(f"http://127.0.0.1:{server.server_address[1]}/", allow_private=True,
-                               timeout=5, max_bytes=10_000)
+            netguard.fetch_url(
+                f"http://127.0.0.1:{server.server_address[1]}/",
+                allow_private=True,
+                timeout=5,
+                max_bytes=10_000,
+            )
     finally:
         server.shutdown()
         server.server_close()

@@ -14,7 +14,13 @@ from api.app import create_app
 from api.auth import create_tenant_key
 from inference_server.db import make_engine, make_session_factory
 from tests.webhook_support import (
-    Receiver, add_event, add_job, create_database, drop_database, make_settings, truncate_all,
+    Receiver,
+    add_event,
+    add_job,
+    create_database,
+    drop_database,
+    make_settings,
+    truncate_all,
 )
 from webhooks.dispatcher import Dispatcher
 from webhooks.metrics import DELIVERIES, DeliveryStatusCollector
@@ -41,8 +47,12 @@ def sf(db_url: str):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def settings(db_url, tmp_path):  # type: ignore[no-untyped-def]
-    return make_settings(db_url, webhook_retry_delays=[0.01], storage_url=(tmp_path / "storage").as_uri(),
-                         INFERENCE_SERVER_HOME=str(tmp_path))
+    return make_settings(
+        db_url,
+        webhook_retry_delays=[0.01],
+        storage_url=(tmp_path / "storage").as_uri(),
+        INFERENCE_SERVER_HOME=str(tmp_path),
+    )
 
 
 def client_for(settings, key: str) -> TestClient:  # type: ignore[no-untyped-def]

@@ -15,8 +15,16 @@ from sqlalchemy import select, update
 from inference_server.db import make_engine, make_session_factory
 from inference_server.db.base import utcnow
 from tests.webhook_support import (
-    Receiver, add_event, add_job, add_tenant, create_database, drop_database, make_settings, migrate,
-    truncate_all, wait_for,
+    Receiver,
+    add_event,
+    add_job,
+    add_tenant,
+    create_database,
+    drop_database,
+    make_settings,
+    migrate,
+    truncate_all,
+    wait_for,
 )
 from webhooks.dispatcher import Dispatcher
 from webhooks.tables import WebhookDelivery
@@ -59,8 +67,11 @@ def types(receiver: Receiver) -> list[str]:
 def fast_forward(sf) -> None:  # type: ignore[no-untyped-def]
     """Make every delivery in backoff due now (instead of waiting out the schedule)."""
     with sf() as s, s.begin():
-        s.execute(update(WebhookDelivery).where(WebhookDelivery.status == "pending")
-                  .values(next_attempt_at=utcnow()))
+        s.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.status == "pending")
+            .values(next_attempt_at=utcnow())
+        )
 
 
 def test_progress_is_coalesced_behind_a_dead_receiver(sf, db_url, rx) -> None:  # type: ignore[no-untyped-def]
@@ -138,7 +149,10 @@ def test_order_is_kept_behind_a_failing_delivery(sf, db_url, rx) -> None:  # typ
     rx.behaviour = lambda n, req: (500 if n < 2 else 200, {}, 0.0)
     with sf() as s, s.begin():
         job = add_job(s, add_tenant(s), rx.url)
-        ids = [add_event(s, job, kind).id for kind in ("job.queued", "job.started", "job.progress", "job.succeeded")]
+        ids = [
+            add_event(s, job, kind).id
+            for kind in ("job.queued", "job.started", "job.progress", "job.succeeded")
+        ]
     d = Dispatcher(make_settings(db_url, webhook_retry_delays=[0.01] * 3), sf)
     stop = threading.Event()
     thread = threading.Thread(target=d.run, args=(stop,))
@@ -166,7 +180,10 @@ def test_an_abandoned_claim_is_taken_over_after_its_lease(sf, db_url, rx) -> Non
         s.execute(update(WebhookDelivery).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
     assert survivor.run_once() == 1
     from webhooks.delivery import AttemptResult
-    crashed._record([(claim, AttemptResult(utcnow(), 0.0, status_code=500, error="late"))])  # a zombie's result
+
+    crashed._record(
+        [(claim, AttemptResult(utcnow(), 0.0, status_code=500, error="late"))]
+    )  # a zombie's result
     [row] = rows(sf)
     assert (row.status, row.attempts, row.last_status_code) == ("succeeded", 1, 204)
     assert rx.ids() == [event_id]

@@ -16,7 +16,9 @@ from webhooks import WebhookVerificationError, sign, verify
 from webhooks.secrets import new_secret, signing_secrets
 from webhooks.signing import webhook_headers
 
-BODY = json.dumps({"type": "job.succeeded", "timestamp": "2026-01-01T00:00:00Z", "data": {"id": "j1"}}).encode()
+BODY = json.dumps(
+    {"type": "job.succeeded", "timestamp": "2026-01-01T00:00:00Z", "data": {"id": "j1"}}
+).encode()
 
 
 def test_new_secret_format() -> None:
@@ -37,7 +39,11 @@ def test_standardwebhooks_signature_verifies_with_ours() -> None:
     secret = new_secret()
     now = datetime.now(UTC)
     sig = standardwebhooks.Webhook(secret).sign("msg_2", now, BODY.decode())
-    headers = {"Webhook-Id": "msg_2", "Webhook-Timestamp": str(int(now.timestamp())), "Webhook-Signature": sig}
+    headers = {
+        "Webhook-Id": "msg_2",
+        "Webhook-Timestamp": str(int(now.timestamp())),
+        "Webhook-Signature": sig,
+    }
     assert verify(BODY, headers, secret)["data"]["id"] == "j1"
     assert sig == sign("msg_2", int(now.timestamp()), BODY, secret)
 
@@ -55,8 +61,12 @@ def test_rotation_header_carries_both_signatures() -> None:
 
 def test_signing_secrets_follow_the_grace_period() -> None:
     now = datetime.now(UTC)
-    tenant = Tenant(name="t", webhook_secret="whsec_bmV3", previous_webhook_secret="whsec_b2xk",
-                    previous_secret_expires_at=now + timedelta(hours=1))
+    tenant = Tenant(
+        name="t",
+        webhook_secret="whsec_bmV3",
+        previous_webhook_secret="whsec_b2xk",
+        previous_secret_expires_at=now + timedelta(hours=1),
+    )
     assert signing_secrets(tenant, now) == ["whsec_bmV3", "whsec_b2xk"]
     assert signing_secrets(tenant, now + timedelta(hours=2)) == ["whsec_bmV3"]
     tenant.previous_webhook_secret = None
@@ -70,7 +80,10 @@ def test_signing_secrets_follow_the_grace_period() -> None:
         (lambda h, b: ({**h, "webhook-id": "msg_other"}, b), "no webhook signature matches"),
         (lambda h, b: ({k: v for k, v in h.items() if k != "webhook-signature"}, b), "missing"),
         (lambda h, b: ({**h, "webhook-timestamp": "yesterday"}, b), "unix seconds"),
-        (lambda h, b: ({**h, "webhook-signature": "v2," + h["webhook-signature"][3:]}, b), "no webhook signature"),
+        (
+            lambda h, b: ({**h, "webhook-signature": "v2," + h["webhook-signature"][3:]}, b),
+            "no webhook signature",
+        ),
     ],
 )
 def test_tampering_is_refused(mutate, message) -> None:  # type: ignore[no-untyped-def]

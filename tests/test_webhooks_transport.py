@@ -45,8 +45,9 @@ def test_a_trickling_receiver_is_cut_off_at_the_deadline() -> None:
     listener, port = trickling_server()
     pool = PinnedPool()
     t0 = time.monotonic()
-    result = attempt(pool, f"http://127.0.0.1:{port}/hook", "msg_1", b"{}", [new_secret()],
-                     allow_private=True, timeout=1.0)
+    result = attempt(
+        pool, f"http://127.0.0.1:{port}/hook", "msg_1", b"{}", [new_secret()], allow_private=True, timeout=1.0
+    )
     elapsed = time.monotonic() - t0
     listener.close()
     assert result.status_code is None and "Timeout" in (result.error or "")
@@ -61,7 +62,9 @@ def test_unsafe_and_unreachable_urls_are_results_not_exceptions() -> None:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    refused = attempt(pool, f"http://127.0.0.1:{port}/", "m", b"{}", [new_secret()], allow_private=True, timeout=1)
+    refused = attempt(
+        pool, f"http://127.0.0.1:{port}/", "m", b"{}", [new_secret()], allow_private=True, timeout=1
+    )
     assert refused.status_code is None and "Connection" in refused.error
     with pytest.raises(UnsafeURL):
         pool.post("ftp://example.com/", b"", {}, allow_private=True, timeout=1)
@@ -120,8 +123,14 @@ def test_a_long_answer_is_capped_and_the_connection_dropped() -> None:
     Echo.routes = {"/big": (200, {}, b"z" * 200_000)}
     server = serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo))
     try:
-        answer = PinnedPool().post(f"http://127.0.0.1:{server.server_address[1]}/big", b"{}", {},
-                                   allow_private=True, timeout=5, max_response_bytes=1000)
+        answer = PinnedPool().post(
+            f"http://127.0.0.1:{server.server_address[1]}/big",
+            b"{}",
+            {},
+            allow_private=True,
+            timeout=5,
+            max_response_bytes=1000,
+        )
         assert answer.status == 200 and len(answer.body) == 1000
     finally:
         Echo.routes = {}

@@ -54,14 +54,22 @@ def migrate(url: str) -> None:
 
 def truncate_all(session_factory: Callable[[], Session]) -> None:
     with session_factory() as s, s.begin():
-        s.execute(text("TRUNCATE webhook_attempts, webhook_deliveries, webhook_gone_urls, job_events, "
-                       "outbox, job_outputs, jobs, api_keys, tenants CASCADE"))
+        s.execute(
+            text(
+                "TRUNCATE webhook_attempts, webhook_deliveries, webhook_gone_urls, job_events, "
+                "outbox, job_outputs, jobs, api_keys, tenants CASCADE"
+            )
+        )
 
 
 def make_settings(url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "database_url": url, "allow_private_networks": True, "webhook_retry_delays": [0.05, 0.05, 0.05],
-        "webhook_timeout": 5.0, "webhook_concurrency": 8, "webhook_poll_interval": 0.02,
+        "database_url": url,
+        "allow_private_networks": True,
+        "webhook_retry_delays": [0.05, 0.05, 0.05],
+        "webhook_timeout": 5.0,
+        "webhook_concurrency": 8,
+        "webhook_poll_interval": 0.02,
     }
     values.update(overrides)
     return Settings(**values)
@@ -100,7 +108,9 @@ class Receiver:
 
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                req = Received({k.lower(): v for k, v in self.headers.items()}, body, self.path, time.monotonic())
+                req = Received(
+                    {k.lower(): v for k, v in self.headers.items()}, body, self.path, time.monotonic()
+                )
                 with receiver._lock:
                     n = len(receiver.requests)
                     receiver.requests.append(req)
@@ -154,8 +164,14 @@ def add_tenant(session: Session, name: str | None = None, **fields: Any) -> Tena
 
 
 def add_job(session: Session, tenant: Tenant, url: str | None, events: list[str] | None = None) -> Job:
-    job = Job(tenant_id=tenant.id, family="sd15", task="txt2img", params={"prompt": "x"},
-              webhook_url=url, webhook_events=events)
+    job = Job(
+        tenant_id=tenant.id,
+        family="sd15",
+        task="txt2img",
+        params={"prompt": "x"},
+        webhook_url=url,
+        webhook_events=events,
+    )
     session.add(job)
     session.flush()
     return job
@@ -164,7 +180,10 @@ def add_job(session: Session, tenant: Tenant, url: str | None, events: list[str]
 def add_event(session: Session, job: Job, type_: str, **data: Any) -> JobEvent:
     now = utcnow()
     event = JobEvent(
-        id=f"msg_{uuid.uuid4().hex}", job_id=job.id, tenant_id=job.tenant_id, type=type_,
+        id=f"msg_{uuid.uuid4().hex}",
+        job_id=job.id,
+        tenant_id=job.tenant_id,
+        type=type_,
         payload={"type": type_, "timestamp": now.isoformat(), "data": {"id": job.id, **data}},
         created_at=now,
     )

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, Result, select, update
 from sqlalchemy.orm import Session, aliased
 
 from inference_server.db.base import utcnow
 from webhooks.tables import DeliveryStatus, WebhookDelivery
+
+
+def affected(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE touched."""
+    return cast("CursorResult[Any]", result).rowcount or 0
 
 
 def open_chains(session: Session, job_ids: Iterable[str]) -> set[tuple[str, str]]:
@@ -30,7 +36,9 @@ def open_chains(session: Session, job_ids: Iterable[str]) -> set[tuple[str, str]
     return {(row.job_id, row.url) for row in rows}
 
 
-def promote(session: Session, job_ids: Iterable[str] | None = None, *, older_than: datetime | None = None) -> int:
+def promote(
+    session: Session, job_ids: Iterable[str] | None = None, *, older_than: datetime | None = None
+) -> int:
     """Make due every waiting delivery with nothing unfinished before it in its chain; return how many.
 
     ``job_ids`` limits it to those jobs (after recording results); ``older_than`` limits the sweep to
@@ -39,8 +47,12 @@ def promote(session: Session, job_ids: Iterable[str] | None = None, *, older_tha
     earlier = aliased(WebhookDelivery)
     blocked = (
         select(earlier.id)
-        .where(earlier.job_id == d.job_id, earlier.url == d.url, earlier.event_seq < d.event_seq,
-               earlier.status.in_(DeliveryStatus.OPEN))
+        .where(
+            earlier.job_id == d.job_id,
+            earlier.url == d.url,
+            earlier.event_seq < d.event_seq,
+            earlier.status.in_(DeliveryStatus.OPEN),
+        )
         .exists()
     )
     conditions = [d.status == DeliveryStatus.WAITING, ~blocked]
@@ -53,10 +65,12 @@ def promote(session: Session, job_ids: Iterable[str] | None = None, *, older_tha
         conditions.append(d.updated_at < older_than)
     now = utcnow()
     result = session.execute(
-        update(d).where(*conditions).values(status=DeliveryStatus.PENDING, next_attempt_at=now, updated_at=now),
+        update(d)
+        .where(*conditions)
+        .values(status=DeliveryStatus.PENDING, next_attempt_at=now, updated_at=now),
         execution_options={"synchronize_session": False},
     )
-    return result.rowcount or 0
+    return affected(result)
 
 
 def sweep(session: Session, min_age: float = 2.0) -> int:

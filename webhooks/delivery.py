@@ -58,14 +58,24 @@ def attempt(
     Redirects are not followed (a 3xx is a failure). ``timeout`` bounds the whole attempt."""
     started_at = utcnow()
     t0 = time.monotonic()
-    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-               **webhook_headers(msg_id, body, secrets)}
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        **webhook_headers(msg_id, body, secrets),
+    }
     try:
-        response = pool.post(url, body, headers, allow_private=allow_private, timeout=timeout,
-                             max_response_bytes=MAX_RESPONSE_BYTES)
+        response = pool.post(
+            url,
+            body,
+            headers,
+            allow_private=allow_private,
+            timeout=timeout,
+            max_response_bytes=MAX_RESPONSE_BYTES,
+        )
     except UnsafeURL as exc:
-        return AttemptResult(started_at, time.monotonic() - t0, error=f"unsafe_url: {exc.message}",
-                             unsafe=True)
+        return AttemptResult(
+            started_at, time.monotonic() - t0, error=f"unsafe_url: {exc.message}", unsafe=True
+        )
     except (OSError, http.client.HTTPException) as exc:
         return AttemptResult(started_at, time.monotonic() - t0, error=netguard.describe(exc))
     status = response.status
@@ -75,8 +85,9 @@ def attempt(
         if 300 <= status < 400:
             error += " (redirects are not followed)"
     retry_after = parse_retry_after(response.headers.get("Retry-After")) if status in (429, 503) else None
-    return AttemptResult(started_at, time.monotonic() - t0, status_code=status, error=error,
-                         retry_after=retry_after)
+    return AttemptResult(
+        started_at, time.monotonic() - t0, status_code=status, error=error, retry_after=retry_after
+    )
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -103,8 +114,9 @@ class NextState:
     outcome: str  # metrics label: succeeded, retry, exhausted, gone
 
 
-def plan_next(result: AttemptResult, attempts_in_schedule: int, delays: list[float],
-              now: datetime | None = None) -> NextState:
+def plan_next(
+    result: AttemptResult, attempts_in_schedule: int, delays: list[float], now: datetime | None = None
+) -> NextState:
     """Where a delivery goes after an attempt. ``attempts_in_schedule`` counts this attempt.
 
     There are ``1 + len(delays)`` attempts; a 429/503 waits at least its ``Retry-After``; a 410

@@ -65,7 +65,8 @@ class UrlLimits:
 
 
 class Dispatcher:
-    """Fans events out and delivers them: ``run(stop)`` loops until ``stop`` is set, ``run_once()`` is one pass."""
+    """Fans events out and delivers them: ``run(stop)`` loops until ``stop`` is set; ``run_once()``
+    is one pass (tests, tools)."""
 
     def __init__(
         self,
@@ -117,7 +118,9 @@ class Dispatcher:
     def run_once(self) -> int:
         """Fan out every waiting event, send the due deliveries, wait for them; return attempts made."""
         with self._transaction() as session:
-            while fan_out(session, batch_size=self.batch_size, skip_locked=self.skip_locked) == self.batch_size:
+            while (
+                fan_out(session, batch_size=self.batch_size, skip_locked=self.skip_locked) == self.batch_size
+            ):
                 pass
             sweep(session, min_age=0)
         claimed = self._claim(self.batch_size)
@@ -199,24 +202,47 @@ class Dispatcher:
             if not ids:
                 return []
             rows = session.execute(
-                select(d.id, d.url, d.event_id, d.attempts, d.retry_base, d.tenant_id, d.job_id,
-                       JobEvent.payload, Tenant.webhook_secret, Tenant.previous_webhook_secret,
-                       Tenant.previous_secret_expires_at)
+                select(
+                    d.id,
+                    d.url,
+                    d.event_id,
+                    d.attempts,
+                    d.retry_base,
+                    d.tenant_id,
+                    d.job_id,
+                    JobEvent.payload,
+                    Tenant.webhook_secret,
+                    Tenant.previous_webhook_secret,
+                    Tenant.previous_secret_expires_at,
+                )
                 .join(JobEvent, JobEvent.seq == d.event_seq)
                 .join(Tenant, Tenant.id == d.tenant_id)
                 .where(d.id.in_(ids))
             ).all()
             session.execute(
-                update(d).where(d.id.in_(ids)).values(
-                    status=DeliveryStatus.SENDING, claim_token=token, next_attempt_at=now + self.lease,
+                update(d)
+                .where(d.id.in_(ids))
+                .values(
+                    status=DeliveryStatus.SENDING,
+                    claim_token=token,
+                    next_attempt_at=now + self.lease,
                     updated_at=now,
                 ),
                 execution_options={"synchronize_session": False},
             )
         return [
-            Claimed(id=row.id, token=token, url=row.url, event_id=row.event_id, attempts=row.attempts,
-                    retry_base=row.retry_base, tenant_id=row.tenant_id, job_id=row.job_id,
-                    body=encode_body(row.payload), secrets=signing_secrets(row, now))  # type: ignore[arg-type]
+            Claimed(
+                id=row.id,
+                token=token,
+                url=row.url,
+                event_id=row.event_id,
+                attempts=row.attempts,
+                retry_base=row.retry_base,
+                tenant_id=row.tenant_id,
+                job_id=row.job_id,
+                body=encode_body(row.payload),
+                secrets=signing_secrets(row, now),
+            )
             for row in rows
         ]
 
@@ -228,9 +254,15 @@ class Dispatcher:
 
     def _send(self, c: Claimed) -> None:
         try:
-            result = attempt(self.http, c.url, c.event_id, c.body, c.secrets,
-                             allow_private=self.settings.allow_private_networks,
-                             timeout=self.settings.webhook_timeout)
+            result = attempt(
+                self.http,
+                c.url,
+                c.event_id,
+                c.body,
+                c.secrets,
+                allow_private=self.settings.allow_private_networks,
+                timeout=self.settings.webhook_timeout,
+            )
         except Exception as exc:  # a bug must not leave the row leased until the lease expires
             log.exception("webhook attempt crashed")
             result = AttemptResult(utcnow(), 0.0, error=netguard.describe(exc))

@@ -20,7 +20,7 @@ from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.jobs.status import EventType
 from webhooks import metrics
-from webhooks.chain import open_chains, promote
+from webhooks.chain import affected, open_chains, promote
 from webhooks.tables import DeliveryStatus, WebhookDelivery, WebhookGoneURL
 
 PROGRESS = EventType.PROGRESS.value
@@ -34,11 +34,11 @@ def url_hash(url: str) -> str:
 
 
 def wants(filter_: Sequence[str] | None, event_type: str) -> bool:
-    """Whether an ``events`` filter admits the event. None means all; ``succeeded`` and ``job.succeeded`` both match."""
+    """Whether an ``events`` filter admits the event: None is all; ``succeeded`` matches ``job.succeeded``."""
     if filter_ is None:
         return True
     short = event_type.removeprefix("job.")
-    return any(f == event_type or f == short for f in filter_)
+    return any(f in (event_type, short) for f in filter_)
 
 
 def destinations(job: Any, tenant: Any) -> list[tuple[str, Sequence[str] | None]]:
@@ -56,7 +56,10 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
     On PostgreSQL (``skip_locked``) one dispatcher fans out at a time (an advisory transaction lock;
     the others skip this step) and events are locked ``FOR UPDATE SKIP LOCKED``. The caller commits:
     the deliveries and the ``fanned_out`` marks land together."""
-    if skip_locked and not session.execute(text(f"SELECT pg_try_advisory_xact_lock({FANOUT_LOCK_KEY})")).scalar():
+    if (
+        skip_locked
+        and not session.execute(text(f"SELECT pg_try_advisory_xact_lock({FANOUT_LOCK_KEY})")).scalar()
+    ):
         return 0
     stmt = (
         select(JobEvent.seq, JobEvent.id, JobEvent.job_id, JobEvent.tenant_id, JobEvent.type)
@@ -120,15 +123,27 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
             coalesced += 1
             continue
         row = {
-            "id": new_id(), "event_seq": event.seq, "event_id": event.id, "event_type": event.type,
-            "job_id": event.job_id, "tenant_id": event.tenant_id, "url": url,
-            "status": DeliveryStatus.PENDING, "attempts": 0, "retry_base": 0,
-            "next_attempt_at": now, "created_at": now, "updated_at": now,
+            "id": new_id(),
+            "event_seq": event.seq,
+            "event_id": event.id,
+            "event_type": event.type,
+            "job_id": event.job_id,
+            "tenant_id": event.tenant_id,
+            "url": url,
+            "status": DeliveryStatus.PENDING,
+            "attempts": 0,
+            "retry_base": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
         }
         chain = (event.job_id, url)
         if (event.tenant_id, url_hash(url)) in gone:
-            row.update(status=DeliveryStatus.GONE, next_attempt_at=None,
-                       last_error="not sent: this URL answered 410 Gone earlier")
+            row.update(
+                status=DeliveryStatus.GONE,
+                next_attempt_at=None,
+                last_error="not sent: this URL answered 410 Gone earlier",
+            )
             metrics.DELIVERIES.labels(outcome=DeliveryStatus.GONE).inc()
         elif chain in busy:
             row.update(status=DeliveryStatus.WAITING, next_attempt_at=None)
@@ -149,7 +164,9 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
     return len(events)
 
 
-def _supersede_waiting_progress(session: Session, latest: dict[tuple[str, str], int]) -> dict[tuple[str, str], datetime]:
+def _supersede_waiting_progress(
+    session: Session, latest: dict[tuple[str, str], int]
+) -> dict[tuple[str, str], datetime]:
     """Mark unsent progress deliveries older than the new ones superseded; return their next attempt times.
 
     Rows being sent (``sending``) are left alone: they finish, and the new row waits behind them."""
@@ -158,20 +175,27 @@ def _supersede_waiting_progress(session: Session, latest: dict[tuple[str, str], 
     for (job_id, url), seq in latest.items():
         waiting = session.execute(
             select(d.id, d.next_attempt_at).where(
-                d.job_id == job_id, d.url == url, d.event_type == PROGRESS,
-                d.status.in_((DeliveryStatus.PENDING, DeliveryStatus.WAITING)), d.event_seq < seq,
+                d.job_id == job_id,
+                d.url == url,
+                d.event_type == PROGRESS,
+                d.status.in_((DeliveryStatus.PENDING, DeliveryStatus.WAITING)),
+                d.event_seq < seq,
             )
         ).all()
         if not waiting:
             continue
         # Re-checked under the row lock: a row a dispatcher claimed meanwhile is no longer pending.
-        replaced = session.execute(
-            update(d)
-            .where(d.id.in_([w.id for w in waiting]),
-                   d.status.in_((DeliveryStatus.PENDING, DeliveryStatus.WAITING)))
-            .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None, updated_at=utcnow()),
-            execution_options={"synchronize_session": False},
-        ).rowcount
+        replaced = affected(
+            session.execute(
+                update(d)
+                .where(
+                    d.id.in_([w.id for w in waiting]),
+                    d.status.in_((DeliveryStatus.PENDING, DeliveryStatus.WAITING)),
+                )
+                .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None, updated_at=utcnow()),
+                execution_options={"synchronize_session": False},
+            )
+        )
         times = [w.next_attempt_at for w in waiting if w.next_attempt_at is not None]
         inherited[(job_id, url)] = max(times) if times else utcnow()
         metrics.DELIVERIES.labels(outcome=DeliveryStatus.SUPERSEDED).inc(replaced)

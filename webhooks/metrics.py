@@ -14,11 +14,13 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 DELIVERIES = Counter(
-    "webhook_deliveries_total", "Webhook delivery outcomes (one per attempt result, coalescing or replay).",
+    "webhook_deliveries_total",
+    "Webhook delivery outcomes (one per attempt result, coalescing or replay).",
     ["outcome"],
 )
 ATTEMPT_SECONDS = Histogram(
-    "webhook_attempt_seconds", "Duration of one webhook HTTP attempt.",
+    "webhook_attempt_seconds",
+    "Duration of one webhook HTTP attempt.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
 )
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, func, insert, text, update
+from sqlalchemy import Table, bindparam, func, insert, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from inference_server.db.base import UTCDateTime, utcnow
 from webhooks import metrics
-from webhooks.chain import promote
+from webhooks.chain import affected, promote
 from webhooks.delivery import AttemptResult, plan_next
 from webhooks.fanout import url_hash
 from webhooks.tables import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookGoneURL
@@ -35,8 +35,12 @@ class Claimed:
     secrets: list[str]
 
 
-def record_results(session: Session, done: list[tuple[Claimed, AttemptResult]], delays: list[float],
-                   now: datetime | None = None) -> None:
+def record_results(
+    session: Session,
+    done: list[tuple[Claimed, AttemptResult]],
+    delays: list[float],
+    now: datetime | None = None,
+) -> None:
     """Apply finished attempts. A row is only updated under its claim token, so a result that comes
     back after its lease was taken over by another dispatcher changes nothing. The caller commits."""
     if not done:
@@ -49,10 +53,28 @@ def record_results(session: Session, done: list[tuple[Claimed, AttemptResult]], 
     for c, r in done:
         n = c.attempts + 1
         nxt = plan_next(r, n - c.retry_base, delays, now)
-        rows.append((c.id, c.token, nxt.status, n, nxt.next_attempt_at, r.status_code, r.error,
-                     now if nxt.status == DeliveryStatus.SUCCEEDED else None))
-        attempts.append({"delivery_id": c.id, "number": n, "started_at": r.started_at,
-                         "duration_ms": int(r.duration * 1000), "status_code": r.status_code, "error": r.error})
+        rows.append(
+            (
+                c.id,
+                c.token,
+                nxt.status,
+                n,
+                nxt.next_attempt_at,
+                r.status_code,
+                r.error,
+                now if nxt.status == DeliveryStatus.SUCCEEDED else None,
+            )
+        )
+        attempts.append(
+            {
+                "delivery_id": c.id,
+                "number": n,
+                "started_at": r.started_at,
+                "duration_ms": int(r.duration * 1000),
+                "status_code": r.status_code,
+                "error": r.error,
+            }
+        )
         if nxt.status == DeliveryStatus.GONE:
             gone.add((c.tenant_id, c.url))
         if nxt.status not in DeliveryStatus.ACTIVE:
@@ -89,52 +111,86 @@ _PG_ATTEMPTS = text("""
 """)
 
 
-def _apply_postgresql(session: Session, rows: list[tuple[Any, ...]], attempts: list[dict[str, Any]],
-                      now: datetime) -> None:
+def _apply_postgresql(
+    session: Session, rows: list[tuple[Any, ...]], attempts: list[dict[str, Any]], now: datetime
+) -> None:
     cols = list(zip(*rows, strict=True))
-    session.execute(_PG_UPDATE, {
-        "now": now, "ids": list(cols[0]), "tokens": list(cols[1]), "statuses": list(cols[2]),
-        "attempts": list(cols[3]), "next_ats": list(cols[4]), "codes": list(cols[5]), "errors": list(cols[6]),
-        "delivered": list(cols[7]),
-    })
-    session.execute(_PG_ATTEMPTS, {
-        "ids": [a["delivery_id"] for a in attempts], "numbers": [a["number"] for a in attempts],
-        "started": [a["started_at"] for a in attempts], "durations": [a["duration_ms"] for a in attempts],
-        "codes": [a["status_code"] for a in attempts], "errors": [a["error"] for a in attempts],
-    })
+    session.execute(
+        _PG_UPDATE,
+        {
+            "now": now,
+            "ids": list(cols[0]),
+            "tokens": list(cols[1]),
+            "statuses": list(cols[2]),
+            "attempts": list(cols[3]),
+            "next_ats": list(cols[4]),
+            "codes": list(cols[5]),
+            "errors": list(cols[6]),
+            "delivered": list(cols[7]),
+        },
+    )
+    session.execute(
+        _PG_ATTEMPTS,
+        {
+            "ids": [a["delivery_id"] for a in attempts],
+            "numbers": [a["number"] for a in attempts],
+            "started": [a["started_at"] for a in attempts],
+            "durations": [a["duration_ms"] for a in attempts],
+            "codes": [a["status_code"] for a in attempts],
+            "errors": [a["error"] for a in attempts],
+        },
+    )
 
 
-def _apply_portable(session: Session, rows: list[tuple[Any, ...]], attempts: list[dict[str, Any]],
-                    now: datetime) -> None:
-    t = WebhookDelivery.__table__
+def _apply_portable(
+    session: Session, rows: list[tuple[Any, ...]], attempts: list[dict[str, Any]], now: datetime
+) -> None:
+    t = cast(Table, WebhookDelivery.__table__)
     stmt = (
         update(t)
         .where(t.c.id == bindparam("b_id"), t.c.claim_token == bindparam("b_token"))
-        .values(status=bindparam("b_status"), attempts=bindparam("b_attempts"),
-                next_attempt_at=bindparam("b_next"), last_status_code=bindparam("b_code"),
-                last_error=bindparam("b_error"), claim_token=None, updated_at=now,
-                delivered_at=func.coalesce(bindparam("b_delivered", type_=UTCDateTime()), t.c.delivered_at))
+        .values(
+            status=bindparam("b_status"),
+            attempts=bindparam("b_attempts"),
+            next_attempt_at=bindparam("b_next"),
+            last_status_code=bindparam("b_code"),
+            last_error=bindparam("b_error"),
+            claim_token=None,
+            updated_at=now,
+            delivered_at=func.coalesce(bindparam("b_delivered", type_=UTCDateTime()), t.c.delivered_at),
+        )
     )
     keys = ("b_id", "b_token", "b_status", "b_attempts", "b_next", "b_code", "b_error", "b_delivered")
     session.connection().execute(stmt, [dict(zip(keys, row, strict=True)) for row in rows])
-    session.execute(insert(WebhookAttempt.__table__), attempts)
+    session.execute(insert(cast(Table, WebhookAttempt.__table__)), attempts)
 
 
 def mark_gone(session: Session, tenant_id: str, url: str) -> None:
     """Remember a 410 and stop the URL's unsent deliveries (rows being sent finish on their own)."""
     try:
         with session.begin_nested():
-            session.execute(insert(WebhookGoneURL).values(tenant_id=tenant_id, url=url, url_sha256=url_hash(url)))
+            session.execute(
+                insert(WebhookGoneURL).values(tenant_id=tenant_id, url=url, url_sha256=url_hash(url))
+            )
     except IntegrityError:
         pass  # already known
     d = WebhookDelivery
-    count = session.execute(
-        update(d)
-        .where(d.tenant_id == tenant_id, d.url == url,
-               d.status.in_((DeliveryStatus.PENDING, DeliveryStatus.WAITING)))
-        .values(status=DeliveryStatus.GONE, next_attempt_at=None, updated_at=utcnow(),
-                last_error="not sent: this URL answered 410 Gone"),
-        execution_options={"synchronize_session": False},
-    ).rowcount
+    count = affected(
+        session.execute(
+            update(d)
+            .where(
+                d.tenant_id == tenant_id,
+                d.url == url,
+                d.status.in_((DeliveryStatus.PENDING, DeliveryStatus.WAITING)),
+            )
+            .values(
+                status=DeliveryStatus.GONE,
+                next_attempt_at=None,
+                updated_at=utcnow(),
+                last_error="not sent: this URL answered 410 Gone",
+            ),
+            execution_options={"synchronize_session": False},
+        )
+    )
     if count:
         metrics.DELIVERIES.labels(outcome=DeliveryStatus.GONE).inc(count)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import secrets as _random
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -38,8 +39,19 @@ def rotate_webhook_secret(session: Session, tenant_name: str, grace_hours: float
     return secret
 
 
-def signing_secrets(tenant: Tenant, now: datetime) -> list[str]:
-    """The secrets a delivery is signed with now: the current one, then the previous one in its grace period."""
+class HasSecrets(Protocol):
+    """A ``Tenant`` or any row with its three secret columns."""
+
+    @property
+    def webhook_secret(self) -> str: ...
+    @property
+    def previous_webhook_secret(self) -> str | None: ...
+    @property
+    def previous_secret_expires_at(self) -> datetime | None: ...
+
+
+def signing_secrets(tenant: HasSecrets, now: datetime) -> list[str]:
+    """The secrets a delivery is signed with now: the current one, then the previous one in its grace."""
     result = [tenant.webhook_secret]
     expires = tenant.previous_secret_expires_at
     if tenant.previous_webhook_secret and expires is not None and expires > now:

@@ -44,8 +44,10 @@ def replay_delivery(session: Session, tenant_id: str, delivery_id: str) -> Webho
     if delivery is None:
         raise NotFound(f"no webhook delivery {delivery_id}")
     if delivery.status == DeliveryStatus.SENDING:
-        raise Conflict("this delivery is being sent right now; replay it once the attempt is over",
-                       code="delivery_in_flight")
+        raise Conflict(
+            "this delivery is being sent right now; replay it once the attempt is over",
+            code="delivery_in_flight",
+        )
     now = utcnow()
     delivery.status = DeliveryStatus.PENDING
     delivery.next_attempt_at = now
@@ -53,8 +55,9 @@ def replay_delivery(session: Session, tenant_id: str, delivery_id: str) -> Webho
     delivery.claim_token = None
     delivery.updated_at = now
     session.execute(
-        delete(WebhookGoneURL).where(WebhookGoneURL.tenant_id == tenant_id,
-                                     WebhookGoneURL.url_sha256 == url_hash(delivery.url))
+        delete(WebhookGoneURL).where(
+            WebhookGoneURL.tenant_id == tenant_id, WebhookGoneURL.url_sha256 == url_hash(delivery.url)
+        )
     )
     session.commit()
     metrics.DELIVERIES.labels(outcome="replayed").inc()
@@ -77,8 +80,13 @@ def delivery_to_dict(d: WebhookDelivery) -> dict[str, Any]:
         "created_at": iso(d.created_at),
         "delivered_at": iso(d.delivered_at),
         "attempt_log": [
-            {"number": a.number, "started_at": iso(a.started_at), "duration_ms": a.duration_ms,
-             "status_code": a.status_code, "error": a.error}
+            {
+                "number": a.number,
+                "started_at": iso(a.started_at),
+                "duration_ms": a.duration_ms,
+                "status_code": a.status_code,
+                "error": a.error,
+            }
             for a in d.attempt_log
         ],
     }

@@ -56,8 +56,9 @@ def signature_header(msg_id: str, timestamp: int, body: bytes, secrets: Iterable
     return " ".join(sign(msg_id, timestamp, body, s) for s in secrets)
 
 
-def webhook_headers(msg_id: str, body: bytes, secrets: Iterable[str | bytes], *, now: float | None = None
-                    ) -> dict[str, str]:
+def webhook_headers(
+    msg_id: str, body: bytes, secrets: Iterable[str | bytes], *, now: float | None = None
+) -> dict[str, str]:
     """The three Standard Webhooks headers for one attempt, stamped ``now``."""
     ts = int(time.time() if now is None else now)
     return {

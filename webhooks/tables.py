@@ -41,13 +41,21 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
         # The dispatcher's claim scans only active rows, however many delivered rows accumulate.
-        Index("ix_webhook_deliveries_due", "next_attempt_at", postgresql_where=_ACTIVE_SQL,
-              sqlite_where=_ACTIVE_SQL),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=_ACTIVE_SQL,
+            sqlite_where=_ACTIVE_SQL,
+        ),
         # Per-job ordering and coalescing look at a job's deliveries in event order.
         Index("ix_webhook_deliveries_job_seq", "job_id", "event_seq"),
         # The sweep that repairs a missed promotion scans only waiting rows.
-        Index("ix_webhook_deliveries_waiting", "updated_at", postgresql_where=_WAITING_SQL,
-              sqlite_where=_WAITING_SQL),
+        Index(
+            "ix_webhook_deliveries_waiting",
+            "updated_at",
+            postgresql_where=_WAITING_SQL,
+            sqlite_where=_WAITING_SQL,
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -71,7 +79,9 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None]
 
     attempt_log: Mapped[list[WebhookAttempt]] = relationship(
-        order_by="WebhookAttempt.number", lazy="select", cascade="all, delete-orphan",
+        order_by="WebhookAttempt.number",
+        lazy="select",
+        cascade="all, delete-orphan",
         passive_deletes=True,
     )
 

@@ -14,6 +14,7 @@ answer byte by byte is cut off when the timeout is reached.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import http.client
 import itertools
@@ -96,10 +97,8 @@ class _Watchdog:
                 entry = heapq.heappop(self._heap)
             sock = entry.conn.sock
             if not entry.done and sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 class PinnedPool:
@@ -143,8 +142,16 @@ class PinnedPool:
             conn = self._new(key, timeout)
             return self._exchange(conn, key, path, body, all_headers, deadline, max_response_bytes)
 
-    def _exchange(self, conn: http.client.HTTPConnection, key: tuple[str, str, int, str], path: str,
-                  body: bytes, headers: dict[str, str], deadline: float, cap: int) -> Response:
+    def _exchange(
+        self,
+        conn: http.client.HTTPConnection,
+        key: tuple[str, str, int, str],
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        deadline: float,
+        cap: int,
+    ) -> Response:
         entry = self._watchdog.watch(conn, deadline)
         keep = False
         try:
@@ -169,7 +176,9 @@ class PinnedPool:
             else:
                 conn.close()
 
-    def _checkout(self, key: tuple[str, str, int, str], timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+    def _checkout(
+        self, key: tuple[str, str, int, str], timeout: float
+    ) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
             idle = self._idle.get(key)
             if idle:
