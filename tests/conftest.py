@@ -331,7 +331,7 @@ class Receiver:
             for req in self.requests:
                 body = json.loads(req["body"])
                 if job_id is None or body["data"]["id"] == job_id:
-                    out.append({"type": body["type"], "body": body, **req})
+                    out.append({**req, "type": body["type"], "json": body})
             return out
 
     def close(self) -> None:

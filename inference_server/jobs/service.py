@@ -53,7 +53,9 @@ def _check_family(ctx: JobContext, req: JobRequest) -> tuple[Any, Any]:
     family = ctx.registry.family(req.family)
     model = family.model(req.model, req.task)
     for lora in req.loras:
-        if family.lora(lora.name) is None and "://" not in lora.name:
+        if family.lora(lora.name) is None and lora.name.startswith(("s3://", "gs://")):
+            continue  # a LoRA in a bucket, fetched by the worker; never a path on the worker's disk
+        if family.lora(lora.name) is None:
             known = ", ".join(lo.name for lo in family.loras) or "none"
             raise InvalidRequest(f"unknown LoRA {lora.name!r} for {family.name} (known: {known})", code="unknown_lora")
     return family, model
