@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +30,6 @@ from tests.webhook_support import (
 )
 from webhooks import WebhookVerificationError, verify
 from webhooks.dispatcher import Dispatcher
-from webhooks.secrets import rotate_webhook_secret
 from webhooks.tables import WebhookAttempt, WebhookDelivery
 
 DB_NAME = f"webhooks_test_{os.getpid()}"
@@ -189,6 +191,30 @@ def test_private_webhook_url_refused_at_send(sf, db_url, receivers) -> None:  # 
     assert rx.requests == []
 
 
+def rotate_cli(db_url: str, tenant: str) -> str:
+    """``inference-server keys rotate-webhook-secret``, run as an operator would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inference_server.cli.main",
+            "keys",
+            "rotate-webhook-secret",
+            "--tenant",
+            tenant,
+        ],
+        env={**env, "DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    secret = json.loads(out.strip().splitlines()[-1])["webhook_secret"]
+    assert secret.startswith("whsec_")
+    return secret
+
+
 def test_signatures_during_secret_rotation(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
     rx = start_receiver(receivers)
     with sf() as s, s.begin():
@@ -199,8 +225,8 @@ def test_signatures_during_secret_rotation(sf, db_url, receivers) -> None:  # ty
         job_id = job.id
     d = Dispatcher(make_settings(db_url), sf)
     d.run_once()
+    new_secret = rotate_cli(db_url, name)
     with sf() as s, s.begin():
-        new_secret = rotate_webhook_secret(s, name, grace_hours=24)
         add_event(s, s.get(type(job), job_id), "job.started")
     d.run_once()
     with sf() as s, s.begin():  # the grace period ends

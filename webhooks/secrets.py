@@ -27,7 +27,8 @@ def rotate_webhook_secret(session: Session, tenant_name: str, grace_hours: float
     """Give the tenant a new secret and return it; the old one keeps signing for ``grace_hours``.
 
     During the grace period every delivery carries both signatures, so a receiver can switch to the
-    new secret whenever it likes. The caller commits. Raises ``NotFound`` for an unknown tenant."""
+    new secret whenever it likes. Commits (the secret is printed to the operator: it must be stored
+    before it is shown). Raises ``NotFound`` for an unknown tenant."""
     tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name).with_for_update()).first()
     if tenant is None:
         raise NotFound(f"no tenant named {tenant_name!r}")
@@ -35,7 +36,7 @@ def rotate_webhook_secret(session: Session, tenant_name: str, grace_hours: float
     tenant.previous_webhook_secret = tenant.webhook_secret
     tenant.previous_secret_expires_at = utcnow() + timedelta(hours=grace_hours)
     tenant.webhook_secret = secret
-    session.flush()
+    session.commit()
     return secret
 
 
