@@ -171,32 +171,31 @@ def _supersede_waiting_progress(
 
     Rows being sent (``sending``) are left alone: they finish, and the new row waits behind them."""
     inherited: dict[tuple[str, str], datetime] = {}
+    if not latest:
+        return inherited
     d = WebhookDelivery
-    for (job_id, url), seq in latest.items():
-        waiting = session.execute(
-            select(d.id, d.next_attempt_at).where(
-                d.job_id == job_id,
-                d.url == url,
-                d.event_type == PROGRESS,
-                d.status.in_((DeliveryStatus.PENDING, DeliveryStatus.WAITING)),
-                d.event_seq < seq,
-            )
-        ).all()
-        if not waiting:
-            continue
-        # Re-checked under the row lock: a row a dispatcher claimed meanwhile is no longer pending.
-        replaced = affected(
-            session.execute(
-                update(d)
-                .where(
-                    d.id.in_([w.id for w in waiting]),
-                    d.status.in_((DeliveryStatus.PENDING, DeliveryStatus.WAITING)),
-                )
-                .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None, updated_at=utcnow()),
-                execution_options={"synchronize_session": False},
-            )
+    unsent = (DeliveryStatus.PENDING, DeliveryStatus.WAITING)
+    # Two statements per batch whatever the number of jobs: hundreds of GPUs report progress at once.
+    candidates = session.execute(
+        select(d.id, d.job_id, d.url, d.event_seq, d.next_attempt_at).where(
+            d.job_id.in_({job_id for job_id, _ in latest}), d.event_type == PROGRESS, d.status.in_(unsent)
         )
-        times = [w.next_attempt_at for w in waiting if w.next_attempt_at is not None]
-        inherited[(job_id, url)] = max(times) if times else utcnow()
-        metrics.DELIVERIES.labels(outcome=DeliveryStatus.SUPERSEDED).inc(replaced)
+    ).all()
+    stale = [c for c in candidates if c.event_seq < latest.get((c.job_id, c.url), -1)]
+    if not stale:
+        return inherited
+    # Re-checked under the row lock: a row a dispatcher claimed meanwhile is no longer pending.
+    replaced = affected(
+        session.execute(
+            update(d)
+            .where(d.id.in_([c.id for c in stale]), d.status.in_(unsent))
+            .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None, updated_at=utcnow()),
+            execution_options={"synchronize_session": False},
+        )
+    )
+    metrics.DELIVERIES.labels(outcome=DeliveryStatus.SUPERSEDED).inc(replaced)
+    for c in stale:
+        key = (c.job_id, c.url)
+        when = c.next_attempt_at or utcnow()
+        inherited[key] = max(inherited.get(key, when), when)
     return inherited
