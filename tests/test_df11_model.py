@@ -213,3 +213,30 @@ def test_uncodable_block_stays_bf16(tmp_path: Path) -> None:
     model = load_df11(build("flux", seed=14), tmp_path / "df11", "cpu", mode="eager")
     assert same_bits(model.single_transformer_blocks[0].proj_mlp.weight, expected)
     assert "encoded_exponent" not in dict(model.single_transformer_blocks[0].named_buffers())
+
+
+def test_meta_model_is_prepared_for_the_dfloat11_package(tmp_path: Path) -> None:
+    """The CUDA path cannot run here; check what upstream's loader does to the prepared model:
+    ``param.data.copy_`` for every plain tensor and ``delattr(linear, "weight")`` for covered ones."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    from inference_server.engine.df11.load import prepare_for_dfloat11
+
+    reference = build("flux", seed=15)
+    compress_transformer(reference, tmp_path / "df11")
+    with init_empty_weights():
+        model = FluxTransformer2DModel(**FLUX_CONFIG).to(torch.bfloat16)
+    prepare_for_dfloat11(model, tmp_path / "df11")
+    assert not any(p.is_meta for p in model.parameters())
+    params = dict(model.named_parameters())
+    covered = [p for p in params.values() if p.dim() == 2 and p.stride() == (0, 0)]
+    plain_bytes = sum(p.numel() * p.element_size() for p in params.values() if all(p.stride()))
+    assert len(covered) == 2 * 14 + 2 * 6  # every Linear of FLUX_PATTERNS, no BF16 storage
+    for key, value in load_file(str(tmp_path / "df11" / "model.safetensors")).items():
+        if key in params:
+            params[key].data.copy_(value)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.stride() == (0, 0):
+            delattr(module, "weight")
+    assert plain_bytes < sum(p.numel() * p.element_size() for p in reference.parameters()) / 2

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from inference_server.engine.df11.decoder import BlockDecoder
@@ -254,7 +255,39 @@ def _assign(model: torch.nn.Module, key: str, value: torch.Tensor) -> None:
 def _load_with_dfloat11(model: torch.nn.Module, df11_dir: Path, device: torch.device) -> torch.nn.Module:
     from dfloat11 import DFloat11Model  # CUDA only: imports cupy and compiles its kernel
 
-    if any(p.is_meta for p in model.parameters()):
-        # Upstream copies into existing parameters; covered weights are freed right after.
-        model.to_empty(device="cpu")
+    prepare_for_dfloat11(model, df11_dir)
     return DFloat11Model.from_pretrained(str(df11_dir), device=str(device), bfloat16_model=model)
+
+
+def prepare_for_dfloat11(model: torch.nn.Module, df11_dir: Path) -> None:
+    """Make a model built on ``meta`` loadable by the dfloat11 package without ever holding its
+    BF16 weights: upstream copies plain tensors into existing parameters (so those need real
+    storage) and deletes each covered Linear's ``weight`` (so that one only needs to exist: a
+    zero-stride placeholder costs one element). A model with real weights is left as it is."""
+    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return
+    config, _ = read_config(Path(df11_dir))
+    names: list[str] = []
+    for path in weight_files(Path(df11_dir)):
+        with safe_open(str(path), framework="pt") as f:
+            names.extend(f.keys())
+    state = model.state_dict(keep_vars=True)
+    for module_name in group_df11_tensors([k for k in names if k not in state]):
+        attrs = config.matches(module_name)
+        if attrs is None:
+            continue
+        for _, lin in resolve_targets(model.get_submodule(module_name), module_name, attrs):
+            if lin.weight.is_meta:
+                placeholder = torch.zeros((), dtype=lin.weight.dtype).expand(
+                    lin.out_features, lin.in_features
+                )
+                lin.weight = torch.nn.Parameter(placeholder, requires_grad=False)
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                module._parameters[key] = torch.nn.Parameter(
+                    torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad
+                )
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                module._buffers[key] = torch.empty_like(buf, device="cpu")
