@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 from sqlalchemy import select
 
 from api.app import create_app
@@ -23,7 +24,7 @@ from tests.webhook_support import (
     truncate_all,
 )
 from webhooks.dispatcher import Dispatcher
-from webhooks.metrics import DELIVERIES, DeliveryStatusCollector
+from webhooks.metrics import DELIVERIES, DeliveryBacklogCollector
 from webhooks.tables import WebhookDelivery
 
 DB_NAME = f"webhooks_api_test_{os.getpid()}"
@@ -77,6 +78,7 @@ def test_list_and_replay(sf, settings) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0.05)  # past the 0.01 s retry delay
         d.run_once()
         assert DELIVERIES.labels(outcome="exhausted")._value.get() == before + 1
+        assert b'inference_webhook_deliveries_total{outcome="exhausted"}' in generate_latest()
 
         with client_for(settings, key) as client:
             body = client.get(f"/v1/jobs/{job_id}/webhooks").json()
@@ -125,7 +127,7 @@ def test_replay_while_sending_is_a_conflict(sf, settings) -> None:  # type: igno
     d.close()
 
 
-def test_status_collector_counts_rows(sf, settings) -> None:  # type: ignore[no-untyped-def]
+def test_backlog_collector(sf, settings) -> None:  # type: ignore[no-untyped-def]
     with sf() as s:
         tenant, _ = create_tenant_key(s, "metrics")
     with sf() as s, s.begin():
@@ -134,5 +136,10 @@ def test_status_collector_counts_rows(sf, settings) -> None:  # type: ignore[no-
         from webhooks.fanout import fan_out
 
         fan_out(s)
-    [family] = list(DeliveryStatusCollector(sf).collect())
-    assert {(sample.labels["status"], sample.value) for sample in family.samples} == {("pending", 1)}
+    backlog, lag = DeliveryBacklogCollector(sf).collect()
+    assert {(x.labels["status"], x.value) for x in backlog.samples} == {
+        ("pending", 1),
+        ("waiting", 0),
+        ("sending", 0),
+    }
+    assert lag.samples[0].value >= 0

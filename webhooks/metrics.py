@@ -1,8 +1,14 @@
-"""Prometheus metrics of webhook delivery, on the default registry of the process that delivers.
+"""Prometheus metrics of webhook delivery.
 
-``DELIVERIES`` counts outcomes as they happen in a dispatcher (``succeeded``, ``retry``,
-``exhausted``, ``gone``, ``superseded``, ``replayed``). ``DeliveryStatusCollector`` reports the
-database's view (rows per status), which any process can export, e.g. the API's ``/metrics``.
+In the dispatcher process (default registry; serve it with ``prometheus_client.start_http_server``):
+``inference_webhook_deliveries_total{outcome}`` counts results as they happen (``succeeded``,
+``retry``, ``exhausted``, ``gone``, ``superseded``, ``replayed``) and
+``inference_webhook_attempt_seconds`` times each HTTP attempt.
+
+For any process that can read the database (the API's ``/metrics``), ``DeliveryBacklogCollector``
+reports the backlog as stored: unfinished deliveries per status and how late the most overdue one
+is. It reads only the partial indexes of unfinished rows, so a scrape stays cheap however many
+delivered rows accumulate.
 """
 
 from __future__ import annotations
@@ -14,21 +20,21 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 DELIVERIES = Counter(
-    "webhook_deliveries_total",
-    "Webhook delivery outcomes (one per attempt result, coalescing or replay).",
+    "inference_webhook_deliveries",
+    "Webhook delivery outcomes: one per attempt result, coalesced progress event or replay.",
     ["outcome"],
 )
 ATTEMPT_SECONDS = Histogram(
-    "webhook_attempt_seconds",
+    "inference_webhook_attempt_seconds",
     "Duration of one webhook HTTP attempt.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
 )
 
 
-class DeliveryStatusCollector:
-    """A collector that counts delivery rows per status at scrape time.
+class DeliveryBacklogCollector:
+    """Unfinished deliveries per status and the lag of the most overdue one, read at scrape time.
 
-    Register it once per process: ``REGISTRY.register(DeliveryStatusCollector(session_factory))``."""
+    Register once per process: ``registry.register(DeliveryBacklogCollector(session_factory))``."""
 
     def __init__(self, session_factory: Callable[[], Any]) -> None:
         self._session_factory = session_factory
@@ -36,21 +42,40 @@ class DeliveryStatusCollector:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from sqlalchemy import func, select
 
-        from webhooks.tables import WebhookDelivery
+        from inference_server.db.base import utcnow
+        from webhooks.tables import DeliveryStatus, WebhookDelivery
 
-        family = GaugeMetricFamily(
-            "webhook_deliveries", "Webhook delivery rows by status, as stored.", labels=["status"]
+        d = WebhookDelivery
+        backlog = GaugeMetricFamily(
+            "inference_webhook_deliveries_open",
+            "Webhook deliveries not finished, by status.",
+            labels=["status"],
+        )
+        lag = GaugeMetricFamily(
+            "inference_webhook_delivery_lag_seconds", "How long the most overdue due delivery has waited."
         )
         try:
             with self._session_factory() as session:
-                rows = session.execute(
-                    select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
-                ).all()
+                counts = dict(
+                    session.execute(
+                        select(d.status, func.count())
+                        .where(d.status.in_(DeliveryStatus.OPEN))
+                        .group_by(d.status)
+                    ).all()
+                )
+                now = utcnow()
+                oldest = session.scalar(
+                    select(func.min(d.next_attempt_at)).where(
+                        d.status == DeliveryStatus.PENDING, d.next_attempt_at <= now
+                    )
+                )
         except Exception:  # a scrape must not fail because the database blinked
-            rows = []
-        for status, count in rows:
-            family.add_metric([status], count)
-        yield family
+            return
+        for status in DeliveryStatus.OPEN:
+            backlog.add_metric([status], counts.get(status, 0))
+        lag.add_metric([], (now - oldest).total_seconds() if oldest is not None else 0.0)
+        yield backlog
+        yield lag
 
     def describe(self) -> list[Any]:
         return []
