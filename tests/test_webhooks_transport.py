@@ -136,3 +136,30 @@ def test_a_long_answer_is_capped_and_the_connection_dropped() -> None:
         Echo.routes = {}
         server.shutdown()
         server.server_close()
+
+
+def test_connects_to_the_checked_address_with_the_name_in_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo))
+    port = server.server_address[1]
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding_dns(host, port_, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host == "127.0.0.1":
+            return real(host, port_, *args, **kwargs)
+        lookups.append(host)  # first answer loopback (allowed here), any later one an address that is dead
+        ip = "127.0.0.1" if len(lookups) == 1 else "192.0.2.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port_))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    try:
+        pool = PinnedPool()
+        for _ in range(3):
+            answer = pool.post(f"http://rebind.test:{port}/hook", b"{}", {}, allow_private=True, timeout=5)
+            assert answer.status == 200 and answer.body == f"rebind.test:{port}".encode()
+        assert lookups == ["rebind.test"]
+        with pytest.raises(UnsafeURL):  # the same name is refused when private addresses are not allowed
+            pool.post(f"http://rebind.test:{port}/hook", b"{}", {}, allow_private=False, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()

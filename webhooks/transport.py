@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from inference_server import netguard
 
 MAX_IDLE_PER_KEY = 16
+RESOLVE_TTL = 30.0  # seconds a checked resolution is reused (the connection still goes to that address)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class PinnedPool:
         self._idle: dict[tuple[str, str, int, str], list[http.client.HTTPConnection]] = defaultdict(list)
         self._lock = threading.Lock()
         self._watchdog = _Watchdog()
+        self._resolved: dict[tuple[str, int, bool], tuple[float, str]] = {}
 
     def post(
         self,
@@ -125,7 +127,7 @@ class PinnedPool:
         ``http.client.HTTPException``."""
         deadline = time.monotonic() + timeout
         scheme, host, port = netguard.split_url(url)
-        ip = str(netguard.resolve_checked(host, port, allow_private)[0])
+        ip = self._resolve(host, port, allow_private)
         parts = urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         default_port = 443 if scheme == "https" else 80
@@ -141,6 +143,21 @@ class PinnedPool:
             # The receiver closed an idle keep-alive connection: one retry on a fresh one.
             conn = self._new(key, timeout)
             return self._exchange(conn, key, path, body, all_headers, deadline, max_response_bytes)
+
+    def _resolve(self, host: str, port: int, allow_private: bool) -> str:
+        """The checked address for a host, cached briefly: hundreds of deliveries a second to one
+        receiver need not each wait for DNS. Safety does not depend on resolving every time, only on
+        connecting to the address that was checked."""
+        key = (host, port, allow_private)
+        now = time.monotonic()
+        cached = self._resolved.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        ip = str(netguard.resolve_checked(host, port, allow_private)[0])
+        if len(self._resolved) > 10_000:
+            self._resolved.clear()
+        self._resolved[key] = (now + RESOLVE_TTL, ip)
+        return ip
 
     def _exchange(
         self,
