@@ -176,3 +176,15 @@ def test_corrupt_stream_is_detected() -> None:
     decoder = BlockDecoder(block.luts, broken, block.sign_mantissa, block.output_positions, block.gaps)
     with pytest.raises(DF11FormatError):
         decoder.decode()
+
+
+def test_sliced_encoding_equals_whole() -> None:
+    """The encoder works through slices of the block; slice seams must not show in the output."""
+    bits = normal_bits(30_000, seed=9)
+    exponents = ((bits >> 7) & 0xFF).astype(np.uint8)
+    lengths = code_lengths(np.bincount(exponents, minlength=256))
+    codes = canonical_codes(lengths)
+    whole = encode_exponents(exponents, lengths, codes, slice_size=1 << 30)
+    for slice_size in (1, 97, 4096):
+        sliced = encode_exponents(exponents, lengths, codes, slice_size=slice_size)
+        assert all(np.array_equal(a, b) for a, b in zip(whole, sliced, strict=True)), slice_size

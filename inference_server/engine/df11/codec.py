@@ -224,45 +224,58 @@ def encode_exponents(
     threads_per_block: int = THREADS_PER_BLOCK,
     slice_size: int = 1 << 22,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bitstream (uint8), packed gaps (uint8) and output positions (uint32) for ``exponents``."""
-    n = exponents.size
-    code_len = lengths.astype(np.int64)[exponents]
-    starts = np.cumsum(code_len)
-    total_bits = int(starts[-1])
-    starts -= code_len
-    n_bytes = (total_bits + 7) // 8
-    words = np.zeros(total_bits // 64 + 2, dtype=np.uint64)
+    """Bitstream (uint8), packed gaps (uint8) and output positions (uint32) for ``exponents``.
 
-    # Pack codes into big-endian 64-bit words. Codes never share bits, so a word is the OR of
-    # the codes starting in it plus the spill of one code started in the word before.
+    Works through ``slice_size`` exponents at a time, so the temporaries stay small (a FLUX
+    double block has 340 M weights): per-element int64 arrays of the whole block would take
+    gigabytes.
+    """
+    n = exponents.size
+    len64 = lengths.astype(np.int64)
+    total_bits = int(np.bincount(exponents, minlength=256) @ len64)
+    n_bytes = (total_bits + 7) // 8
+    bits_per_thread = 8 * bytes_per_thread
+    bits_per_block = bits_per_thread * threads_per_block
+    n_blocks = -(-n_bytes // (bytes_per_thread * threads_per_block))
+    words = np.zeros(total_bits // 64 + 2, dtype=np.uint64)
+    # gaps: bit offset of the first code starting in each thread's 8-byte chunk (0 if none).
+    gaps = np.zeros(n_blocks * threads_per_block, dtype=np.int64)
+    # output_positions: index of the first element each CUDA block writes, then the total.
+    positions = np.full(n_blocks + 1, n, dtype=np.int64)
+
     codes_u = codes.astype(np.uint64)
+    offset_bits, last_start = 0, -1
     for a in range(0, n, slice_size):
-        s = starts[a : a + slice_size]
-        value = codes_u[exponents[a : a + slice_size]]
+        e = exponents[a : a + slice_size]
+        code_len = len64[e]
+        s = np.cumsum(code_len)
+        s += offset_bits - code_len  # start bit of each code
+        offset_bits = int(s[-1] + code_len[-1])
+
+        # Pack codes into big-endian 64-bit words. Codes never share bits, so a word is the OR
+        # of the codes starting in it plus the spill of one code started in the word before.
+        value = codes_u[e]
         word = s >> 6
-        free = 64 - (s & 63) - code_len[a : a + slice_size]  # bits left in the word after the code
+        free = 64 - (s & 63) - code_len  # bits left in the word after the code
         part = value << np.maximum(free, 0).astype(np.uint64)
         spill = np.flatnonzero(free < 0)  # a few percent of codes cross into the next word
         part[spill] = value[spill] >> (-free[spill]).astype(np.uint64)
         first = np.flatnonzero(np.diff(word, prepend=-1))
         words[word[first]] |= np.bitwise_or.reduceat(part, first)
         words[word[spill] + 1] |= value[spill] << (64 + free[spill]).astype(np.uint64)
-    encoded = words.astype(">u8").view(np.uint8)[:n_bytes].copy()
 
-    bits_per_thread = 8 * bytes_per_thread
-    bits_per_block = bits_per_thread * threads_per_block
-    n_blocks = -(-n_bytes // (bytes_per_thread * threads_per_block))
-    # gaps: bit offset of the first code that starts in each thread's chunk (0 if none does).
-    chunk_start = np.arange(n_blocks * threads_per_block, dtype=np.int64) * bits_per_thread
-    first = np.searchsorted(starts, chunk_start)
-    first_bit = starts[np.minimum(first, n - 1)]
-    has = (first < n) & (first_bit < chunk_start + bits_per_thread)
-    gaps = np.where(has, first_bit - chunk_start, 0)
+        # Chunks and CUDA blocks whose first bit lies after the previous slice's last code start
+        # and not after this slice's: their first code starting at or after it is in this slice.
+        top = int(s[-1])
+        k = np.arange(last_start // bits_per_thread + 1, min(top // bits_per_thread + 1, gaps.size))
+        at = s[np.searchsorted(s, k * bits_per_thread)]
+        gaps[k] = np.where(at < (k + 1) * bits_per_thread, at - k * bits_per_thread, 0)
+        b = np.arange(last_start // bits_per_block + 1, min(top // bits_per_block + 1, n_blocks))
+        positions[b] = a + np.searchsorted(s, b * bits_per_block)
+        last_start = top
+
+    encoded = words.astype(">u8").view(np.uint8)[:n_bytes].copy()
     if gaps.max(initial=0) >= 32:
         raise DF11FormatError("gap does not fit in 5 bits")  # impossible with codes <= 32 bits
     gap_bits = ((gaps[:, None] >> np.arange(4, -1, -1)) & 1).astype(np.uint8)
-    packed_gaps = np.packbits(gap_bits.reshape(-1))
-    # output_positions: index of the first element each CUDA block writes, then the total.
-    block_start = np.arange(n_blocks, dtype=np.int64) * bits_per_block
-    positions = np.append(np.searchsorted(starts, block_start), n).astype(np.uint32)
-    return encoded, packed_gaps, positions
+    return encoded, np.packbits(gap_bits.reshape(-1)), positions.astype(np.uint32)
