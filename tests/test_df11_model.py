@@ -195,6 +195,15 @@ def test_compress_folder_from_diffusers_folder(tmp_path: Path) -> None:
     assert same_bits(run("qwen", model), run("qwen", reference))
 
 
+def test_compress_folder_takes_a_pipelines_transformer(tmp_path: Path) -> None:
+    reference = build("flux", seed=16)
+    reference.to(torch.float32).save_pretrained(tmp_path / "pipe" / "transformer")  # cast back on load
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    out = compress_folder(tmp_path / "pipe", tmp_path / "df11")
+    model = load_df11(build("flux", seed=17), out, "cpu")
+    assert same_bits(run("flux", model), run("flux", reference.to(torch.bfloat16)))
+
+
 def test_missing_weights_fail_loudly(tmp_path: Path) -> None:
     reference = build("flux", seed=12)
     compress_transformer(reference, tmp_path / "df11")
