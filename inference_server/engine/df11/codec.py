@@ -5,9 +5,14 @@ byte per weight (``sign_mantissa``) and Huffman-codes the exponent byte into an 
 bitstream (``encoded_exponent``). The decode tables (``luts``) and the side data that let a GPU
 thread start in the middle of the stream (``gaps``, ``output_positions``) follow the layout the
 package's CUDA kernel reads, so files written here decode there and the other way round.
+Our codes are canonical Huffman codes (upstream builds its tree with dahuffman), so the bytes
+differ from upstream's for the same weights while the format and the decoded weights do not.
 
-This module is numpy only (no torch): the encoder and the CPU decoder both work on the raw
-16-bit patterns of the weights (``np.uint16``).
+The format cannot hold exponents >= 240 (table values >= 240 are pointers): inf, nan and
+|w| >= 2**113 are refused with ``DF11FormatError``; ``compress.py`` keeps such a block in BF16.
+
+This module and ``decoder.py`` are numpy only (no torch): they work on the raw 16-bit
+patterns of the weights (``np.uint16``).
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@ Like the kernel, it splits the bitstream into 8-byte chunks and decodes them sid
 ``gaps`` say where the first code of each chunk starts, so every chunk is independent. Here the
 chunks are numpy lanes advanced in lock step rather than GPU threads; one 64 K-entry table
 resolves the next one or two codes (when they fit in 16 bits) in one lookup, and the rare codes
-longer than 16 bits walk the upstream tables. ``output_positions`` are checked against the decoded counts, so
-a corrupt stream fails loudly instead of yielding wrong weights.
+longer than 16 bits walk the upstream tables. ``output_positions`` are checked against the
+decoded counts, so a corrupt stream fails loudly instead of yielding wrong weights.
+
+It decodes streams written by upstream's encoder too (checked against dfloat11 0.5.0's own
+``encode_weights``, whose codes come from dahuffman rather than our canonical codes).
 """
 
 from __future__ import annotations
