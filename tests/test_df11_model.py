@@ -110,7 +110,7 @@ def test_df11_forward_is_bit_identical(kind: str, tmp_path: Path) -> None:
     for mode in ("per_block", "eager"):
         model = load_df11(build(kind, seed=2), tmp_path / "df11", "cpu", mode=mode)
         assert not same_bits(run(kind, build(kind, seed=2)), expected)  # the test can fail
-        for _ in range(2):  # the second run reuses the shared decode buffer
+        for _ in range(2):  # the second run decodes into the same shared buffer again
             assert same_bits(run(kind, model), expected), mode
 
 

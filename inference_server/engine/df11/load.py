@@ -134,14 +134,13 @@ def df11_memory_bytes(model: torch.nn.Module, *, include_decode_buffer: bool = F
 
 class _DecodeBuffers:
     """One flat BF16 buffer per device that every DF11 block decodes into (as upstream's
-    TensorManager). ``owner`` remembers which block it holds, so a block run twice in a row
-    (or a model with a single block) is decoded once. Engines run one job per process; the lock
-    only guards the bookkeeping."""
+    TensorManager). Every block decodes at each of its forwards, even if the buffer still holds
+    it: peft's merge (``fuse_lora``) writes into the weight views, so a skipped decode could run
+    on modified weights. Engines run one job per process; the lock only guards allocation."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buffers: dict[torch.device, torch.Tensor] = {}
-        self.owner: dict[torch.device, object] = {}
 
     def reserve(self, device: torch.device, n_elements: int) -> torch.Tensor:
         device = _canonical(device)
@@ -150,7 +149,6 @@ class _DecodeBuffers:
             if buf is None or buf.numel() < n_elements:
                 buf = torch.empty(n_elements, dtype=torch.bfloat16, device=device)
                 self._buffers[device] = buf
-                self.owner.pop(device, None)
             return buf
 
     def nbytes(self) -> int:
@@ -168,6 +166,9 @@ def _canonical(device: torch.device) -> torch.device:
 
 @dataclass(eq=False)
 class _BlockState:
+    """What a block's decode hook needs: its Linears in pattern order, where to split the flat
+    weights between them, and a cached decoder (keyed by the buffers' addresses)."""
+
     linears: list[torch.nn.Linear]
     splits: list[int]
     n_elements: int
@@ -196,14 +197,12 @@ def _decode_hook(module: torch.nn.Module, _args: object) -> None:
     luts: torch.Tensor = module.luts  # type: ignore[assignment]
     device = _canonical(luts.device)
     buf = DECODE_BUFFERS.reserve(device, state.n_elements)
-    if DECODE_BUFFERS.owner.get(device) is not state:
-        decoder = _decoder_for(module, state)
-        if device.type == "cpu":
-            decoder.decode_into(buf.view(torch.int16).numpy())
-        else:
-            staging = decoder.decode().view(np.int16)
-            buf[: state.n_elements].view(torch.int16).copy_(torch.from_numpy(staging))
-        DECODE_BUFFERS.owner[device] = state
+    decoder = _decoder_for(module, state)
+    if device.type == "cpu":
+        decoder.decode_into(buf.view(torch.int16).numpy())
+    else:
+        staging = decoder.decode().view(np.int16)
+        buf[: state.n_elements].view(torch.int16).copy_(torch.from_numpy(staging))
     pieces = torch.tensor_split(buf[: state.n_elements], state.splits)
     for lin, piece in zip(state.linears, pieces, strict=True):
         lin.weight = piece.view(lin.out_features, lin.in_features)
