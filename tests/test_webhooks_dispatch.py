@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import pytest
 import standardwebhooks
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from inference_server.db import make_engine, make_session_factory
 from inference_server.db.base import utcnow
@@ -322,3 +322,33 @@ def test_timeout_is_a_failed_attempt(sf, db_url, receivers) -> None:  # type: ig
     run_until(d, lambda: deliveries(sf)[0].status == "succeeded")
     d.close()
     assert len(set(rx.ids())) == 1
+
+
+def test_dispatcher_survives_a_lost_database_connection(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+    rx = start_receiver(receivers)
+    with sf() as s, s.begin():
+        tenant = add_tenant(s)
+        tenant_id = tenant.id
+        add_event(s, add_job(s, tenant, rx.url), "job.queued")
+    stop = threading.Event()
+    d = Dispatcher(make_settings(db_url), sf)
+    thread = threading.Thread(target=d.run, args=(stop,))
+    thread.start()
+    try:
+        assert wait_for(lambda: len(rx.requests) == 1, timeout=5)
+        with sf() as s, s.begin():  # the database drops every other connection (a restart, a failover)
+            killed = s.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar()
+        assert killed >= 1
+        with sf() as s, s.begin():
+            add_event(s, add_job(s, s.get(type(tenant), tenant_id), rx.url), "job.succeeded")
+        assert wait_for(lambda: len(rx.requests) == 2, timeout=10)
+    finally:
+        stop.set()
+        thread.join()
+        d.close()
+    assert all(r.status == "succeeded" for r in deliveries(sf))
