@@ -187,7 +187,8 @@ def fetch_url(
 
     Redirects are followed, at most ``MAX_REDIRECTS``, and each target is checked and pinned like
     the first URL (CDNs and presigned storage URLs redirect, so refusing them would refuse real
-    inputs). The body is capped while streaming. Raises ``UnsafeURL`` (private or bad scheme),
+    inputs); a redirect from https down to http is refused unless ``allow_private``. The body is
+    capped while streaming. Raises ``UnsafeURL`` (private or bad scheme),
     ``InputTooLarge`` (over ``max_bytes``) or ``InputFetchFailed`` (network error, timeout, non-2xx)."""
     owned = adapter is None
     adapter = adapter or new_adapter(1)
@@ -208,7 +209,10 @@ def fetch_url(
                 raise InputFetchFailed(f"could not fetch {_redact(url)}: {exc}") from exc
             with response:
                 if response.is_redirect and response.headers.get("Location"):
-                    url = urljoin(url, response.headers["Location"])
+                    target = urljoin(url, response.headers["Location"])
+                    if not allow_private and url[:6].lower() == "https:" and target[:5].lower() == "http:":
+                        raise UnsafeURL(f"{_redact(url)} redirects from https to plain http")
+                    url = target
                     continue
                 if not 200 <= response.status_code < 300:
                     raise InputFetchFailed(f"fetching {_redact(url)} returned HTTP {response.status_code}")
