@@ -6,7 +6,11 @@ every delivery is acknowledged, and reports deliveries/s end to end (fan-out, cl
 result recorded). Each delivery is checked afterwards: all ``succeeded``, each event id received once.
 Goal: 500/s or more on this machine.
 
-    python benchmarks/webhooks.py [--events 3000] [--concurrency 32] [--json]
+``--progress-jobs M`` measures fan-out instead: M running jobs report progress (interleaved, as
+many GPUs would) to a receiver that is down; reports events fanned out per second and how many
+delivery rows remain (coalescing keeps it near one progress row per job).
+
+    python benchmarks/webhooks.py [--events 3000] [--concurrency 32] [--progress-jobs 0] [--json]
 """
 
 from __future__ import annotations
@@ -66,8 +70,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--progress-jobs", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.progress_jobs:
+        fanout_benchmark(args)
+        return
 
     from sqlalchemy import func, insert, select
 
@@ -170,6 +178,92 @@ def main() -> None:
         )
     if not ok:
         raise SystemExit(f"inconsistent result: {result}")
+
+
+def fanout_benchmark(args: argparse.Namespace) -> None:
+    """Progress events of many jobs, interleaved, fanned out towards a dead receiver."""
+    from sqlalchemy import func, insert, select
+
+    from inference_server.db import Job, JobEvent, make_engine, make_session_factory
+    from inference_server.db.base import utcnow
+    from tests.webhook_support import add_tenant, create_database, drop_database, make_settings
+    from webhooks.dispatcher import Dispatcher
+    from webhooks.fanout import fan_out
+    from webhooks.tables import WebhookDelivery
+
+    name = f"webhooks_bench_fanout_{os.getpid()}"
+    db_url = create_database(name)
+    engine = make_engine(db_url, pool_size=5)
+    sf = make_session_factory(engine)
+    dead = "http://127.0.0.1:9/hook"  # the discard port: nothing listens
+    try:
+        with sf() as s, s.begin():
+            tenant = add_tenant(s)
+            jobs = [
+                {
+                    "id": str(uuid.uuid4()),
+                    "tenant_id": tenant.id,
+                    "status": "running",
+                    "family": "sd15",
+                    "task": "txt2img",
+                    "params": {},
+                    "webhook_url": dead,
+                }
+                for _ in range(args.progress_jobs)
+            ]
+            s.execute(insert(Job), jobs)
+            now = utcnow()
+            s.execute(
+                insert(JobEvent),
+                [
+                    {
+                        "id": f"msg_{uuid.uuid4().hex}",
+                        "job_id": j["id"],
+                        "tenant_id": tenant.id,
+                        "type": "job.progress",
+                        "payload": {
+                            "type": "job.progress",
+                            "timestamp": now.isoformat(),
+                            "data": {"id": j["id"], "step": k},
+                        },
+                        "created_at": now,
+                    }
+                    for k in range(args.events // args.progress_jobs)
+                    for j in jobs
+                ],
+            )
+        dispatcher = Dispatcher(make_settings(db_url, webhook_retry_delays=[3600.0]), sf)
+        t0 = time.perf_counter()
+        total = 0
+        while True:
+            with dispatcher._transaction() as session:
+                taken = fan_out(session, batch_size=dispatcher.batch_size)
+            total += taken
+            if not taken:
+                break
+        seconds = time.perf_counter() - t0
+        dispatcher.close()
+        with sf() as s:
+            statuses = dict(
+                s.execute(select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)).all()
+            )
+    finally:
+        engine.dispose()
+        drop_database(name)
+    result = {
+        "events": total,
+        "jobs": args.progress_jobs,
+        "seconds": round(seconds, 3),
+        "events_per_second": round(total / seconds, 1),
+        "rows": statuses,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"fan-out of {total} progress events of {args.progress_jobs} jobs in {seconds:.2f} s: "
+            f"{result['events_per_second']} events/s; delivery rows by status: {statuses}"
+        )
 
 
 if __name__ == "__main__":

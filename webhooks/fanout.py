@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent, Tenant
@@ -167,7 +167,7 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
 def _supersede_waiting_progress(
     session: Session, latest: dict[tuple[str, str], int]
 ) -> dict[tuple[str, str], datetime]:
-    """Mark unsent progress deliveries older than the new ones superseded; return their next attempt times.
+    """Delete unsent progress deliveries older than the new ones; return their next attempt times.
 
     Rows being sent (``sending``) are left alone: they finish, and the new row waits behind them."""
     inherited: dict[tuple[str, str], datetime] = {}
@@ -184,12 +184,12 @@ def _supersede_waiting_progress(
     stale = [c for c in candidates if c.event_seq < latest.get((c.job_id, c.url), -1)]
     if not stale:
         return inherited
-    # Re-checked under the row lock: a row a dispatcher claimed meanwhile is no longer pending.
+    # Deleted, not kept as history: a job reporting progress twice a second to a dead receiver would
+    # otherwise leave thousands of rows. Re-checked under the row lock: a row a dispatcher claimed
+    # meanwhile is no longer unsent and stays.
     replaced = affected(
         session.execute(
-            update(d)
-            .where(d.id.in_([c.id for c in stale]), d.status.in_(unsent))
-            .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None, updated_at=utcnow()),
+            delete(d).where(d.id.in_([c.id for c in stale]), d.status.in_(unsent)),
             execution_options={"synchronize_session": False},
         )
     )

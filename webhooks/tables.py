@@ -21,7 +21,7 @@ class DeliveryStatus:
     SUCCEEDED = "succeeded"
     EXHAUSTED = "exhausted"  # every attempt failed (or the URL was refused); replayable
     GONE = "gone"  # the receiver answered 410: nothing more goes to that URL
-    SUPERSEDED = "superseded"  # a progress event replaced by a newer one before it was delivered
+    SUPERSEDED = "superseded"  # metrics only: a progress delivery replaced (deleted) by a newer one
 
     ACTIVE = (PENDING, SENDING)  # claimable once next_attempt_at has passed
     OPEN = (WAITING, PENDING, SENDING)  # not finished: later events of the job wait behind these
