@@ -115,7 +115,10 @@ class Dispatcher:
             if not busy:
                 self._wake.wait(self.settings.webhook_poll_interval)
                 self._wake.clear()
-        self._drain(timeout=self.settings.webhook_timeout + 5)
+        try:
+            self._drain(timeout=self.settings.webhook_timeout + 5)
+        except Exception:  # unrecorded results are sent again by whoever takes over the lease
+            log.exception("webhook dispatcher could not record its last results")
 
     def run_once(self) -> int:
         """Fan out every waiting event, send the due deliveries, wait for them; return attempts made."""
