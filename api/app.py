@@ -43,6 +43,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     ctx = JobContext(settings, registry, open_storage(settings), on_published=relay.wake.set if relay else None)
     metrics = ApiMetrics()
     metrics.registry.register(JobsCollector(sf))
+    from webhooks.metrics import DeliveryBacklogCollector
+
+    metrics.registry.register(DeliveryBacklogCollector(sf))
     app_state = AppState(
         settings=settings, session_factory=sf, ctx=ctx, broker=broker, metrics=metrics,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,

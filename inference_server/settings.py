@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     webhook_concurrency: int = 32
     webhook_secret_grace_hours: float = 24.0
     webhook_poll_interval: float = 0.2
+    dispatcher_metrics_port: int = 9102  # Prometheus endpoint of `dispatcher` (0: none)
 
     @field_validator("webhook_retry_delays", mode="before")
     @classmethod

@@ -153,6 +153,7 @@ def system_env(pg_url: str, broker_url: str, s3_endpoint: str, tiny_models: Path
         WEBHOOK_POLL_INTERVAL="0.05",
         WEBHOOK_RETRY_DELAYS="0.5,0.5,0.5",
         ENGINE_MAX_EDIT_PIXELS="4096",
+        DISPATCHER_METRICS_PORT="0",
     )
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         os.environ.setdefault(key, env[key])

@@ -38,6 +38,11 @@ def run_dispatcher(settings: Settings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if settings.dispatcher_metrics_port:
+        from prometheus_client import start_http_server
+
+        # Delivery outcomes are counted in this process; Prometheus scrapes them here.
+        start_http_server(settings.dispatcher_metrics_port)
     threads = start_dispatcher_threads(settings, stop)
     log.info("dispatcher running (relay + webhook delivery)")
     while not stop.wait(1.0):
