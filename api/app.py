@@ -23,7 +23,7 @@ from inference_server.storage import open_storage
 
 def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry | None = None) -> FastAPI:
     """Build the API. ``run_relay`` starts the outbox relay thread in this process (the default)."""
-    db = make_engine(settings.database_url, pool_size=20)
+    db = make_engine(settings.database_url, pool_size=20, pre_ping=False)
     sf = make_session_factory(db)
     if registry is None:
         registry = load_registry(settings.models_file) if settings.models_file else Registry(None, {})

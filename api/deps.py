@@ -10,7 +10,9 @@ from typing import Any
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.auth import KeyCache, authenticate
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import KeyCache, authenticate, hash_key
 from api.ratelimit import RateLimiter
 from inference_server.db import Tenant
 from inference_server.jobs.service import JobContext
@@ -28,11 +30,12 @@ class AppState:
     metrics: Any = None  # api.metrics.ApiMetrics
 
 
-def state(request: Request) -> AppState:
+async def state(request: Request) -> AppState:
+    # async: FastAPI runs sync dependencies in its thread pool, a hop each; these need none.
     return request.app.state.inference
 
 
-def get_settings_dep(st: AppState = Depends(state)) -> Settings:
+async def get_settings_dep(st: AppState = Depends(state)) -> Settings:
     return st.settings
 
 
@@ -41,10 +44,17 @@ def get_session(st: AppState = Depends(state)) -> Iterator[Session]:
         yield session
 
 
-def current_tenant(
-    request: Request, session: Session = Depends(get_session), st: AppState = Depends(state)
-) -> Tenant:
-    tenant = authenticate(session, request.headers.get("authorization"), st.keys)
+async def current_tenant(request: Request, st: AppState = Depends(state)) -> Tenant:
+    """The caller's tenant: from the key cache without a thread hop, else looked up in the pool."""
+    header = request.headers.get("authorization")
+    tenant = st.keys.get(hash_key(header[7:].strip())) if header and header[:7].lower() == "bearer " else None
+    if tenant is None:
+        tenant = await run_in_threadpool(_authenticate, st, header)
     if st.limiter is not None:
         st.limiter.check(tenant.id)
     return tenant
+
+
+def _authenticate(st: AppState, header: str | None) -> Tenant:
+    with st.session_factory() as session:
+        return authenticate(session, header, st.keys)

@@ -13,17 +13,23 @@ from inference_server.jobs.serialize import iso, job_to_dict
 from inference_server.jobs.status import EventType
 
 
-def emit(session: Session, job: Job, event_type: EventType | str, *, api_base: str = "") -> JobEvent:
-    """Add an event for ``job`` (flushed state) to ``session``; the caller commits."""
-    session.flush()
+def make_event(job: Job, event_type: EventType | str, *, api_base: str = "") -> JobEvent:
+    """The event row for ``job`` as it is now (every attribute of ``job`` must be set)."""
     now = utcnow()
-    event = JobEvent(
+    return JobEvent(
         id=f"msg_{uuid.uuid4().hex}",
         job_id=job.id,
         tenant_id=job.tenant_id,
         type=str(event_type),
         payload={"type": str(event_type), "timestamp": iso(now), "data": job_to_dict(job, api_base=api_base)},
+        fanned_out=False,
         created_at=now,
     )
+
+
+def emit(session: Session, job: Job, event_type: EventType | str, *, api_base: str = "") -> JobEvent:
+    """Add an event for ``job`` (flushed state) to ``session``; the caller commits."""
+    session.flush()
+    event = make_event(job, event_type, api_base=api_base)
     session.add(event)
     return event

@@ -8,13 +8,17 @@ from __future__ import annotations
 import logging
 import threading
 
+from typing import Any
+
 from celery import Celery
+from kombu import Connection
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.db import OutboxMessage
 from inference_server.db.base import utcnow
 from workers.celery_app import RUN_JOB
+from workers.confirms import ConfirmingChannel
 from workers.queues import family_queue
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,8 @@ class Relay:
         self.wake = threading.Event()
         self._queues: dict[str, object] = {}
         self.published = 0
+        self._channel: ConfirmingChannel | None = None
+        self._producer: Any = None
 
     def _queue(self, name: str) -> object:
         if name not in self._queues:
@@ -58,24 +64,49 @@ class Relay:
             )
             if not rows:
                 return 0
-            done: list[int] = []
             try:
-                with self.app.producer_or_acquire() as producer:
-                    for row in rows:
-                        self.app.send_task(
-                            RUN_JOB, args=[row.job_id], task_id=row.job_id, queue=self._queue(row.queue),
-                            producer=producer, retry=False,
-                        )
-                        done.append(row.id)
-            finally:
-                # Stamp what the broker confirmed, even if a later publish in the batch failed.
-                if done:
-                    session.execute(
-                        update(OutboxMessage).where(OutboxMessage.id.in_(done)).values(published_at=utcnow())
-                    )
-                session.commit()
+                done = self._publish(rows)
+            except Exception:
+                self._reset()
+                raise
+            if done:
+                session.execute(
+                    update(OutboxMessage).where(OutboxMessage.id.in_(done)).values(published_at=utcnow())
+                )
+            session.commit()
             self.published += len(done)
             return len(done)
+
+    def _send(self, row: OutboxMessage, producer: Any) -> None:
+        self.app.send_task(
+            RUN_JOB, args=[row.job_id], task_id=row.job_id, queue=self._queue(row.queue), producer=producer,
+            retry=False,
+        )
+
+    def _publish(self, rows: list[OutboxMessage]) -> list[int]:
+        """Publish ``rows``; return the ids the broker confirmed."""
+        if not self.app.conf.broker_url.startswith(("amqp", "pyamqp")):
+            # The in-process broker of `up` has no confirms: a publish that returned is delivered.
+            with self.app.producer_or_acquire() as producer:
+                for row in rows:
+                    self._send(row, producer)
+            return [row.id for row in rows]
+        if self._channel is None:
+            connection = Connection(self.app.conf.broker_url, heartbeat=0, connect_timeout=5)
+            self._channel = ConfirmingChannel(connection)
+            self._producer = self.app.amqp.Producer(self._channel.channel, auto_declare=True)
+        confirmed = self._channel.publish_all(rows, lambda row: self._send(row, self._producer))
+        return [row.id for row in confirmed]
+
+    def _reset(self) -> None:
+        """Drop the broker connection after an error; the next batch opens a new one."""
+        if self._channel is not None:
+            try:
+                self._channel.connection.release()
+            except Exception:
+                pass
+        self._channel = None
+        self._producer = None
 
     def run(self, stop: threading.Event) -> None:
         """Publish until ``stop`` is set; back off while the broker or database is down."""

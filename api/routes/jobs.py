@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
-from fastapi.responses import RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from api.deps import AppState, current_tenant, get_session, state
@@ -18,22 +19,30 @@ from inference_server.jobs.spec import JobRequest
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202)
-def submit_job(
+@router.post("", status_code=202, response_model=None)
+async def submit_job(
     body: JobRequest,
-    response: Response,
     idempotency_key: str | None = Header(default=None, max_length=255),
-    session: Session = Depends(get_session),
     tenant: Tenant = Depends(current_tenant),
     st: AppState = Depends(state),
-) -> dict[str, Any]:
-    result = service.submit(session, st.ctx, tenant, body, idempotency_key=idempotency_key)
+) -> Response:
+    # The hot path: one hop to the thread pool for the whole database transaction, and the job's
+    # JSON written directly (it is already plain data; response-model validation would walk it again).
+    result = await run_in_threadpool(_submit, st, tenant, body, idempotency_key)
+    headers = {"Location": f"/v1/jobs/{result.job.id}"}
     if result.created:
         st.metrics.submitted.labels(body.family).inc()
     else:
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = f"/v1/jobs/{result.job.id}"
-    return job_to_dict(result.job, api_base=st.settings.api_url)
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(result.body, status_code=202, headers=headers)
+
+
+def _submit(st: AppState, tenant: Tenant, body: JobRequest, key: str | None) -> service.Submitted:
+    with st.session_factory() as session:
+        result = service.submit(session, st.ctx, tenant, body, idempotency_key=key)
+        if result.body is None:
+            result.body = job_to_dict(result.job, api_base=st.settings.api_url)
+        return result
 
 
 @router.get("")

@@ -52,8 +52,11 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
-    """An engine tuned per backend: SQLite gets WAL and a busy timeout so threads of `up` can share it."""
+def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engine:
+    """An engine tuned per backend: SQLite gets WAL and a busy timeout so threads of `up` can share it.
+
+    ``pre_ping=False`` saves a round trip per checkout on hot request paths; a connection the
+    database dropped then fails one request (503) and is replaced."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -69,7 +72,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=pre_ping, pool_recycle=1800
+    )
 
 
 def make_session_factory(engine: Engine) -> sessionmaker:

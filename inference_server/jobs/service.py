@@ -20,7 +20,8 @@ from inference_server.db import Job, OutboxMessage, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.engine.registry import Registry
 from inference_server.errors import Conflict, InvalidInput, InvalidRequest, NotFound
-from inference_server.events import emit
+from inference_server.events import emit, make_event
+from inference_server.jobs.persist import insert_new_rows
 from inference_server.jobs.spec import MAX_SEED, JobRequest
 from inference_server.jobs.status import TERMINAL, EventType, JobStatus
 from inference_server.settings import Settings
@@ -33,6 +34,7 @@ NEEDS_IMAGE = {"img2img", "inpaint", "edit"}
 class Submitted:
     job: Job
     created: bool  # False when an Idempotency-Key replayed an earlier submit
+    body: dict[str, Any] | None = None  # the job as the API shows it, when already serialised
 
 
 @dataclass
@@ -145,6 +147,7 @@ def submit(
     if req.signature:
         params["signature"]["image"] = _store_input(ctx, tenant, job_id, "signature", req.signature.image)
     params.pop("webhook", None)
+    now = utcnow()
     job = Job(
         id=job_id,
         tenant_id=tenant.id,
@@ -157,14 +160,17 @@ def submit(
         webhook_events=list(req.webhook.events) if req.webhook and req.webhook.events is not None else None,
         idempotency_key=idempotency_key,
         request_hash=digest,
+        progress_step=0,
         progress_total=_planned_steps(params),
-        created_at=utcnow(),
+        attempts=0,
+        created_at=now,
+        updated_at=now,
         outputs=[],  # known empty: serialising the new job must not query for outputs
     )
-    session.add(job)
-    session.add(OutboxMessage(job_id=job.id, queue=family.queue))
-    emit(session, job, EventType.QUEUED, api_base=ctx.settings.api_url)
+    event = make_event(job, EventType.QUEUED, api_base=ctx.settings.api_url)
+    outbox = OutboxMessage(job_id=job.id, queue=family.queue, created_at=now, publish_attempts=0)
     try:
+        insert_new_rows(session, [job, outbox, event])
         session.commit()
     except IntegrityError:
         # Two submits raced with one Idempotency-Key: the loser answers with the winner's job.
@@ -176,7 +182,7 @@ def submit(
         raise
     if ctx.on_published:
         ctx.on_published()
-    return Submitted(job=job, created=True)
+    return Submitted(job=job, created=True, body=event.payload["data"])
 
 
 def _planned_steps(params: dict[str, Any]) -> int:
