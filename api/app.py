@@ -36,18 +36,21 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         from workers.celery_app import create_celery_app
         from workers.relay import Relay
 
-        relay = Relay(
-            create_celery_app(settings), sf, batch_size=settings.relay_batch_size,
-            interval=settings.relay_interval, consumer_timeout_ms=settings.consumer_timeout_ms,
-        )
-    ctx = JobContext(settings, registry, open_storage(settings), on_published=relay.wake.set if relay else None)
+        relay = Relay.from_settings(create_celery_app(settings), sf, settings)
+    ctx = JobContext(
+        settings, registry, open_storage(settings), on_published=relay.wake.set if relay else None
+    )
     metrics = ApiMetrics()
     metrics.registry.register(JobsCollector(sf))
     from webhooks.metrics import DeliveryBacklogCollector
 
     metrics.registry.register(DeliveryBacklogCollector(sf))
     app_state = AppState(
-        settings=settings, session_factory=sf, ctx=ctx, broker=broker, metrics=metrics,
+        settings=settings,
+        session_factory=sf,
+        ctx=ctx,
+        broker=broker,
+        metrics=metrics,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
     )
 

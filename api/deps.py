@@ -9,7 +9,6 @@ from typing import Any
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
-
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import KeyCache, authenticate, hash_key

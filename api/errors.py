@@ -63,7 +63,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _db_down(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
-        return JSONResponse(error_body("dependency_unavailable", "the database is unavailable"), status_code=503)
+        return JSONResponse(
+            error_body("dependency_unavailable", "the database is unavailable"), status_code=503
+        )
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -16,7 +16,9 @@ class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Histogram(
-            "inference_http_request_duration_seconds", "HTTP request latency", ["method", "route", "status"],
+            "inference_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route", "status"],
             registry=self.registry,
         )
         self.submitted = Counter(

@@ -19,7 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._system import (  # noqa: E402
-    BROKER, create_key, database, free_port, purge_queues, start, tiny_models, wait_http,
+    BROKER,
+    create_key,
+    database,
+    free_port,
+    purge_queues,
+    start,
+    tiny_models,
+    wait_http,
 )
 
 BODY = {"family": "sd15", "prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 4}
@@ -66,8 +73,15 @@ def main() -> None:
     with database() as db:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
-        env = dict(os.environ, DATABASE_URL=db, BROKER_URL=BROKER, STORAGE_URL=(logs / "s").as_uri(),
-                   MODELS_FILE=str(models), API_URL=api, INFERENCE_SERVER_HOME=str(logs))
+        env = dict(
+            os.environ,
+            DATABASE_URL=db,
+            BROKER_URL=BROKER,
+            STORAGE_URL=(logs / "s").as_uri(),
+            MODELS_FILE=str(models),
+            API_URL=api,
+            INFERENCE_SERVER_HOME=str(logs),
+        )
         proc = start(["api", "--port", str(port)], env, logs / "api.log")
         try:
             wait_http(f"{api}/healthz")
@@ -88,7 +102,9 @@ def main() -> None:
 
             eng = create_engine(db)
             with eng.connect() as conn:
-                unpublished = conn.execute(text("SELECT count(*) FROM outbox WHERE published_at IS NULL")).scalar()
+                unpublished = conn.execute(
+                    text("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                ).scalar()
                 total = conn.execute(text("SELECT count(*) FROM outbox")).scalar()
             eng.dispose()
         finally:

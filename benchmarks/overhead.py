@@ -20,7 +20,15 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._system import (  # noqa: E402
-    BROKER, create_key, database, free_port, moto_s3, purge_queues, start, tiny_models, wait_http,
+    BROKER,
+    create_key,
+    database,
+    free_port,
+    moto_s3,
+    purge_queues,
+    start,
+    tiny_models,
+    wait_http,
 )
 
 BODY = {"family": "sd15", "prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 4, "seed": 1}
@@ -34,8 +42,18 @@ def in_process(models_file: Path, runs: int) -> list[float]:
     from inference_server.engine.runner import Engine, GenerationRequest
 
     engine = Engine(load_registry(models_file), device="cpu")
-    req = GenerationRequest(family="sd15", model=None, task="txt2img", prompt=BODY["prompt"], negative_prompt=None,
-                            width=64, height=64, steps=4, guidance_scale=7.5, seeds=[1])
+    req = GenerationRequest(
+        family="sd15",
+        model=None,
+        task="txt2img",
+        prompt=BODY["prompt"],
+        negative_prompt=None,
+        width=64,
+        height=64,
+        steps=4,
+        guidance_scale=7.5,
+        seeds=[1],
+    )
     engine.generate(req)  # load and warm
     times = []
     for _ in range(runs):
@@ -67,8 +85,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=30)
     parser.add_argument("--poll", type=float, default=0.01, help="client poll interval (s)")
-    parser.add_argument("--storage", choices=["s3", "file"], default="s3",
-                        help="s3: a moto server process over HTTP; file: local disk")
+    parser.add_argument(
+        "--storage",
+        choices=["s3", "file"],
+        default="s3",
+        help="s3: a moto server process over HTTP; file: local disk",
+    )
     args = parser.parse_args()
     models = tiny_models()
     base = in_process(models, args.jobs)
@@ -78,12 +100,26 @@ def main() -> None:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         storage = "s3://bench/out" if args.storage == "s3" else (logs / "storage").as_uri()
-        env = dict(os.environ, DATABASE_URL=db, BROKER_URL=BROKER, STORAGE_URL=storage, S3_ENDPOINT_URL=s3,
-                   AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1",
-                   MODELS_FILE=str(models), TORCH_THREADS="1", OMP_NUM_THREADS="1", API_URL=api,
-                   RELAY_INTERVAL="0.05", INFERENCE_SERVER_HOME=str(logs))
-        procs = [start(["api", "--port", str(port)], env, logs / "api.log"),
-                 start(["worker", "--families", "sd15", "--device", "cpu"], env, logs / "worker.log")]
+        env = dict(
+            os.environ,
+            DATABASE_URL=db,
+            BROKER_URL=BROKER,
+            STORAGE_URL=storage,
+            S3_ENDPOINT_URL=s3,
+            AWS_ACCESS_KEY_ID="x",
+            AWS_SECRET_ACCESS_KEY="x",
+            AWS_DEFAULT_REGION="us-east-1",
+            MODELS_FILE=str(models),
+            TORCH_THREADS="1",
+            OMP_NUM_THREADS="1",
+            API_URL=api,
+            RELAY_INTERVAL="0.05",
+            INFERENCE_SERVER_HOME=str(logs),
+        )
+        procs = [
+            start(["api", "--port", str(port)], env, logs / "api.log"),
+            start(["worker", "--families", "sd15", "--device", "cpu"], env, logs / "worker.log"),
+        ]
         try:
             wait_http(f"{api}/healthz")
             deadline = time.monotonic() + 90
@@ -98,8 +134,10 @@ def main() -> None:
                 p.wait()
     b, e = statistics.median(base), statistics.median(e2e)
     print(f"in-process pipeline call : median {b * 1000:7.1f} ms  (n={len(base)})")
-    print(f"end-to-end through system: median {e * 1000:7.1f} ms  (n={len(e2e)}, client poll {args.poll * 1000:.0f} ms,"
-          f" storage {args.storage})")
+    print(
+        f"end-to-end through system: median {e * 1000:7.1f} ms  (n={len(e2e)},"
+        f" client poll {args.poll * 1000:.0f} ms, storage {args.storage})"
+    )
     print(f"overhead ratio           : {e / b:.3f}  (goal <= 1.2)")
 
 

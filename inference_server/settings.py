@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     # Outbox relay.
     relay_batch_size: int = 200
     relay_interval: float = 0.2
+    relay_linger: float = 0.02  # while busy, let a batch gather this long between publishes
 
     # Webhooks.
     webhook_retry_delays: Annotated[list[float], NoDecode] = Field(
@@ -83,7 +84,9 @@ class Settings(BaseSettings):
             try:
                 return [float(p) for p in parts]
             except ValueError as exc:
-                raise ValueError("WEBHOOK_RETRY_DELAYS must be comma-separated seconds, e.g. 5,300,1800") from exc
+                raise ValueError(
+                    "WEBHOOK_RETRY_DELAYS must be comma-separated seconds, e.g. 5,300,1800"
+                ) from exc
         return value
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ service fails the run loudly."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -88,7 +89,8 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
     )
     endpoint = f"http://127.0.0.1:{port}"
 
@@ -129,8 +131,13 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def system_env(pg_url: str, broker_url: str, s3_endpoint: str, tiny_models: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def system_env(
+    pg_url: str,
+    broker_url: str,
+    s3_endpoint: str,
+    tiny_models: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, str]:
     """The environment every process of the system under test shares."""
     import boto3
 
@@ -190,18 +197,20 @@ class Proc:
         self.name = name
         self.log = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inference_server.cli.main", *args], env=env, cwd=ROOT,
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "inference_server.cli.main", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
     def kill(self, sig: int = 9) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
@@ -233,7 +242,9 @@ def api_server(system_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
     proc.kill(15)
 
 
-def start_worker(env: dict[str, str], logs_dir: Path, families: str = "sd15,sdxl,flux,qwen-image-edit") -> Proc:
+def start_worker(
+    env: dict[str, str], logs_dir: Path, families: str = "sd15,sdxl,flux,qwen-image-edit"
+) -> Proc:
     proc = Proc("worker", ["worker", "--families", families, "--device", "cpu"], env, logs_dir)
 
     def ready() -> bool:
@@ -304,8 +315,12 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                req = {"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body,
-                       "path": self.path, "at": time.time()}
+                req = {
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": body,
+                    "path": self.path,
+                    "at": time.time(),
+                }
                 with receiver._lock:
                     receiver.requests.append(req)
                     n = len(receiver.requests)

@@ -43,11 +43,21 @@ BAD = [
     ({**OK, "task": "edit"}, 400, "unsupported_task"),
     ({**OK, "model": "missing"}, 400, "unknown_model"),
     ({**OK, "task": "img2img"}, 400, "missing_image"),
-    ({**OK, "task": "inpaint", "image": "data:image/png;base64," + base64.b64encode(PNG_1PX).decode()}, 400,
-     "missing_mask"),
+    (
+        {**OK, "task": "inpaint", "image": "data:image/png;base64," + base64.b64encode(PNG_1PX).decode()},
+        400,
+        "missing_mask",
+    ),
     ({**OK, "task": "img2img", "image": "data:image/png;base64,!!!"}, 400, "invalid_data_uri"),
-    ({**OK, "task": "img2img", "image": "data:image/png;base64," + base64.b64encode(b"not an image").decode()},
-     400, None),
+    (
+        {
+            **OK,
+            "task": "img2img",
+            "image": "data:image/png;base64," + base64.b64encode(b"not an image").decode(),
+        },
+        400,
+        None,
+    ),
     ({**OK, "task": "img2img", "image": "ftp://example.com/x.png"}, 400, "unsupported_input_uri"),
     ({**OK, "loras": [{"name": "nope"}]}, 400, "unknown_lora"),
     ({**OK, "seed": 2**40}, 422, "validation_error"),
@@ -68,8 +78,12 @@ def test_bad_input_is_a_4xx_with_a_code(api_client, body, status, code):
 
 
 def test_malformed_json_and_huge_inputs(api_client):
-    resp = api_client.post(f"{api_client.base_url}/v1/jobs", data=b"{not json", timeout=10,
-                           headers={"content-type": "application/json"})
+    resp = api_client.post(
+        f"{api_client.base_url}/v1/jobs",
+        data=b"{not json",
+        timeout=10,
+        headers={"content-type": "application/json"},
+    )
     assert resp.status_code == 422 and error_of(resp) == "validation_error"
     huge = "data:image/png;base64," + base64.b64encode(b"\0" * (21 * 1024 * 1024)).decode()
     resp = post(api_client, {**OK, "task": "img2img", "image": huge})
@@ -103,15 +117,20 @@ def test_tenant_isolation(api_client, api_server, session_factory):
         _, other_key = create_tenant_key(session, f"other-{uuid.uuid4().hex[:6]}")
     other = requests.Session()
     other.headers["Authorization"] = f"Bearer {other_key}"
-    for method, path in [("get", f"/v1/jobs/{job['id']}"), ("post", f"/v1/jobs/{job['id']}/cancel"),
-                         ("get", f"/v1/jobs/{job['id']}/outputs/0")]:
+    for method, path in [
+        ("get", f"/v1/jobs/{job['id']}"),
+        ("post", f"/v1/jobs/{job['id']}/cancel"),
+        ("get", f"/v1/jobs/{job['id']}/outputs/0"),
+    ]:
         resp = getattr(other, method)(f"{api_server}{path}", timeout=10)
         assert resp.status_code == 404 and error_of(resp) == "job_not_found", (path, resp.text)
     assert other.get(f"{api_server}/v1/jobs", timeout=10).json()["jobs"] == []
     # The same Idempotency-Key in two tenants is two jobs.
     key = str(uuid.uuid4())
     a = post(api_client, OK, **{"Idempotency-Key": key}).json()["id"]
-    b = other.post(f"{api_server}/v1/jobs", json=OK, headers={"Idempotency-Key": key}, timeout=10).json()["id"]
+    b = other.post(f"{api_server}/v1/jobs", json=OK, headers={"Idempotency-Key": key}, timeout=10).json()[
+        "id"
+    ]
     assert a != b
 
 
@@ -161,12 +180,14 @@ def test_upload_then_use_as_input(api_client):
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "blue").save(buf, "PNG")
-    resp = api_client.post(f"{api_client.base_url}/v1/uploads", files={"file": ("a.png", buf.getvalue())},
-                           timeout=10)
+    resp = api_client.post(
+        f"{api_client.base_url}/v1/uploads", files={"file": ("a.png", buf.getvalue())}, timeout=10
+    )
     assert resp.status_code == 201, resp.text
     uri = resp.json()["uri"]
     job = submit(api_client, {**OK, "task": "img2img", "image": uri})
     assert job["params"]["image"] == uri
-    bad = api_client.post(f"{api_client.base_url}/v1/uploads", files={"file": ("a.png", b"GIF89a....")},
-                          timeout=10)
+    bad = api_client.post(
+        f"{api_client.base_url}/v1/uploads", files={"file": ("a.png", b"GIF89a....")}, timeout=10
+    )
     assert bad.status_code == 400

@@ -13,17 +13,32 @@ MASK = Image.new("L", (64, 64), 0)
 MASK.paste(255, (16, 16, 48, 48))
 
 CASES = [
-    ("sd15", None, "txt2img"), ("sd15", None, "img2img"), ("sd15", None, "inpaint"),
+    ("sd15", None, "txt2img"),
+    ("sd15", None, "img2img"),
+    ("sd15", None, "inpaint"),
     ("sd15", "tiny-sd15-inpaint", "inpaint"),
-    ("sdxl", None, "txt2img"), ("sdxl", None, "img2img"), ("sdxl", None, "inpaint"),
-    ("flux", None, "txt2img"), ("flux", None, "img2img"), ("flux", "tiny-flux-df11", "txt2img"),
-    ("qwen-image-edit", None, "edit"), ("qwen-image-edit", "tiny-qwen-image-edit-df11", "edit"),
+    ("sdxl", None, "txt2img"),
+    ("sdxl", None, "img2img"),
+    ("sdxl", None, "inpaint"),
+    ("flux", None, "txt2img"),
+    ("flux", None, "img2img"),
+    ("flux", "tiny-flux-df11", "txt2img"),
+    ("qwen-image-edit", None, "edit"),
+    ("qwen-image-edit", "tiny-qwen-image-edit-df11", "edit"),
 ]
 
 
 def body(family: str, model: str | None, task: str, **extra: object) -> dict:
-    b: dict = {"family": family, "task": task, "prompt": "make it a watercolour", "width": 64, "height": 64,
-               "steps": 4, "seed": 21, **extra}
+    b: dict = {
+        "family": family,
+        "task": task,
+        "prompt": "make it a watercolour",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "seed": 21,
+        **extra,
+    }
     if model:
         b["model"] = model
     if task in ("img2img", "inpaint", "edit"):
@@ -46,7 +61,9 @@ def test_family_task_through_the_system(api_client, worker, family, model, task)
     assert (done["outputs"][0]["width"], done["outputs"][0]["height"]) == (64, 64)
 
 
-@pytest.mark.parametrize("family,twin", [("flux", "tiny-flux-df11"), ("qwen-image-edit", "tiny-qwen-image-edit-df11")])
+@pytest.mark.parametrize(
+    "family,twin", [("flux", "tiny-flux-df11"), ("qwen-image-edit", "tiny-qwen-image-edit-df11")]
+)
 def test_df11_twin_gives_the_same_pixels_with_and_without_lora(api_client, worker, family, twin):
     task = "edit" if family == "qwen-image-edit" else "txt2img"
     for extra in ({}, {"loras": [{"name": "tiny-style", "scale": 1.0}]}):

@@ -4,7 +4,6 @@ tiny diffusers pipeline -> S3 (moto server) -> events -> signed webhooks to a re
 from __future__ import annotations
 
 import io
-import json
 
 import standardwebhooks
 from PIL import Image
@@ -27,8 +26,11 @@ def test_txt2img_end_to_end_with_verified_webhooks(api_client, worker, dispatche
     image = Image.open(io.BytesIO(output_bytes(api_client, job["id"]).content))
     assert image.size == (64, 64)
 
-    wait_for(lambda: any(e["type"] == "job.succeeded" for e in receiver.events(job["id"])), 30,
-             what="job.succeeded webhook")
+    wait_for(
+        lambda: any(e["type"] == "job.succeeded" for e in receiver.events(job["id"])),
+        30,
+        what="job.succeeded webhook",
+    )
     events = receiver.events(job["id"])
     types = [e["type"] for e in events]
     assert types[0] == "job.queued" and "job.started" in types and types[-1] == "job.succeeded"

@@ -30,17 +30,22 @@ def test_broker_down_at_submit_then_published(settings, session_factory, tenant,
         row = session.scalar(select(OutboxMessage).where(OutboxMessage.job_id == job_id))
         assert row is not None and row.published_at is None
     # The broker "returns": any relay (here a fresh one on the real broker) publishes the backlog.
-    relay = Relay(create_celery_app(settings), session_factory, consumer_timeout_ms=settings.consumer_timeout_ms)
+    relay = Relay.from_settings(create_celery_app(settings), session_factory, settings)
     wait_for(lambda: relay.publish_pending() >= 0 and _published(session_factory, job_id), 30, what="publish")
     assert wait_done(api_client, job_id)["status"] == "succeeded"
 
 
 def _published(session_factory, job_id: str) -> bool:
     with session_factory() as session:
-        return session.scalar(select(OutboxMessage.published_at).where(OutboxMessage.job_id == job_id)) is not None
+        return (
+            session.scalar(select(OutboxMessage.published_at).where(OutboxMessage.job_id == job_id))
+            is not None
+        )
 
 
-def test_worker_sigkill_mid_job_then_job_succeeds_once(api_client, worker, system_env, logs_dir, session_factory):
+def test_worker_sigkill_mid_job_then_job_succeeds_once(
+    api_client, worker, system_env, logs_dir, session_factory
+):
     job = submit(api_client, {**BODY, "steps": 40, "width": 256, "height": 256, "seed": 11})
 
     def mid_job():
@@ -63,7 +68,10 @@ def test_worker_sigkill_mid_job_then_job_succeeds_once(api_client, worker, syste
         outputs = session.scalar(select(func.count()).where(JobOutput.job_id == job["id"]))
     assert succeeded == 1 and outputs == 1
     # The same seed on a clean run gives the same image: the restart left no trace.
-    again = wait_done(api_client, submit(api_client, {**BODY, "steps": 40, "width": 256, "height": 256,
-                                                      "seed": 11})["id"], timeout=180)
+    again = wait_done(
+        api_client,
+        submit(api_client, {**BODY, "steps": 40, "width": 256, "height": 256, "seed": 11})["id"],
+        timeout=180,
+    )
     assert again["outputs"][0]["sha256"] == done["outputs"][0]["sha256"]
     assert uuid.UUID(job["id"])

@@ -24,8 +24,11 @@ def test_slow_receiver_delays_neither_its_job_nor_others(api_client, worker, dis
         assert job_seconds < 15, job_seconds
         other = submit(api_client, {**BODY, "webhook": {"url": receiver.url}})
         wait_done(api_client, other["id"], timeout=60)
-        wait_for(lambda: any(e["type"] == "job.succeeded" for e in receiver.events(other["id"])), 15,
-                 what="the fast receiver's job.succeeded while the slow one hangs")
+        wait_for(
+            lambda: any(e["type"] == "job.succeeded" for e in receiver.events(other["id"])),
+            15,
+            what="the fast receiver's job.succeeded while the slow one hangs",
+        )
         assert time.monotonic() - t0 < 20  # all of this happened inside the slow receiver's first answer
     finally:
         slow.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -53,10 +54,8 @@ class BrokerProbe:
                         except Exception:
                             result[name] = 0
                         finally:
-                            try:
+                            with contextlib.suppress(Exception):
                                 channel.close()
-                            except Exception:
-                                pass
             except Exception:
                 return {name: None for name in queues}
             return result

@@ -41,7 +41,9 @@ class ConfirmingChannel:
     def _nack(self, tag: int, multiple: bool) -> None:
         self._settle(tag, multiple, failed=True)
 
-    def publish_all(self, items: Iterable[Any], publish: Callable[[Any], None], *, timeout: float = 10.0) -> list[Any]:
+    def publish_all(
+        self, items: Iterable[Any], publish: Callable[[Any], None], *, timeout: float = 10.0
+    ) -> list[Any]:
         """Call ``publish(item)`` for each item on this channel, then wait for the confirms.
 
         Returns the items the broker confirmed (acked), in order."""
@@ -60,7 +62,9 @@ class ConfirmingChannel:
             except TimeoutError:
                 waits += 1
                 if waits >= deadline_waits:
-                    raise ConfirmTimeout(f"{len(self._pending)} messages unconfirmed after {timeout}s") from None
+                    raise ConfirmTimeout(
+                        f"{len(self._pending)} messages unconfirmed after {timeout}s"
+                    ) from None
         confirmed = [item for tag, item in sent if tag not in self._nacked]
         self._nacked.clear()
         return confirmed

@@ -17,7 +17,9 @@ def pin_device(device: str) -> str:
 
     Call before torch is imported anywhere in the process."""
     if not DEVICE_RE.match(device):
-        raise InvalidRequest(f"--device must be cpu, cuda, cuda:N or mps, got {device!r}", code="invalid_device")
+        raise InvalidRequest(
+            f"--device must be cpu, cuda, cuda:N or mps, got {device!r}", code="invalid_device"
+        )
     if device.startswith("cuda:"):
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
         return "cuda"

@@ -28,7 +28,9 @@ def _check_families(settings: Settings, families: list[str]) -> None:
     unknown = [f for f in families if f not in registry.families]
     if unknown:
         known = ", ".join(sorted(registry.families))
-        raise InvalidRequest(f"unknown families {', '.join(unknown)} (registry has: {known})", code="unknown_family")
+        raise InvalidRequest(
+            f"unknown families {', '.join(unknown)} (registry has: {known})", code="unknown_family"
+        )
 
 
 def run_worker(settings: Settings, families: list[str], device: str, *, pool: str = "prefork") -> None:
@@ -42,8 +44,14 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
     name = f"{'-'.join(families)}.{device.replace(':', '')}@%h"
     app.worker_main(
         [
-            "worker", f"--pool={pool}", "--concurrency=1", "--loglevel=INFO", f"--hostname={name}",
-            f"--queues={','.join(queue_name(f) for f in families)}", "--without-gossip", "--without-mingle",
+            "worker",
+            f"--pool={pool}",
+            "--concurrency=1",
+            "--loglevel=INFO",
+            f"--hostname={name}",
+            f"--queues={','.join(queue_name(f) for f in families)}",
+            "--without-gossip",
+            "--without-mingle",
         ]
     )
 
@@ -68,7 +76,9 @@ def run_gpu_workers(settings: Settings, gpus: str, families: list[str] | None) -
 
     found = visible_gpus()
     if not found:
-        raise InvalidRequest("no CUDA GPU is visible: use `inference-server worker --device cpu`", code="no_gpu")
+        raise InvalidRequest(
+            "no CUDA GPU is visible: use `inference-server worker --device cpu`", code="no_gpu"
+        )
     wanted = [g for g in found if gpus == "all" or str(g[0]) in gpus.split(",")]
     procs: list[subprocess.Popen[bytes]] = []
     for index, memory in wanted:
@@ -76,8 +86,16 @@ def run_gpu_workers(settings: Settings, gpus: str, families: list[str] | None) -
         if not fams:
             log.warning("GPU %d (%.1f GB) fits no family; not starting a worker on it", index, memory / 1e9)
             continue
-        cmd = [sys.executable, "-m", "inference_server.cli.main", "worker", "--device", f"cuda:{index}",
-               "--families", ",".join(fams)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "inference_server.cli.main",
+            "worker",
+            "--device",
+            f"cuda:{index}",
+            "--families",
+            ",".join(fams),
+        ]
         log.info("GPU %d: %s", index, " ".join(cmd[3:]))
         procs.append(subprocess.Popen(cmd, env=dict(os.environ)))
     if not procs:

@@ -5,9 +5,10 @@ the stamp can re-send a message: the worker recognises and drops such duplicates
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import threading
-
 from typing import Any
 
 from celery import Celery
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.db import OutboxMessage
 from inference_server.db.base import utcnow
+from inference_server.settings import Settings
 from workers.celery_app import RUN_JOB
 from workers.confirms import ConfirmingChannel
 from workers.queues import family_queue
@@ -32,30 +34,46 @@ class Relay:
         *,
         batch_size: int = 200,
         interval: float = 0.2,
+        linger: float = 0.02,
         consumer_timeout_ms: int,
     ) -> None:
         self.app = app
         self.sf = session_factory
         self.batch_size = batch_size
         self.interval = interval
+        self.linger = linger
         self.consumer_timeout_ms = consumer_timeout_ms
         self.wake = threading.Event()
         self._queues: dict[str, object] = {}
         self.published = 0
         self._channel: ConfirmingChannel | None = None
-        self._producer: Any = None
+        self._declared: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, app: Celery, session_factory: sessionmaker[Session], settings: Settings) -> Relay:
+        return cls(
+            app,
+            session_factory,
+            batch_size=settings.relay_batch_size,
+            interval=settings.relay_interval,
+            linger=settings.relay_linger,
+            consumer_timeout_ms=settings.consumer_timeout_ms,
+        )
 
     def _queue(self, name: str) -> object:
         if name not in self._queues:
-            self._queues[name] = family_queue(name.removeprefix("jobs."), consumer_timeout_ms=self.consumer_timeout_ms)
+            self._queues[name] = family_queue(
+                name.removeprefix("jobs."), consumer_timeout_ms=self.consumer_timeout_ms
+            )
         return self._queues[name]
 
     def publish_pending(self) -> int:
         """Publish one batch of unpublished messages; return how many were published."""
         with self.sf() as session:
+            # Plain rows, not ORM objects: this runs hundreds of times a second inside the API.
             rows = list(
-                session.scalars(
-                    select(OutboxMessage)
+                session.execute(
+                    select(OutboxMessage.id, OutboxMessage.job_id, OutboxMessage.queue)
                     .where(OutboxMessage.published_at.is_(None))
                     .order_by(OutboxMessage.id)
                     .limit(self.batch_size)
@@ -79,7 +97,11 @@ class Relay:
 
     def _send(self, row: OutboxMessage, producer: Any) -> None:
         self.app.send_task(
-            RUN_JOB, args=[row.job_id], task_id=row.job_id, queue=self._queue(row.queue), producer=producer,
+            RUN_JOB,
+            args=[row.job_id],
+            task_id=row.job_id,
+            queue=self._queue(row.queue),
+            producer=producer,
             retry=False,
         )
 
@@ -94,32 +116,54 @@ class Relay:
         if self._channel is None:
             connection = Connection(self.app.conf.broker_url, heartbeat=0, connect_timeout=5)
             self._channel = ConfirmingChannel(connection)
-            self._producer = self.app.amqp.Producer(self._channel.channel, auto_declare=True)
-        confirmed = self._channel.publish_all(rows, lambda row: self._send(row, self._producer))
+            self._declared = set()
+        confirmed = self._channel.publish_all(rows, self._send_direct)
         return [row.id for row in confirmed]
+
+    def _send_direct(self, row: OutboxMessage) -> None:
+        """Celery's own task message (protocol 2), published straight on the confirm channel: the
+        kombu producer path costs more than twice as much per message, on the API's CPU."""
+        assert self._channel is not None
+        channel = self._channel.channel
+        queue = self._queue(row.queue)
+        if row.queue not in self._declared:
+            queue.bind(channel).declare()  # type: ignore[attr-defined]
+            self._declared.add(row.queue)
+        headers, properties, body, _ = self.app.amqp.as_task_v2(row.job_id, RUN_JOB, args=[row.job_id])
+        message = channel.prepare_message(
+            json.dumps(body),
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers=headers,
+            properties={**properties, "delivery_mode": 2},
+        )
+        channel.basic_publish(message, exchange=queue.exchange.name, routing_key=queue.routing_key)  # type: ignore[attr-defined]
 
     def _reset(self) -> None:
         """Drop the broker connection after an error; the next batch opens a new one."""
         if self._channel is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._channel.connection.release()
-            except Exception:
-                pass
         self._channel = None
-        self._producer = None
 
     def run(self, stop: threading.Event) -> None:
         """Publish until ``stop`` is set; back off while the broker or database is down."""
         backoff = self.interval
         while not stop.is_set():
             try:
-                while self.publish_pending() >= self.batch_size and not stop.is_set():
-                    pass
+                published = self.publish_pending()
                 backoff = self.interval
             except Exception as exc:
                 log.warning("outbox relay: %s; retrying in %.1fs", exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+                continue
+            if published >= self.batch_size:
+                continue
+            if published:
+                # Busy: let the next batch gather for a moment instead of paying a database and
+                # broker round trip per message. A job arriving at an idle relay goes out at once.
+                stop.wait(self.linger)
                 continue
             self.wake.wait(self.interval)
             self.wake.clear()

@@ -220,13 +220,22 @@ class JobRunner:
                 "loras": p.get("loras", []),
             }
             data, content_type = imaging.encode_output(
-                image, fmt=fmt, quality=int(out.get("quality", 90)), metadata=out.get("metadata", {}),
+                image,
+                fmt=fmt,
+                quality=int(out.get("quality", 90)),
+                metadata=out.get("metadata", {}),
                 parameters=parameters,
             )
             uri = self.storage.put(output_key(claim.job_id, index, EXTENSIONS[fmt]), data, content_type)
             return JobOutput(
-                job_id=claim.job_id, index=index, uri=uri, content_type=content_type, width=image.width,
-                height=image.height, seed=seed + index, sha256=hashlib.sha256(data).hexdigest(),
+                job_id=claim.job_id,
+                index=index,
+                uri=uri,
+                content_type=content_type,
+                width=image.width,
+                height=image.height,
+                seed=seed + index,
+                sha256=hashlib.sha256(data).hexdigest(),
                 size_bytes=len(data),
             )
 
@@ -242,8 +251,13 @@ class JobRunner:
             result = session.execute(
                 update(Job)
                 .where(Job.id == claim.job_id, Job.status == JobStatus.RUNNING, Job.attempts == claim.attempt)
-                .values(status=JobStatus.SUCCEEDED, finished_at=now, eta_seconds=0.0, updated_at=now,
-                        progress_step=Job.progress_total)
+                .values(
+                    status=JobStatus.SUCCEEDED,
+                    finished_at=now,
+                    eta_seconds=0.0,
+                    updated_at=now,
+                    progress_step=Job.progress_total,
+                )
             )
             if result.rowcount == 0:
                 session.rollback()
@@ -263,8 +277,14 @@ class JobRunner:
             result = session.execute(
                 update(Job)
                 .where(Job.id == claim.job_id, Job.status == JobStatus.RUNNING, Job.attempts == claim.attempt)
-                .values(status=JobStatus.FAILED, finished_at=now, error_code=code, error_message=message[:2000],
-                        eta_seconds=None, updated_at=now)
+                .values(
+                    status=JobStatus.FAILED,
+                    finished_at=now,
+                    error_code=code,
+                    error_message=message[:2000],
+                    eta_seconds=None,
+                    updated_at=now,
+                )
             )
             if result.rowcount == 0:
                 session.rollback()
@@ -273,4 +293,3 @@ class JobRunner:
             session.refresh(job)
             emit(session, job, EventType.FAILED, api_base=self.settings.api_url)
             session.commit()
-

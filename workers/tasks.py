@@ -64,8 +64,12 @@ def storage_download(settings: Settings, uri: str, dest: Any) -> Any:
     from inference_server.storage.s3 import S3Storage
 
     parsed = urlparse(uri)
-    store = S3Storage(f"{parsed.scheme}://{parsed.netloc}", endpoint_url=settings.s3_endpoint_url,
-                      region=settings.s3_region, scheme=parsed.scheme)
+    store = S3Storage(
+        f"{parsed.scheme}://{parsed.netloc}",
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        scheme=parsed.scheme,
+    )
     return store.download_tree(uri, dest)
 
 

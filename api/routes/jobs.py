@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import JSONResponse, RedirectResponse
-from starlette.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppState, current_tenant, get_session, state
 from inference_server.db import Tenant
@@ -55,7 +55,9 @@ def list_jobs(
     tenant: Tenant = Depends(current_tenant),
     st: AppState = Depends(state),
 ) -> dict[str, Any]:
-    jobs, next_cursor = service.list_jobs(session, tenant, status=status, family=family, limit=limit, cursor=cursor)
+    jobs, next_cursor = service.list_jobs(
+        session, tenant, status=status, family=family, limit=limit, cursor=cursor
+    )
     return {"jobs": [job_to_dict(j, api_base=st.settings.api_url) for j in jobs], "next_cursor": next_cursor}
 
 

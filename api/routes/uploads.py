@@ -17,7 +17,9 @@ FORMATS = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "WEBP": (
 
 
 @router.post("", status_code=201)
-def upload(file: UploadFile, tenant: Tenant = Depends(current_tenant), st: AppState = Depends(state)) -> dict[str, Any]:
+def upload(
+    file: UploadFile, tenant: Tenant = Depends(current_tenant), st: AppState = Depends(state)
+) -> dict[str, Any]:
     from inference_server import imaging
 
     s = st.settings

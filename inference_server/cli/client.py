@@ -16,8 +16,15 @@ TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 def run_generate(
-    api_url: str, api_key: str, body: dict[str, Any], output: Path | None, *, image: Path | None = None,
-    poll: float = 0.2, show_progress: bool = True, timeout: float = 3600.0,
+    api_url: str,
+    api_key: str,
+    body: dict[str, Any],
+    output: Path | None,
+    *,
+    image: Path | None = None,
+    poll: float = 0.2,
+    show_progress: bool = True,
+    timeout: float = 3600.0,
 ) -> Path:
     """Submit ``body``, wait for the job, save output 0; returns the file written."""
     from tqdm import tqdm
@@ -32,8 +39,12 @@ def run_generate(
     resp = http.post(f"{api_url}/v1/jobs", json=body, timeout=30)
     _raise_for(resp)
     job = resp.json()
-    bar = tqdm(total=max(job["progress"]["total_steps"], 1), unit="step", disable=not show_progress,
-               desc=job["id"][:8])
+    bar = tqdm(
+        total=max(job["progress"]["total_steps"], 1),
+        unit="step",
+        disable=not show_progress,
+        desc=job["id"][:8],
+    )
     deadline = time.monotonic() + timeout
     while job["status"] not in TERMINAL:
         if time.monotonic() > deadline:
@@ -49,7 +60,9 @@ def run_generate(
     bar.close()
     if job["status"] != "succeeded":
         err = job.get("error") or {}
-        raise click.ClickException(f"job {job['id']} {job['status']}: {err.get('code')}: {err.get('message')}")
+        raise click.ClickException(
+            f"job {job['id']} {job['status']}: {err.get('code')}: {err.get('message')}"
+        )
     first = job["outputs"][0]
     data = http.get(f"{api_url}/v1/jobs/{job['id']}/outputs/0", timeout=120)
     _raise_for(data)
@@ -81,15 +94,36 @@ def _raise_for(resp: requests.Response) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--api-url", default=None, help="Default: API_URL.")
 @click.option("--api-key", default=None, help="Default: INFERENCE_SERVER_API_KEY.")
-def generate(prompt: str, family: str, model: str | None, task: str | None, image: Path | None, width: int | None,
-             height: int | None, steps: int | None, seed: int | None, output: Path | None, api_url: str | None,
-             api_key: str | None) -> None:
+def generate(
+    prompt: str,
+    family: str,
+    model: str | None,
+    task: str | None,
+    image: Path | None,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    seed: int | None,
+    output: Path | None,
+    api_url: str | None,
+    api_key: str | None,
+) -> None:
     """Submit PROMPT, show a progress bar, save the image."""
     key = api_key or os.environ.get("INFERENCE_SERVER_API_KEY")
     if not key:
         raise click.ClickException("no API key: pass --api-key or set INFERENCE_SERVER_API_KEY")
-    body: dict[str, Any] = {"family": family, "prompt": prompt, "task": task or ("img2img" if image else "txt2img")}
-    for name, value in (("model", model), ("width", width), ("height", height), ("steps", steps), ("seed", seed)):
+    body: dict[str, Any] = {
+        "family": family,
+        "prompt": prompt,
+        "task": task or ("img2img" if image else "txt2img"),
+    }
+    for name, value in (
+        ("model", model),
+        ("width", width),
+        ("height", height),
+        ("steps", steps),
+        ("seed", seed),
+    ):
         if value is not None:
             body[name] = value
     path = run_generate(api_url or get_settings().api_url, key, body, output, image=image)

@@ -57,8 +57,13 @@ def api(host: str | None, port: int | None, processes: int) -> None:
 
     settings = _settings()
     uvicorn.run(
-        "api.main:app", factory=False, host=host or settings.api_host, port=port or settings.api_port,
-        workers=processes, log_level="warning", access_log=False,
+        "api.main:app",
+        factory=False,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=processes,
+        log_level="warning",
+        access_log=False,
     )
 
 

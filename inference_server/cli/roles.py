@@ -23,12 +23,11 @@ def start_dispatcher_threads(
     sf = make_session_factory(make_engine(settings.database_url, pool_size=settings.webhook_concurrency + 4))
     threads = []
     if relay:
-        relayer = Relay(
-            create_celery_app(settings), sf, batch_size=settings.relay_batch_size,
-            interval=settings.relay_interval, consumer_timeout_ms=settings.consumer_timeout_ms,
-        )
+        relayer = Relay.from_settings(create_celery_app(settings), sf, settings)
         threads.append(relayer.start(stop))
-    delivery = threading.Thread(target=Dispatcher(settings, sf).run, args=(stop,), name="dispatcher", daemon=True)
+    delivery = threading.Thread(
+        target=Dispatcher(settings, sf).run, args=(stop,), name="dispatcher", daemon=True
+    )
     delivery.start()
     threads.append(delivery)
     return threads

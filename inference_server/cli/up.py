@@ -45,8 +45,14 @@ def _ensure_models(models_file: Path) -> None:
 @click.command()
 @click.option("--port", type=int, default=None, help="API port (default: API_PORT).")
 @click.option("--once", "prompt", default=None, help="Generate one image for PROMPT, save it, and exit.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("image.png"),
-              show_default=True, help="Where --once saves its image.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("image.png"),
+    show_default=True,
+    help="Where --once saves its image.",
+)
 @click.option("--family", default="sd15", show_default=True, help="Family --once uses.")
 def up(port: int | None, prompt: str | None, output: Path, family: str) -> None:
     """Run the whole system in one process for a first try."""
@@ -72,8 +78,11 @@ def up(port: int | None, prompt: str | None, output: Path, family: str) -> None:
     families = list(load_registry(settings.models_file).families)
 
     stop = threading.Event()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.api_host, port=settings.api_port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning"
+        )
+    )
     threading.Thread(target=server.run, name="api", daemon=True).start()
     start_dispatcher_threads(settings, stop, relay=False)
     _wait_ready(settings.api_url)
@@ -82,12 +91,20 @@ def up(port: int | None, prompt: str | None, output: Path, family: str) -> None:
 
     result: dict[str, object] = {}
     if prompt is not None:
-        threading.Thread(target=_once, args=(settings, api_key, prompt, family, output, result), daemon=True).start()
+        threading.Thread(
+            target=_once, args=(settings, api_key, prompt, family, output, result), daemon=True
+        ).start()
 
     app = create_celery_app(settings, families=families)
     worker = app.Worker(
-        pool_cls="solo", concurrency=1, queues=[queue_name(f) for f in families], loglevel="WARNING",
-        without_gossip=True, without_mingle=True, without_heartbeat=True, hostname="up@%h",
+        pool_cls="solo",
+        concurrency=1,
+        queues=[queue_name(f) for f in families],
+        loglevel="WARNING",
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        hostname="up@%h",
     )
     worker.start()
     stop.set()

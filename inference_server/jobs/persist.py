@@ -24,7 +24,9 @@ def _pg_insert_sql(layout: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
 
 def _columns(table: Table, row: Any) -> tuple[str, ...]:
     # Leave out what the database generates: an autoincrement key the row does not set.
-    return tuple(c.key for c in table.columns if not (c.autoincrement is True and getattr(row, c.key) is None))
+    return tuple(
+        c.key for c in table.columns if not (c.autoincrement is True and getattr(row, c.key) is None)
+    )
 
 
 def insert_new_rows(session: Session, rows: list[Any]) -> None:

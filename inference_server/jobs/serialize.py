@@ -20,10 +20,7 @@ def public_params(params: dict[str, Any]) -> dict[str, Any]:
 def job_to_dict(job: Job, *, api_base: str = "") -> dict[str, Any]:
     total = job.progress_total or 0
     step = job.progress_step or 0
-    if job.status == "succeeded":
-        percent = 100.0
-    else:
-        percent = round(100.0 * step / total, 1) if total else 0.0
+    percent = 100.0 if job.status == "succeeded" else round(100.0 * step / total, 1) if total else 0.0
     return {
         "id": job.id,
         "status": job.status,

@@ -59,7 +59,9 @@ def _check_family(ctx: JobContext, req: JobRequest) -> tuple[Any, Any]:
             continue  # a LoRA in a bucket, fetched by the worker; never a path on the worker's disk
         if family.lora(lora.name) is None:
             known = ", ".join(lo.name for lo in family.loras) or "none"
-            raise InvalidRequest(f"unknown LoRA {lora.name!r} for {family.name} (known: {known})", code="unknown_lora")
+            raise InvalidRequest(
+                f"unknown LoRA {lora.name!r} for {family.name} (known: {known})", code="unknown_lora"
+            )
     return family, model
 
 
@@ -76,9 +78,13 @@ def _resolve_params(family: Any, req: JobRequest) -> dict[str, Any]:
     for key in ("width", "height"):
         value = params.get(key)
         if value is not None and not lo <= value <= hi:
-            raise InvalidRequest(f"{key} must be between {lo} and {hi} for {family.name}", code="invalid_size")
+            raise InvalidRequest(
+                f"{key} must be between {lo} and {hi} for {family.name}", code="invalid_size"
+            )
         if value is not None and value % multiple:
-            raise InvalidRequest(f"{key} must be a multiple of {multiple} for {family.name}", code="invalid_size")
+            raise InvalidRequest(
+                f"{key} must be a multiple of {multiple} for {family.name}", code="invalid_size"
+            )
     max_steps = limits.get("max_steps", 150)
     if params.get("steps", 1) > max_steps:
         raise InvalidRequest(f"steps must be at most {max_steps} for {family.name}", code="invalid_steps")
@@ -230,9 +236,7 @@ def list_jobs(
         query = query.where(Job.family == family)
     if cursor:
         created, last_id = _decode_cursor(cursor)
-        query = query.where(
-            (Job.created_at < created) | ((Job.created_at == created) & (Job.id < last_id))
-        )
+        query = query.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < last_id)))
     query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     jobs = list(session.scalars(query))
     next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None

@@ -74,7 +74,7 @@ class S3Storage:
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(prefix):]
+                    rel = obj["Key"][len(prefix) :]
                     if not rel or rel.endswith("/"):
                         continue
                     target = (dest / rel).resolve()
