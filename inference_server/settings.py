@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     device: str = "cpu"  # set by `worker --device`; "cuda" after the launcher pins one GPU
     worker_max_jobs_per_child: int = 0  # recycle the child after N jobs (0: never)
     job_time_limit: int = 0  # hard per-job time limit in seconds (0: none)
+    worker_metrics_port: int = 0  # Prometheus endpoint of a worker (`workers`: this port + GPU n); 0: none
     warm_models: str = ""  # "family[/model],..." loaded when a worker child starts
 
     # Outbox relay.

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,10 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
 # -- services -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    name = f"is_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+@contextmanager
+def fresh_database(prefix: str = "is_test") -> Iterator[str]:
+    """A new PostgreSQL database at migration head, dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -59,11 +61,21 @@ def pg_url() -> Iterator[str]:
     from inference_server.migrate import upgrade
 
     upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            )
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -245,7 +257,10 @@ def api_server(system_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
 def start_worker(
     env: dict[str, str], logs_dir: Path, families: str = "sd15,sdxl,flux,qwen-image-edit"
 ) -> Proc:
+    port = free_port()
+    env = dict(env, WORKER_METRICS_PORT=str(port))
     proc = Proc("worker", ["worker", "--families", families, "--device", "cpu"], env, logs_dir)
+    proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
 
     def ready() -> bool:
         if proc.proc.poll() is not None:

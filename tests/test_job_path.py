@@ -80,3 +80,17 @@ def test_cancel_running_job_stops_within_a_step(api_client, worker):
     assert step_at_cancel < 50
     again = api_client.post(f"{api_client.base_url}/v1/jobs/{nxt['id']}/cancel", timeout=10)
     assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
+
+
+def test_worker_metrics_count_outcomes(api_client, worker):
+    import requests
+
+    wait_done(api_client, submit(api_client, BASE)["id"])
+    text = requests.get(worker.metrics_url, timeout=10).text
+    finished = [
+        line
+        for line in text.splitlines()
+        if line.startswith('inference_jobs_finished_total{family="sd15",status="succeeded"}')
+    ]
+    assert finished and float(finished[0].split()[-1]) >= 1
+    assert "inference_job_duration_seconds_bucket" in text and "engine_pipeline_loads_total" in text

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from inference_server.errors import InvalidRequest
@@ -38,6 +39,11 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
     torch_device = pin_device(device)
     _check_families(settings, families)
     settings = settings.model_copy(update={"device": torch_device})
+    if settings.worker_metrics_port:
+        _prepare_multiprocess_metrics()
+        from workers.metrics import serve
+
+        serve(settings.worker_metrics_port)
     from workers.celery_app import create_celery_app
 
     app = create_celery_app(settings, families=families)
@@ -54,6 +60,17 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
             "--without-mingle",
         ]
     )
+
+
+def _prepare_multiprocess_metrics() -> None:
+    """Give prometheus-client a fresh folder shared by this worker's processes. It must be set
+    before prometheus-client is first imported here, so the child's metrics land in files the
+    main process serves."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="inference-worker-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):  # values left by an earlier run would be summed in
+        os.remove(os.path.join(path, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
 
 
 def families_for_gpu(settings: Settings, memory_bytes: int) -> list[str]:
@@ -81,7 +98,7 @@ def run_gpu_workers(settings: Settings, gpus: str, families: list[str] | None) -
         )
     wanted = [g for g in found if gpus == "all" or str(g[0]) in gpus.split(",")]
     procs: list[subprocess.Popen[bytes]] = []
-    for index, memory in wanted:
+    for n, (index, memory) in enumerate(wanted):
         fams = [f for f in families_for_gpu(settings, memory) if not families or f in families]
         if not fams:
             log.warning("GPU %d (%.1f GB) fits no family; not starting a worker on it", index, memory / 1e9)
@@ -97,7 +114,10 @@ def run_gpu_workers(settings: Settings, gpus: str, families: list[str] | None) -
             ",".join(fams),
         ]
         log.info("GPU %d: %s", index, " ".join(cmd[3:]))
-        procs.append(subprocess.Popen(cmd, env=dict(os.environ)))
+        env = dict(os.environ)
+        if settings.worker_metrics_port:
+            env["WORKER_METRICS_PORT"] = str(settings.worker_metrics_port + n)  # one port per GPU worker
+        procs.append(subprocess.Popen(cmd, env=env))
     if not procs:
         raise InvalidRequest("no GPU fits any family of the registry", code="no_gpu")
 

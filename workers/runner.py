@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from inference_server.events import emit
 from inference_server.jobs.status import TERMINAL, EventType, JobStatus
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
+from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED
 from workers.progress import ProgressWatcher
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,15 @@ class JobRunner:
         claim = self._claim(job_id, redelivered=redelivered)
         if isinstance(claim, str):
             return claim
+        started = time.perf_counter()
+        outcome = self._run_claimed(claim)
+        JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
+        if outcome in ("succeeded", "failed", "canceled"):
+            JOBS_FINISHED.labels(claim.family, outcome).inc()
+        return outcome
+
+    def _run_claimed(self, claim: Claim) -> str:
+        job_id = claim.job_id
         try:
             images = self._generate(claim)
             outputs = self._store_outputs(claim, images)
@@ -110,7 +121,9 @@ class JobRunner:
                 return "failed"
             job.status = JobStatus.RUNNING
             job.attempts += 1
-            job.started_at = job.started_at or utcnow()
+            if job.started_at is None:
+                job.started_at = utcnow()
+                JOB_WAIT.labels(job.family).observe((job.started_at - job.created_at).total_seconds())
             job.progress_step = 0
             job.eta_seconds = None
             emit(session, job, EventType.STARTED, api_base=self.settings.api_url)

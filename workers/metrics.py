@@ -1,0 +1,33 @@
+"""Job metrics of a worker. The worker child records them; with ``WORKER_METRICS_PORT`` set, the
+worker's main process serves every child's values (prometheus-client's multiprocess mode)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+JOBS_FINISHED = Counter(
+    "inference_jobs_finished_total",
+    "Jobs that reached a terminal status in this worker",
+    ["family", "status"],
+)
+JOB_DURATION = Histogram(
+    "inference_job_duration_seconds",
+    "Run time of a job in the worker, from claim to recorded outcome",
+    ["family", "task"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+JOB_WAIT = Histogram(
+    "inference_job_queue_seconds",
+    "Time a job waited between submit and its first start",
+    ["family"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
+)
+
+
+def serve(port: int) -> None:
+    """Serve the metrics of every process of this worker on ``port``."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, registry=registry)
