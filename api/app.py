@@ -14,6 +14,7 @@ from api.deps import AppState
 from api.errors import error_body, install_error_handlers
 from api.metrics import ApiMetrics, JobsCollector
 from api.ratelimit import RateLimiter
+from api.waiter import JobWaiter
 from inference_server.db import make_engine, make_session_factory
 from inference_server.engine.registry import Registry, load_registry
 from inference_server.jobs.service import JobContext
@@ -45,12 +46,14 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     from webhooks.metrics import DeliveryBacklogCollector
 
     metrics.registry.register(DeliveryBacklogCollector(sf))
+    waiter = JobWaiter(db)
     app_state = AppState(
         settings=settings,
         session_factory=sf,
         ctx=ctx,
         broker=broker,
         metrics=metrics,
+        waiter=waiter,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
     )
 
@@ -58,8 +61,10 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         if relay is not None:
             relay.start(stop)
+        waiter.start()
         yield
         stop.set()
+        waiter.stop()
         db.dispose()
 
     app = FastAPI(title="inference-server", version="0.1.0", lifespan=lifespan)

@@ -27,6 +27,7 @@ class AppState:
     limiter: RateLimiter | None = None
     broker: Any = None  # workers.broker.BrokerProbe
     metrics: Any = None  # api.metrics.ApiMetrics
+    waiter: Any = None  # api.waiter.JobWaiter
 
 
 async def state(request: Request) -> AppState:

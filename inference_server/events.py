@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import uuid
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent
 from inference_server.db.base import utcnow
 from inference_server.jobs.serialize import iso, job_to_dict
-from inference_server.jobs.status import EventType
+from inference_server.jobs.status import TERMINAL_EVENT, EventType
+
+JOB_FINISHED_CHANNEL = "job_finished"
+TERMINAL_TYPES = frozenset(str(e) for e in TERMINAL_EVENT.values())
 
 
 def make_event(job: Job, event_type: EventType | str, *, api_base: str = "") -> JobEvent:
@@ -28,8 +32,13 @@ def make_event(job: Job, event_type: EventType | str, *, api_base: str = "") -> 
 
 
 def emit(session: Session, job: Job, event_type: EventType | str, *, api_base: str = "") -> JobEvent:
-    """Add an event for ``job`` (flushed state) to ``session``; the caller commits."""
+    """Add an event for ``job`` (flushed state) to ``session``; the caller commits.
+
+    A terminal event also notifies ``job_finished`` listeners on PostgreSQL (delivered at commit),
+    which wakes API requests long-polling for the job."""
     session.flush()
     event = make_event(job, event_type, api_base=api_base)
     session.add(event)
+    if event.type in TERMINAL_TYPES and session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(JOB_FINISHED_CHANNEL, job.id)))
     return event

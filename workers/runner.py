@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import delete, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import update
+from sqlalchemy.orm import Session, noload, sessionmaker
 
 from inference_server.db import Job, JobOutput
 from inference_server.db.base import utcnow
@@ -101,7 +101,7 @@ class JobRunner:
 
     def _claim(self, job_id: str, *, redelivered: bool) -> Claim | str:
         with self.sf() as session:
-            job = session.get(Job, job_id, with_for_update=True)
+            job = session.get(Job, job_id, with_for_update=True, options=[noload(Job.outputs)])
             if job is None:
                 log.warning("job %s not found; dropping its message", job_id)
                 return "missing"
@@ -260,26 +260,17 @@ class JobRunner:
 
     def _succeed(self, claim: Claim, outputs: list[JobOutput]) -> str:
         with self.sf() as session:
-            now = utcnow()
-            result = session.execute(
-                update(Job)
-                .where(Job.id == claim.job_id, Job.status == JobStatus.RUNNING, Job.attempts == claim.attempt)
-                .values(
-                    status=JobStatus.SUCCEEDED,
-                    finished_at=now,
-                    eta_seconds=0.0,
-                    updated_at=now,
-                    progress_step=Job.progress_total,
-                )
-            )
-            if result.rowcount == 0:
-                session.rollback()
+            # Outputs are only ever written here, together with success, so there are none to load
+            # or replace: a job whose success is already recorded never reaches this point.
+            job = session.get(Job, claim.job_id, with_for_update=True, options=[noload(Job.outputs)])
+            if job is None or job.status != JobStatus.RUNNING or job.attempts != claim.attempt:
                 return "superseded"  # canceled meanwhile, or a newer attempt owns the job
-            session.execute(delete(JobOutput).where(JobOutput.job_id == claim.job_id))
-            session.add_all(outputs)
-            session.flush()
-            job = session.get(Job, claim.job_id)
-            session.refresh(job)
+            now = utcnow()
+            job.status = JobStatus.SUCCEEDED
+            job.finished_at = job.updated_at = now
+            job.eta_seconds = 0.0
+            job.progress_step = job.progress_total
+            job.outputs = outputs
             emit(session, job, EventType.SUCCEEDED, api_base=self.settings.api_url)
             session.commit()
         return "succeeded"

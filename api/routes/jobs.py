@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
@@ -15,6 +16,7 @@ from inference_server.errors import NotFound
 from inference_server.jobs import service
 from inference_server.jobs.serialize import job_to_dict
 from inference_server.jobs.spec import JobRequest
+from inference_server.jobs.status import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -61,14 +63,33 @@ def list_jobs(
     return {"jobs": [job_to_dict(j, api_base=st.settings.api_url) for j in jobs], "next_cursor": next_cursor}
 
 
-@router.get("/{job_id}")
-def get_job(
+@router.get("/{job_id}", response_model=None)
+async def get_job(
     job_id: str,
-    session: Session = Depends(get_session),
+    wait: float = Query(default=0.0, ge=0.0, le=60.0, description="Seconds to wait for the job to finish"),
     tenant: Tenant = Depends(current_tenant),
     st: AppState = Depends(state),
-) -> dict[str, Any]:
-    return job_to_dict(service.get_job(session, tenant, job_id), api_base=st.settings.api_url)
+) -> Response:
+    """The job; with ``wait``, held open until the job finishes or ``wait`` seconds pass."""
+    if wait <= 0:
+        return JSONResponse(await run_in_threadpool(_read, st, tenant, job_id))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        finished = st.waiter.register(job_id)
+        try:
+            body = await run_in_threadpool(_read, st, tenant, job_id)
+            remaining = deadline - loop.time()
+            if body["status"] in TERMINAL or remaining <= 0:
+                return JSONResponse(body)
+            await st.waiter.wait(finished, remaining)
+        finally:
+            st.waiter.unregister(job_id, finished)
+
+
+def _read(st: AppState, tenant: Tenant, job_id: str) -> dict[str, Any]:
+    with st.session_factory() as session:
+        return job_to_dict(service.get_job(session, tenant, job_id), api_base=st.settings.api_url)
 
 
 @router.post("/{job_id}/cancel")

@@ -22,7 +22,7 @@ def run_generate(
     output: Path | None,
     *,
     image: Path | None = None,
-    poll: float = 0.2,
+    poll: float = 0.5,
     show_progress: bool = True,
     timeout: float = 3600.0,
 ) -> Path:
@@ -49,8 +49,8 @@ def run_generate(
     while job["status"] not in TERMINAL:
         if time.monotonic() > deadline:
             raise click.ClickException(f"job {job['id']} still {job['status']} after {timeout:.0f}s")
-        time.sleep(poll)
-        resp = http.get(f"{api_url}/v1/jobs/{job['id']}", timeout=30)
+        # Long-poll: the API answers at once when the job finishes, or after `poll` seconds with progress.
+        resp = http.get(f"{api_url}/v1/jobs/{job['id']}", params={"wait": poll}, timeout=poll + 30)
         _raise_for(resp)
         job = resp.json()
         bar.total = max(job["progress"]["total_steps"], 1)

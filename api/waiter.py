@@ -1,0 +1,94 @@
+"""Long-polling for a job's end: ``GET /v1/jobs/{id}?wait=N`` answers as soon as the job finishes.
+
+On PostgreSQL one thread per API process LISTENs on ``job_finished`` (workers and cancels NOTIFY it
+in the transaction that ends a job) and wakes the waiting requests. Elsewhere waiting requests
+re-read the job every ``poll`` seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import select
+import threading
+from collections import defaultdict
+
+from sqlalchemy import Engine
+
+from inference_server.events import JOB_FINISHED_CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+class JobWaiter:
+    def __init__(self, engine: Engine, *, poll: float = 0.25) -> None:
+        self.engine = engine
+        self.poll = poll
+        self.listening = engine.dialect.name == "postgresql"
+        self._waiting: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(set)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        if self.listening:
+            threading.Thread(target=self._listen, name="job-waiter", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def register(self, job_id: str) -> asyncio.Event:
+        """Call before reading the job's status, so a finish in between is not missed."""
+        event = asyncio.Event()
+        with self._lock:
+            self._waiting[job_id].add((asyncio.get_running_loop(), event))
+        return event
+
+    def unregister(self, job_id: str, event: asyncio.Event) -> None:
+        with self._lock:
+            waiters = self._waiting.get(job_id)
+            if waiters:
+                waiters.difference_update({w for w in waiters if w[1] is event})
+                if not waiters:
+                    del self._waiting[job_id]
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> None:
+        """Until the job is announced finished, ``timeout`` passes, or (without LISTEN) one poll."""
+        limit = timeout if self.listening else min(timeout, self.poll)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), limit)
+
+    def _wake(self, job_id: str) -> None:
+        with self._lock:
+            waiters = self._waiting.pop(job_id, set())
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw = self.engine.raw_connection()
+                try:
+                    conn = raw.driver_connection
+                    conn.autocommit = True
+                    with conn.cursor() as cur:
+                        cur.execute(f"LISTEN {JOB_FINISHED_CHANNEL}")
+                    self._drain(conn)
+                finally:
+                    raw.invalidate()  # a LISTENing session must not go back to the pool
+            except Exception as exc:
+                log.warning("job waiter: %s; reconnecting", exc)
+                self._wake_all()  # waiting requests re-read the job instead of missing its end
+                self._stop.wait(1.0)
+
+    def _drain(self, conn) -> None:  # type: ignore[no-untyped-def]
+        while not self._stop.is_set():
+            if select.select([conn], [], [], 1.0)[0]:
+                conn.poll()
+                while conn.notifies:
+                    self._wake(conn.notifies.pop(0).payload)
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            ids = list(self._waiting)
+        for job_id in ids:
+            self._wake(job_id)
