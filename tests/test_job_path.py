@@ -94,3 +94,11 @@ def test_worker_metrics_count_outcomes(api_client, worker):
     ]
     assert finished and float(finished[0].split()[-1]) >= 1
     assert "inference_job_duration_seconds_bucket" in text and "engine_pipeline_loads_total" in text
+
+
+def test_long_poll_returns_the_finished_job(api_client, worker):
+    job = submit(api_client, BASE)
+    resp = api_client.get(f"{api_client.base_url}/v1/jobs/{job['id']}", params={"wait": 60}, timeout=90)
+    assert resp.status_code == 200 and resp.json()["status"] == "succeeded"
+    bad = api_client.get(f"{api_client.base_url}/v1/jobs/{job['id']}", params={"wait": 61}, timeout=10)
+    assert bad.status_code == 422
