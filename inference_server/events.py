@@ -4,6 +4,7 @@ turns them into webhook deliveries."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -17,18 +18,27 @@ JOB_FINISHED_CHANNEL = "job_finished"
 TERMINAL_TYPES = frozenset(str(e) for e in TERMINAL_EVENT.values())
 
 
+def event_values(job: Any, event_type: EventType | str, *, api_base: str = "") -> dict[str, Any]:
+    """The columns of the event row for ``job`` as it is now (a Job, or any object with its fields)."""
+    now = utcnow()
+    return {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "job_id": job.id,
+        "tenant_id": job.tenant_id,
+        "type": str(event_type),
+        "payload": {
+            "type": str(event_type),
+            "timestamp": iso(now),
+            "data": job_to_dict(job, api_base=api_base),
+        },
+        "fanned_out": False,
+        "created_at": now,
+    }
+
+
 def make_event(job: Job, event_type: EventType | str, *, api_base: str = "") -> JobEvent:
     """The event row for ``job`` as it is now (every attribute of ``job`` must be set)."""
-    now = utcnow()
-    return JobEvent(
-        id=f"msg_{uuid.uuid4().hex}",
-        job_id=job.id,
-        tenant_id=job.tenant_id,
-        type=str(event_type),
-        payload={"type": str(event_type), "timestamp": iso(now), "data": job_to_dict(job, api_base=api_base)},
-        fanned_out=False,
-        created_at=now,
-    )
+    return JobEvent(**event_values(job, event_type, api_base=api_base))
 
 
 def emit(session: Session, job: Job, event_type: EventType | str, *, api_base: str = "") -> JobEvent:

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     # Outbox relay.
     relay_batch_size: int = 200
     relay_interval: float = 0.2
-    relay_linger: float = 0.02  # while busy, let a batch gather this long between publishes
+    relay_linger: float = 0.05  # while busy, let a batch gather this long between publishes
 
     # Webhooks.
     webhook_retry_delays: Annotated[list[float], NoDecode] = Field(

@@ -34,7 +34,7 @@ class Relay:
         *,
         batch_size: int = 200,
         interval: float = 0.2,
-        linger: float = 0.02,
+        linger: float = 0.05,
         consumer_timeout_ms: int,
     ) -> None:
         self.app = app
@@ -160,7 +160,7 @@ class Relay:
                 continue
             if published >= self.batch_size:
                 continue
-            if published:
+            if published > 1:
                 # Busy: let the next batch gather for a moment instead of paying a database and
                 # broker round trip per message. A job arriving at an idle relay goes out at once.
                 stop.wait(self.linger)

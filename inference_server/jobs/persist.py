@@ -6,7 +6,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import JSON, Table
+from sqlalchemy import JSON, Table, insert
 from sqlalchemy.orm import Session
 
 
@@ -22,35 +22,26 @@ def _pg_insert_sql(layout: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
     return (f"WITH {ctes} " if ctes else "") + parts[-1]
 
 
-def _columns(table: Table, row: Any) -> tuple[str, ...]:
-    # Leave out what the database generates: an autoincrement key the row does not set.
-    return tuple(
-        c.key for c in table.columns if not (c.autoincrement is True and getattr(row, c.key) is None)
-    )
-
-
-def insert_new_rows(session: Session, rows: list[Any]) -> None:
-    """Insert ``rows`` (new ORM objects with every column set that the database does not generate)
-    in the session's transaction. The objects stay detached.
+def insert_new_rows(session: Session, rows: list[tuple[type[Any], dict[str, Any]]]) -> None:
+    """Insert ``rows`` — (mapped class, column values) pairs, every column set that the database
+    does not generate — in the session's transaction.
 
     On PostgreSQL this is one statement, the rows chained as data-modifying CTEs, sent as plain SQL:
-    a submit costs one round trip for its job, outbox message and event, and none of the ORM's
-    unit-of-work work (foreign keys are checked at the end of the statement, so parents and children
-    may share it). Elsewhere (SQLite) the ORM inserts them."""
+    a submit costs one round trip for its job, outbox message and event, and no ORM unit-of-work
+    (foreign keys are checked at the end of the statement, so parents and children may share it).
+    Elsewhere (SQLite) each row is a Core insert."""
     if session.get_bind().dialect.name != "postgresql":
-        session.add_all(rows)
-        session.flush()
-        for row in rows:
-            session.expunge(row)
+        for cls, values in rows:
+            session.execute(insert(cls.__table__), [values])
         return
     layout = []
     params: dict[str, Any] = {}
-    for i, row in enumerate(rows):
-        table = type(row).__table__
-        columns = _columns(table, row)
+    for i, (cls, values) in enumerate(rows):
+        table: Table = cls.__table__
+        columns = tuple(name for name in values if name in table.c)
         layout.append((table.name, columns))
         for name in columns:
-            value = getattr(row, name)
+            value = values[name]
             if value is not None and isinstance(table.c[name].type, JSON):
                 value = json.dumps(value)
             params[f"r{i}_{name}"] = value

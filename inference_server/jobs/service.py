@@ -10,17 +10,18 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from inference_server.db import Job, OutboxMessage, Tenant
+from inference_server.db import Job, JobEvent, OutboxMessage, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.engine.registry import Registry
 from inference_server.errors import Conflict, InvalidInput, InvalidRequest, NotFound
-from inference_server.events import emit, make_event
+from inference_server.events import emit, event_values
 from inference_server.jobs.persist import insert_new_rows
 from inference_server.jobs.spec import MAX_SEED, JobRequest
 from inference_server.jobs.status import TERMINAL, EventType, JobStatus
@@ -129,7 +130,8 @@ def submit(
     session: Session, ctx: JobContext, tenant: Tenant, req: JobRequest, *, idempotency_key: str | None = None
 ) -> Submitted:
     """Validate, store and enqueue one job in a single transaction."""
-    digest = request_hash(req)
+    # The body's hash only matters to tell a replay from a conflict, so only with a key.
+    digest = request_hash(req) if idempotency_key else None
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
@@ -154,29 +156,43 @@ def submit(
         params["signature"]["image"] = _store_input(ctx, tenant, job_id, "signature", req.signature.image)
     params.pop("webhook", None)
     now = utcnow()
-    job = Job(
-        id=job_id,
-        tenant_id=tenant.id,
-        status=JobStatus.QUEUED,
-        family=req.family,
-        model=model.id,
-        task=req.task,
-        params=params,
-        webhook_url=req.webhook.url if req.webhook else None,
-        webhook_events=list(req.webhook.events) if req.webhook and req.webhook.events is not None else None,
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-        progress_step=0,
-        progress_total=_planned_steps(params),
-        attempts=0,
-        created_at=now,
-        updated_at=now,
-        outputs=[],  # known empty: serialising the new job must not query for outputs
-    )
-    event = make_event(job, EventType.QUEUED, api_base=ctx.settings.api_url)
-    outbox = OutboxMessage(job_id=job.id, queue=family.queue, created_at=now, publish_attempts=0)
+    # Plain values, not ORM objects: this is the API's hot path (see jobs.persist).
+    values = {
+        "id": job_id,
+        "tenant_id": tenant.id,
+        "status": JobStatus.QUEUED.value,
+        "family": req.family,
+        "model": model.id,
+        "task": req.task,
+        "params": params,
+        "webhook_url": req.webhook.url if req.webhook else None,
+        "webhook_events": list(req.webhook.events)
+        if req.webhook and req.webhook.events is not None
+        else None,
+        "idempotency_key": idempotency_key,
+        "request_hash": digest,
+        "progress_step": 0,
+        "progress_total": _planned_steps(params),
+        "eta_seconds": None,
+        "error_code": None,
+        "error_message": None,
+        "attempts": 0,
+        "created_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": now,
+    }
+    job = SimpleNamespace(**values, outputs=[])
+    event = event_values(job, EventType.QUEUED, api_base=ctx.settings.api_url)
+    outbox = {
+        "job_id": job_id,
+        "queue": family.queue,
+        "created_at": now,
+        "published_at": None,
+        "publish_attempts": 0,
+    }
     try:
-        insert_new_rows(session, [job, outbox, event])
+        insert_new_rows(session, [(Job, values), (OutboxMessage, outbox), (JobEvent, event)])
         session.commit()
     except IntegrityError:
         # Two submits raced with one Idempotency-Key: the loser answers with the winner's job.
@@ -188,7 +204,7 @@ def submit(
         raise
     if ctx.on_published:
         ctx.on_published()
-    return Submitted(job=job, created=True, body=event.payload["data"])
+    return Submitted(job=job, created=True, body=event["payload"]["data"])  # type: ignore[arg-type]
 
 
 def _planned_steps(params: dict[str, Any]) -> int:
