@@ -23,6 +23,9 @@ from sqlalchemy import create_engine, text
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Fixtures of the webhook tests' scratch databases (`db_url`, `sf`).
+pytest_plugins = ["tests.webhook_support"]
+
 PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 BROKER = os.environ.get("TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,37 +11,15 @@ from sqlalchemy import select
 
 from api.app import create_app
 from api.auth import create_tenant_key
-from inference_server.db import make_engine, make_session_factory
 from tests.webhook_support import (
     Receiver,
     add_event,
     add_job,
-    create_database,
-    drop_database,
     make_settings,
-    truncate_all,
 )
 from webhooks.dispatcher import Dispatcher
 from webhooks.metrics import DELIVERIES, DeliveryBacklogCollector
 from webhooks.tables import WebhookDelivery
-
-DB_NAME = f"webhooks_api_test_{os.getpid()}"
-
-
-@pytest.fixture(scope="module")
-def db_url() -> Iterator[str]:
-    url = create_database(DB_NAME)
-    yield url
-    drop_database(DB_NAME)
-
-
-@pytest.fixture
-def sf(db_url: str):  # type: ignore[no-untyped-def]
-    engine = make_engine(db_url)
-    factory = make_session_factory(engine)
-    truncate_all(factory)
-    yield factory
-    engine.dispose()
 
 
 @pytest.fixture

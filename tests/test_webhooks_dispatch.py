@@ -15,40 +15,18 @@ import pytest
 import standardwebhooks
 from sqlalchemy import select, text
 
-from inference_server.db import make_engine, make_session_factory
 from inference_server.db.base import utcnow
 from tests.webhook_support import (
     Receiver,
     add_event,
     add_job,
     add_tenant,
-    create_database,
-    drop_database,
     make_settings,
-    truncate_all,
     wait_for,
 )
 from webhooks import WebhookVerificationError, verify
 from webhooks.dispatcher import Dispatcher
 from webhooks.tables import WebhookAttempt, WebhookDelivery
-
-DB_NAME = f"webhooks_test_{os.getpid()}"
-
-
-@pytest.fixture(scope="module")
-def db_url() -> Iterator[str]:
-    url = create_database(DB_NAME)
-    yield url
-    drop_database(DB_NAME)
-
-
-@pytest.fixture
-def sf(db_url: str):  # type: ignore[no-untyped-def]
-    engine = make_engine(db_url)
-    factory = make_session_factory(engine)
-    truncate_all(factory)
-    yield factory
-    engine.dispose()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ per-job order behind a failing delivery, lease takeover, and the embedded SQLite
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,33 +18,12 @@ from tests.webhook_support import (
     add_event,
     add_job,
     add_tenant,
-    create_database,
-    drop_database,
     make_settings,
     migrate,
-    truncate_all,
     wait_for,
 )
 from webhooks.dispatcher import Dispatcher
 from webhooks.tables import WebhookDelivery
-
-DB_NAME = f"webhooks_fanout_test_{os.getpid()}"
-
-
-@pytest.fixture(scope="module")
-def db_url() -> Iterator[str]:
-    url = create_database(DB_NAME)
-    yield url
-    drop_database(DB_NAME)
-
-
-@pytest.fixture
-def sf(db_url: str):  # type: ignore[no-untyped-def]
-    engine = make_engine(db_url)
-    factory = make_session_factory(engine)
-    truncate_all(factory)
-    yield factory
-    engine.dispose()
 
 
 @pytest.fixture

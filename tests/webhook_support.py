@@ -8,48 +8,44 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import create_engine, text
+import pytest
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from inference_server.db import Job, JobEvent, Tenant
+from inference_server.db import Job, JobEvent, Tenant, make_engine, make_session_factory
 from inference_server.db.base import utcnow
 from inference_server.settings import Settings
 from webhooks.secrets import new_secret
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-
-
-def create_database(name: str) -> str:
-    """A fresh PostgreSQL database migrated to head (fails loudly if PostgreSQL is not there)."""
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    migrate(url)
-    return url
-
-
-def drop_database(name: str) -> None:
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def migrate(url: str) -> None:
-    cfg = Config(os.path.join(ROOT, "alembic.ini"))
-    cfg.set_main_option("script_location", os.path.join(ROOT, "migrations"))
-    cfg.attributes["database_url"] = url
-    command.upgrade(cfg, "head")
+    from inference_server.migrate import upgrade
+
+    upgrade(url)
+
+
+@pytest.fixture(scope="module")
+def db_url() -> Iterator[str]:
+    """A scratch database per test module: these tests empty every table between tests."""
+    from tests.conftest import fresh_database
+
+    with fresh_database("webhooks") as url:
+        yield url
+
+
+@pytest.fixture
+def sf(db_url: str) -> Iterator[Callable[[], Session]]:
+    engine = make_engine(db_url)
+    factory = make_session_factory(engine)
+    truncate_all(factory)
+    yield factory
+    engine.dispose()
 
 
 def truncate_all(session_factory: Callable[[], Session]) -> None:
