@@ -38,6 +38,8 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
     """Run a Celery worker in this process. The device is pinned before anything imports torch."""
     torch_device = pin_device(device)
     _check_families(settings, families)
+    if torch_device == "cuda":
+        _check_cuda(device)
     settings = settings.model_copy(update={"device": torch_device})
     if settings.worker_metrics_port:
         _prepare_multiprocess_metrics()
@@ -60,6 +62,18 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
             "--without-mingle",
         ]
     )
+
+
+def _check_cuda(device: str) -> None:
+    """Fail at start, with a clear message, when the pinned GPU is not there. Asked in a
+    subprocess: CUDA must first be initialised in the worker child, never in this parent."""
+    probe = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+    if subprocess.run([sys.executable, "-c", probe], env=dict(os.environ), check=False).returncode != 0:
+        raise InvalidRequest(
+            f"--device {device}: no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); use --device cpu on a machine without a GPU",
+            code="no_gpu",
+        )
 
 
 def _prepare_multiprocess_metrics() -> None:

@@ -84,7 +84,14 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         # A retry of ours resumes a job this worker left running, as a broker redelivery does.
         redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or self.request.retries > 0
         try:
-            outcome = lazy.get().run(job_id, redelivered=redelivered)
+            runner = lazy.get()
+        except Exception as exc:
+            # This worker cannot run anything (device, registry, storage): the job is not at fault.
+            # Put it back on its queue for a healthy worker rather than acking it away.
+            log.critical("worker cannot start its engine: %s", exc, exc_info=True)
+            raise self.retry(countdown=10, exc=exc) from exc
+        try:
+            outcome = runner.run(job_id, redelivered=redelivered)
         except RetryLater as exc:
             log.warning("job %s: transient failure, retrying: %s", job_id, exc)
             raise self.retry(countdown=5, exc=exc) from exc

@@ -1,0 +1,81 @@
+"""The command line as a user runs it: clear errors, keys as JSON, `generate` against the running
+system, and `up --once` (the README's first command) end to end on embedded defaults."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.conftest import ROOT, base_env, free_port
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "inference_server.cli.main", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_worker_refuses_bad_setups_clearly(tiny_models):
+    env = base_env(MODELS_FILE=str(tiny_models))
+    for args, message in [
+        (("worker", "--families", "sd15", "--device", "cuda:0"), "no_gpu"),
+        (("worker", "--families", "nope", "--device", "cpu"), "unknown_family"),
+        (("worker", "--families", "sd15", "--device", "tpu"), "invalid_device"),
+        (("workers", "--gpus", "all"), "no_gpu"),
+    ]:
+        result = cli(*args, env=env)
+        assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_keys_create_prints_json(system_env):
+    result = cli("keys", "create", "--tenant", "cli-test", env=system_env)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["api_key"].startswith("isk_") and out["webhook_secret"].startswith("whsec_")
+
+
+def test_generate_saves_the_image(api_client, worker, tenant, system_env, tmp_path):
+    target = tmp_path / "fox.png"
+    result = cli(
+        "generate",
+        "a fox",
+        "-o",
+        str(target),
+        "--steps",
+        "4",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--api-url",
+        api_client.base_url,
+        "--api-key",
+        tenant.api_key,
+        env=system_env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert Image.open(target).size == (64, 64)
+
+
+def test_up_once_on_embedded_defaults(tiny_models, tmp_path):
+    env = base_env(
+        INFERENCE_SERVER_HOME=str(tmp_path / "home"), MODELS_FILE=str(tiny_models), API_PORT=str(free_port())
+    )
+    for key in ("BROKER_URL", "DATABASE_URL", "STORAGE_URL"):
+        env.pop(key, None)
+    target = tmp_path / "lighthouse.png"
+    result = cli("up", "--once", "a lighthouse at dusk", "-o", str(target), env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(target).size == (64, 64)
+    assert (tmp_path / "home" / "inference-server.db").exists()  # SQLite, the embedded default
+    assert os.path.exists(tmp_path / "home" / "storage")
