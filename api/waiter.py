@@ -69,6 +69,7 @@ class JobWaiter:
                 raw = self.engine.raw_connection()
                 try:
                     conn = raw.driver_connection
+                    assert conn is not None
                     conn.autocommit = True
                     with conn.cursor() as cur:
                         cur.execute(f"LISTEN {JOB_FINISHED_CHANNEL}")

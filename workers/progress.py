@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.db import Job
@@ -77,7 +78,7 @@ class ProgressWatcher:
                 return
             elapsed = now - self._started
             eta = elapsed / step * (total - step) if step else None
-            result = session.execute(
+            result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
                 update(Job)
                 .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING, Job.attempts == self.attempt)
                 .values(progress_step=step, progress_total=total, eta_seconds=eta, updated_at=utcnow())

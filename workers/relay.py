@@ -95,7 +95,7 @@ class Relay:
             self.published += len(done)
             return len(done)
 
-    def _send(self, row: OutboxMessage, producer: Any) -> None:
+    def _send(self, row: Any, producer: Any) -> None:
         self.app.send_task(
             RUN_JOB,
             args=[row.job_id],
@@ -105,7 +105,7 @@ class Relay:
             retry=False,
         )
 
-    def _publish(self, rows: list[OutboxMessage]) -> list[int]:
+    def _publish(self, rows: list[Any]) -> list[int]:
         """Publish ``rows``; return the ids the broker confirmed."""
         if not self.app.conf.broker_url.startswith(("amqp", "pyamqp")):
             # The in-process broker of `up` has no confirms: a publish that returned is delivered.
@@ -120,7 +120,7 @@ class Relay:
         confirmed = self._channel.publish_all(rows, self._send_direct)
         return [row.id for row in confirmed]
 
-    def _send_direct(self, row: OutboxMessage) -> None:
+    def _send_direct(self, row: Any) -> None:
         """Celery's own task message (protocol 2), published straight on the confirm channel: the
         kombu producer path costs more than twice as much per message, on the API's CPU."""
         assert self._channel is not None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import CursorResult, update
 from sqlalchemy.orm import Session, noload, sessionmaker
 
 from inference_server.db import Job, JobOutput
@@ -147,8 +147,8 @@ class JobRunner:
             task=claim.task,
             prompt=p.get("prompt", ""),
             negative_prompt=p.get("negative_prompt"),
-            width=int(width),
-            height=int(height),
+            width=int(width),  # type: ignore[arg-type]  # set by the service or edit_size above
+            height=int(height),  # type: ignore[arg-type]
             steps=int(p["steps"]),
             guidance_scale=p.get("guidance_scale"),
             seeds=[seed + i for i in range(int(p.get("num_images", 1)))],
@@ -278,7 +278,7 @@ class JobRunner:
     def _fail(self, claim: Claim, code: str, message: str) -> None:
         with self.sf() as session:
             now = utcnow()
-            result = session.execute(
+            result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
                 update(Job)
                 .where(Job.id == claim.job_id, Job.status == JobStatus.RUNNING, Job.attempts == claim.attempt)
                 .values(
@@ -294,6 +294,7 @@ class JobRunner:
                 session.rollback()
                 return
             job = session.get(Job, claim.job_id)
+            assert job is not None  # it was just updated in this transaction
             session.refresh(job)
             emit(session, job, EventType.FAILED, api_base=self.settings.api_url)
             session.commit()

@@ -13,7 +13,7 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -218,7 +218,7 @@ def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Job | Non
     return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
 
 
-def _replay(existing: Job, digest: str) -> Submitted:
+def _replay(existing: Job, digest: str | None) -> Submitted:
     if existing.request_hash != digest:
         raise Conflict(
             "this Idempotency-Key was already used with a different request body", code="idempotency_conflict"
@@ -282,7 +282,7 @@ def cancel(session: Session, ctx: JobContext, tenant: Tenant, job_id: str) -> Jo
         raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
     now = utcnow()
     # Conditional update: a worker finishing at the same moment wins or loses cleanly, never both.
-    result = session.execute(
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
         update(Job)
         .where(Job.id == job.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
         .values(status=JobStatus.CANCELED, finished_at=now, eta_seconds=None, updated_at=now)
