@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import select
 import threading
 from collections import defaultdict
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -20,12 +22,23 @@ from inference_server.events import JOB_FINISHED_CHANNEL
 log = logging.getLogger(__name__)
 
 
+class Waiting:
+    """One request waiting for one job."""
+
+    __slots__ = ("event", "job", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.event = asyncio.Event()
+        self.job: dict[str, Any] | None = None
+
+
 class JobWaiter:
     def __init__(self, engine: Engine, *, poll: float = 0.25) -> None:
         self.engine = engine
         self.poll = poll
         self.listening = engine.dialect.name == "postgresql"
-        self._waiting: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(set)
+        self._waiting: dict[str, set[Waiting]] = defaultdict(set)
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -36,32 +49,36 @@ class JobWaiter:
     def stop(self) -> None:
         self._stop.set()
 
-    def register(self, job_id: str) -> asyncio.Event:
+    def register(self, job_id: str) -> Waiting:
         """Call before reading the job's status, so a finish in between is not missed."""
-        event = asyncio.Event()
+        waiting = Waiting(asyncio.get_running_loop())
         with self._lock:
-            self._waiting[job_id].add((asyncio.get_running_loop(), event))
-        return event
+            self._waiting[job_id].add(waiting)
+        return waiting
 
-    def unregister(self, job_id: str, event: asyncio.Event) -> None:
+    def unregister(self, job_id: str, waiting: Waiting) -> None:
         with self._lock:
             waiters = self._waiting.get(job_id)
             if waiters:
-                waiters.difference_update({w for w in waiters if w[1] is event})
+                waiters.discard(waiting)
                 if not waiters:
                     del self._waiting[job_id]
 
-    async def wait(self, event: asyncio.Event, timeout: float) -> None:
-        """Until the job is announced finished, ``timeout`` passes, or (without LISTEN) one poll."""
+    async def wait(self, waiting: Waiting, timeout: float) -> dict[str, Any] | None:
+        """Until the job is announced finished, ``timeout`` passes, or (without LISTEN) one poll.
+
+        Returns the finished job when the announcement carried it."""
         limit = timeout if self.listening else min(timeout, self.poll)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), limit)
+            await asyncio.wait_for(waiting.event.wait(), limit)
+        return waiting.job
 
-    def _wake(self, job_id: str) -> None:
+    def _wake(self, job_id: str, job: dict[str, Any] | None = None) -> None:
         with self._lock:
             waiters = self._waiting.pop(job_id, set())
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+        for waiting in waiters:
+            waiting.job = job
+            waiting.loop.call_soon_threadsafe(waiting.event.set)
 
     def _listen(self) -> None:
         while not self._stop.is_set():
@@ -86,7 +103,12 @@ class JobWaiter:
             if select.select([conn], [], [], 1.0)[0]:
                 conn.poll()
                 while conn.notifies:
-                    self._wake(conn.notifies.pop(0).payload)
+                    payload = conn.notifies.pop(0).payload
+                    if payload.startswith("{"):
+                        message = json.loads(payload)
+                        self._wake(message["id"], message.get("job"))
+                    else:
+                        self._wake(payload)
 
     def _wake_all(self) -> None:
         with self._lock:

@@ -3,6 +3,7 @@ turns them into webhook deliveries."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -50,5 +51,10 @@ def emit(session: Session, job: Job, event_type: EventType | str, *, api_base: s
     event = make_event(job, event_type, api_base=api_base)
     session.add(event)
     if event.type in TERMINAL_TYPES and session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_notify(JOB_FINISHED_CHANNEL, job.id)))
+        # The finished job rides along (NOTIFY payloads stop at 8000 bytes): a long-polling
+        # request answers without reading it back.
+        message = json.dumps({"id": job.id, "job": event.payload["data"]}, default=str)
+        session.execute(
+            select(func.pg_notify(JOB_FINISHED_CHANNEL, message if len(message) < 7900 else job.id))
+        )
     return event

@@ -82,7 +82,9 @@ async def get_job(
             remaining = deadline - loop.time()
             if body["status"] in TERMINAL or remaining <= 0:
                 return JSONResponse(body)
-            await st.waiter.wait(finished, remaining)
+            announced = await st.waiter.wait(finished, remaining)
+            if announced is not None:
+                return JSONResponse(announced)  # the tenant's own job: checked by the read above
         finally:
             st.waiter.unregister(job_id, finished)
 
