@@ -35,10 +35,6 @@ async def state(request: Request) -> AppState:
     return request.app.state.inference
 
 
-async def get_settings_dep(st: AppState = Depends(state)) -> Settings:
-    return st.settings
-
-
 def get_session(st: AppState = Depends(state)) -> Iterator[Session]:
     with st.session_factory() as session:
         yield session

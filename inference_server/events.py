@@ -37,18 +37,13 @@ def event_values(job: Any, event_type: EventType | str, *, api_base: str = "") -
     }
 
 
-def make_event(job: Job, event_type: EventType | str, *, api_base: str = "") -> JobEvent:
-    """The event row for ``job`` as it is now (every attribute of ``job`` must be set)."""
-    return JobEvent(**event_values(job, event_type, api_base=api_base))
-
-
 def emit(session: Session, job: Job, event_type: EventType | str, *, api_base: str = "") -> JobEvent:
     """Add an event for ``job`` (flushed state) to ``session``; the caller commits.
 
     A terminal event also notifies ``job_finished`` listeners on PostgreSQL (delivered at commit),
     which wakes API requests long-polling for the job."""
     session.flush()
-    event = make_event(job, event_type, api_base=api_base)
+    event = JobEvent(**event_values(job, event_type, api_base=api_base))
     session.add(event)
     if event.type in TERMINAL_TYPES and session.get_bind().dialect.name == "postgresql":
         # The finished job rides along (NOTIFY payloads stop at 8000 bytes): a long-polling

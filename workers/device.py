@@ -44,7 +44,8 @@ def configure_torch(settings: Settings) -> str:
 
 
 def visible_gpus() -> list[tuple[int, int]]:
-    """(index, total memory in bytes) of every GPU, read through NVML-free torch in a subprocess-safe way."""
+    """(index, total memory in bytes) of every visible GPU. Only the launcher calls this: its
+    workers are new processes, so CUDA initialised here is never inherited by a fork."""
     import torch
 
     if not torch.cuda.is_available():
