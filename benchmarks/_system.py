@@ -4,28 +4,26 @@ S3 server, tiny models, and `inference-server` processes. Shared by the benchmar
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import requests
-from sqlalchemy import create_engine, text
+
+from tests.conftest import free_port, fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def database() -> AbstractContextManager[str]:
+    """A fresh PostgreSQL database at migration head, dropped afterwards (the test suite's helper)."""
+    return fresh_database("is_bench")
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
@@ -38,26 +36,6 @@ def wait_http(url: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
-
-
-@contextmanager
-def database() -> Iterator[str]:
-    name = f"is_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-    from inference_server.migrate import upgrade
-
-    upgrade(url)
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname='{name}'")
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
 
 
 def purge_queues(families: list[str]) -> None:

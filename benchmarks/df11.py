@@ -10,6 +10,7 @@ Weights are N(0, 0.02), like trained transformer weights. One torch thread.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,31 +21,12 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
-from inference_server.engine.df11 import compress_transformer, df11_memory_bytes, load_df11
-from inference_server.engine.df11.codec import encode_weights
-from inference_server.engine.df11.decoder import BlockDecoder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from inference_server.engine.df11 import compress_transformer, df11_memory_bytes, load_df11  # noqa: E402
+from inference_server.engine.df11.codec import encode_weights  # noqa: E402
+from inference_server.engine.df11.decoder import BlockDecoder  # noqa: E402
+from tests.df11_models import FLUX_CONFIG, QWEN_CONFIG, seeded_transformer  # noqa: E402
 
-TINY_FLUX = dict(
-    patch_size=1,
-    in_channels=8,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    axes_dims_rope=(4, 6, 6),
-)
-TINY_QWEN = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=4,
-    num_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    axes_dims_rope=(4, 6, 6),
-)
 # FLUX-shaped, hidden 512: ~9.5 M weights per double block, ~3.9 M per single block.
 STACK_FLUX = dict(
     patch_size=1,
@@ -83,15 +65,6 @@ def codec_throughput(n: int, repeats: int) -> dict[str, Any]:
     return {"n": n, "encode_wps": n / encode_s, "decode_wps": n / decode_s, "ratio": block.nbytes / (2 * n)}
 
 
-def build(cls, config: dict, seed: int) -> torch.nn.Module:  # type: ignore[no-untyped-def]
-    torch.manual_seed(seed)
-    model = cls(**config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    return model.to(torch.bfloat16).eval()
-
-
 def flux_inputs(config: dict, seq: int = 256, txt: int = 32) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     return dict(
@@ -108,7 +81,7 @@ def flux_inputs(config: dict, seq: int = 256, txt: int = 32) -> dict[str, Any]:
 
 
 def model_memory(name: str, cls, config: dict, time_forward: bool) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    reference = build(cls, config, seed=0)
+    reference = seeded_transformer(cls, config, seed=0)
     bf16 = df11_memory_bytes(reference)
     n_params = sum(p.numel() for p in reference.parameters())
     row: dict[str, Any] = {"model": name, "params": n_params}
@@ -163,8 +136,8 @@ def main() -> None:
         f" {'disk MB':>8} {'compress s':>11}"
     )
     models = [
-        ("tiny FLUX", FluxTransformer2DModel, TINY_FLUX),
-        ("tiny Qwen-Image", QwenImageTransformer2DModel, TINY_QWEN),
+        ("tiny FLUX", FluxTransformer2DModel, FLUX_CONFIG),
+        ("tiny Qwen-Image", QwenImageTransformer2DModel, QWEN_CONFIG),
     ]
     if not args.quick:
         models.append(("FLUX-shaped stack", FluxTransformer2DModel, STACK_FLUX))

@@ -29,6 +29,55 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def insert_jobs(s: Any, tenant_id: str, url: str, count: int, *, status: str, params: dict) -> list[str]:
+    """``count`` jobs of one tenant whose webhook goes to ``url``; returns their ids."""
+    from sqlalchemy import insert
+
+    from inference_server.db import Job
+
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    s.execute(
+        insert(Job),
+        [
+            {
+                "id": i,
+                "tenant_id": tenant_id,
+                "status": status,
+                "family": "sd15",
+                "task": "txt2img",
+                "params": params,
+                "webhook_url": url,
+            }
+            for i in ids
+        ],
+    )
+    return ids
+
+
+def insert_events(s: Any, tenant_id: str, type_: str, rows: list[tuple[str, dict]]) -> None:
+    """One event of ``type_`` per (job id, webhook data) pair, in order."""
+    from sqlalchemy import insert
+
+    from inference_server.db import JobEvent
+    from inference_server.db.base import utcnow
+
+    now = utcnow()
+    s.execute(
+        insert(JobEvent),
+        [
+            {
+                "id": f"msg_{uuid.uuid4().hex}",
+                "job_id": job_id,
+                "tenant_id": tenant_id,
+                "type": type_,
+                "payload": {"type": type_, "timestamp": now.isoformat(), "data": data},
+                "created_at": now,
+            }
+            for job_id, data in rows
+        ],
+    )
+
+
 def receiver_process(port_out: Any, count: Any, ids_path: str) -> None:
     """A keep-alive HTTP/1.1 receiver answering 204 at once; writes the ids it saw at exit."""
     import http.server
@@ -77,11 +126,11 @@ def main() -> None:
         fanout_benchmark(args)
         return
 
-    from sqlalchemy import func, insert, select
+    from sqlalchemy import func, select
 
-    from inference_server.db import Job, JobEvent, make_engine, make_session_factory
-    from inference_server.db.base import utcnow
-    from tests.webhook_support import add_tenant, create_database, drop_database, make_settings
+    from inference_server.db import make_engine, make_session_factory
+    from tests.conftest import fresh_database
+    from tests.webhook_support import add_tenant, make_settings
     from webhooks.dispatcher import Dispatcher
     from webhooks.tables import WebhookDelivery
 
@@ -93,45 +142,16 @@ def main() -> None:
         time.sleep(0.01)
     url = f"http://127.0.0.1:{port.value}/hook"
 
-    name = f"webhooks_bench_{os.getpid()}"
-    db_url = create_database(name)
+    scratch = fresh_database("webhooks_bench")
+    db_url = scratch.__enter__()
     engine = make_engine(db_url, pool_size=5)
     sf = make_session_factory(engine)
     try:
         with sf() as s, s.begin():
             tenant = add_tenant(s)
-            jobs = [
-                {
-                    "id": str(uuid.uuid4()),
-                    "tenant_id": tenant.id,
-                    "status": "succeeded",
-                    "family": "sd15",
-                    "task": "txt2img",
-                    "params": {"prompt": "x"},
-                    "webhook_url": url,
-                }
-                for _ in range(args.events)
-            ]
-            s.execute(insert(Job), jobs)
-            now = utcnow()
-            s.execute(
-                insert(JobEvent),
-                [
-                    {
-                        "id": f"msg_{uuid.uuid4().hex}",
-                        "job_id": j["id"],
-                        "tenant_id": tenant.id,
-                        "type": "job.succeeded",
-                        "payload": {
-                            "type": "job.succeeded",
-                            "timestamp": now.isoformat(),
-                            "data": {"id": j["id"], "status": "succeeded", "outputs": [{"url": "x" * 80}]},
-                        },
-                        "created_at": now,
-                    }
-                    for j in jobs
-                ],
-            )
+            ids = insert_jobs(s, tenant.id, url, args.events, status="succeeded", params={"prompt": "x"})
+            data = [(i, {"id": i, "status": "succeeded", "outputs": [{"url": "x" * 80}]}) for i in ids]
+            insert_events(s, tenant.id, "job.succeeded", data)
         settings = make_settings(db_url, webhook_concurrency=args.concurrency, webhook_poll_interval=0.05)
         dispatcher = Dispatcher(settings, sf)
         stop = threading.Event()
@@ -156,7 +176,7 @@ def main() -> None:
         os.unlink(ids_path)
     finally:
         engine.dispose()
-        drop_database(name)
+        scratch.__exit__(None, None, None)
     result = {
         "events": args.events,
         "concurrency": args.concurrency,
@@ -182,55 +202,27 @@ def main() -> None:
 
 def fanout_benchmark(args: argparse.Namespace) -> None:
     """Progress events of many jobs, interleaved, fanned out towards a dead receiver."""
-    from sqlalchemy import func, insert, select
+    from sqlalchemy import func, select
 
-    from inference_server.db import Job, JobEvent, make_engine, make_session_factory
-    from inference_server.db.base import utcnow
-    from tests.webhook_support import add_tenant, create_database, drop_database, make_settings
+    from inference_server.db import make_engine, make_session_factory
+    from tests.conftest import fresh_database
+    from tests.webhook_support import add_tenant, make_settings
     from webhooks.dispatcher import Dispatcher
     from webhooks.fanout import fan_out
     from webhooks.tables import WebhookDelivery
 
-    name = f"webhooks_bench_fanout_{os.getpid()}"
-    db_url = create_database(name)
+    scratch = fresh_database("webhooks_bench_fanout")
+    db_url = scratch.__enter__()
     engine = make_engine(db_url, pool_size=5)
     sf = make_session_factory(engine)
     dead = "http://127.0.0.1:9/hook"  # the discard port: nothing listens
     try:
         with sf() as s, s.begin():
             tenant = add_tenant(s)
-            jobs = [
-                {
-                    "id": str(uuid.uuid4()),
-                    "tenant_id": tenant.id,
-                    "status": "running",
-                    "family": "sd15",
-                    "task": "txt2img",
-                    "params": {},
-                    "webhook_url": dead,
-                }
-                for _ in range(args.progress_jobs)
-            ]
-            s.execute(insert(Job), jobs)
-            now = utcnow()
-            s.execute(
-                insert(JobEvent),
-                [
-                    {
-                        "id": f"msg_{uuid.uuid4().hex}",
-                        "job_id": j["id"],
-                        "tenant_id": tenant.id,
-                        "type": "job.progress",
-                        "payload": {
-                            "type": "job.progress",
-                            "timestamp": now.isoformat(),
-                            "data": {"id": j["id"], "step": k},
-                        },
-                        "created_at": now,
-                    }
-                    for k in range(args.events // args.progress_jobs)
-                    for j in jobs
-                ],
+            ids = insert_jobs(s, tenant.id, dead, args.progress_jobs, status="running", params={})
+            steps = range(args.events // args.progress_jobs)
+            insert_events(
+                s, tenant.id, "job.progress", [(i, {"id": i, "step": k}) for k in steps for i in ids]
             )
         dispatcher = Dispatcher(make_settings(db_url, webhook_retry_delays=[3600.0]), sf)
         t0 = time.perf_counter()
@@ -249,7 +241,7 @@ def fanout_benchmark(args: argparse.Namespace) -> None:
             )
     finally:
         engine.dispose()
-        drop_database(name)
+        scratch.__exit__(None, None, None)
     result = {
         "events": total,
         "jobs": args.progress_jobs,

@@ -19,45 +19,17 @@ from inference_server.engine.df11 import (
     load_df11,
     lora_placeholders,
 )
+from tests.df11_models import FLUX_CONFIG, QWEN_CONFIG, seeded_transformer
 
 torch.set_num_threads(1)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
-FLUX_CONFIG = dict(
-    patch_size=1,
-    in_channels=8,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    axes_dims_rope=(4, 6, 6),
-)
-QWEN_CONFIG = dict(
-    patch_size=2,
-    in_channels=16,
-    out_channels=4,
-    num_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    axes_dims_rope=(4, 6, 6),
-)
-
 
 def build(kind: str, seed: int) -> torch.nn.Module:
     """A tiny transformer with seeded N(0, 0.02) weights (like real checkpoints), in bfloat16."""
-    torch.manual_seed(seed)
-    model = (
-        FluxTransformer2DModel(**FLUX_CONFIG)
-        if kind == "flux"
-        else QwenImageTransformer2DModel(**QWEN_CONFIG)
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    return model.to(torch.bfloat16).eval()
+    if kind == "flux":
+        return seeded_transformer(FluxTransformer2DModel, FLUX_CONFIG, seed)
+    return seeded_transformer(QwenImageTransformer2DModel, QWEN_CONFIG, seed)
 
 
 def run(kind: str, model: torch.nn.Module) -> torch.Tensor:
