@@ -46,10 +46,13 @@ def emit(session: Session, job: Job, event_type: EventType | str, *, api_base: s
     event = JobEvent(**event_values(job, event_type, api_base=api_base))
     session.add(event)
     if event.type in TERMINAL_TYPES and session.get_bind().dialect.name == "postgresql":
-        # The finished job rides along (NOTIFY payloads stop at 8000 bytes): a long-polling
-        # request answers without reading it back.
-        message = json.dumps({"id": job.id, "job": event.payload["data"]}, default=str)
-        session.execute(
-            select(func.pg_notify(JOB_FINISHED_CHANNEL, message if len(message) < 7900 else job.id))
-        )
+        session.execute(select(func.pg_notify(JOB_FINISHED_CHANNEL, finished_notice(event.payload["data"]))))
     return event
+
+
+def finished_notice(job: dict[str, Any]) -> str:
+    """The ``job_finished`` NOTIFY payload for a finished job (as the API shows it). The job rides
+    along so a long-polling request answers without reading it back, unless it is too big for
+    NOTIFY (8000 bytes): then only its id."""
+    message = json.dumps({"id": job["id"], "job": job}, default=str)
+    return message if len(message) < 7900 else job["id"]

@@ -102,3 +102,18 @@ def test_long_poll_returns_the_finished_job(api_client, worker):
     assert resp.status_code == 200 and resp.json()["status"] == "succeeded"
     bad = api_client.get(f"{api_client.base_url}/v1/jobs/{job['id']}", params={"wait": 61}, timeout=10)
     assert bad.status_code == 422
+
+
+def test_submit_with_prefer_wait_answers_with_the_finished_job(api_client, worker):
+    resp = api_client.post(
+        f"{api_client.base_url}/v1/jobs", json=BASE, headers={"Prefer": "respond-async, wait=60"}, timeout=90
+    )
+    assert resp.status_code == 202
+    assert resp.headers["Preference-Applied"] == "wait=60"
+    job = resp.json()
+    assert job["status"] == "succeeded" and job["outputs"][0]["sha256"]
+    assert get(api_client, job["id"]) == job
+    # Without the preference the submit answers at once, with the job queued.
+    quick = api_client.post(f"{api_client.base_url}/v1/jobs", json=BASE, timeout=30)
+    assert quick.json()["status"] == "queued" and "Preference-Applied" not in quick.headers
+    wait_done(api_client, quick.json()["id"])

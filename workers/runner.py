@@ -8,18 +8,15 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import CursorResult, update
-from sqlalchemy.orm import Session, noload, sessionmaker
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
-from inference_server.db import Job, JobOutput
-from inference_server.db.base import utcnow
 from inference_server.errors import DependencyDown, InferenceError, JobCanceled, StorageError
-from inference_server.events import emit
-from inference_server.jobs.status import TERMINAL, EventType, JobStatus
+from inference_server.jobs import transitions
+from inference_server.jobs.transitions import Claim
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED
@@ -28,6 +25,7 @@ from workers.progress import ProgressWatcher
 log = logging.getLogger(__name__)
 
 TRANSIENT = (StorageError, DependencyDown)
+DATABASE_DOWN = (OperationalError, InterfaceError)  # connection-level: worth a retry
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
@@ -37,16 +35,6 @@ class RetryLater(Exception):
     def __init__(self, error: InferenceError) -> None:
         super().__init__(error.message)
         self.error = error
-
-
-@dataclass
-class Claim:
-    job_id: str
-    attempt: int
-    family: str
-    model: str | None
-    task: str
-    params: dict[str, Any]
 
 
 class JobRunner:
@@ -68,7 +56,11 @@ class JobRunner:
 
     def run(self, job_id: str, *, redelivered: bool) -> str:
         """Run ``job_id``; return the outcome (for logs). Raises RetryLater on transient failures."""
-        claim = self._claim(job_id, redelivered=redelivered)
+        try:
+            claim = self._claim(job_id, redelivered=redelivered)
+        except DATABASE_DOWN as exc:
+            # Not started: the job is still queued, or running under this attempt's predecessor.
+            raise RetryLater(DependencyDown(f"database unavailable at claim: {exc}")) from exc
         if isinstance(claim, str):
             return claim
         started = time.perf_counter()
@@ -83,8 +75,13 @@ class JobRunner:
         try:
             images = self._generate(claim)
             outputs = self._store_outputs(claim, images)
+            return self._succeed(claim, outputs)
         except JobCanceled:
             return "canceled"
+        except DATABASE_DOWN as exc:
+            # The end could not be recorded: the job stays running under this attempt, and the
+            # retry (a redelivery) runs it again rather than leaving it running forever.
+            raise RetryLater(DependencyDown(f"database unavailable: {exc}")) from exc
         except TRANSIENT as exc:
             if claim.attempt < self.settings.job_max_attempts:
                 raise RetryLater(exc) from exc
@@ -97,38 +94,23 @@ class JobRunner:
             log.exception("job %s crashed", job_id)
             self._fail(claim, "internal_error", f"{type(exc).__name__}: {exc}")
             return "failed"
-        return self._succeed(claim, outputs)
 
     def _claim(self, job_id: str, *, redelivered: bool) -> Claim | str:
         with self.sf() as session:
-            job = session.get(Job, job_id, with_for_update=True, options=[noload(Job.outputs)])
-            if job is None:
-                log.warning("job %s not found; dropping its message", job_id)
-                return "missing"
-            if JobStatus(job.status) in TERMINAL:
-                return f"skipped ({job.status})"
-            if job.status == JobStatus.RUNNING and not redelivered:
-                # A duplicate publish (the relay re-sent a message it could not stamp) while another
-                # worker owns the job: drop it. A redelivery means that owner died: take over.
-                return "duplicate"
-            if job.attempts >= self.settings.job_max_attempts:
-                job.status = JobStatus.FAILED
-                job.error_code = "too_many_attempts"
-                job.error_message = f"the job was started {job.attempts} times without finishing"
-                job.finished_at = utcnow()
-                emit(session, job, EventType.FAILED, api_base=self.settings.api_url)
-                session.commit()
-                return "failed"
-            job.status = JobStatus.RUNNING
-            job.attempts += 1
-            if job.started_at is None:
-                job.started_at = utcnow()
-                JOB_WAIT.labels(job.family).observe((job.started_at - job.created_at).total_seconds())
-            job.progress_step = 0
-            job.eta_seconds = None
-            emit(session, job, EventType.STARTED, api_base=self.settings.api_url)
-            session.commit()
-            return Claim(job.id, job.attempts, job.family, job.model, job.task, dict(job.params))
+            claim = transitions.claim(
+                session,
+                job_id,
+                redelivered=redelivered,
+                max_attempts=self.settings.job_max_attempts,
+                api_base=self.settings.api_url,
+            )
+        if isinstance(claim, Claim) and claim.attempt == 1:
+            JOB_WAIT.labels(claim.family).observe(
+                (claim.row["started_at"] - claim.row["created_at"]).total_seconds()
+            )
+        if claim == "missing":
+            log.warning("job %s not found; dropping its message", job_id)
+        return claim
 
     def _generate(self, claim: Claim) -> list[Image.Image]:
         from inference_server.engine.runner import GenerationRequest, LoraRef
@@ -202,7 +184,7 @@ class JobRunner:
 
     # -- outputs ---------------------------------------------------------------------------------
 
-    def _store_outputs(self, claim: Claim, images: list[Image.Image]) -> list[JobOutput]:
+    def _store_outputs(self, claim: Claim, images: list[Image.Image]) -> list[dict[str, Any]]:
         from inference_server import imaging
 
         p = claim.params
@@ -213,7 +195,7 @@ class JobRunner:
             signature = self._read_image(p["signature"]["image"])
         seed = int(p["seed"])
 
-        def finish(index: int, image: Image.Image) -> JobOutput:
+        def finish(index: int, image: Image.Image) -> dict[str, Any]:
             if signature is not None:
                 sig = p["signature"]
                 image = imaging.composite_signature(
@@ -240,17 +222,17 @@ class JobRunner:
                 parameters=parameters,
             )
             uri = self.storage.put(output_key(claim.job_id, index, EXTENSIONS[fmt]), data, content_type)
-            return JobOutput(
-                job_id=claim.job_id,
-                index=index,
-                uri=uri,
-                content_type=content_type,
-                width=image.width,
-                height=image.height,
-                seed=seed + index,
-                sha256=hashlib.sha256(data).hexdigest(),
-                size_bytes=len(data),
-            )
+            return {
+                "job_id": claim.job_id,
+                "index": index,
+                "uri": uri,
+                "content_type": content_type,
+                "width": image.width,
+                "height": image.height,
+                "seed": seed + index,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size_bytes": len(data),
+            }
 
         if len(images) == 1:
             return [finish(0, images[0])]
@@ -258,43 +240,12 @@ class JobRunner:
         with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
             return list(pool.map(finish, range(len(images)), images))
 
-    def _succeed(self, claim: Claim, outputs: list[JobOutput]) -> str:
+    def _succeed(self, claim: Claim, outputs: list[dict[str, Any]]) -> str:
         with self.sf() as session:
-            # Outputs are only ever written here, together with success, so there are none to load
-            # or replace: a job whose success is already recorded never reaches this point.
-            job = session.get(Job, claim.job_id, with_for_update=True, options=[noload(Job.outputs)])
-            if job is None or job.status != JobStatus.RUNNING or job.attempts != claim.attempt:
+            if not transitions.succeed(session, claim, outputs, api_base=self.settings.api_url):
                 return "superseded"  # canceled meanwhile, or a newer attempt owns the job
-            now = utcnow()
-            job.status = JobStatus.SUCCEEDED
-            job.finished_at = job.updated_at = now
-            job.eta_seconds = 0.0
-            job.progress_step = job.progress_total
-            job.outputs = outputs
-            emit(session, job, EventType.SUCCEEDED, api_base=self.settings.api_url)
-            session.commit()
         return "succeeded"
 
     def _fail(self, claim: Claim, code: str, message: str) -> None:
         with self.sf() as session:
-            now = utcnow()
-            result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
-                update(Job)
-                .where(Job.id == claim.job_id, Job.status == JobStatus.RUNNING, Job.attempts == claim.attempt)
-                .values(
-                    status=JobStatus.FAILED,
-                    finished_at=now,
-                    error_code=code,
-                    error_message=message[:2000],
-                    eta_seconds=None,
-                    updated_at=now,
-                )
-            )
-            if result.rowcount == 0:
-                session.rollback()
-                return
-            job = session.get(Job, claim.job_id)
-            assert job is not None  # it was just updated in this transaction
-            session.refresh(job)
-            emit(session, job, EventType.FAILED, api_base=self.settings.api_url)
-            session.commit()
+            transitions.fail(session, claim, code, message, api_base=self.settings.api_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
@@ -11,7 +12,9 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppState, current_tenant, get_session, state
+from api.waiter import Waiting
 from inference_server.db import Tenant
+from inference_server.db.base import new_id
 from inference_server.errors import NotFound
 from inference_server.jobs import service
 from inference_server.jobs.serialize import job_to_dict
@@ -21,30 +24,50 @@ from inference_server.jobs.status import TERMINAL
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
+PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+)", re.IGNORECASE)
+MAX_WAIT = 60.0
+
+
 @router.post("", status_code=202, response_model=None)
 async def submit_job(
     body: JobRequest,
     idempotency_key: str | None = Header(default=None, max_length=255),
+    prefer: str | None = Header(default=None, max_length=200),
     tenant: Tenant = Depends(current_tenant),
     st: AppState = Depends(state),
 ) -> Response:
+    """Submit a job. With ``Prefer: wait=N`` (RFC 7240, up to 60 s) the answer is held until the job
+    ends or N seconds pass: one request instead of a submit and a long-poll."""
     # The hot path: one hop to the thread pool for the whole database transaction, and the job's
     # JSON written directly (it is already plain data; response-model validation would walk it again).
-    result = await run_in_threadpool(_submit, st, tenant, body, idempotency_key)
-    headers = {"Location": f"/v1/jobs/{result.job.id}"}
+    match = PREFER_WAIT.search(prefer) if prefer else None
+    wait = min(float(match.group(1)), MAX_WAIT) if match else 0.0
+    job_id = new_id()
+    # Registered before the commit, so the job's end cannot slip in between.
+    waiting = st.waiter.register(job_id) if wait else None
+    try:
+        result, job = await run_in_threadpool(_submit, st, tenant, body, idempotency_key, job_id)
+        if wait and job["status"] not in TERMINAL:
+            job = await _until_finished(st, tenant, job["id"], wait, job, waiting if result.created else None)
+    finally:
+        if waiting is not None:
+            st.waiter.unregister(job_id, waiting)
+    headers = {"Location": f"/v1/jobs/{job['id']}"}
+    if wait:
+        headers["Preference-Applied"] = f"wait={match.group(1)}"  # type: ignore[union-attr]
     if result.created:
         st.metrics.submitted.labels(body.family).inc()
     else:
         headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(result.body, status_code=202, headers=headers)
+    return JSONResponse(job, status_code=202, headers=headers)
 
 
-def _submit(st: AppState, tenant: Tenant, body: JobRequest, key: str | None) -> service.Submitted:
+def _submit(
+    st: AppState, tenant: Tenant, body: JobRequest, key: str | None, job_id: str
+) -> tuple[service.Submitted, dict[str, Any]]:
     with st.session_factory() as session:
-        result = service.submit(session, st.ctx, tenant, body, idempotency_key=key)
-        if result.body is None:
-            result.body = job_to_dict(result.job, api_base=st.settings.api_url)
-        return result
+        result = service.submit(session, st.ctx, tenant, body, idempotency_key=key, job_id=job_id)
+        return result, result.body or job_to_dict(result.job, api_base=st.settings.api_url)
 
 
 @router.get("")
@@ -73,18 +96,34 @@ async def get_job(
     """The job; with ``wait``, held open until the job finishes or ``wait`` seconds pass."""
     if wait <= 0:
         return JSONResponse(await run_in_threadpool(_read, st, tenant, job_id))
+    return JSONResponse(await _until_finished(st, tenant, job_id, wait))
+
+
+async def _until_finished(
+    st: AppState,
+    tenant: Tenant,
+    job_id: str,
+    wait: float,
+    job: dict[str, Any] | None = None,
+    waiting: Waiting | None = None,
+) -> dict[str, Any]:
+    """The job once it is finished, or as it is when ``wait`` seconds have passed. ``job`` is its
+    state as already read, ``waiting`` a registration made before that read."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
-        finished = st.waiter.register(job_id)
+        finished = waiting or st.waiter.register(job_id)
+        waiting = None
         try:
-            body = await run_in_threadpool(_read, st, tenant, job_id)
+            if job is None:
+                job = await run_in_threadpool(_read, st, tenant, job_id)
             remaining = deadline - loop.time()
-            if body["status"] in TERMINAL or remaining <= 0:
-                return JSONResponse(body)
+            if job["status"] in TERMINAL or remaining <= 0:
+                return job
             announced = await st.waiter.wait(finished, remaining)
             if announced is not None:
-                return JSONResponse(announced)  # the tenant's own job: checked by the read above
+                return announced  # the tenant's own job: checked by the read above
+            job = None
         finally:
             st.waiter.unregister(job_id, finished)
 

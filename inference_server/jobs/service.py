@@ -127,9 +127,16 @@ def _store_input(ctx: JobContext, tenant: Tenant, job_id: str, name: str, ref: s
 
 
 def submit(
-    session: Session, ctx: JobContext, tenant: Tenant, req: JobRequest, *, idempotency_key: str | None = None
+    session: Session,
+    ctx: JobContext,
+    tenant: Tenant,
+    req: JobRequest,
+    *,
+    idempotency_key: str | None = None,
+    job_id: str | None = None,
 ) -> Submitted:
-    """Validate, store and enqueue one job in a single transaction."""
+    """Validate, store and enqueue one job in a single transaction. ``job_id`` lets a caller know the
+    new job's id before it exists (to wait for its end without a gap); a replay keeps its own id."""
     # The body's hash only matters to tell a replay from a conflict, so only with a key.
     digest = request_hash(req) if idempotency_key else None
     if idempotency_key:
@@ -148,7 +155,7 @@ def submit(
         from inference_server import netguard
 
         netguard.check_url(req.webhook.url, allow_private=ctx.settings.allow_private_networks)
-    job_id = new_id()
+    job_id = job_id or new_id()
     for name in ("image", "mask"):
         if params.get(name):
             params[name] = _store_input(ctx, tenant, job_id, name, params[name])

@@ -1,0 +1,166 @@
+"""A worker's transitions of a job: claim it, then succeed or fail it. Each is one transaction that
+changes the job, writes its event (and outputs) and, for an end, wakes long-polling requests.
+
+They sit between a GPU finishing one job and starting the next, so they are plain statements on
+plain rows (see ``jobs.persist``), not ORM unit-of-work: on PostgreSQL a claim is a locking read and
+one write, a success or failure one conditional write."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from inference_server.db import Job, JobEvent, JobOutput
+from inference_server.db.base import utcnow
+from inference_server.events import JOB_FINISHED_CHANNEL, event_values, finished_notice
+from inference_server.jobs.persist import update_with_rows
+from inference_server.jobs.status import TERMINAL, EventType, JobStatus
+
+JOBS = Job.__table__
+
+
+@dataclass
+class Claim:
+    """A job as this attempt claimed it. Nothing but this attempt changes the job's other columns
+    while it runs, so its end is written from this snapshot instead of being read back."""
+
+    row: dict[str, Any]
+
+    @property
+    def job_id(self) -> str:
+        return str(self.row["id"])
+
+    @property
+    def attempt(self) -> int:
+        return int(self.row["attempts"])
+
+    @property
+    def family(self) -> str:
+        return str(self.row["family"])
+
+    @property
+    def model(self) -> str | None:
+        return self.row["model"]
+
+    @property
+    def task(self) -> str:
+        return str(self.row["task"])
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.row["params"])
+
+
+def claim(
+    session: Session, job_id: str, *, redelivered: bool, max_attempts: int, api_base: str
+) -> Claim | str:
+    """Mark ``job_id`` running for a new attempt and commit; return the claim, or why not (a word
+    for the logs: missing, skipped, duplicate, or failed when it ran out of attempts)."""
+    found = session.execute(select(JOBS).where(JOBS.c.id == job_id).with_for_update()).mappings().first()
+    if found is None:
+        return "missing"
+    row = dict(found)
+    if JobStatus(row["status"]) in TERMINAL:
+        return f"skipped ({row['status']})"
+    if row["status"] == JobStatus.RUNNING and not redelivered:
+        # A duplicate publish (the relay re-sent a message it could not stamp) while another
+        # worker owns the job: drop it. A redelivery means that owner died: take over.
+        return "duplicate"
+    now = utcnow()
+    if row["attempts"] >= max_attempts:
+        changes = {
+            "status": JobStatus.FAILED.value,
+            "error_code": "too_many_attempts",
+            "error_message": f"the job was started {row['attempts']} times without finishing",
+            "finished_at": now,
+            "eta_seconds": None,
+            "updated_at": now,
+        }
+        _write(session, row, changes, EventType.FAILED, api_base=api_base)
+        session.commit()
+        return "failed"
+    changes = {
+        "status": JobStatus.RUNNING.value,
+        "attempts": row["attempts"] + 1,
+        "started_at": row["started_at"] or now,
+        "progress_step": 0,
+        "eta_seconds": None,
+        "updated_at": now,
+    }
+    _write(session, row, changes, EventType.STARTED, api_base=api_base)
+    session.commit()
+    return Claim({**row, **changes})
+
+
+def succeed(session: Session, claim: Claim, outputs: list[dict[str, Any]], *, api_base: str) -> bool:
+    """Record ``outputs`` (job_outputs columns) and success together and commit, if this attempt
+    still owns the running job; return whether it did (a cancel or a newer attempt wins otherwise)."""
+    now = utcnow()
+    changes = {
+        "status": JobStatus.SUCCEEDED.value,
+        "finished_at": now,
+        "updated_at": now,
+        "eta_seconds": 0.0,
+        "progress_step": claim.row["progress_total"],
+    }
+    return _end(session, claim, changes, EventType.SUCCEEDED, outputs, api_base=api_base)
+
+
+def fail(session: Session, claim: Claim, code: str, message: str, *, api_base: str) -> bool:
+    """Record the failure of this attempt and commit, if it still owns the running job."""
+    now = utcnow()
+    # The progress the job had reached, for the event: the watcher saved it after the claim.
+    step = session.scalar(select(JOBS.c.progress_step).where(JOBS.c.id == claim.job_id))
+    changes = {
+        "status": JobStatus.FAILED.value,
+        "finished_at": now,
+        "updated_at": now,
+        "error_code": code,
+        "error_message": message[:2000],
+        "eta_seconds": None,
+        "progress_step": step or 0,
+    }
+    return _end(session, claim, changes, EventType.FAILED, [], api_base=api_base)
+
+
+def _end(
+    session: Session,
+    claim: Claim,
+    changes: dict[str, Any],
+    event_type: EventType,
+    outputs: list[dict[str, Any]],
+    *,
+    api_base: str,
+) -> bool:
+    owner = {"id": claim.job_id, "status": JobStatus.RUNNING.value, "attempts": claim.attempt}
+    done = _write(session, claim.row, changes, event_type, outputs, api_base=api_base, where=owner)
+    if done:
+        session.commit()
+    else:
+        session.rollback()
+    return done
+
+
+def _write(
+    session: Session,
+    row: dict[str, Any],
+    changes: dict[str, Any],
+    event_type: EventType,
+    outputs: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    *,
+    api_base: str,
+    where: dict[str, Any] | None = None,
+) -> bool:
+    """Apply ``changes`` to the job ``row`` (under ``where``), with its outputs and event."""
+    job = SimpleNamespace(**{**row, **changes}, outputs=[SimpleNamespace(**o) for o in outputs])
+    event = event_values(job, event_type, api_base=api_base)
+    notify = None
+    if JobStatus(job.status) in TERMINAL:
+        notify = (JOB_FINISHED_CHANNEL, finished_notice(event["payload"]["data"]))
+    rows: list[tuple[type[Any], dict[str, Any]]] = [(JobOutput, o) for o in outputs]
+    rows.append((JobEvent, event))
+    return update_with_rows(session, Job, where or {"id": row["id"]}, changes, rows, notify=notify)
