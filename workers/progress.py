@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from sqlalchemy import CursorResult, select, update
@@ -29,7 +30,10 @@ class ProgressWatcher:
         progress_interval: float,
         poll_interval: float,
         api_base: str,
+        after: Future[None] | None = None,
     ) -> None:
+        """``after``: the job's claim being committed; the watcher starts once it is, and stops the
+        run if it fails."""
         self._sf = session_factory
         self.job_id = job_id
         self.attempt = attempt
@@ -37,6 +41,7 @@ class ProgressWatcher:
         self.poll_interval = poll_interval
         self.api_base = api_base
         self.canceled = False
+        self._after = after
         self._step = 0
         self._total = 0
         self._started = time.monotonic()
@@ -59,6 +64,12 @@ class ProgressWatcher:
         return self.canceled
 
     def _loop(self) -> None:
+        if self._after is not None:
+            try:
+                self._after.result()
+            except Exception:
+                self.canceled = True  # the runner re-raises the claim's failure
+                return
         while not self._stop.wait(self.poll_interval):
             try:
                 self._tick()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from PIL import Image
@@ -51,52 +51,33 @@ class JobRunner:
         self.sf = session_factory
         self.storage = storage
         self.engine = engine
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim")
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def run(self, job_id: str, *, redelivered: bool) -> str:
         """Run ``job_id``; return the outcome (for logs). Raises RetryLater on transient failures."""
         try:
-            claim = self._claim(job_id, redelivered=redelivered)
+            claimed = self._claim(job_id, redelivered=redelivered)
+            if isinstance(claimed, str):
+                return claimed
+            claim, recorded = claimed
+            started = time.perf_counter()
+            outcome = self._run_claimed(claim, recorded)
         except DATABASE_DOWN as exc:
-            # Not started: the job is still queued, or running under this attempt's predecessor.
-            raise RetryLater(DependencyDown(f"database unavailable at claim: {exc}")) from exc
-        if isinstance(claim, str):
-            return claim
-        started = time.perf_counter()
-        outcome = self._run_claimed(claim)
+            # The claim or the end could not be recorded: the job is still queued, or running under
+            # this attempt, and the retry (a redelivery) runs it again instead of stranding it.
+            raise RetryLater(DependencyDown(f"database unavailable: {exc}")) from exc
         JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
         if outcome in ("succeeded", "failed", "canceled"):
             JOBS_FINISHED.labels(claim.family, outcome).inc()
         return outcome
 
-    def _run_claimed(self, claim: Claim) -> str:
-        job_id = claim.job_id
+    def _claim(self, job_id: str, *, redelivered: bool) -> tuple[Claim, Future[None]] | str:
+        """Lock and claim the job; its claim is written and committed beside the pipeline's start
+        (``recorded``), so the GPU does not wait for that transaction."""
+        session = self.sf()
         try:
-            images = self._generate(claim)
-            outputs = self._store_outputs(claim, images)
-            return self._succeed(claim, outputs)
-        except JobCanceled:
-            return "canceled"
-        except DATABASE_DOWN as exc:
-            # The end could not be recorded: the job stays running under this attempt, and the
-            # retry (a redelivery) runs it again rather than leaving it running forever.
-            raise RetryLater(DependencyDown(f"database unavailable: {exc}")) from exc
-        except TRANSIENT as exc:
-            if claim.attempt < self.settings.job_max_attempts:
-                raise RetryLater(exc) from exc
-            self._fail(claim, exc.code, exc.message)
-            return "failed"
-        except InferenceError as exc:
-            self._fail(claim, exc.code, exc.message)
-            return "failed"
-        except Exception as exc:  # a bug or a runtime error in a model: the job fails with a reason
-            log.exception("job %s crashed", job_id)
-            self._fail(claim, "internal_error", f"{type(exc).__name__}: {exc}")
-            return "failed"
-
-    def _claim(self, job_id: str, *, redelivered: bool) -> Claim | str:
-        with self.sf() as session:
             claim = transitions.claim(
                 session,
                 job_id,
@@ -104,15 +85,55 @@ class JobRunner:
                 max_attempts=self.settings.job_max_attempts,
                 api_base=self.settings.api_url,
             )
-        if isinstance(claim, Claim) and claim.attempt == 1:
+        except BaseException:
+            session.close()
+            raise
+        if isinstance(claim, str):
+            session.close()  # releases the lock
+            if claim == "missing":
+                log.warning("job %s not found; dropping its message", job_id)
+            return claim
+        if claim.attempt == 1:
             JOB_WAIT.labels(claim.family).observe(
                 (claim.row["started_at"] - claim.row["created_at"]).total_seconds()
             )
-        if claim == "missing":
-            log.warning("job %s not found; dropping its message", job_id)
-        return claim
+        return claim, self._recorder.submit(self._record_claim, session, claim)
 
-    def _generate(self, claim: Claim) -> list[Image.Image]:
+    def _record_claim(self, session: Session, claim: Claim) -> None:
+        with session:
+            transitions.record_claim(session, claim, api_base=self.settings.api_url)
+
+    def _run_claimed(self, claim: Claim, recorded: Future[None]) -> str:
+        # Every end is written after the claim: each path waits for ``recorded``, which re-raises
+        # a failed claim write (the job is then retried).
+        try:
+            images = self._generate(claim, recorded)
+            outputs = self._store_outputs(claim, images)
+        except JobCanceled:
+            recorded.result()
+            return "canceled"
+        except Exception as exc:
+            recorded.result()
+            return self._failed(claim, exc)
+        recorded.result()
+        return self._succeed(claim, outputs)
+
+    def _failed(self, claim: Claim, exc: Exception) -> str:
+        """Retry the job after a transient failure, or record why it failed."""
+        if isinstance(exc, DATABASE_DOWN):
+            raise exc
+        if isinstance(exc, TRANSIENT):
+            if claim.attempt < self.settings.job_max_attempts:
+                raise RetryLater(exc) from exc
+            self._fail(claim, exc.code, exc.message)
+        elif isinstance(exc, InferenceError):
+            self._fail(claim, exc.code, exc.message)
+        else:  # a bug or a runtime error in a model: the job fails with a reason
+            log.error("job %s crashed", claim.job_id, exc_info=exc)
+            self._fail(claim, "internal_error", f"{type(exc).__name__}: {exc}")
+        return "failed"
+
+    def _generate(self, claim: Claim, recorded: Future[None]) -> list[Image.Image]:
         from inference_server.engine.runner import GenerationRequest, LoraRef
 
         p = claim.params
@@ -152,6 +173,7 @@ class JobRunner:
             progress_interval=self.settings.progress_interval,
             poll_interval=self.settings.cancel_poll_interval,
             api_base=self.settings.api_url,
+            after=recorded,
         ) as watcher:
             images = self.engine.generate(request, on_step=watcher.on_step)
             if watcher.canceled:

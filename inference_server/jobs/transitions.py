@@ -29,6 +29,7 @@ class Claim:
     while it runs, so its end is written from this snapshot instead of being read back."""
 
     row: dict[str, Any]
+    unwritten: dict[str, Any] | None = None  # the claim's changes, until record_claim writes them
 
     @property
     def job_id(self) -> str:
@@ -58,8 +59,9 @@ class Claim:
 def claim(
     session: Session, job_id: str, *, redelivered: bool, max_attempts: int, api_base: str
 ) -> Claim | str:
-    """Mark ``job_id`` running for a new attempt and commit; return the claim, or why not (a word
-    for the logs: missing, skipped, duplicate, or failed when it ran out of attempts)."""
+    """Lock ``job_id`` and decide whether this attempt may run it. Return the claim, its row lock
+    held and not yet written (``record_claim`` writes and commits it), or why not (a word for the
+    logs: missing, skipped, duplicate, or failed when it ran out of attempts, which is committed)."""
     found = session.execute(select(JOBS).where(JOBS.c.id == job_id).with_for_update()).mappings().first()
     if found is None:
         return "missing"
@@ -91,9 +93,16 @@ def claim(
         "eta_seconds": None,
         "updated_at": now,
     }
-    _write(session, row, changes, EventType.STARTED, api_base=api_base)
+    return Claim({**row, **changes}, unwritten=changes)
+
+
+def record_claim(session: Session, claim: Claim, *, api_base: str) -> None:
+    """Write the claim ``claim`` decided in ``session`` (whose transaction holds the row lock), with
+    its ``job.started`` event, and commit."""
+    assert claim.unwritten is not None, "record_claim takes a claim fresh from claim()"
+    _write(session, claim.row, claim.unwritten, EventType.STARTED, api_base=api_base)
     session.commit()
-    return Claim({**row, **changes})
+    claim.unwritten = None
 
 
 def succeed(session: Session, claim: Claim, outputs: list[dict[str, Any]], *, api_base: str) -> bool:

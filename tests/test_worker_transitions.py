@@ -1,0 +1,237 @@
+"""The worker's transitions of a job on the real PostgreSQL: claim decisions, the events each writes,
+and a database outage at the end of a job, which retries the job instead of stranding it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from inference_server.db import Job, JobEvent, JobOutput, make_engine, make_session_factory
+from inference_server.jobs import transitions
+from inference_server.jobs.service import JobContext, submit
+from inference_server.jobs.spec import JobRequest
+from inference_server.storage import open_storage
+
+BODY = {"family": "sd15", "prompt": "a mill by a river", "width": 64, "height": 64, "steps": 3, "seed": 5}
+
+
+class TcpProxy:
+    """A TCP proxy to PostgreSQL that can be cut: an outage as the worker sees it (connections
+    reset, new ones refused) while the database itself stays up for the test's own checks."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.up = True
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.up = False
+        for s in self._conns:
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self._conns.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+@pytest.fixture
+def db(settings, session_factory) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    from api.auth import create_tenant_key
+    from inference_server.engine.registry import load_registry
+
+    with session_factory() as session:
+        tenant, _ = create_tenant_key(session, f"transitions-{uuid.uuid4().hex[:6]}")
+        session.expunge(tenant)
+    ctx = JobContext(settings, load_registry(settings.models_file), open_storage(settings))
+    yield {"sf": session_factory, "ctx": ctx, "tenant": tenant}
+
+
+def _submit(db: dict[str, Any]) -> str:
+    with db["sf"]() as session:
+        return submit(session, db["ctx"], db["tenant"], JobRequest.model_validate(BODY)).job.id
+
+
+def _events(sf, job_id: str) -> list[str]:  # type: ignore[no-untyped-def]
+    with sf() as session:
+        return list(
+            session.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.seq))
+        )
+
+
+def _claim(sf, job_id: str, *, redelivered: bool = False, max_attempts: int = 3):  # type: ignore[no-untyped-def]
+    with sf() as session:
+        claim = transitions.claim(
+            session, job_id, redelivered=redelivered, max_attempts=max_attempts, api_base=""
+        )
+        if isinstance(claim, transitions.Claim):
+            transitions.record_claim(session, claim, api_base="")
+        return claim
+
+
+def test_claim_decides_by_status_and_attempts(db) -> None:  # type: ignore[no-untyped-def]
+    sf = db["sf"]
+    assert _claim(sf, str(uuid.uuid4())) == "missing"
+    job_id = _submit(db)
+    claim = _claim(sf, job_id)
+    assert isinstance(claim, transitions.Claim) and claim.attempt == 1
+    # A second message for a job another worker runs is a duplicate; a redelivery takes over.
+    assert _claim(sf, job_id) == "duplicate"
+    again = _claim(sf, job_id, redelivered=True)
+    assert isinstance(again, transitions.Claim) and again.attempt == 2
+    # The first attempt can no longer end the job: only the owner writes.
+    with sf() as session:
+        assert not transitions.succeed(session, claim, [], api_base="")
+    assert _claim(sf, job_id, redelivered=True, max_attempts=2) == "failed"
+    with sf() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and (job.status, job.error_code) == ("failed", "too_many_attempts")
+    assert _claim(sf, job_id, redelivered=True) == "skipped (failed)"
+    assert _events(sf, job_id) == ["job.queued", "job.started", "job.started", "job.failed"]
+
+
+def test_success_writes_outputs_and_event_once(db) -> None:  # type: ignore[no-untyped-def]
+    sf = db["sf"]
+    job_id = _submit(db)
+    claim = _claim(sf, job_id)
+    output = {
+        "job_id": job_id,
+        "index": 0,
+        "uri": "s3://bucket/x.png",
+        "content_type": "image/png",
+        "width": 64,
+        "height": 64,
+        "seed": 5,
+        "sha256": "ab" * 32,
+        "size_bytes": 10,
+    }
+    with sf() as session:
+        assert transitions.succeed(session, claim, [output], api_base="http://api")
+    with sf() as session:
+        assert not transitions.succeed(session, claim, [output], api_base="http://api")
+        event = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "job.succeeded")
+        ).one()
+        assert session.scalar(select(func.count()).where(JobOutput.job_id == job_id)) == 1
+    data = event.payload["data"]
+    assert data["status"] == "succeeded" and data["attempts"] == 1
+    assert data["outputs"][0]["url"] == f"http://api/v1/jobs/{job_id}/outputs/0"
+    assert data["progress"]["percent"] == 100.0
+
+
+def _proxy_to(settings) -> TcpProxy:  # type: ignore[no-untyped-def]
+    url = make_url(settings.database_url)
+    return TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+
+
+@contextmanager
+def _runner_behind(proxy: TcpProxy, settings) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+    from inference_server.engine.registry import load_registry
+    from inference_server.engine.runner import Engine
+    from workers.runner import JobRunner
+
+    url = make_url(settings.database_url).set(host="127.0.0.1", port=proxy.port)
+    engine = make_engine(url.render_as_string(hide_password=False), pool_size=2)
+    runner = JobRunner(
+        settings,
+        make_session_factory(engine),
+        open_storage(settings),
+        Engine(load_registry(settings.models_file)),
+    )
+    try:
+        yield runner
+    finally:
+        engine.dispose()
+
+
+def test_database_outage_at_the_end_retries_the_job_then_it_succeeds_once(db, settings) -> None:  # type: ignore[no-untyped-def]
+    from workers.runner import RetryLater
+
+    proxy = _proxy_to(settings)
+    try:
+        with _runner_behind(proxy, settings) as runner:
+            job_id = _submit(db)
+            put = runner.storage.put
+
+            def put_then_cut(*args: Any, **kwargs: Any) -> str:
+                uri = put(*args, **kwargs)  # the image is stored; the database goes away
+                proxy.cut()
+                return uri
+
+            runner.storage.put = put_then_cut  # type: ignore[method-assign]
+            with pytest.raises(RetryLater):
+                runner.run(job_id, redelivered=False)
+            with db["sf"]() as session:
+                job = session.get(Job, job_id)
+                assert job is not None and (job.status, job.attempts) == ("running", 1)
+            proxy.restore()
+            runner.storage.put = put  # type: ignore[method-assign]
+            # The task's retry arrives as a redelivery and finishes the job.
+            assert runner.run(job_id, redelivered=True) == "succeeded"
+        with db["sf"]() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and (job.status, job.attempts) == ("succeeded", 2)
+            assert session.scalar(select(func.count()).where(JobOutput.job_id == job_id)) == 1
+        assert _events(db["sf"], job_id).count("job.succeeded") == 1
+    finally:
+        proxy.close()
+
+
+def test_database_outage_at_claim_leaves_the_job_queued_for_a_retry(db, settings) -> None:  # type: ignore[no-untyped-def]
+    from workers.runner import RetryLater
+
+    proxy = _proxy_to(settings)
+    try:
+        with _runner_behind(proxy, settings) as runner:
+            job_id = _submit(db)
+            proxy.cut()
+            with pytest.raises(RetryLater):
+                runner.run(job_id, redelivered=False)
+            with db["sf"]() as session:
+                job = session.get(Job, job_id)
+                assert job is not None and (job.status, job.attempts) == ("queued", 0)
+            proxy.restore()
+            assert runner.run(job_id, redelivered=True) == "succeeded"
+    finally:
+        proxy.close()
