@@ -16,6 +16,7 @@ from inference_server.jobs.serialize import iso, job_to_dict
 from inference_server.jobs.status import TERMINAL_EVENT, EventType
 
 JOB_FINISHED_CHANNEL = "job_finished"
+JOB_CANCELED_CHANNEL = "job_canceled"  # payload: the job id; wakes the worker running it
 TERMINAL_TYPES = frozenset(str(e) for e in TERMINAL_EVENT.values())
 
 
@@ -47,6 +48,8 @@ def emit(session: Session, job: Job, event_type: EventType | str, *, api_base: s
     session.add(event)
     if event.type in TERMINAL_TYPES and session.get_bind().dialect.name == "postgresql":
         session.execute(select(func.pg_notify(JOB_FINISHED_CHANNEL, finished_notice(event.payload["data"]))))
+        if event.type == EventType.CANCELED:
+            session.execute(select(func.pg_notify(JOB_CANCELED_CHANNEL, job.id)))
     return event
 
 

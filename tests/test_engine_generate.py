@@ -108,7 +108,7 @@ def test_cancel_stops_at_the_step(engine: Engine, family: str, task: str) -> Non
     with pytest.raises(JobCanceled):
         engine.generate(request(family, None, task, [1, 2], steps=6), on_step=on_step)
     assert seen == [1, 2]  # the run stopped at the step that asked, and the second image never started
-    # The pipeline is usable afterwards: the interrupt flag does not leak into the next job.
+    # The pipeline is usable afterwards: the stop leaves nothing behind for the next job.
     assert len(engine.generate(request(family, None, task, [1]))) == 1
 
 

@@ -235,3 +235,39 @@ def test_database_outage_at_claim_leaves_the_job_queued_for_a_retry(db, settings
             assert runner.run(job_id, redelivered=True) == "succeeded"
     finally:
         proxy.close()
+
+
+def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db, settings) -> None:  # type: ignore[no-untyped-def]
+    """With polling pushed out to 30 s, only the NOTIFY from the cancel's transaction can stop
+    the run within the test's few seconds."""
+    from inference_server.jobs.service import cancel
+    from tests.conftest import wait_for
+    from workers.cancels import CancelListener
+    from workers.progress import ProgressWatcher
+
+    sf = db["sf"]
+    job_id = _submit(db)
+    claim = _claim(sf, job_id)
+    engine = make_engine(settings.database_url, pool_size=1)
+    listener = CancelListener(engine)
+    try:
+        other = _submit(db)  # a cancel of another job is not this job's
+        with sf() as session:
+            cancel(session, db["ctx"], db["tenant"], other)
+        watcher = ProgressWatcher(
+            sf,
+            job_id,
+            claim.attempt,
+            progress_interval=0.5,
+            poll_interval=30.0,
+            api_base="",
+            cancels=listener,
+        )
+        with watcher:
+            watcher.on_step(1, 50)
+            assert not watcher.on_step(2, 50)
+            with sf() as session:
+                cancel(session, db["ctx"], db["tenant"], job_id)
+            wait_for(lambda: watcher.on_step(3, 50), 5, what="the pushed cancel")
+    finally:
+        engine.dispose()

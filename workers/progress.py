@@ -16,6 +16,7 @@ from inference_server.db import Job
 from inference_server.db.base import utcnow
 from inference_server.events import emit
 from inference_server.jobs.status import EventType, JobStatus
+from workers.cancels import CancelListener
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,10 @@ class ProgressWatcher:
         poll_interval: float,
         api_base: str,
         after: Future[None] | None = None,
+        cancels: CancelListener | None = None,
     ) -> None:
         """``after``: the job's claim being committed; the watcher starts once it is, and stops the
-        run if it fails."""
+        run if it fails. ``cancels``: pushed cancellations, checked between polls."""
         self._sf = session_factory
         self.job_id = job_id
         self.attempt = attempt
@@ -42,6 +44,7 @@ class ProgressWatcher:
         self.api_base = api_base
         self.canceled = False
         self._after = after
+        self._cancels = cancels
         self._step = 0
         self._total = 0
         self._started = time.monotonic()
@@ -56,6 +59,8 @@ class ProgressWatcher:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        if self._cancels is not None:
+            self._cancels.wake()
         self._thread.join(timeout=10)
 
     def on_step(self, step: int, total: int) -> bool:
@@ -70,11 +75,19 @@ class ProgressWatcher:
             except Exception:
                 self.canceled = True  # the runner re-raises the claim's failure
                 return
-        while not self._stop.wait(self.poll_interval):
+        while not self._pause():
             try:
                 self._tick()
             except Exception:  # a side channel never fails the job
                 log.exception("progress update for job %s failed", self.job_id)
+
+    def _pause(self) -> bool:
+        """Wait for the next tick: a poll interval, or less when a cancel of this job is pushed.
+        Return whether the watcher is to stop."""
+        if self._cancels is None:
+            return self._stop.wait(self.poll_interval)
+        self._cancels.wait(self.job_id, self.poll_interval)
+        return self._stop.is_set()
 
     def _tick(self) -> None:
         now = time.monotonic()

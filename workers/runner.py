@@ -19,6 +19,7 @@ from inference_server.jobs import transitions
 from inference_server.jobs.transitions import Claim
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
+from workers.cancels import CancelListener
 from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED
 from workers.progress import ProgressWatcher
 
@@ -52,6 +53,10 @@ class JobRunner:
         self.storage = storage
         self.engine = engine
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim")
+        bind = session_factory.kw.get("bind")
+        self._cancels = (
+            CancelListener(bind) if bind is not None and bind.dialect.name == "postgresql" else None
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -174,6 +179,7 @@ class JobRunner:
             poll_interval=self.settings.cancel_poll_interval,
             api_base=self.settings.api_url,
             after=recorded,
+            cancels=self._cancels,
         ) as watcher:
             images = self.engine.generate(request, on_step=watcher.on_step)
             if watcher.canceled:

@@ -128,18 +128,18 @@ class Engine:
     def _run(self, pipe: Any, req: GenerationRequest, on_step: StepCallback | None) -> list[Image.Image]:
         images: list[Image.Image] = []
         done = 0
-        canceled = False
         remaining = len(req.seeds)
 
         def callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            nonlocal done, canceled
+            nonlocal done
             done += 1
             # Pipelines set _num_timesteps before their loop: exact even when strength shortens it.
             per_image = int(getattr(p, "_num_timesteps", 0) or req.steps)
             total = done - (step + 1) + per_image * remaining
             if on_step is not None and on_step(done, total):
-                p._interrupt = True
-                canceled = True
+                # Raised, not the pipeline's interrupt flag: that one still runs the loop out and
+                # decodes the latents, GPU time nobody will look at.
+                raise JobCanceled(f"canceled after {done} steps")
             return kwargs
 
         cap = self.max_edit_pixels if req.task == "edit" else 0
@@ -152,8 +152,6 @@ class Engine:
                 raise
             except Exception as exc:
                 raise ModelError(f"{req.family} {req.task} failed: {type(exc).__name__}: {exc}") from exc
-            if canceled:
-                raise JobCanceled(f"canceled after {done} steps")
             images.append(out.images[0])
             remaining -= 1
         return images

@@ -1,0 +1,67 @@
+"""Cancellations pushed to the worker: PostgreSQL NOTIFY on ``job_canceled`` (sent in the cancel's
+transaction) wakes the job's watcher at once, so a running job stops at its next denoising step
+rather than at the watcher's next poll. Polling stays as the fallback (SQLite, a lost connection)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+from typing import Any
+
+from sqlalchemy import Engine
+
+from inference_server.events import JOB_CANCELED_CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+class CancelListener:
+    """One LISTEN connection for a worker child, used by one job's watcher at a time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._raw: Any = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def wait(self, job_id: str, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds or until woken; return whether ``job_id`` was canceled."""
+        try:
+            conn = self._connection()
+            ready = select.select([conn, self._wake_r], [], [], timeout)[0]
+            if self._wake_r in ready:
+                os.read(self._wake_r, 512)
+            if conn not in ready:
+                return False
+            conn.poll()
+            canceled = {n.payload for n in conn.notifies}
+            conn.notifies.clear()
+            return job_id in canceled
+        except Exception as exc:  # the watcher falls back to polling until the next connect
+            log.warning("cancel listener: %s", exc)
+            self._drop()
+            select.select([self._wake_r], [], [], timeout)
+            return False
+
+    def wake(self) -> None:
+        """End a ``wait`` early (the job is over)."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def _connection(self) -> Any:
+        if self._raw is None:
+            raw = self.engine.raw_connection()
+            conn: Any = raw.driver_connection
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f"LISTEN {JOB_CANCELED_CHANNEL}")
+            self._raw = raw
+        return self._raw.driver_connection
+
+    def _drop(self) -> None:
+        if self._raw is not None:
+            with contextlib.suppress(Exception):
+                self._raw.invalidate()  # a LISTENing session must not go back to the pool
+            self._raw = None
