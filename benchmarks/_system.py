@@ -4,6 +4,7 @@ S3 server, tiny models, and `inference-server` processes. Shared by the benchmar
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,49 @@ def tiny_models() -> Path:
     from inference_server.engine.tiny import build_tiny_models
 
     return build_tiny_models(Path(tempfile.mkdtemp(prefix="bench-tiny-")), families=["sd15"])
+
+
+def system_env(db: str, api: str, logs: Path, models: Path, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark's `inference-server` processes: one torch thread each."""
+    return dict(
+        os.environ,
+        DATABASE_URL=db,
+        BROKER_URL=BROKER,
+        MODELS_FILE=str(models),
+        TORCH_THREADS="1",
+        OMP_NUM_THREADS="1",
+        API_URL=api,
+        INFERENCE_SERVER_HOME=str(logs),
+        **extra,
+    )
+
+
+def wait_worker(log: Path, timeout: float = 90) -> None:
+    """Until the worker whose output goes to ``log`` is consuming."""
+    deadline = time.monotonic() + timeout
+    while "ready." not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"worker did not start; see {log}")
+        time.sleep(0.2)
+
+
+@contextmanager
+def api_and_worker(env: dict[str, str], logs: Path, port: int, db: str) -> Iterator[requests.Session]:
+    """An `api` on ``port`` and an sd15 `worker`, both ready; yields an HTTP session with a new key."""
+    procs = [
+        start(["api", "--port", str(port)], env, logs / "api.log"),
+        start(["worker", "--families", "sd15", "--device", "cpu"], env, logs / "worker.log"),
+    ]
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        wait_worker(logs / "worker.log")
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {create_key(db)}"
+        yield http
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait()
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

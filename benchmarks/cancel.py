@@ -9,8 +9,6 @@ A step of the long job is measured too: "within a step" means the first figure s
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -18,18 +16,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._system import (  # noqa: E402
-    BROKER,
-    create_key,
+    api_and_worker,
     database,
     free_port,
     purge_queues,
-    start,
+    system_env,
     tiny_models,
-    wait_http,
 )
 
 LONG = {"family": "sd15", "prompt": "a slow tide", "width": 256, "height": 256, "steps": 50, "seed": 1}
@@ -51,25 +45,8 @@ def main() -> None:
     with database() as db:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
-        env = dict(
-            os.environ,
-            DATABASE_URL=db,
-            BROKER_URL=BROKER,
-            STORAGE_URL=(logs / "storage").as_uri(),
-            MODELS_FILE=str(models),
-            TORCH_THREADS="1",
-            OMP_NUM_THREADS="1",
-            API_URL=api,
-            INFERENCE_SERVER_HOME=str(logs),
-        )
-        procs = [
-            start(["api", "--port", str(port)], env, logs / "api.log"),
-            start(["worker", "--families", "sd15", "--device", "cpu"], env, logs / "worker.log"),
-        ]
-        try:
-            wait_http(f"{api}/healthz")
-            http = requests.Session()
-            http.headers["Authorization"] = f"Bearer {create_key(db)}"
+        env = system_env(db, api, logs, models, STORAGE_URL=(logs / "storage").as_uri())
+        with api_and_worker(env, logs, port, db) as http:
             # Warm-up, and the length of one step of the long job.
             http.post(f"{api}/v1/jobs", json=NEXT, headers={"Prefer": "wait=60"}, timeout=90)
             full = http.post(f"{api}/v1/jobs", json=LONG, headers={"Prefer": "wait=60"}, timeout=90).json()
@@ -83,10 +60,6 @@ def main() -> None:
                 nxt = http.post(f"{api}/v1/jobs", json=NEXT, headers={"Prefer": "wait=60"}, timeout=90).json()
                 stops.append(_ts(nxt["started_at"]) - canceled)
                 steps.append(step)
-        finally:
-            for p in procs:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait()
     print(f"one step of the long job          : {statistics.median(steps) * 1000:6.1f} ms")
     print(
         f"cancel answered -> next job started: median {statistics.median(stops) * 1000:6.1f} ms, "

@@ -11,8 +11,6 @@ answer until the worker's commit notifies the API. Phases come from the job's ow
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -24,15 +22,13 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._system import (  # noqa: E402
-    BROKER,
-    create_key,
+    api_and_worker,
     database,
     free_port,
     moto_s3,
     purge_queues,
-    start,
+    system_env,
     tiny_models,
-    wait_http,
 )
 
 BODY = {"family": "sd15", "prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 4, "seed": 1}
@@ -101,34 +97,18 @@ def main() -> None:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         storage = "s3://bench/out" if args.storage == "s3" else (logs / "storage").as_uri()
-        env = dict(
-            os.environ,
-            DATABASE_URL=db,
-            BROKER_URL=BROKER,
+        env = system_env(
+            db,
+            api,
+            logs,
+            models,
             STORAGE_URL=storage,
             S3_ENDPOINT_URL=s3,
             AWS_ACCESS_KEY_ID="x",
             AWS_SECRET_ACCESS_KEY="x",
             AWS_DEFAULT_REGION="us-east-1",
-            MODELS_FILE=str(models),
-            TORCH_THREADS="1",
-            OMP_NUM_THREADS="1",
-            API_URL=api,
-            INFERENCE_SERVER_HOME=str(logs),
         )
-        procs = [
-            start(["api", "--port", str(port)], env, logs / "api.log"),
-            start(["worker", "--families", "sd15", "--device", "cpu"], env, logs / "worker.log"),
-        ]
-        try:
-            wait_http(f"{api}/healthz")
-            deadline = time.monotonic() + 90
-            while "ready." not in (logs / "worker.log").read_text(errors="replace"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("worker did not start")
-                time.sleep(0.2)
-            http = requests.Session()
-            http.headers["Authorization"] = f"Bearer {create_key(db)}"
+        with api_and_worker(env, logs, port, db) as http:
             for _ in range(3):  # the worker loads the pipeline
                 run_job(http, api)
             for _ in range(args.jobs):
@@ -143,10 +123,6 @@ def main() -> None:
                 phases["submit->started"].append(started - created)
                 phases["started->finished"].append(finished - started)
                 phases["finished->seen"].append(job["_seen"] - finished)
-        finally:
-            for p in procs:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait()
     b, e = statistics.median(base), statistics.median(e2e)
     print(f"in-process pipeline call : median {b * 1000:7.1f} ms  (n={len(base)})")
     print(f"end-to-end through system: median {e * 1000:7.1f} ms  (n={len(e2e)}, storage {args.storage})")

@@ -45,6 +45,15 @@ class CancelListener:
             select.select([self._wake_r], [], [], timeout)
             return False
 
+    def listen(self) -> None:
+        """Put the LISTEN in place now, before the job can be canceled (a NOTIFY sent earlier is
+        not delivered). If it cannot be, ``wait`` retries and the watcher polls meanwhile."""
+        try:
+            self._connection()
+        except Exception as exc:
+            log.warning("cancel listener: %s", exc)
+            self._drop()
+
     def wake(self) -> None:
         """End a ``wait`` early (the job is over)."""
         with contextlib.suppress(BlockingIOError):

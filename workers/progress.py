@@ -54,6 +54,8 @@ class ProgressWatcher:
         self._thread = threading.Thread(target=self._loop, name=f"progress-{job_id[:8]}", daemon=True)
 
     def __enter__(self) -> ProgressWatcher:
+        if self._cancels is not None:
+            self._cancels.listen()
         self._thread.start()
         return self
 
