@@ -95,3 +95,25 @@ def test_worker_sigkill_mid_job_then_job_succeeds_once(
     )
     assert again["outputs"][0]["sha256"] == done["outputs"][0]["sha256"]
     assert uuid.UUID(job["id"])
+
+
+def test_a_second_worker_under_the_same_name_is_refused_plainly(worker, system_env, logs_dir):
+    """Same families and device on one host: the same Celery node name, whose control queue the
+    running worker holds. The second one says so and exits instead of dying on RESOURCE_LOCKED."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    second = subprocess.run(
+        [sys.executable, "-m", "inference_server.cli.main", "worker"]
+        + ["--families", "sd15,sdxl,flux,qwen-image-edit", "--device", "cpu"],
+        env=system_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode == 1
+    assert "worker_running" in second.stderr and "already running" in second.stderr
+    assert worker.proc.poll() is None  # the running worker is untouched

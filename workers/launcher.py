@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from inference_server.errors import InvalidRequest
 from inference_server.settings import Settings
@@ -50,6 +52,8 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
 
     app = create_celery_app(settings, families=families)
     name = f"{'-'.join(families)}.{device.replace(':', '')}@%h"
+    if settings.broker_url.startswith(("amqp", "pyamqp")):
+        _check_name_free(app, name)
     app.worker_main(
         [
             "worker",
@@ -62,6 +66,36 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
             "--without-mingle",
         ]
     )
+
+
+def _check_name_free(app: Any, name: str, *, grace: float = 5.0) -> None:
+    """Refuse plainly to start a second live worker under the same node name. Celery would die later
+    on RabbitMQ's RESOURCE_LOCKED for the name's exclusive control queue; a predecessor that is
+    still stopping gets ``grace`` seconds to let it go."""
+    from amqp.exceptions import NotFound, ResourceLocked
+    from celery.utils.nodenames import host_format
+
+    node = host_format(name)
+    deadline = time.monotonic() + grace
+    with app.connection_for_write() as conn:
+        while True:
+            channel = conn.channel()
+            try:
+                channel.queue_declare(f"{node}.celery.pidbox", passive=True)
+                return
+            except NotFound:
+                return
+            except ResourceLocked:
+                if time.monotonic() > deadline:
+                    raise InvalidRequest(
+                        f"a worker named {node} is already running on this broker; stop it first "
+                        "(one worker per device and set of families)",
+                        code="worker_running",
+                    ) from None
+                time.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
 
 
 def _check_cuda(device: str) -> None:
