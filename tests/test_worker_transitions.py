@@ -76,16 +76,23 @@ class TcpProxy:
         self.server.close()
 
 
-@pytest.fixture
-def db(settings, session_factory) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def db(settings) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """A database of its own: the running system's relay and worker must not take these jobs."""
     from api.auth import create_tenant_key
     from inference_server.engine.registry import load_registry
+    from tests.conftest import fresh_database
 
-    with session_factory() as session:
-        tenant, _ = create_tenant_key(session, f"transitions-{uuid.uuid4().hex[:6]}")
-        session.expunge(tenant)
-    ctx = JobContext(settings, load_registry(settings.models_file), open_storage(settings))
-    yield {"sf": session_factory, "ctx": ctx, "tenant": tenant}
+    with fresh_database("is_transitions") as url:
+        engine = make_engine(url)
+        sf = make_session_factory(engine)
+        with sf() as session:
+            tenant, _ = create_tenant_key(session, f"transitions-{uuid.uuid4().hex[:6]}")
+            session.expunge(tenant)
+        local = settings.model_copy(update={"database_url": url})
+        ctx = JobContext(local, load_registry(local.models_file), open_storage(local))
+        yield {"sf": sf, "ctx": ctx, "tenant": tenant, "settings": local}
+        engine.dispose()
 
 
 def _submit(db: dict[str, Any]) -> str:
@@ -185,9 +192,10 @@ def _runner_behind(proxy: TcpProxy, settings) -> Iterator[Any]:  # type: ignore[
         engine.dispose()
 
 
-def test_database_outage_at_the_end_retries_the_job_then_it_succeeds_once(db, settings) -> None:  # type: ignore[no-untyped-def]
+def test_database_outage_at_the_end_retries_the_job_then_it_succeeds_once(db) -> None:  # type: ignore[no-untyped-def]
     from workers.runner import RetryLater
 
+    settings = db["settings"]
     proxy = _proxy_to(settings)
     try:
         with _runner_behind(proxy, settings) as runner:
@@ -218,9 +226,10 @@ def test_database_outage_at_the_end_retries_the_job_then_it_succeeds_once(db, se
         proxy.close()
 
 
-def test_database_outage_at_claim_leaves_the_job_queued_for_a_retry(db, settings) -> None:  # type: ignore[no-untyped-def]
+def test_database_outage_at_claim_leaves_the_job_queued_for_a_retry(db) -> None:  # type: ignore[no-untyped-def]
     from workers.runner import RetryLater
 
+    settings = db["settings"]
     proxy = _proxy_to(settings)
     try:
         with _runner_behind(proxy, settings) as runner:
@@ -237,7 +246,7 @@ def test_database_outage_at_claim_leaves_the_job_queued_for_a_retry(db, settings
         proxy.close()
 
 
-def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db, settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db) -> None:  # type: ignore[no-untyped-def]
     """With polling pushed out to 30 s, only the NOTIFY from the cancel's transaction can stop
     the run within the test's few seconds."""
     from inference_server.jobs.service import cancel
@@ -248,7 +257,7 @@ def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db, settings) -> None:  
     sf = db["sf"]
     job_id = _submit(db)
     claim = _claim(sf, job_id)
-    engine = make_engine(settings.database_url, pool_size=1)
+    engine = make_engine(db["settings"].database_url, pool_size=1)
     listener = CancelListener(engine)
     try:
         other = _submit(db)  # a cancel of another job is not this job's
