@@ -54,7 +54,7 @@ async def submit_job(
             st.waiter.unregister(job_id, waiting)
     headers = {"Location": f"/v1/jobs/{job['id']}"}
     if wait:
-        headers["Preference-Applied"] = f"wait={match.group(1)}"  # type: ignore[union-attr]
+        headers["Preference-Applied"] = f"wait={int(wait)}"  # as applied: at most MAX_WAIT
     if result.created:
         st.metrics.submitted.labels(body.family).inc()
     else:
