@@ -280,3 +280,23 @@ def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db) -> None:  # type: ig
             wait_for(lambda: watcher.on_step(3, 50), 5, what="the pushed cancel")
     finally:
         engine.dispose()
+
+
+def test_a_run_taken_over_by_a_newer_attempt_is_stopped(db) -> None:  # type: ignore[no-untyped-def]
+    """A worker that lost its delivery (broker connection, delivery timeout) while the job was
+    redelivered elsewhere stops at its next check instead of running to the end."""
+    from tests.conftest import wait_for
+    from workers.progress import ProgressWatcher
+
+    sf = db["sf"]
+    job_id = _submit(db)
+    first = _claim(sf, job_id)
+    watcher = ProgressWatcher(
+        sf, job_id, first.attempt, progress_interval=0.5, poll_interval=0.05, api_base=""
+    )
+    with watcher:
+        assert not watcher.on_step(1, 10)
+        second = _claim(sf, job_id, redelivered=True)
+        assert isinstance(second, transitions.Claim) and second.attempt == 2
+        wait_for(lambda: watcher.on_step(2, 10), 5, what="the superseded run to stop")
+    assert watcher.superseded

@@ -43,6 +43,7 @@ class ProgressWatcher:
         self.poll_interval = poll_interval
         self.api_base = api_base
         self.canceled = False
+        self.superseded = False  # stopped because a newer attempt owns the job
         self._after = after
         self._cancels = cancels
         self._step = 0
@@ -96,8 +97,11 @@ class ProgressWatcher:
         step, total = self._step, self._total
         write = step != self._written_step and now - self._last_write >= self.progress_interval
         with self._sf() as session:
-            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
-            if status != JobStatus.RUNNING:
+            row = session.execute(select(Job.status, Job.attempts).where(Job.id == self.job_id)).first()
+            if row is None or row.status != JobStatus.RUNNING or row.attempts != self.attempt:
+                # Canceled, or taken over by a newer attempt (this worker lost the broker, or
+                # outlived its delivery timeout): either way this run's result is not wanted.
+                self.superseded = row is not None and row.status == JobStatus.RUNNING
                 self.canceled = True
                 return
             if not write or not total:

@@ -38,6 +38,10 @@ class RetryLater(Exception):
         self.error = error
 
 
+class Superseded(JobCanceled):
+    """The run was stopped because a newer attempt of the job took it over."""
+
+
 class JobRunner:
     """Runs jobs in a worker child. Holds the engine (and its pipeline cache) for the child's life."""
 
@@ -114,6 +118,9 @@ class JobRunner:
         try:
             images = self._generate(claim, recorded)
             outputs = self._store_outputs(claim, images)
+        except Superseded:
+            recorded.result()
+            return "superseded"
         except JobCanceled:
             recorded.result()
             return "canceled"
@@ -181,9 +188,14 @@ class JobRunner:
             after=recorded,
             cancels=self._cancels,
         ) as watcher:
-            images = self.engine.generate(request, on_step=watcher.on_step)
-            if watcher.canceled:
-                raise JobCanceled("canceled during the run")
+            try:
+                images = self.engine.generate(request, on_step=watcher.on_step)
+                if watcher.canceled:
+                    raise JobCanceled("canceled during the run")
+            except JobCanceled:
+                if watcher.superseded:
+                    raise Superseded("a newer attempt owns the job") from None
+                raise
         return images
 
     def _load_inputs(self, p: dict[str, Any]) -> tuple[Image.Image | None, Image.Image | None]:
