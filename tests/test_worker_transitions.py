@@ -167,19 +167,17 @@ def test_success_writes_outputs_and_event_once(db) -> None:  # type: ignore[no-u
     assert data["progress"]["percent"] == 100.0
 
 
-def _proxy_to(settings) -> TcpProxy:  # type: ignore[no-untyped-def]
-    url = make_url(settings.database_url)
-    return TcpProxy((url.host or "127.0.0.1", url.port or 5432))
-
-
 @contextmanager
-def _runner_behind(proxy: TcpProxy, settings) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+def _runner_behind_proxy(settings) -> Iterator[tuple[Any, TcpProxy]]:  # type: ignore[no-untyped-def]
+    """A job runner in this process whose database connections all pass through a TcpProxy."""
     from inference_server.engine.registry import load_registry
     from inference_server.engine.runner import Engine
     from workers.runner import JobRunner
 
-    url = make_url(settings.database_url).set(host="127.0.0.1", port=proxy.port)
-    engine = make_engine(url.render_as_string(hide_password=False), pool_size=2)
+    url = make_url(settings.database_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    engine = make_engine(proxied, pool_size=2)
     runner = JobRunner(
         settings,
         make_session_factory(engine),
@@ -187,63 +185,56 @@ def _runner_behind(proxy: TcpProxy, settings) -> Iterator[Any]:  # type: ignore[
         Engine(load_registry(settings.models_file)),
     )
     try:
-        yield runner
+        yield runner, proxy
     finally:
         engine.dispose()
+        proxy.close()
+
+
+def _state(sf, job_id: str) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+    with sf() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.status, job.attempts
 
 
 def test_database_outage_at_the_end_retries_the_job_then_it_succeeds_once(db) -> None:  # type: ignore[no-untyped-def]
     from workers.runner import RetryLater
 
-    settings = db["settings"]
-    proxy = _proxy_to(settings)
-    try:
-        with _runner_behind(proxy, settings) as runner:
-            job_id = _submit(db)
-            put = runner.storage.put
+    with _runner_behind_proxy(db["settings"]) as (runner, proxy):
+        job_id = _submit(db)
+        put = runner.storage.put
 
-            def put_then_cut(*args: Any, **kwargs: Any) -> str:
-                uri = put(*args, **kwargs)  # the image is stored; the database goes away
-                proxy.cut()
-                return uri
+        def put_then_cut(*args: Any, **kwargs: Any) -> str:
+            uri = put(*args, **kwargs)  # the image is stored; the database goes away
+            proxy.cut()
+            return uri
 
-            runner.storage.put = put_then_cut  # type: ignore[method-assign]
-            with pytest.raises(RetryLater):
-                runner.run(job_id, redelivered=False)
-            with db["sf"]() as session:
-                job = session.get(Job, job_id)
-                assert job is not None and (job.status, job.attempts) == ("running", 1)
-            proxy.restore()
-            runner.storage.put = put  # type: ignore[method-assign]
-            # The task's retry arrives as a redelivery and finishes the job.
-            assert runner.run(job_id, redelivered=True) == "succeeded"
-        with db["sf"]() as session:
-            job = session.get(Job, job_id)
-            assert job is not None and (job.status, job.attempts) == ("succeeded", 2)
-            assert session.scalar(select(func.count()).where(JobOutput.job_id == job_id)) == 1
-        assert _events(db["sf"], job_id).count("job.succeeded") == 1
-    finally:
-        proxy.close()
+        runner.storage.put = put_then_cut  # type: ignore[method-assign]
+        with pytest.raises(RetryLater):
+            runner.run(job_id, redelivered=False)
+        assert _state(db["sf"], job_id) == ("running", 1)
+        proxy.restore()
+        runner.storage.put = put  # type: ignore[method-assign]
+        # The task's retry arrives as a redelivery and finishes the job.
+        assert runner.run(job_id, redelivered=True) == "succeeded"
+    assert _state(db["sf"], job_id) == ("succeeded", 2)
+    with db["sf"]() as session:
+        assert session.scalar(select(func.count()).where(JobOutput.job_id == job_id)) == 1
+    assert _events(db["sf"], job_id).count("job.succeeded") == 1
 
 
 def test_database_outage_at_claim_leaves_the_job_queued_for_a_retry(db) -> None:  # type: ignore[no-untyped-def]
     from workers.runner import RetryLater
 
-    settings = db["settings"]
-    proxy = _proxy_to(settings)
-    try:
-        with _runner_behind(proxy, settings) as runner:
-            job_id = _submit(db)
-            proxy.cut()
-            with pytest.raises(RetryLater):
-                runner.run(job_id, redelivered=False)
-            with db["sf"]() as session:
-                job = session.get(Job, job_id)
-                assert job is not None and (job.status, job.attempts) == ("queued", 0)
-            proxy.restore()
-            assert runner.run(job_id, redelivered=True) == "succeeded"
-    finally:
-        proxy.close()
+    with _runner_behind_proxy(db["settings"]) as (runner, proxy):
+        job_id = _submit(db)
+        proxy.cut()
+        with pytest.raises(RetryLater):
+            runner.run(job_id, redelivered=False)
+        assert _state(db["sf"], job_id) == ("queued", 0)
+        proxy.restore()
+        assert runner.run(job_id, redelivered=True) == "succeeded"
 
 
 def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db) -> None:  # type: ignore[no-untyped-def]
