@@ -17,7 +17,13 @@ import torch
 from safetensors.torch import save_file
 
 from inference_server.engine.df11.codec import encode_weights
-from inference_server.engine.df11.format import WEIGHTS_FILE, DF11Config, DF11FormatError, write_config
+from inference_server.engine.df11.format import (
+    DF11_FIELDS,
+    WEIGHTS_FILE,
+    DF11Config,
+    DF11FormatError,
+    write_config,
+)
 from inference_server.engine.df11.load import resolve_targets
 
 log = logging.getLogger(__name__)
@@ -126,14 +132,7 @@ def compress_transformer(
             log.warning("DF11: keeping %s as BF16: %s", name, exc)
             continue
         prefix = f"{name}." if name else ""
-        for field in (
-            "luts",
-            "encoded_exponent",
-            "sign_mantissa",
-            "output_positions",
-            "gaps",
-            "split_positions",
-        ):
+        for field in DF11_FIELDS:
             tensors[prefix + field] = torch.from_numpy(np.ascontiguousarray(getattr(block, field)))
         covered.update(f"{prefix}{path}.weight" if path else f"{prefix}weight" for path, _ in linears)
         n_blocks += 1
