@@ -10,25 +10,14 @@ from prometheus_client import REGISTRY
 
 from inference_server.engine.registry import load_registry
 from inference_server.engine.runner import Engine, GenerationRequest
+from tests.engine_requests import tiny_request
 
 torch.set_num_threads(1)
 
 
 def txt2img(family: str, task: str = "txt2img") -> GenerationRequest:
     image = Image.new("RGB", (64, 64), (10, 20, 30)) if task != "txt2img" else None
-    return GenerationRequest(
-        family=family,
-        model=None,
-        task=task,
-        prompt="x",
-        negative_prompt=None,
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=None,
-        seeds=[0],
-        image=image,
-    )
+    return tiny_request(family, task, seeds=[0], prompt="x", steps=2, image=image)
 
 
 def metric(name: str, family: str, model: str) -> float:

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from inference_server.engine.registry import load_registry
-from inference_server.engine.runner import Engine, GenerationRequest, LoraRef
+from inference_server.engine.runner import Engine, LoraRef
+from tests.engine_requests import tiny_request
 
 torch.set_num_threads(1)
 
@@ -28,20 +29,7 @@ def engine(tiny_models: Path) -> Engine:
 
 def run(engine: Engine, family: str, task: str, model: str, loras: list[LoraRef]) -> str:
     image = Image.new("RGB", (64, 64), (90, 160, 40)) if task != "txt2img" else None
-    req = GenerationRequest(
-        family=family,
-        model=model,
-        task=task,
-        prompt="a photo of the cat",
-        negative_prompt=None,
-        width=64,
-        height=64,
-        steps=3,
-        guidance_scale=None,
-        seeds=[11],
-        image=image,
-        loras=loras,
-    )
+    req = tiny_request(family, task, model=model, seeds=[11], image=image, loras=loras)
     return hashlib.sha256(engine.generate(req)[0].tobytes()).hexdigest()
 
 

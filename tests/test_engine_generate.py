@@ -13,6 +13,7 @@ from PIL import Image
 from inference_server.engine.registry import load_registry
 from inference_server.engine.runner import Engine, GenerationRequest, LoraRef
 from inference_server.errors import InvalidRequest, JobCanceled
+from tests.engine_requests import tiny_request
 
 torch.set_num_threads(1)
 
@@ -42,22 +43,12 @@ def request(family: str, model: str | None, task: str, seeds: list[int], **kw: o
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
     fields: dict = dict(
-        family=family,
-        model=model,
-        task=task,
-        prompt="a photo of the cat",
-        negative_prompt=None,
-        width=64,
-        height=64,
-        steps=3,
-        guidance_scale=None,
-        seeds=seeds,
         strength=None,
         image=image if task != "txt2img" else None,
         mask=mask if task == "inpaint" else None,
     )
     fields.update(kw)
-    return GenerationRequest(**fields)
+    return tiny_request(family, task, seeds=seeds, model=model, **fields)
 
 
 def digest(images: list[Image.Image]) -> list[str]:

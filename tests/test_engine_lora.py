@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from inference_server.engine.registry import load_registry
-from inference_server.engine.runner import Engine, GenerationRequest, LoraRef
+from inference_server.engine.runner import Engine, LoraRef
 from inference_server.errors import InvalidRequest
+from tests.engine_requests import tiny_request
 
 torch.set_num_threads(1)
 
@@ -38,16 +39,9 @@ def _copy_fetch(uri: str, dest: Path) -> Path:
 
 def run(engine: Engine, family: str, loras: list[LoraRef], seed: int = 4) -> str:
     task = "edit" if family == "qwen-image-edit" else "txt2img"
-    req = GenerationRequest(
-        family=family,
-        model=None,
-        task=task,
-        prompt="a photo of the cat",
-        negative_prompt=None,
-        width=64,
-        height=64,
-        steps=3,
-        guidance_scale=None,
+    req = tiny_request(
+        family,
+        task,
         seeds=[seed],
         image=Image.new("RGB", (64, 64), (120, 60, 30)) if task == "edit" else None,
         loras=loras,
