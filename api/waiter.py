@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from inference_server.db.base import listening_connection
 from inference_server.events import JOB_FINISHED_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -83,16 +84,11 @@ class JobWaiter:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                raw = self.engine.raw_connection()
+                raw = listening_connection(self.engine, JOB_FINISHED_CHANNEL)
                 try:
-                    conn = raw.driver_connection
-                    assert conn is not None
-                    conn.autocommit = True
-                    with conn.cursor() as cur:
-                        cur.execute(f"LISTEN {JOB_FINISHED_CHANNEL}")
-                    self._drain(conn)
+                    self._drain(raw.driver_connection)
                 finally:
-                    raw.invalidate()  # a LISTENing session must not go back to the pool
+                    raw.invalidate()
             except Exception as exc:
                 log.warning("job waiter: %s; reconnecting", exc)
                 self._wake_all()  # waiting requests re-read the job instead of missing its end

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from inference_server.db.base import listening_connection
 from inference_server.events import JOB_CANCELED_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,11 @@ class CancelListener:
 
     def _connection(self) -> Any:
         if self._raw is None:
-            raw = self.engine.raw_connection()
-            conn: Any = raw.driver_connection
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(f"LISTEN {JOB_CANCELED_CHANNEL}")
-            self._raw = raw
+            self._raw = listening_connection(self.engine, JOB_CANCELED_CHANNEL)
         return self._raw.driver_connection
 
     def _drop(self) -> None:
         if self._raw is not None:
             with contextlib.suppress(Exception):
-                self._raw.invalidate()  # a LISTENing session must not go back to the pool
+                self._raw.invalidate()
             self._raw = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.dialects.postgresql import JSONB
@@ -79,3 +80,18 @@ def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engi
 
 def make_session_factory(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def listening_connection(engine: Engine, channel: str) -> Any:
+    """A pooled connection of its own, in autocommit, LISTENing on ``channel`` (PostgreSQL). The
+    caller invalidates it when done: a LISTENing session must not go back to the pool."""
+    raw = engine.raw_connection()
+    try:
+        conn: Any = raw.driver_connection
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"LISTEN {channel}")
+    except BaseException:
+        raw.invalidate()
+        raise
+    return raw
