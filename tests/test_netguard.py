@@ -9,6 +9,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -197,17 +198,27 @@ def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
     return tmp / "ca.pem", tmp / "srv.pem", tmp / "srv.key"
 
 
-def test_tls_uses_the_hostname_for_sni_and_certificate(tmp_path: Path) -> None:
+@contextmanager
+def tls_echo_server(tmp_path: Path) -> Iterator[tuple[Path, int, list[str | None]]]:
+    """An HTTPS Echo server on 127.0.0.1 with a certificate for ``localhost`` from a test CA;
+    yields the CA file, the port, and the SNI names clients sent."""
     ca, crt, key = _tls_files(tmp_path)
-    seen_sni: list[str | None] = []
+    sni: list[str | None] = []
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(crt, key)
-    ctx.sni_callback = lambda sock, name, _ctx: seen_sni.append(name)  # type: ignore[assignment,func-returns-value]
+    ctx.sni_callback = lambda sock, name, _ctx: sni.append(name)  # type: ignore[assignment,func-returns-value]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     serve(server)
-    port = server.server_address[1]
     try:
+        yield ca, server.server_address[1], sni
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tls_uses_the_hostname_for_sni_and_certificate(tmp_path: Path) -> None:
+    with tls_echo_server(tmp_path) as (ca, port, seen_sni):
         adapter = netguard.new_adapter()
         ok = netguard.pinned_request(
             adapter, "GET", f"https://localhost:{port}/", allow_private=True, timeout=5, verify=str(ca)
@@ -224,9 +235,6 @@ def test_tls_uses_the_hostname_for_sni_and_certificate(tmp_path: Path) -> None:
             netguard.pinned_request(
                 adapter, "GET", f"https://localhost:{port}/", allow_private=True, timeout=5
             )
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # -- fetch_url ----------------------------------------------------------------------------------

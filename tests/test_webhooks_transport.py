@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from inference_server.errors import UnsafeURL
-from tests.test_netguard import Echo, _tls_files, serve
+from tests.test_netguard import Echo, serve, tls_echo_server
 from webhooks.delivery import attempt
 from webhooks.secrets import new_secret
 from webhooks.transport import PinnedPool
@@ -71,16 +71,7 @@ def test_unsafe_and_unreachable_urls_are_results_not_exceptions() -> None:
 
 
 def test_tls_is_checked_on_the_hostname(tmp_path: Path) -> None:
-    ca, crt, key = _tls_files(tmp_path)
-    sni: list[str | None] = []
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(crt, key)
-    ctx.sni_callback = lambda sock, name, _ctx: sni.append(name)  # type: ignore[assignment,func-returns-value]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    serve(server)
-    port = server.server_address[1]
-    try:
+    with tls_echo_server(tmp_path) as (ca, port, sni):
         pool = PinnedPool(ssl.create_default_context(cafile=str(ca)))
         answer = pool.post(f"https://localhost:{port}/hook", b"{}", {}, allow_private=True, timeout=5)
         assert answer.status == 200 and answer.body == f"localhost:{port}".encode()
@@ -89,9 +80,6 @@ def test_tls_is_checked_on_the_hostname(tmp_path: Path) -> None:
             pool.post(f"https://127.0.0.1:{port}/hook", b"{}", {}, allow_private=True, timeout=5)
         with pytest.raises(ssl.SSLCertVerificationError):  # and the system store does not trust the test CA
             PinnedPool().post(f"https://localhost:{port}/hook", b"{}", {}, allow_private=True, timeout=5)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_keep_alive_reuse_and_a_stale_connection() -> None:
