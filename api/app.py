@@ -15,29 +15,28 @@ from api.errors import error_body, install_error_handlers
 from api.metrics import ApiMetrics, JobsCollector
 from api.ratelimit import RateLimiter
 from api.waiter import JobWaiter
-from inference_server.db import make_engine, make_session_factory
-from inference_server.engine.registry import Registry, load_registry
+from inference_server.db import make_database, make_session_factory
 from inference_server.jobs.service import JobContext
+from inference_server.registry import Registry, load_registry
 from inference_server.settings import Settings
 from inference_server.storage import open_storage
 
 
 def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry | None = None) -> FastAPI:
     """Build the API. ``run_relay`` starts the outbox relay thread in this process (the default)."""
-    db = make_engine(settings.database_url, pool_size=20, pre_ping=False)
+    db = make_database(settings.database_url, pool_size=20, pre_ping=False)
     sf = make_session_factory(db)
     if registry is None:
         registry = load_registry(settings.models_file) if settings.models_file else Registry(None, {})
     stop = threading.Event()
     relay = None
-    from workers.broker import BrokerProbe
+    from inference_server.publish.probe import BrokerProbe
 
     broker = BrokerProbe(settings.broker_url)
     if run_relay:
-        from workers.celery_app import create_celery_app
-        from workers.relay import Relay
+        from inference_server.publish.relay import Relay
 
-        relay = Relay.from_settings(create_celery_app(settings), sf, settings)
+        relay = Relay.from_settings(sf, settings)
     ctx = JobContext(
         settings, registry, open_storage(settings), on_published=relay.wake.set if relay else None
     )

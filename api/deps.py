@@ -25,7 +25,7 @@ class AppState:
     ctx: JobContext
     keys: KeyCache = field(default_factory=KeyCache)
     limiter: RateLimiter | None = None
-    broker: Any = None  # workers.broker.BrokerProbe
+    broker: Any = None  # inference_server.publish.probe.BrokerProbe
     metrics: Any = None  # api.metrics.ApiMetrics
     waiter: Any = None  # api.waiter.JobWaiter
 

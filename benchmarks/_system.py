@@ -142,9 +142,9 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 def create_key(database_url: str) -> str:
     from api.auth import create_tenant_key
-    from inference_server.db import make_engine, make_session_factory
+    from inference_server.db import make_database, make_session_factory
 
-    engine = make_engine(database_url)
+    engine = make_database(database_url)
     with make_session_factory(engine)() as session:
         _, key = create_tenant_key(session, f"bench-{uuid.uuid4().hex[:6]}")
     engine.dispose()

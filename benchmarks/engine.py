@@ -37,8 +37,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from PIL import Image
 
-    from inference_server.engine.registry import load_registry
     from inference_server.engine.runner import Engine, GenerationRequest
+    from inference_server.registry import load_registry
 
     tmp = None
     if args.models_file is None:

@@ -39,8 +39,8 @@ def pipeline_call(models_file: Path):  # type: ignore[no-untyped-def]
     import torch
 
     torch.set_num_threads(1)
-    from inference_server.engine.registry import load_registry
     from inference_server.engine.runner import Engine, GenerationRequest
+    from inference_server.registry import load_registry
 
     engine = Engine(load_registry(models_file), device="cpu")
     req = GenerationRequest(

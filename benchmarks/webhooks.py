@@ -128,7 +128,7 @@ def main() -> None:
 
     from sqlalchemy import func, select
 
-    from inference_server.db import make_engine, make_session_factory
+    from inference_server.db import make_database, make_session_factory
     from tests.conftest import fresh_database
     from tests.webhook_support import add_tenant, make_settings
     from webhooks.dispatcher import Dispatcher
@@ -144,7 +144,7 @@ def main() -> None:
 
     scratch = fresh_database("webhooks_bench")
     db_url = scratch.__enter__()
-    engine = make_engine(db_url, pool_size=5)
+    engine = make_database(db_url, pool_size=5)
     sf = make_session_factory(engine)
     try:
         with sf() as s, s.begin():
@@ -204,7 +204,7 @@ def fanout_benchmark(args: argparse.Namespace) -> None:
     """Progress events of many jobs, interleaved, fanned out towards a dead receiver."""
     from sqlalchemy import func, select
 
-    from inference_server.db import make_engine, make_session_factory
+    from inference_server.db import make_database, make_session_factory
     from tests.conftest import fresh_database
     from tests.webhook_support import add_tenant, make_settings
     from webhooks.dispatcher import Dispatcher
@@ -213,7 +213,7 @@ def fanout_benchmark(args: argparse.Namespace) -> None:
 
     scratch = fresh_database("webhooks_bench_fanout")
     db_url = scratch.__enter__()
-    engine = make_engine(db_url, pool_size=5)
+    engine = make_database(db_url, pool_size=5)
     sf = make_session_factory(engine)
     dead = "http://127.0.0.1:9/hook"  # the discard port: nothing listens
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 import webhooks.tables  # noqa: F401  (registers the webhook tables on the shared metadata)
-from inference_server.db import Base, make_engine
+from inference_server.db import Base, make_database
 from inference_server.settings import get_settings
 
 config = context.config
@@ -27,7 +27,7 @@ def run_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_engine(_url())
+    engine = make_database(_url())
     with engine.connect() as conn:
         _run(conn)
     engine.dispose()

@@ -81,20 +81,38 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def private_vhost(prefix: str = "is_test") -> Iterator[str]:
+    """A RabbitMQ vhost of this run's own on the shared broker, deleted afterwards with everything
+    in it: the suite never declares, deletes or leaves a queue on the broker's default vhost."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    try:
+        _rabbitmqctl("add_vhost", name)
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.fail(f"rabbitmqctl is required to give the tests a vhost of their own: {exc}", pytrace=False)
+    try:
+        yield BROKER.split("//", 1)[0] + "//" + BROKER.split("//", 1)[1].split("/", 1)[0] + "/" + name
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            _rabbitmqctl("delete_vhost", name)
+
+
 @pytest.fixture(scope="session")
-def broker_url() -> str:
+def broker_url() -> Iterator[str]:
     from kombu import Connection
 
-    try:
-        with Connection(BROKER, connect_timeout=5) as conn:
-            conn.ensure_connection(max_retries=1)
-            channel = conn.channel()
-            # Fresh queues per run: leftovers of an aborted run would be redelivered to our workers.
-            for family in ("sd15", "sdxl", "flux", "qwen-image-edit"):
-                channel.queue_delete(f"jobs.{family}")
-    except Exception as exc:
-        pytest.fail(f"RabbitMQ is required at {BROKER}: {exc}", pytrace=False)
-    return BROKER
+    with private_vhost() as url:
+        try:
+            with Connection(url, connect_timeout=5) as conn:
+                conn.ensure_connection(max_retries=1)
+        except Exception as exc:
+            pytest.fail(f"RabbitMQ is required at {url}: {exc}", pytrace=False)
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -198,9 +216,9 @@ def settings(system_env: dict[str, str]):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def session_factory(settings):  # type: ignore[no-untyped-def]
-    from inference_server.db import make_engine, make_session_factory
+    from inference_server.db import make_database, make_session_factory
 
-    engine = make_engine(settings.database_url)
+    engine = make_database(settings.database_url)
     yield make_session_factory(engine)
     engine.dispose()
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from inference_server.engine.registry import load_registry
 from inference_server.engine.runner import Engine, GenerationRequest
+from inference_server.registry import load_registry
 from tests.engine_requests import tiny_request
 
 torch.set_num_threads(1)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from inference_server.engine.registry import load_registry
 from inference_server.engine.runner import Engine, LoraRef
 from inference_server.errors import InvalidRequest
+from inference_server.registry import load_registry
 from tests.engine_requests import tiny_request
 
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from inference_server.cli.models_cmd import models
-from inference_server.engine.registry import load_registry
+from inference_server.registry import load_registry
 
 torch.set_num_threads(1)
 

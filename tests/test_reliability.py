@@ -20,12 +20,11 @@ def test_broker_down_at_submit_then_published(settings):
     """On a database of its own, so the running system's relay cannot publish the row first."""
     from api.app import create_app
     from api.auth import create_tenant_key
-    from inference_server.db import make_engine, make_session_factory
-    from workers.celery_app import create_celery_app
-    from workers.relay import Relay
+    from inference_server.db import make_database, make_session_factory
+    from inference_server.publish.relay import Relay
 
     with fresh_database("is_outbox") as url:
-        engine = make_engine(url)
+        engine = make_database(url)
         sf = make_session_factory(engine)
         with sf() as session:
             _, key = create_tenant_key(session, "outbox")
@@ -40,9 +39,7 @@ def test_broker_down_at_submit_then_published(settings):
             time.sleep(0.5)  # the app's relay keeps failing meanwhile; nothing is lost
         assert not _published(sf, job_id)
         # The broker "returns": a relay on the real broker publishes the backlog, confirmed by RabbitMQ.
-        relay = Relay.from_settings(
-            create_celery_app(settings.model_copy(update={"database_url": url})), sf, settings
-        )
+        relay = Relay.from_settings(sf, settings)
         # (The down app's relay thread may still hold the row for a moment: SKIP LOCKED passes it by.)
         wait_for(lambda: relay.publish_pending() == 1, 30, interval=0.2, what="the relay to publish")
         assert _published(sf, job_id)

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from inference_server.db import make_engine, make_session_factory
+from inference_server.db import make_database, make_session_factory
 from inference_server.db.base import utcnow
 from tests.webhook_support import (
     Receiver,
@@ -172,7 +172,7 @@ def test_an_abandoned_claim_is_taken_over_after_its_lease(sf, db_url, rx) -> Non
 def test_embedded_sqlite_mode(tmp_path, rx) -> None:  # type: ignore[no-untyped-def]
     url = f"sqlite:///{tmp_path / 'embedded.db'}"
     migrate(url)
-    engine = make_engine(url)
+    engine = make_database(url)
     sf = make_session_factory(engine)
     with sf() as s, s.begin():
         job = add_job(s, add_tenant(s), rx.url)

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from inference_server.db import Job, JobEvent, JobOutput, make_engine, make_session_factory
+from inference_server.db import Job, JobEvent, JobOutput, make_database, make_session_factory
 from inference_server.jobs import transitions
 from inference_server.jobs.service import JobContext, submit
 from inference_server.jobs.spec import JobRequest
@@ -80,11 +80,11 @@ class TcpProxy:
 def db(settings) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """A database of its own: the running system's relay and worker must not take these jobs."""
     from api.auth import create_tenant_key
-    from inference_server.engine.registry import load_registry
+    from inference_server.registry import load_registry
     from tests.conftest import fresh_database
 
     with fresh_database("is_transitions") as url:
-        engine = make_engine(url)
+        engine = make_database(url)
         sf = make_session_factory(engine)
         with sf() as session:
             tenant, _ = create_tenant_key(session, f"transitions-{uuid.uuid4().hex[:6]}")
@@ -170,14 +170,14 @@ def test_success_writes_outputs_and_event_once(db) -> None:  # type: ignore[no-u
 @contextmanager
 def _runner_behind_proxy(settings) -> Iterator[tuple[Any, TcpProxy]]:  # type: ignore[no-untyped-def]
     """A job runner in this process whose database connections all pass through a TcpProxy."""
-    from inference_server.engine.registry import load_registry
     from inference_server.engine.runner import Engine
+    from inference_server.registry import load_registry
     from workers.runner import JobRunner
 
     url = make_url(settings.database_url)
     proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    engine = make_engine(proxied, pool_size=2)
+    engine = make_database(proxied, pool_size=2)
     runner = JobRunner(
         settings,
         make_session_factory(engine),
@@ -248,7 +248,7 @@ def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db) -> None:  # type: ig
     sf = db["sf"]
     job_id = _submit(db)
     claim = _claim(sf, job_id)
-    engine = make_engine(db["settings"].database_url, pool_size=1)
+    engine = make_database(db["settings"].database_url, pool_size=1)
     listener = CancelListener(engine)
     try:
         other = _submit(db)  # a cancel of another job is not this job's

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from inference_server.db import Job, JobEvent, Tenant, make_engine, make_session_factory
+from inference_server.db import Job, JobEvent, Tenant, make_database, make_session_factory
 from inference_server.db.base import utcnow
 from inference_server.settings import Settings
 from webhooks.secrets import new_secret
@@ -41,7 +41,7 @@ def db_url() -> Iterator[str]:
 
 @pytest.fixture
 def sf(db_url: str) -> Iterator[Callable[[], Session]]:
-    engine = make_engine(db_url)
+    engine = make_database(db_url)
     factory = make_session_factory(engine)
     truncate_all(factory)
     yield factory

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from inference_server.publish.topology import family_queue
 from inference_server.settings import Settings
-from workers.queues import family_queue
-
-RUN_JOB = "inference.run_job"
 
 
 def create_celery_app(settings: Settings, *, families: list[str] | None = None) -> Celery:

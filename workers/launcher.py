@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 from inference_server.errors import InvalidRequest
+from inference_server.publish.topology import queue_name
 from inference_server.settings import Settings
 from workers.device import pin_device
-from workers.queues import queue_name
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def _check_families(settings: Settings, families: list[str]) -> None:
         raise InvalidRequest("--families needs at least one family", code="invalid_families")
     if settings.models_file is None:
         raise InvalidRequest("MODELS_FILE is not set: a worker needs a model registry", code="no_registry")
-    from inference_server.engine.registry import load_registry
+    from inference_server.registry import load_registry
 
     registry = load_registry(settings.models_file)
     unknown = [f for f in families if f not in registry.families]
@@ -123,7 +123,7 @@ def _prepare_multiprocess_metrics() -> None:
 
 def families_for_gpu(settings: Settings, memory_bytes: int) -> list[str]:
     """Families whose largest model fits a GPU with ``memory_bytes`` (offloaded models always fit)."""
-    from inference_server.engine.registry import load_registry
+    from inference_server.registry import load_registry
 
     assert settings.models_file is not None
     registry = load_registry(settings.models_file)

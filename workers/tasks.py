@@ -30,9 +30,9 @@ class _Lazy:
 
 
 def build_runner(settings: Settings) -> Any:
-    from inference_server.db import make_engine, make_session_factory
-    from inference_server.engine.registry import load_registry
+    from inference_server.db import make_database, make_session_factory
     from inference_server.engine.runner import Engine
+    from inference_server.registry import load_registry
     from inference_server.storage import open_storage
     from workers.device import configure_torch
     from workers.runner import JobRunner
@@ -53,7 +53,7 @@ def build_runner(settings: Settings) -> Any:
     for item in filter(None, (w.strip() for w in settings.warm_models.split(","))):
         family, _, model = item.partition("/")
         engine.warm(family, model or None)
-    db = make_engine(settings.database_url, pool_size=2)
+    db = make_database(settings.database_url, pool_size=2)
     return JobRunner(settings, make_session_factory(db), storage, engine)
 
 

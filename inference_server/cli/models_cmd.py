@@ -85,7 +85,7 @@ def compress(src: Path, dst: Path) -> None:
 )
 def list_models(models_file: Path | None) -> None:
     """Validate a registry file and print its catalog as JSON."""
-    from inference_server.engine.registry import load_registry
+    from inference_server.registry import load_registry
 
     if models_file is None:
         from inference_server.settings import get_settings

@@ -15,15 +15,15 @@ def start_dispatcher_threads(
     settings: Settings, stop: threading.Event, *, relay: bool = True
 ) -> list[threading.Thread]:
     """The webhook dispatcher and (unless the process already has one) an outbox relay, as threads."""
-    from inference_server.db import make_engine, make_session_factory
+    from inference_server.db import make_database, make_session_factory
+    from inference_server.publish.relay import Relay
     from webhooks.dispatcher import Dispatcher
-    from workers.celery_app import create_celery_app
-    from workers.relay import Relay
 
-    sf = make_session_factory(make_engine(settings.database_url, pool_size=settings.webhook_concurrency + 4))
+    database = make_database(settings.database_url, pool_size=settings.webhook_concurrency + 4)
+    sf = make_session_factory(database)
     threads = []
     if relay:
-        relayer = Relay.from_settings(create_celery_app(settings), sf, settings)
+        relayer = Relay.from_settings(sf, settings)
         threads.append(relayer.start(stop))
     delivery = threading.Thread(
         target=Dispatcher(settings, sf).run, args=(stop,), name="dispatcher", daemon=True

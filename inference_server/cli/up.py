@@ -61,17 +61,17 @@ def up(port: int | None, prompt: str | None, output: Path, family: str) -> None:
     from api.app import create_app
     from api.auth import create_tenant_key
     from inference_server.cli.roles import start_dispatcher_threads
-    from inference_server.db import make_engine, make_session_factory
-    from inference_server.engine.registry import load_registry
+    from inference_server.db import make_database, make_session_factory
     from inference_server.migrate import upgrade
+    from inference_server.publish.topology import queue_name
+    from inference_server.registry import load_registry
     from workers.celery_app import create_celery_app
-    from workers.queues import queue_name
 
     settings = _embedded_settings(port)
     assert settings.models_file is not None
     _ensure_models(settings.models_file)
     upgrade(settings.database_url)
-    db = make_engine(settings.database_url)
+    db = make_database(settings.database_url)
     with make_session_factory(db)() as session:
         _, api_key = create_tenant_key(session, "local")
     db.dispose()

@@ -1,6 +1,6 @@
 """Database models and sessions (SQLAlchemy 2; PostgreSQL in production, SQLite embedded)."""
 
-from inference_server.db.base import Base, make_engine, make_session_factory
+from inference_server.db.base import Base, make_database, make_session_factory
 from inference_server.db.tables import ApiKey, Job, JobEvent, JobOutput, OutboxMessage, Tenant
 
 __all__ = [
@@ -11,6 +11,6 @@ __all__ = [
     "JobOutput",
     "OutboxMessage",
     "Tenant",
-    "make_engine",
+    "make_database",
     "make_session_factory",
 ]

@@ -53,7 +53,7 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engine:
+def make_database(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engine:
     """An engine tuned per backend: SQLite gets WAL and a busy timeout so threads of `up` can share it.
 
     ``pre_ping=False`` saves a round trip per checkout on hot request paths; a connection the

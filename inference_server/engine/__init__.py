@@ -1,9 +1,5 @@
-"""The engine: model registry, pipeline loading and caching, LoRA, DFloat11, generation.
+"""The engine: the diffusers side. Pipeline loading and caching, LoRA, DFloat11, generation.
 
-Only :mod:`inference_server.engine.registry` is light (no torch); the API imports it. The worker
-imports :mod:`inference_server.engine.runner`, which brings in torch and diffusers.
+It imports torch and diffusers and runs only in worker processes. What the torch-free API shares
+with it (the model registry) lives in :mod:`inference_server.registry`.
 """
-
-from inference_server.engine.registry import FamilySpec, LoraSpec, ModelSpec, Registry, load_registry
-
-__all__ = ["FamilySpec", "LoraSpec", "ModelSpec", "Registry", "load_registry"]

@@ -19,8 +19,8 @@ from typing import Any
 
 from inference_server.engine import metrics
 from inference_server.engine.cache import CachedModel
-from inference_server.engine.registry import FamilySpec, Registry
 from inference_server.errors import InvalidRequest, ModelError
+from inference_server.registry import FamilySpec, Registry
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from inference_server.engine import families, loras
+from inference_server.engine import loras, variants
 from inference_server.engine.cache import CachedModel, PipelineCache
 from inference_server.engine.device import DTYPES, default_cache_bytes
-from inference_server.engine.registry import ModelSpec, Registry
 from inference_server.errors import InferenceError, InvalidRequest, JobCanceled, ModelError
+from inference_server.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,9 @@ class Engine:
 
         cap = self.max_edit_pixels if req.task == "edit" else 0
         for seed in req.seeds:
-            kwargs = families.call_kwargs(pipe, req, seed, callback)
+            kwargs = variants.call_kwargs(pipe, req, seed, callback)
             try:
-                with torch.inference_mode(), families.edit_area(cap):
+                with torch.inference_mode(), variants.edit_area(cap):
                     out = pipe(**kwargs)
             except InferenceError:
                 raise
@@ -164,7 +164,7 @@ class Engine:
     def _variant(self, entry: CachedModel, task: str) -> Any:
         pipe = entry.variants.get(task)
         if pipe is None:
-            pipe = families.variant(entry.pipe, task)
+            pipe = variants.variant(entry.pipe, task)
             entry.variants[task] = pipe
         return pipe
 

@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent, OutboxMessage, Tenant
 from inference_server.db.base import new_id, utcnow
-from inference_server.engine.registry import Registry
 from inference_server.errors import Conflict, InvalidInput, InvalidRequest, NotFound
 from inference_server.events import emit, event_values
 from inference_server.jobs.persist import insert_new_rows
 from inference_server.jobs.spec import MAX_SEED, JobRequest
 from inference_server.jobs.status import TERMINAL, EventType, JobStatus
+from inference_server.registry import Registry
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, input_key
 

@@ -18,10 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.db import OutboxMessage
 from inference_server.db.base import utcnow
+from inference_server.publish.confirms import ConfirmingChannel
+from inference_server.publish.topology import RUN_JOB, family_queue, message_app
 from inference_server.settings import Settings
-from workers.celery_app import RUN_JOB
-from workers.confirms import ConfirmingChannel
-from workers.queues import family_queue
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +49,9 @@ class Relay:
         self._declared: set[str] = set()
 
     @classmethod
-    def from_settings(cls, app: Celery, session_factory: sessionmaker[Session], settings: Settings) -> Relay:
+    def from_settings(cls, session_factory: sessionmaker[Session], settings: Settings) -> Relay:
         return cls(
-            app,
+            message_app(settings.broker_url),
             session_factory,
             batch_size=settings.relay_batch_size,
             interval=settings.relay_interval,

@@ -1,10 +1,13 @@
-"""Queue topology: one durable quorum queue per model family, ``jobs.<family>``."""
+"""Queue topology: one durable quorum queue per model family, ``jobs.<family>``, and the name of
+the one task its messages carry. Shared by the publishers (API, dispatcher) and the workers."""
 
 from __future__ import annotations
 
+from celery import Celery
 from kombu import Exchange, Queue
 
 JOBS_EXCHANGE = Exchange("jobs", type="direct", durable=True)
+RUN_JOB = "inference.run_job"  # the task every job message names; its argument is the job id
 
 
 def queue_name(family: str) -> str:
@@ -25,3 +28,9 @@ def family_queue(family: str, *, consumer_timeout_ms: int) -> Queue:
         durable=True,
         queue_arguments={"x-queue-type": "quorum", "x-consumer-timeout": consumer_timeout_ms},
     )
+
+
+def message_app(broker_url: str) -> Celery:
+    """A Celery app that only writes task messages (Celery's protocol 2) for the workers' app to
+    read; it never consumes, so it needs none of the workers' configuration."""
+    return Celery("inference_server", broker=broker_url, set_as_current=False)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from inference_server.engine.registry import load_registry
 from inference_server.errors import InvalidRequest, RegistryError
+from inference_server.registry import load_registry
 
 GOOD = """
 [families.sd15]
@@ -155,7 +155,7 @@ def test_registry_does_not_import_torch(tmp_path: Path) -> None:
     """The API imports the registry: it must stay free of torch and diffusers."""
     path = write(tmp_path, GOOD)
     code = (
-        "import sys; from inference_server.engine import load_registry; "
+        "import sys; from inference_server.registry import load_registry; "
         f"load_registry({str(path)!r}).catalog(); "
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"
