@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import func, select
@@ -12,43 +13,44 @@ from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent
 from inference_server.db.base import utcnow
-from inference_server.jobs.serialize import iso, job_to_dict
-from inference_server.jobs.status import TERMINAL_EVENT, EventType
+from inference_server.jobs.enums import TERMINAL_EVENTS, EventType
+from inference_server.jobs.serialize import columns, iso, job_view
 
 JOB_FINISHED_CHANNEL = "job_finished"
 JOB_CANCELED_CHANNEL = "job_canceled"  # payload: the job id; wakes the worker running it
-TERMINAL_TYPES = frozenset(str(e) for e in TERMINAL_EVENT.values())
 
 
-def event_values(job: Any, event_type: EventType | str, *, api_base: str = "") -> dict[str, Any]:
-    """The columns of the event row for ``job`` as it is now (a Job, or any object with its fields)."""
+def event_values(
+    job: Mapping[str, Any], event_type: EventType, outputs: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """The columns of the event row for ``job`` (its ``jobs`` columns) and ``outputs`` as they are now."""
     now = utcnow()
     return {
         "id": f"msg_{uuid.uuid4().hex}",
-        "job_id": job.id,
-        "tenant_id": job.tenant_id,
-        "type": str(event_type),
+        "job_id": job["id"],
+        "tenant_id": job["tenant_id"],
+        "type": event_type.value,
         "payload": {
-            "type": str(event_type),
+            "type": event_type.value,
             "timestamp": iso(now),
-            "data": job_to_dict(job, api_base=api_base),
+            "data": job_view(job, outputs),
         },
         "fanned_out": False,
         "created_at": now,
     }
 
 
-def emit(session: Session, job: Job, event_type: EventType | str, *, api_base: str = "") -> JobEvent:
+def emit(session: Session, job: Job, event_type: EventType) -> JobEvent:
     """Add an event for ``job`` (flushed state) to ``session``; the caller commits.
 
     A terminal event also notifies ``job_finished`` listeners on PostgreSQL (delivered at commit),
     which wakes API requests long-polling for the job."""
     session.flush()
-    event = JobEvent(**event_values(job, event_type, api_base=api_base))
+    event = JobEvent(**event_values(columns(job), event_type, [columns(o) for o in job.outputs]))
     session.add(event)
-    if event.type in TERMINAL_TYPES and session.get_bind().dialect.name == "postgresql":
+    if event_type in TERMINAL_EVENTS and session.get_bind().dialect.name == "postgresql":
         session.execute(select(func.pg_notify(JOB_FINISHED_CHANNEL, finished_notice(event.payload["data"]))))
-        if event.type == EventType.CANCELED:
+        if event_type == EventType.CANCELED:
             session.execute(select(func.pg_notify(JOB_CANCELED_CHANNEL, job.id)))
     return event
 

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from inference_server.db import Job, JobEvent, JobOutput, make_database, make_session_factory
 from inference_server.jobs import transitions
+from inference_server.jobs.enums import ClaimRefusal
 from inference_server.jobs.service import JobContext, submit
 from inference_server.jobs.spec import JobRequest
 from inference_server.storage import open_storage
@@ -97,7 +98,7 @@ def db(settings) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
 
 def _submit(db: dict[str, Any]) -> str:
     with db["sf"]() as session:
-        return submit(session, db["ctx"], db["tenant"], JobRequest.model_validate(BODY)).job.id
+        return submit(session, db["ctx"], db["tenant"], JobRequest.model_validate(BODY)).job_id
 
 
 def _events(sf, job_id: str) -> list[str]:  # type: ignore[no-untyped-def]
@@ -109,32 +110,30 @@ def _events(sf, job_id: str) -> list[str]:  # type: ignore[no-untyped-def]
 
 def _claim(sf, job_id: str, *, redelivered: bool = False, max_attempts: int = 3):  # type: ignore[no-untyped-def]
     with sf() as session:
-        claim = transitions.claim(
-            session, job_id, redelivered=redelivered, max_attempts=max_attempts, api_base=""
-        )
+        claim = transitions.claim(session, job_id, redelivered=redelivered, max_attempts=max_attempts)
         if isinstance(claim, transitions.Claim):
-            transitions.record_claim(session, claim, api_base="")
+            transitions.record_claim(session, claim)
         return claim
 
 
 def test_claim_decides_by_status_and_attempts(db) -> None:  # type: ignore[no-untyped-def]
     sf = db["sf"]
-    assert _claim(sf, str(uuid.uuid4())) == "missing"
+    assert _claim(sf, str(uuid.uuid4())) == ClaimRefusal.MISSING
     job_id = _submit(db)
     claim = _claim(sf, job_id)
     assert isinstance(claim, transitions.Claim) and claim.attempt == 1
     # A second message for a job another worker runs is a duplicate; a redelivery takes over.
-    assert _claim(sf, job_id) == "duplicate"
+    assert _claim(sf, job_id) == ClaimRefusal.OWNED
     again = _claim(sf, job_id, redelivered=True)
     assert isinstance(again, transitions.Claim) and again.attempt == 2
     # The first attempt can no longer end the job: only the owner writes.
     with sf() as session:
-        assert not transitions.succeed(session, claim, [], api_base="")
-    assert _claim(sf, job_id, redelivered=True, max_attempts=2) == "failed"
+        assert not transitions.succeed(session, claim, [])
+    assert _claim(sf, job_id, redelivered=True, max_attempts=2) == ClaimRefusal.EXHAUSTED
     with sf() as session:
         job = session.get(Job, job_id)
         assert job is not None and (job.status, job.error_code) == ("failed", "too_many_attempts")
-    assert _claim(sf, job_id, redelivered=True) == "skipped (failed)"
+    assert _claim(sf, job_id, redelivered=True) == ClaimRefusal.FINISHED
     assert _events(sf, job_id) == ["job.queued", "job.started", "job.started", "job.failed"]
 
 
@@ -154,16 +153,17 @@ def test_success_writes_outputs_and_event_once(db) -> None:  # type: ignore[no-u
         "size_bytes": 10,
     }
     with sf() as session:
-        assert transitions.succeed(session, claim, [output], api_base="http://api")
+        assert transitions.succeed(session, claim, [output])
     with sf() as session:
-        assert not transitions.succeed(session, claim, [output], api_base="http://api")
+        assert not transitions.succeed(session, claim, [output])
         event = session.scalars(
             select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "job.succeeded")
         ).one()
         assert session.scalar(select(func.count()).where(JobOutput.job_id == job_id)) == 1
     data = event.payload["data"]
     assert data["status"] == "succeeded" and data["attempts"] == 1
-    assert data["outputs"][0]["url"] == f"http://api/v1/jobs/{job_id}/outputs/0"
+    # Stored relative: the API and the dispatcher add the public URL when they read it.
+    assert data["outputs"][0]["url"] == f"/v1/jobs/{job_id}/outputs/0"
     assert data["progress"]["percent"] == 100.0
 
 
@@ -260,7 +260,6 @@ def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db) -> None:  # type: ig
             claim.attempt,
             progress_interval=0.5,
             poll_interval=30.0,
-            api_base="",
             cancels=listener,
         )
         with watcher:
@@ -283,7 +282,7 @@ def test_a_run_taken_over_by_a_newer_attempt_is_stopped(db) -> None:  # type: ig
     job_id = _submit(db)
     first = _claim(sf, job_id)
     watcher = ProgressWatcher(
-        sf, job_id, first.attempt, progress_interval=0.5, poll_interval=0.05, api_base=""
+        sf, job_id, first.attempt, progress_interval=0.5, poll_interval=0.05
     )
     with watcher:
         assert not watcher.on_step(1, 10)

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inference_server import netguard
 from inference_server.db import JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
+from inference_server.jobs.serialize import with_api_base
 from inference_server.settings import Settings
 from webhooks.chain import sweep
 from webhooks.delivery import AttemptResult, attempt, encode_body
@@ -267,7 +268,7 @@ class Dispatcher:
                 retry_base=row.retry_base,
                 tenant_id=row.tenant_id,
                 job_id=row.job_id,
-                body=encode_body(row.payload),
+                body=encode_body(with_api_base(row.payload, self.settings.api_url)),
                 secrets=signing_secrets(row, now),
             )
             for row in rows

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
-from inference_server.jobs.status import EventType
+from inference_server.jobs.enums import EventType
 from webhooks import metrics
 from webhooks.chain import affected, open_chains, promote
 from webhooks.tables import DeliveryStatus, WebhookDelivery, WebhookGoneURL

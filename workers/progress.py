@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inference_server.db import Job
 from inference_server.db.base import utcnow
 from inference_server.events import emit
-from inference_server.jobs.status import EventType, JobStatus
+from inference_server.jobs.enums import EventType, JobStatus
 from workers.cancels import CancelListener
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ class ProgressWatcher:
         *,
         progress_interval: float,
         poll_interval: float,
-        api_base: str,
         after: Future[None] | None = None,
         cancels: CancelListener | None = None,
     ) -> None:
@@ -41,7 +40,6 @@ class ProgressWatcher:
         self.attempt = attempt
         self.progress_interval = progress_interval
         self.poll_interval = poll_interval
-        self.api_base = api_base
         self.canceled = False
         self.superseded = False  # stopped because a newer attempt owns the job
         self._after = after
@@ -116,6 +114,6 @@ class ProgressWatcher:
             if result.rowcount:
                 job = session.get(Job, self.job_id)
                 if job is not None:
-                    emit(session, job, EventType.PROGRESS, api_base=self.api_base)
+                    emit(session, job, EventType.PROGRESS)
             session.commit()
         self._written_step, self._last_write = step, now

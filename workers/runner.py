@@ -14,8 +14,10 @@ from PIL import Image
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference_server.errors import DependencyDown, InferenceError, JobCanceled, StorageError
+from inference_server.errors import DependencyDown, InferenceError, InvalidRequest, JobCanceled, StorageError
 from inference_server.jobs import transitions
+from inference_server.jobs.enums import ClaimRefusal, RunOutcome, Task
+from inference_server.jobs.spec import JobSpec
 from inference_server.jobs.transitions import Claim
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
@@ -64,12 +66,13 @@ class JobRunner:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def run(self, job_id: str, *, redelivered: bool) -> str:
-        """Run ``job_id``; return the outcome (for logs). Raises RetryLater on transient failures."""
+    def run(self, job_id: str, *, redelivered: bool) -> RunOutcome:
+        """Run ``job_id``; return how the run ended. Raises RetryLater on transient failures."""
         try:
             claimed = self._claim(job_id, redelivered=redelivered)
-            if isinstance(claimed, str):
-                return claimed
+            if isinstance(claimed, ClaimRefusal):
+                log.info("job %s not run: %s", job_id, claimed.value)
+                return RunOutcome.NOT_RUN
             claim, recorded = claimed
             started = time.perf_counter()
             outcome = self._run_claimed(claim, recorded)
@@ -78,11 +81,11 @@ class JobRunner:
             # this attempt, and the retry (a redelivery) runs it again instead of stranding it.
             raise RetryLater(DependencyDown(f"database unavailable: {exc}")) from exc
         JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
-        if outcome in ("succeeded", "failed", "canceled"):
-            JOBS_FINISHED.labels(claim.family, outcome).inc()
+        if outcome.finished_job:
+            JOBS_FINISHED.labels(claim.family, outcome.value).inc()
         return outcome
 
-    def _claim(self, job_id: str, *, redelivered: bool) -> tuple[Claim, Future[None]] | str:
+    def _claim(self, job_id: str, *, redelivered: bool) -> tuple[Claim, Future[None]] | ClaimRefusal:
         """Lock and claim the job; its claim is written and committed beside the pipeline's start
         (``recorded``), so the GPU does not wait for that transaction."""
         session = self.sf()
@@ -92,14 +95,13 @@ class JobRunner:
                 job_id,
                 redelivered=redelivered,
                 max_attempts=self.settings.job_max_attempts,
-                api_base=self.settings.api_url,
             )
         except BaseException:
             session.close()
             raise
-        if isinstance(claim, str):
+        if isinstance(claim, ClaimRefusal):
             session.close()  # releases the lock
-            if claim == "missing":
+            if claim == ClaimRefusal.MISSING:
                 log.warning("job %s not found; dropping its message", job_id)
             return claim
         if claim.attempt == 1:
@@ -110,9 +112,9 @@ class JobRunner:
 
     def _record_claim(self, session: Session, claim: Claim) -> None:
         with session:
-            transitions.record_claim(session, claim, api_base=self.settings.api_url)
+            transitions.record_claim(session, claim)
 
-    def _run_claimed(self, claim: Claim, recorded: Future[None]) -> str:
+    def _run_claimed(self, claim: Claim, recorded: Future[None]) -> RunOutcome:
         # Every end is written after the claim: each path waits for ``recorded``, which re-raises
         # a failed claim write (the job is then retried).
         try:
@@ -120,17 +122,17 @@ class JobRunner:
             outputs = self._store_outputs(claim, images)
         except Superseded:
             recorded.result()
-            return "superseded"
+            return RunOutcome.SUPERSEDED
         except JobCanceled:
             recorded.result()
-            return "canceled"
+            return RunOutcome.CANCELED
         except Exception as exc:
             recorded.result()
             return self._failed(claim, exc)
         recorded.result()
         return self._succeed(claim, outputs)
 
-    def _failed(self, claim: Claim, exc: Exception) -> str:
+    def _failed(self, claim: Claim, exc: Exception) -> RunOutcome:
         """Retry the job after a transient failure, or record why it failed."""
         if isinstance(exc, DATABASE_DOWN):
             raise exc
@@ -143,36 +145,37 @@ class JobRunner:
         else:  # a bug or a runtime error in a model: the job fails with a reason
             log.error("job %s crashed", claim.job_id, exc_info=exc)
             self._fail(claim, "internal_error", f"{type(exc).__name__}: {exc}")
-        return "failed"
+        return RunOutcome.FAILED
 
     def _generate(self, claim: Claim, recorded: Future[None]) -> list[Image.Image]:
         from inference_server.engine.runner import GenerationRequest, LoraRef
 
-        p = claim.params
-        image, mask = self._load_inputs(p)
-        width, height = p.get("width"), p.get("height")
-        if claim.task == "edit" and image is not None and not (width and height):
+        spec = claim.spec
+        image, mask = self._load_inputs(spec)
+        width, height = spec.width, spec.height
+        if spec.task == Task.EDIT and image is not None and not (width and height):
             from inference_server import imaging
 
             width, height = imaging.edit_size(image, max_pixels=self.settings.max_input_pixels)
-        seed = int(p["seed"])
+        if width is None or height is None:
+            raise InvalidRequest(f"task {spec.task.value!r} needs a width and a height", code="invalid_size")
         request = GenerationRequest(
-            family=claim.family,
-            model=claim.model,
-            task=claim.task,
-            prompt=p.get("prompt", ""),
-            negative_prompt=p.get("negative_prompt"),
-            width=int(width),  # type: ignore[arg-type]  # set by the service or edit_size above
-            height=int(height),  # type: ignore[arg-type]
-            steps=int(p["steps"]),
-            guidance_scale=p.get("guidance_scale"),
-            seeds=[seed + i for i in range(int(p.get("num_images", 1)))],
-            strength=p.get("strength"),
+            family=spec.family,
+            model=spec.model,
+            task=spec.task.value,
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            width=width,
+            height=height,
+            steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            seeds=list(spec.seeds),
+            strength=spec.strength,
             image=image,
             mask=mask,
-            loras=[LoraRef(lo["name"], float(lo.get("scale", 1.0))) for lo in p.get("loras", [])],
+            loras=[LoraRef(lo.name, lo.scale) for lo in spec.loras],
         )
-        if image is not None and claim.task != "edit":
+        if image is not None and spec.task != Task.EDIT:
             from inference_server import imaging
 
             request.image = imaging.fit_input(image, request.width, request.height)
@@ -184,7 +187,6 @@ class JobRunner:
             claim.attempt,
             progress_interval=self.settings.progress_interval,
             poll_interval=self.settings.cancel_poll_interval,
-            api_base=self.settings.api_url,
             after=recorded,
             cancels=self._cancels,
         ) as watcher:
@@ -198,14 +200,12 @@ class JobRunner:
                 raise
         return images
 
-    def _load_inputs(self, p: dict[str, Any]) -> tuple[Image.Image | None, Image.Image | None]:
+    def _load_inputs(self, spec: JobSpec) -> tuple[Image.Image | None, Image.Image | None]:
         # JPEG inputs decode at reduced scale when they are much larger than the output.
-        draft = (int(p["width"]), int(p["height"])) if p.get("width") and p.get("height") else None
-        loaded = []
-        for name in ("image", "mask"):
-            ref = p.get(name)
-            loaded.append(self._read_image(ref, draft_size=draft) if ref else None)
-        return loaded[0], loaded[1]
+        draft = (spec.width, spec.height) if spec.width and spec.height else None
+        image = self._read_image(spec.image, draft_size=draft) if spec.image else None
+        mask = self._read_image(spec.mask, draft_size=draft) if spec.mask else None
+        return image, mask
 
     def _read_image(self, ref: str, *, draft_size: tuple[int, int] | None = None) -> Image.Image:
         from inference_server import imaging
@@ -227,41 +227,38 @@ class JobRunner:
     def _store_outputs(self, claim: Claim, images: list[Image.Image]) -> list[dict[str, Any]]:
         from inference_server import imaging
 
-        p = claim.params
-        out = p.get("output") or {}
-        fmt = out.get("format", "png")
-        signature = None
-        if p.get("signature"):
-            signature = self._read_image(p["signature"]["image"])
-        seed = int(p["seed"])
+        spec = claim.spec
+        sig = spec.signature
+        signature = self._read_image(sig.image) if sig is not None else None
 
         def finish(index: int, image: Image.Image) -> dict[str, Any]:
-            if signature is not None:
-                sig = p["signature"]
+            if sig is not None and signature is not None:
                 image = imaging.composite_signature(
-                    image, signature, position=sig["position"], opacity=sig["opacity"], size=sig["size"]
+                    image, signature, position=sig.position, opacity=sig.opacity, size=sig.size
                 )
+            seed = spec.seeds[index]
             parameters = {
-                "prompt": p.get("prompt", ""),
-                "negative_prompt": p.get("negative_prompt"),
-                "seed": seed + index,
-                "model": claim.model,
-                "family": claim.family,
-                "task": claim.task,
-                "steps": p.get("steps"),
-                "guidance_scale": p.get("guidance_scale"),
+                "prompt": spec.prompt,
+                "negative_prompt": spec.negative_prompt,
+                "seed": seed,
+                "model": spec.model,
+                "family": spec.family,
+                "task": spec.task.value,
+                "steps": spec.steps,
+                "guidance_scale": spec.guidance_scale,
                 "width": image.width,
                 "height": image.height,
-                "loras": p.get("loras", []),
+                "loras": [lo.model_dump() for lo in spec.loras],
             }
             data, content_type = imaging.encode_output(
                 image,
-                fmt=fmt,
-                quality=int(out.get("quality", 90)),
-                metadata=out.get("metadata", {}),
+                fmt=spec.output.format,
+                quality=spec.output.quality,
+                metadata=spec.output.metadata,
                 parameters=parameters,
             )
-            uri = self.storage.put(output_key(claim.job_id, index, EXTENSIONS[fmt]), data, content_type)
+            key = output_key(claim.job_id, index, EXTENSIONS[spec.output.format])
+            uri = self.storage.put(key, data, content_type)
             return {
                 "job_id": claim.job_id,
                 "index": index,
@@ -269,7 +266,7 @@ class JobRunner:
                 "content_type": content_type,
                 "width": image.width,
                 "height": image.height,
-                "seed": seed + index,
+                "seed": seed,
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "size_bytes": len(data),
             }
@@ -280,12 +277,12 @@ class JobRunner:
         with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
             return list(pool.map(finish, range(len(images)), images))
 
-    def _succeed(self, claim: Claim, outputs: list[dict[str, Any]]) -> str:
+    def _succeed(self, claim: Claim, outputs: list[dict[str, Any]]) -> RunOutcome:
         with self.sf() as session:
-            if not transitions.succeed(session, claim, outputs, api_base=self.settings.api_url):
-                return "superseded"  # canceled meanwhile, or a newer attempt owns the job
-        return "succeeded"
+            if not transitions.succeed(session, claim, outputs):
+                return RunOutcome.SUPERSEDED  # canceled meanwhile, or a newer attempt owns the job
+        return RunOutcome.SUCCEEDED
 
     def _fail(self, claim: Claim, code: str, message: str) -> None:
         with self.sf() as session:
-            transitions.fail(session, claim, code, message, api_base=self.settings.api_url)
+            transitions.fail(session, claim, code, message)

@@ -95,5 +95,5 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         except RetryLater as exc:
             log.warning("job %s: transient failure, retrying: %s", job_id, exc)
             raise self.retry(countdown=5, exc=exc) from exc
-        log.info("job %s: %s", job_id, outcome)
-        return outcome
+        log.info("job %s: %s", job_id, outcome.value)
+        return outcome.value

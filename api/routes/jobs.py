@@ -6,7 +6,7 @@ import asyncio
 import re
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -15,11 +15,11 @@ from api.deps import AppState, current_tenant, get_session, state
 from api.waiter import Waiting
 from inference_server.db import Tenant
 from inference_server.db.base import new_id
-from inference_server.errors import NotFound
+from inference_server.errors import InvalidRequest, NotFound
 from inference_server.jobs import service
-from inference_server.jobs.serialize import job_to_dict
+from inference_server.jobs.enums import TERMINAL
+from inference_server.jobs.serialize import job_to_dict, with_api_base
 from inference_server.jobs.spec import JobRequest
-from inference_server.jobs.status import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -67,11 +67,15 @@ def _submit(
 ) -> tuple[service.Submitted, dict[str, Any]]:
     with st.session_factory() as session:
         result = service.submit(session, st.ctx, tenant, body, idempotency_key=key, job_id=job_id)
-        return result, result.body or job_to_dict(result.job, api_base=st.settings.api_url)
+        return result, with_api_base(result.view, st.settings.api_url)
+
+
+LIST_FILTERS = frozenset({"status", "family", "limit", "cursor"})
 
 
 @router.get("")
 def list_jobs(
+    request: Request,
     status: str | None = None,
     family: str | None = None,
     limit: int = Query(default=50, ge=1, le=200),
@@ -80,6 +84,13 @@ def list_jobs(
     tenant: Tenant = Depends(current_tenant),
     st: AppState = Depends(state),
 ) -> dict[str, Any]:
+    unknown = sorted(set(request.query_params) - LIST_FILTERS)
+    if unknown:
+        # A filter that is silently ignored answers a different question than the one asked.
+        raise InvalidRequest(
+            f"unknown filter {unknown[0]!r} (filters: {', '.join(sorted(LIST_FILTERS))})",
+            code="invalid_filter",
+        )
     jobs, next_cursor = service.list_jobs(
         session, tenant, status=status, family=family, limit=limit, cursor=cursor
     )
@@ -122,7 +133,7 @@ async def _until_finished(
                 return job
             announced = await st.waiter.wait(finished, remaining)
             if announced is not None:
-                return announced  # the tenant's own job: checked by the read above
+                return with_api_base(announced, st.settings.api_url)  # the tenant's own job: read above
             job = None
         finally:
             st.waiter.unregister(job_id, finished)

@@ -1,53 +1,83 @@
-"""The job as ``GET /v1/jobs/{id}`` returns it; webhooks carry the same dict."""
+"""The job as ``GET /v1/jobs/{id}`` returns it; webhooks carry the same dict.
+
+A view is built from plain column mappings (a row as the worker holds it, or an ORM job through
+``job_to_dict``). Output URLs are stored relative (``/v1/jobs/{id}/outputs/{n}``): the API and the
+dispatcher prefix them with the public API URL when they read them, so that URL never travels
+through workers or lives in stored events."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from inference_server.db import Job
+from inference_server.jobs.enums import JobStatus
+from inference_server.jobs.spec import public_params
+
+OUTPUT_PATH = "/v1/jobs/{job_id}/outputs/{index}"
 
 
 def iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
-def public_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Parameters as the client sees them: inputs stay as the URIs they became at submit."""
-    return {k: v for k, v in params.items() if not k.startswith("_")}
-
-
-def job_to_dict(job: Job, *, api_base: str = "") -> dict[str, Any]:
-    total = job.progress_total or 0
-    step = job.progress_step or 0
-    percent = 100.0 if job.status == "succeeded" else round(100.0 * step / total, 1) if total else 0.0
+def job_view(job: Mapping[str, Any], outputs: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The public view of a ``jobs`` row and its ``job_outputs`` rows, with relative output URLs."""
+    total = job["progress_total"] or 0
+    step = job["progress_step"] or 0
+    succeeded = job["status"] == JobStatus.SUCCEEDED
+    percent = 100.0 if succeeded else round(100.0 * step / total, 1) if total else 0.0
     return {
-        "id": job.id,
-        "status": job.status,
-        "family": job.family,
-        "model": job.model,
-        "task": job.task,
-        "params": public_params(job.params or {}),
+        "id": job["id"],
+        "status": str(job["status"]),
+        "family": job["family"],
+        "model": job["model"],
+        "task": str(job["task"]),
+        "params": public_params(job["params"] or {}),
         "progress": {
             "step": step,
             "total_steps": total,
             "percent": percent,
-            "eta_seconds": job.eta_seconds,
+            "eta_seconds": job["eta_seconds"],
         },
         "outputs": [
             {
-                "url": f"{api_base}/v1/jobs/{job.id}/outputs/{out.index}",
-                "content_type": out.content_type,
-                "width": out.width,
-                "height": out.height,
-                "seed": out.seed,
-                "sha256": out.sha256,
+                "url": OUTPUT_PATH.format(job_id=job["id"], index=out["index"]),
+                "content_type": out["content_type"],
+                "width": out["width"],
+                "height": out["height"],
+                "seed": out["seed"],
+                "sha256": out["sha256"],
             }
-            for out in job.outputs
+            for out in sorted(outputs, key=lambda o: o["index"])
         ],
-        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
-        "attempts": job.attempts,
+        "error": {"code": job["error_code"], "message": job["error_message"]} if job["error_code"] else None,
+        "created_at": iso(job["created_at"]),
+        "started_at": iso(job["started_at"]),
+        "finished_at": iso(job["finished_at"]),
+        "attempts": job["attempts"],
     }
+
+
+def columns(row: Any) -> dict[str, Any]:
+    """An ORM row's column values as a plain mapping."""
+    return {c.key: getattr(row, c.key) for c in row.__table__.columns}
+
+
+def job_to_dict(job: Job, *, api_base: str | None = None) -> dict[str, Any]:
+    """The public view of an ORM job; with ``api_base``, output URLs are absolute."""
+    view = job_view(columns(job), [columns(o) for o in job.outputs])
+    return with_api_base(view, api_base) if api_base is not None else view
+
+
+def with_api_base(view: dict[str, Any], api_base: str) -> dict[str, Any]:
+    """``view`` (a job view, or a webhook body carrying one in ``data``) with absolute output URLs."""
+    job = view.get("data", view)
+    if not api_base or not job.get("outputs"):
+        return view
+    outputs = [
+        {**o, "url": api_base + o["url"]} if o["url"].startswith("/") else o for o in job["outputs"]
+    ]
+    job = {**job, "outputs": outputs}
+    return {**view, "data": job} if "data" in view else job

@@ -10,7 +10,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import CursorResult, select, update
@@ -21,21 +20,20 @@ from inference_server.db import Job, JobEvent, OutboxMessage, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.errors import Conflict, InvalidInput, InvalidRequest, NotFound
 from inference_server.events import emit, event_values
+from inference_server.jobs.enums import TERMINAL, EventType, JobStatus, Task
 from inference_server.jobs.persist import insert_new_rows
-from inference_server.jobs.spec import MAX_SEED, JobRequest
-from inference_server.jobs.status import TERMINAL, EventType, JobStatus
-from inference_server.registry import Registry
+from inference_server.jobs.serialize import job_to_dict
+from inference_server.jobs.spec import MAX_SEED, JobRequest, JobSpec
+from inference_server.registry import FamilySpec, ModelSpec, Registry
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, input_key
-
-NEEDS_IMAGE = {"img2img", "inpaint", "edit"}
 
 
 @dataclass
 class Submitted:
-    job: Job
+    job_id: str
     created: bool  # False when an Idempotency-Key replayed an earlier submit
-    body: dict[str, Any] | None = None  # the job as the API shows it, when already serialised
+    view: dict[str, Any]  # the job as the API shows it (relative output URLs)
 
 
 @dataclass
@@ -52,7 +50,7 @@ def request_hash(body: JobRequest) -> str:
     return hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()
 
 
-def _check_family(ctx: JobContext, req: JobRequest) -> tuple[Any, Any]:
+def _check_family(ctx: JobContext, req: JobRequest) -> tuple[FamilySpec, ModelSpec]:
     family = ctx.registry.family(req.family)
     model = family.model(req.model, req.task)
     for lora in req.loras:
@@ -66,18 +64,19 @@ def _check_family(ctx: JobContext, req: JobRequest) -> tuple[Any, Any]:
     return family, model
 
 
-def _resolve_params(family: Any, req: JobRequest) -> dict[str, Any]:
+def resolve(family: FamilySpec, model: ModelSpec, req: JobRequest) -> JobSpec:
+    """The request with the family's defaults and limits applied and its seeds chosen."""
     limits, defaults = family.limits, family.defaults
-    params = req.model_dump(exclude_none=True)
+    values = req.model_dump(exclude_none=True, exclude={"webhook", "seed", "num_images"})
     for key in ("width", "height", "steps", "guidance_scale"):
-        if params.get(key) is None and defaults.get(key) is not None:
-            params[key] = defaults[key]
-    if req.task in ("img2img", "inpaint") and params.get("strength") is None:
-        params["strength"] = defaults.get("strength", 0.75)
+        if values.get(key) is None and defaults.get(key) is not None:
+            values[key] = defaults[key]
+    if req.task.has_strength and values.get("strength") is None:
+        values["strength"] = defaults.get("strength", 0.75)
     lo, hi = limits.get("min_size", 64), limits.get("max_size", 2048)
     multiple = limits.get("size_multiple", 8)
     for key in ("width", "height"):
-        value = params.get(key)
+        value = values.get(key)
         if value is not None and not lo <= value <= hi:
             raise InvalidRequest(
                 f"{key} must be between {lo} and {hi} for {family.name}", code="invalid_size"
@@ -87,19 +86,22 @@ def _resolve_params(family: Any, req: JobRequest) -> dict[str, Any]:
                 f"{key} must be a multiple of {multiple} for {family.name}", code="invalid_size"
             )
     max_steps = limits.get("max_steps", 150)
-    if params.get("steps", 1) > max_steps:
+    if "steps" not in values:
+        raise InvalidRequest(f"steps is required: {family.name} has no default", code="invalid_steps")
+    if values["steps"] > max_steps:
         raise InvalidRequest(f"steps must be at most {max_steps} for {family.name}", code="invalid_steps")
-    if params.get("seed", -1) == -1:
-        params["seed"] = secrets.randbelow(MAX_SEED - 4)  # room for seed + i per image
-    return params
+    seed = req.seed if req.seed is not None and req.seed != -1 else secrets.randbelow(MAX_SEED + 1)
+    values["seeds"] = [seed + i for i in range(req.num_images)]
+    values["model"] = model.id
+    return JobSpec.model_validate(values)
 
 
 def _check_inputs(req: JobRequest) -> None:
-    if req.task in NEEDS_IMAGE and not req.image:
-        raise InvalidRequest(f"task {req.task!r} needs an input `image`", code="missing_image")
-    if req.task == "inpaint" and not req.mask:
+    if req.task.needs_image and not req.image:
+        raise InvalidRequest(f"task {req.task.value!r} needs an input `image`", code="missing_image")
+    if req.task == Task.INPAINT and not req.mask:
         raise InvalidRequest("task 'inpaint' needs a `mask`", code="missing_mask")
-    if req.task == "edit" and not req.prompt:
+    if req.task == Task.EDIT and not req.prompt:
         raise InvalidRequest("task 'edit' needs a `prompt` (the instruction)", code="missing_prompt")
 
 
@@ -150,18 +152,21 @@ def submit(
 
         # Refuse now what would otherwise fail the job at encode time, after the GPU work.
         imaging.validate_metadata(req.output.metadata)
-    params = _resolve_params(family, req)
+    spec = resolve(family, model, req)
     if req.webhook:
         from inference_server import netguard
 
         netguard.check_url(req.webhook.url, allow_private=ctx.settings.allow_private_networks)
     job_id = job_id or new_id()
-    for name in ("image", "mask"):
-        if params.get(name):
-            params[name] = _store_input(ctx, tenant, job_id, name, params[name])
-    if req.signature:
-        params["signature"]["image"] = _store_input(ctx, tenant, job_id, "signature", req.signature.image)
-    params.pop("webhook", None)
+    stored: dict[str, Any] = {
+        name: _store_input(ctx, tenant, job_id, name, ref)
+        for name, ref in (("image", spec.image), ("mask", spec.mask))
+        if ref
+    }
+    if spec.signature:
+        image = _store_input(ctx, tenant, job_id, "signature", spec.signature.image)
+        stored["signature"] = spec.signature.model_copy(update={"image": image})
+    spec = spec.model_copy(update=stored)
     now = utcnow()
     # Plain values, not ORM objects: this is the API's hot path (see jobs.persist).
     values = {
@@ -170,16 +175,16 @@ def submit(
         "status": JobStatus.QUEUED.value,
         "family": req.family,
         "model": model.id,
-        "task": req.task,
-        "params": params,
+        "task": req.task.value,
+        "params": spec.stored(),
         "webhook_url": req.webhook.url if req.webhook else None,
-        "webhook_events": list(req.webhook.events)
+        "webhook_events": [e.value for e in req.webhook.events]
         if req.webhook and req.webhook.events is not None
         else None,
         "idempotency_key": idempotency_key,
         "request_hash": digest,
         "progress_step": 0,
-        "progress_total": _planned_steps(params),
+        "progress_total": spec.planned_steps,
         "eta_seconds": None,
         "error_code": None,
         "error_message": None,
@@ -189,8 +194,7 @@ def submit(
         "finished_at": None,
         "updated_at": now,
     }
-    job = SimpleNamespace(**values, outputs=[])
-    event = event_values(job, EventType.QUEUED, api_base=ctx.settings.api_url)
+    event = event_values(values, EventType.QUEUED)
     outbox = {
         "job_id": job_id,
         "queue": family.queue,
@@ -211,14 +215,7 @@ def submit(
         raise
     if ctx.on_published:
         ctx.on_published()
-    return Submitted(job=job, created=True, body=event["payload"]["data"])  # type: ignore[arg-type]
-
-
-def _planned_steps(params: dict[str, Any]) -> int:
-    steps = int(params.get("steps", 0))
-    strength = params.get("strength")
-    # img2img and inpaint run only int(steps * strength) denoising steps.
-    return max(1, int(steps * strength)) if strength is not None else steps
+    return Submitted(job_id=job_id, created=True, view=event["payload"]["data"])
 
 
 def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Job | None:
@@ -230,7 +227,7 @@ def _replay(existing: Job, digest: str | None) -> Submitted:
         raise Conflict(
             "this Idempotency-Key was already used with a different request body", code="idempotency_conflict"
         )
-    return Submitted(job=existing, created=False)
+    return Submitted(job_id=existing.id, created=False, view=job_to_dict(existing))
 
 
 def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
@@ -301,6 +298,6 @@ def cancel(session: Session, ctx: JobContext, tenant: Tenant, job_id: str) -> Jo
             return job
         raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
     session.refresh(job)
-    emit(session, job, EventType.CANCELED, api_base=ctx.settings.api_url)
+    emit(session, job, EventType.CANCELED)
     session.commit()
     return job

@@ -1,15 +1,35 @@
-"""The submit body of ``POST /v1/jobs``: shapes and static bounds. Family limits are checked in
-``jobs.service`` against the model registry."""
+"""The job contract: ``JobRequest`` is the body of ``POST /v1/jobs`` (shapes and static bounds);
+``JobSpec`` is that request resolved against the registry (model id, defaults, seeds, inputs moved
+to storage). The API stores the JobSpec; the worker reads it back and validates it again, so the
+same types cross the queue and nothing is coerced by hand on either side."""
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-Task = Literal["txt2img", "img2img", "inpaint", "edit"]
-EVENT_NAMES = ("job.queued", "job.started", "job.progress", "job.succeeded", "job.failed", "job.canceled")
+from inference_server.jobs.enums import EventType, Task
+
 MAX_SEED = 2**32 - 1
+MAX_IMAGES = 4
+
+
+def _finite(value: Any) -> Any:
+    """NaN compares false with every bound, so pydantic would report it as out of range."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value  # not a number at all: pydantic says so
+    if not math.isfinite(number):
+        raise ValueError("NaN and infinity are not numbers: send a finite number")
+    return value
+
+
+Finite = BeforeValidator(_finite)
 
 
 class Strict(BaseModel):
@@ -18,13 +38,13 @@ class Strict(BaseModel):
 
 class LoraSpec(Strict):
     name: str = Field(min_length=1, max_length=500)
-    scale: float = Field(default=1.0, ge=-4.0, le=4.0)
+    scale: Annotated[float, Finite] = Field(default=1.0, ge=-4.0, le=4.0)
 
 
 class SignatureSpec(Strict):
     image: str = Field(min_length=1)
     position: Literal["bottom-left", "bottom-center", "bottom-right"] = "bottom-right"
-    opacity: float = Field(default=1.0, ge=0.0, le=1.0)
+    opacity: Annotated[float, Finite] = Field(default=1.0, ge=0.0, le=1.0)
     size: Literal["small", "medium", "large"] = "small"
 
 
@@ -46,22 +66,37 @@ class OutputSpec(Strict):
 
 class WebhookSpec(Strict):
     url: str = Field(min_length=1, max_length=2048)
-    events: list[Literal[EVENT_NAMES]] | None = None  # type: ignore[valid-type]
+    # Full names (``job.succeeded``) or the shorthand the dispatcher also accepts (``succeeded``).
+    events: list[EventType] | None = None
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        known = ", ".join(e.value for e in EventType)
+        parsed = []
+        for name in value:
+            try:
+                parsed.append(EventType.parse(name) if isinstance(name, str) else name)
+            except ValueError:
+                raise ValueError(f"unknown event {name!r} (known: {known})") from None
+        return parsed
 
 
 class JobRequest(Strict):
     family: str = Field(min_length=1, max_length=64)
     model: str | None = Field(default=None, max_length=200)
-    task: Task = "txt2img"
+    task: Task = Task.TXT2IMG
     prompt: str = Field(default="", max_length=2000)
     negative_prompt: str | None = Field(default=None, max_length=2000)
     width: int | None = Field(default=None, ge=8, le=8192)
     height: int | None = Field(default=None, ge=8, le=8192)
     steps: int | None = Field(default=None, ge=1, le=150)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
+    guidance_scale: Annotated[float | None, Finite] = Field(default=None, ge=0.0, le=30.0)
     seed: int | None = Field(default=None, ge=-1, le=MAX_SEED)
-    num_images: int = Field(default=1, ge=1, le=4)
-    strength: float | None = Field(default=None, gt=0.0, le=1.0)
+    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    strength: Annotated[float | None, Finite] = Field(default=None, gt=0.0, le=1.0)
     image: str | None = None
     mask: str | None = None
     loras: list[LoraSpec] = Field(default_factory=list, max_length=8)
@@ -75,3 +110,59 @@ class JobRequest(Strict):
         if value is not None and value % 8:
             raise ValueError("must be a multiple of 8")
         return value
+
+
+class JobSpec(Strict):
+    """A job as it runs: every default applied, one seed per image, inputs as storage URIs or
+    https URLs. ``width`` and ``height`` are absent only for an edit sized by its input image."""
+
+    family: str
+    model: str
+    task: Task
+    prompt: str = ""
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int = Field(ge=1)
+    guidance_scale: float | None = None
+    # A client's seed may be MAX_SEED itself; its later images take the seeds after it.
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED + MAX_IMAGES)]] = Field(
+        min_length=1, max_length=MAX_IMAGES
+    )
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)
+    image: str | None = None
+    mask: str | None = None
+    loras: list[LoraSpec] = Field(default_factory=list)
+    signature: SignatureSpec | None = None
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_before_seed_lists(cls, data: Any) -> Any:
+        """Jobs stored by an earlier release keep ``seed`` and ``num_images``: still runnable."""
+        if isinstance(data, dict) and "seeds" not in data and "seed" in data:
+            data = dict(data)
+            first, count = int(data.pop("seed")), int(data.pop("num_images", 1))
+            data["seeds"] = [first + i for i in range(count)]
+        return data
+
+    @property
+    def planned_steps(self) -> int:
+        """Denoising steps one image really runs: img2img and inpaint run ``steps * strength``."""
+        if self.task.has_strength and self.strength is not None:
+            return max(1, int(self.steps * self.strength))
+        return self.steps
+
+    def stored(self) -> dict[str, Any]:
+        """The form kept in ``jobs.params`` (JSON)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def public_params(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec as ``GET /v1/jobs/{id}`` shows it: ``seed`` and ``num_images`` as the client
+    wrote them (the first seed; the rest follow it), inputs as the URIs they became."""
+    view = {k: v for k, v in stored.items() if k != "seeds"}
+    seeds = stored.get("seeds")
+    if seeds:
+        view["seed"], view["num_images"] = seeds[0], len(seeds)
+    return view

@@ -8,17 +8,18 @@ one write, a success or failure one conditional write."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent, JobOutput
 from inference_server.db.base import utcnow
 from inference_server.events import JOB_FINISHED_CHANNEL, event_values, finished_notice
+from inference_server.jobs.enums import TERMINAL, ClaimRefusal, EventType, JobStatus, Task
 from inference_server.jobs.persist import update_with_rows
-from inference_server.jobs.status import TERMINAL, EventType, JobStatus
+from inference_server.jobs.spec import JobSpec
 
 JOBS = Job.__table__
 
@@ -29,6 +30,7 @@ class Claim:
     while it runs, so its end is written from this snapshot instead of being read back."""
 
     row: dict[str, Any]
+    spec: JobSpec
     unwritten: dict[str, Any] | None = None  # the claim's changes, until record_claim writes them
 
     @property
@@ -41,50 +43,40 @@ class Claim:
 
     @property
     def family(self) -> str:
-        return str(self.row["family"])
+        return self.spec.family
 
     @property
-    def model(self) -> str | None:
-        return self.row["model"]
-
-    @property
-    def task(self) -> str:
-        return str(self.row["task"])
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.row["params"])
+    def task(self) -> Task:
+        return self.spec.task
 
 
-def claim(
-    session: Session, job_id: str, *, redelivered: bool, max_attempts: int, api_base: str
-) -> Claim | str:
+def claim(session: Session, job_id: str, *, redelivered: bool, max_attempts: int) -> Claim | ClaimRefusal:
     """Lock ``job_id`` and decide whether this attempt may run it. Return the claim, its row lock
-    held and not yet written (``record_claim`` writes and commits it), or why not (a word for the
-    logs: missing, skipped, duplicate, or failed when it ran out of attempts, which is committed)."""
+    held and not yet written (``record_claim`` writes and commits it), or why not (running out of
+    attempts fails the job, committed here)."""
     found = session.execute(select(JOBS).where(JOBS.c.id == job_id).with_for_update()).mappings().first()
     if found is None:
-        return "missing"
+        return ClaimRefusal.MISSING
     row = dict(found)
     if JobStatus(row["status"]) in TERMINAL:
-        return f"skipped ({row['status']})"
+        return ClaimRefusal.FINISHED
     if row["status"] == JobStatus.RUNNING and not redelivered:
         # A duplicate publish (the relay re-sent a message it could not stamp) while another
         # worker owns the job: drop it. A redelivery means that owner died: take over.
-        return "duplicate"
-    now = utcnow()
+        return ClaimRefusal.OWNED
     if row["attempts"] >= max_attempts:
-        changes = {
-            "status": JobStatus.FAILED.value,
-            "error_code": "too_many_attempts",
-            "error_message": f"the job was started {row['attempts']} times without finishing",
-            "finished_at": now,
-            "eta_seconds": None,
-            "updated_at": now,
-        }
-        _write(session, row, changes, EventType.FAILED, api_base=api_base)
-        session.commit()
-        return "failed"
+        message = f"the job was started {row['attempts']} times without finishing"
+        _fail_unclaimed(session, row, "too_many_attempts", message)
+        return ClaimRefusal.EXHAUSTED
+    try:
+        # Validated again on this side of the queue: a row written by hand or by an incompatible
+        # release fails here with a reason, not deep inside the pipeline, and no attempt is spent.
+        spec = JobSpec.model_validate(row["params"])
+    except ValidationError as exc:
+        message = f"the stored job cannot be run: {exc.errors()[0]['msg']}"
+        _fail_unclaimed(session, row, "invalid_job_spec", message)
+        return ClaimRefusal.INVALID
+    now = utcnow()
     changes = {
         "status": JobStatus.RUNNING.value,
         "attempts": row["attempts"] + 1,
@@ -93,19 +85,33 @@ def claim(
         "eta_seconds": None,
         "updated_at": now,
     }
-    return Claim({**row, **changes}, unwritten=changes)
+    return Claim({**row, **changes}, spec, unwritten=changes)
 
 
-def record_claim(session: Session, claim: Claim, *, api_base: str) -> None:
+def _fail_unclaimed(session: Session, row: dict[str, Any], code: str, message: str) -> None:
+    now = utcnow()
+    changes = {
+        "status": JobStatus.FAILED.value,
+        "error_code": code,
+        "error_message": message,
+        "finished_at": now,
+        "eta_seconds": None,
+        "updated_at": now,
+    }
+    _write(session, row, changes, EventType.FAILED)
+    session.commit()
+
+
+def record_claim(session: Session, claim: Claim) -> None:
     """Write the claim ``claim`` decided in ``session`` (whose transaction holds the row lock), with
     its ``job.started`` event, and commit."""
     assert claim.unwritten is not None, "record_claim takes a claim fresh from claim()"
-    _write(session, claim.row, claim.unwritten, EventType.STARTED, api_base=api_base)
+    _write(session, claim.row, claim.unwritten, EventType.STARTED)
     session.commit()
     claim.unwritten = None
 
 
-def succeed(session: Session, claim: Claim, outputs: list[dict[str, Any]], *, api_base: str) -> bool:
+def succeed(session: Session, claim: Claim, outputs: list[dict[str, Any]]) -> bool:
     """Record ``outputs`` (job_outputs columns) and success together and commit, if this attempt
     still owns the running job; return whether it did (a cancel or a newer attempt wins otherwise)."""
     now = utcnow()
@@ -116,10 +122,10 @@ def succeed(session: Session, claim: Claim, outputs: list[dict[str, Any]], *, ap
         "eta_seconds": 0.0,
         "progress_step": claim.row["progress_total"],
     }
-    return _end(session, claim, changes, EventType.SUCCEEDED, outputs, api_base=api_base)
+    return _end(session, claim, changes, EventType.SUCCEEDED, outputs)
 
 
-def fail(session: Session, claim: Claim, code: str, message: str, *, api_base: str) -> bool:
+def fail(session: Session, claim: Claim, code: str, message: str) -> bool:
     """Record the failure of this attempt and commit, if it still owns the running job."""
     now = utcnow()
     # The progress the job had reached, for the event: the watcher saved it after the claim.
@@ -133,7 +139,7 @@ def fail(session: Session, claim: Claim, code: str, message: str, *, api_base: s
         "eta_seconds": None,
         "progress_step": step or 0,
     }
-    return _end(session, claim, changes, EventType.FAILED, [], api_base=api_base)
+    return _end(session, claim, changes, EventType.FAILED, [])
 
 
 def _end(
@@ -142,11 +148,9 @@ def _end(
     changes: dict[str, Any],
     event_type: EventType,
     outputs: list[dict[str, Any]],
-    *,
-    api_base: str,
 ) -> bool:
     owner = {"id": claim.job_id, "status": JobStatus.RUNNING.value, "attempts": claim.attempt}
-    done = _write(session, claim.row, changes, event_type, outputs, api_base=api_base, where=owner)
+    done = _write(session, claim.row, changes, event_type, outputs, where=owner)
     if done:
         session.commit()
     else:
@@ -161,14 +165,13 @@ def _write(
     event_type: EventType,
     outputs: list[dict[str, Any]] = (),  # type: ignore[assignment]
     *,
-    api_base: str,
     where: dict[str, Any] | None = None,
 ) -> bool:
     """Apply ``changes`` to the job ``row`` (under ``where``), with its outputs and event."""
-    job = SimpleNamespace(**{**row, **changes}, outputs=[SimpleNamespace(**o) for o in outputs])
-    event = event_values(job, event_type, api_base=api_base)
+    job = {**row, **changes}
+    event = event_values(job, event_type, outputs)
     notify = None
-    if JobStatus(job.status) in TERMINAL:
+    if JobStatus(job["status"]) in TERMINAL:
         notify = (JOB_FINISHED_CHANNEL, finished_notice(event["payload"]["data"]))
     rows: list[tuple[type[Any], dict[str, Any]]] = [(JobOutput, o) for o in outputs]
     rows.append((JobEvent, event))

@@ -1,0 +1,97 @@
+"""The job's vocabulary, defined once: statuses and their transitions, tasks, event types, and the
+outcomes of one run. The same values are stored in the database, shown by the API and carried by
+webhooks."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+# A redelivered job goes running -> running (a new attempt); nothing leaves a terminal status.
+ALLOWED = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}
+    ),
+}
+
+
+def can_transition(current: JobStatus | str, new: JobStatus | str) -> bool:
+    return JobStatus(new) in ALLOWED.get(JobStatus(current), frozenset())
+
+
+class Task(StrEnum):
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+    EDIT = "edit"
+
+    @property
+    def needs_image(self) -> bool:
+        return self is not Task.TXT2IMG
+
+    @property
+    def has_strength(self) -> bool:
+        """img2img and inpaint run only ``int(steps * strength)`` of their steps."""
+        return self in (Task.IMG2IMG, Task.INPAINT)
+
+
+class EventType(StrEnum):
+    QUEUED = "job.queued"
+    STARTED = "job.started"
+    PROGRESS = "job.progress"
+    SUCCEEDED = "job.succeeded"
+    FAILED = "job.failed"
+    CANCELED = "job.canceled"
+
+    @classmethod
+    def parse(cls, name: str) -> EventType:
+        """``job.succeeded`` or its shorthand ``succeeded``; ValueError for anything else."""
+        return cls(name if name.startswith("job.") else f"job.{name}")
+
+
+TERMINAL_EVENT = {
+    JobStatus.SUCCEEDED: EventType.SUCCEEDED,
+    JobStatus.FAILED: EventType.FAILED,
+    JobStatus.CANCELED: EventType.CANCELED,
+}
+TERMINAL_EVENTS = frozenset(TERMINAL_EVENT.values())
+
+
+class RunOutcome(StrEnum):
+    """How one run of a job in a worker ended (logs and metrics; the job's status is the record)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    SUPERSEDED = "superseded"  # a cancel or a newer attempt took the job while this run went on
+    REQUEUED = "requeued"  # a transient failure: the job goes back to its queue for another attempt
+    NOT_RUN = "not_run"  # the claim was refused (see ClaimRefusal)
+
+    @property
+    def finished_job(self) -> bool:
+        return self in (RunOutcome.SUCCEEDED, RunOutcome.FAILED, RunOutcome.CANCELED)
+
+
+class ClaimRefusal(StrEnum):
+    """Why a worker did not run the job a message named."""
+
+    MISSING = "missing"  # no such job: the message is dead-lettered
+    FINISHED = "finished"  # already terminal: a duplicate message
+    OWNED = "owned"  # another attempt holds a live lease on it
+    EXHAUSTED = "exhausted"  # out of attempts: failed too_many_attempts, committed
+    INVALID = "invalid"  # its stored spec does not validate: failed invalid_job_spec, committed
