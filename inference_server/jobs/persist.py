@@ -1,80 +1,90 @@
-"""Writing new rows in as few database round trips, and as little Python, as the backend allows."""
+"""Writing new rows in as few database round trips as the backend allows, as SQLAlchemy Core
+statements.
+
+On PostgreSQL a submit (job, outbox message, event) is one INSERT with the other rows chained as
+data-modifying CTEs, and a worker's transition (the conditional job update with its outputs, event
+and NOTIFY) is one statement whose inserts read from the update's RETURNING: they happen only when
+the update matched. Foreign keys are checked at the end of the statement, so parents and children
+may share it. Elsewhere (SQLite) each row is its own statement.
+
+These run between a GPU finishing one job and starting the next, and hundreds of times a second in
+the API, so each statement is built once per shape (tables and columns) with named bind parameters
+and reused: only the parameters are made per call (see benchmarks/persist.py)."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import JSON, Table, insert, update
+from sqlalchemy import Executable, Table, bindparam, cast, func, insert, literal_column, select, update
 from sqlalchemy.orm import Session
 
-
-@lru_cache(maxsize=32)
-def _pg_insert_sql(layout: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
-    """``WITH r0 AS (INSERT ...), r1 AS (INSERT ...) INSERT ...`` for tables and their columns."""
-    parts = []
-    for i, (table, columns) in enumerate(layout):
-        names = ", ".join(f'"{c}"' for c in columns)
-        values = ", ".join(f"%(r{i}_{c})s" for c in columns)
-        parts.append(f'INSERT INTO "{table}" ({names}) VALUES ({values})')
-    ctes = ", ".join(f"r{i} AS ({sql})" for i, sql in enumerate(parts[:-1]))
-    return (f"WITH {ctes} " if ctes else "") + parts[-1]
+Rows = Sequence[tuple[type[Any], dict[str, Any]]]
+Shape = tuple[tuple[Table, tuple[str, ...]], ...]
 
 
-def insert_new_rows(session: Session, rows: list[tuple[type[Any], dict[str, Any]]]) -> None:
-    """Insert ``rows`` — (mapped class, column values) pairs, every column set that the database
-    does not generate — in the session's transaction.
+def _shape(rows: Rows) -> Shape:
+    return tuple(
+        (cls.__table__, tuple(name for name in values if name in cls.__table__.c)) for cls, values in rows
+    )
 
-    On PostgreSQL this is one statement, the rows chained as data-modifying CTEs, sent as plain SQL:
-    a submit costs one round trip for its job, outbox message and event, and no ORM unit-of-work
-    (foreign keys are checked at the end of the statement, so parents and children may share it).
-    Elsewhere (SQLite) each row is a Core insert."""
-    if session.get_bind().dialect.name != "postgresql":
-        for cls, values in rows:
-            session.execute(insert(cls.__table__), [values])
-        return
-    layout = []
-    params: dict[str, Any] = {}
-    for i, (cls, values) in enumerate(rows):
-        table: Table = cls.__table__
-        columns = tuple(name for name in values if name in table.c)
-        layout.append((table.name, columns))
-        params.update({f"r{i}_{name}": _plain(table, name, values[name]) for name in columns})
-    session.connection().exec_driver_sql(_pg_insert_sql(tuple(layout)), params)
+
+def _params(shape: Shape, rows: Rows, prefix: str = "r") -> dict[str, Any]:
+    return {
+        f"{prefix}{i}_{name}": values[name]
+        for i, ((_, names), (_, values)) in enumerate(zip(shape, rows, strict=True))
+        for name in names
+    }
+
+
+def _insert(table: Table, names: tuple[str, ...], i: int) -> Any:
+    return insert(table).values({n: bindparam(f"r{i}_{n}", type_=table.c[n].type) for n in names})
 
 
 @lru_cache(maxsize=64)
-def _pg_update_sql(
-    table: str,
-    where: tuple[str, ...],
-    columns: tuple[str, ...],
-    layout: tuple[tuple[str, tuple[tuple[str, str], ...]], ...],
-    notify: bool,
-) -> str:
-    """``WITH u AS (UPDATE ... RETURNING 1), r0 AS (INSERT ... SELECT ... FROM u) SELECT 1 FROM u``:
-    the rows are inserted only when the update matched."""
-    sets = ", ".join(f'"{c}" = %(u_{c})s' for c in columns)
-    conds = " AND ".join(f'"{c}" = %(w_{c})s' for c in where)
-    ctes = [f'u AS (UPDATE "{table}" SET {sets} WHERE {conds} RETURNING 1)']
-    for i, (name, cols) in enumerate(layout):
-        names = ", ".join(f'"{c}"' for c, _ in cols)
+def _chained_insert(shape: Shape) -> Executable:
+    """``WITH r0 AS (INSERT ...), r1 AS (INSERT ...) INSERT ...``."""
+    *first, last = (_insert(table, names, i) for i, (table, names) in enumerate(shape))
+    return last.add_cte(*(statement.cte(f"r{i}") for i, statement in enumerate(first)))  # type: ignore[no-any-return]
+
+
+def insert_new_rows(session: Session, rows: Rows) -> None:
+    """Insert ``rows`` — (mapped class, column values) pairs, every column set that the database
+    does not generate — in the session's transaction."""
+    shape = _shape(rows)
+    params = _params(shape, rows)
+    if session.get_bind().dialect.name != "postgresql":
+        for i, (table, names) in enumerate(shape):
+            session.execute(_insert(table, names, i), params)
+        return
+    session.execute(_chained_insert(shape), params)
+
+
+def _update(table: Table, where: tuple[str, ...], columns: tuple[str, ...]) -> Any:
+    return (
+        update(table)
+        .where(*(table.c[k] == bindparam(f"w_{k}", type_=table.c[k].type) for k in where))
+        .values({k: bindparam(f"u_{k}", type_=table.c[k].type) for k in columns})
+    )
+
+
+@lru_cache(maxsize=64)
+def _conditional_write(
+    table: Table, where: tuple[str, ...], columns: tuple[str, ...], shape: Shape, notify: bool
+) -> Executable:
+    """``WITH u AS (UPDATE ... RETURNING 1), r0 AS (INSERT ... SELECT ... FROM u) SELECT 1 FROM u``."""
+    matched = _update(table, where, columns).returning(literal_column("1").label("matched")).cte("u")
+    inserts = []
+    for i, (row_table, names) in enumerate(shape):
         # Typed: in INSERT ... SELECT the target columns do not type the parameters.
-        values = ", ".join(f"CAST(%(r{i}_{c})s AS {sql_type})" for c, sql_type in cols)
-        ctes.append(f'r{i} AS (INSERT INTO "{name}" ({names}) SELECT {values} FROM u)')
-    tail = ", pg_notify(%(n_channel)s, %(n_payload)s)" if notify else ""
-    return f"WITH {', '.join(ctes)} SELECT 1{tail} FROM u"
-
-
-@lru_cache(maxsize=256)
-def _sql_type(table: Table, name: str, dialect: Any) -> str:
-    return str(table.c[name].type.compile(dialect=dialect))
-
-
-def _plain(table: Table, name: str, value: Any) -> Any:
-    if value is not None and isinstance(table.c[name].type, JSON):
-        return json.dumps(value)
-    return value
+        typed = [cast(bindparam(f"r{i}_{n}", type_=row_table.c[n].type), row_table.c[n].type) for n in names]
+        source = select(*typed).select_from(matched)
+        inserts.append(insert(row_table).from_select(list(names), source).cte(f"r{i}"))
+    answer: list[Any] = [literal_column("1")]
+    if notify:
+        answer.append(func.pg_notify(bindparam("n_channel"), bindparam("n_payload")))
+    return select(*answer).select_from(matched).add_cte(*inserts)
 
 
 def update_with_rows(
@@ -82,34 +92,26 @@ def update_with_rows(
     cls: type[Any],
     where: dict[str, Any],
     values: dict[str, Any],
-    rows: list[tuple[type[Any], dict[str, Any]]] = (),  # type: ignore[assignment]
+    rows: Rows = (),
     *,
     notify: tuple[str, str] | None = None,
 ) -> bool:
     """Update the row of ``cls`` matching ``where`` (column equalities) and, only if it matched,
     insert ``rows`` and send ``notify`` (channel, payload) at commit; return whether it matched.
-
-    On PostgreSQL this is one statement, so a conditional transition with its event and outputs costs
-    one round trip and no ORM unit-of-work. Elsewhere (SQLite, which has no NOTIFY) Core statements."""
+    SQLite has no NOTIFY: ``notify`` is ignored there."""
     table: Table = cls.__table__
+    shape = _shape(rows)
+    params = _params(shape, rows)
+    params.update({f"w_{k}": v for k, v in where.items()})
+    params.update({f"u_{k}": v for k, v in values.items()})
     if session.get_bind().dialect.name != "postgresql":
-        conds = [table.c[k] == v for k, v in where.items()]
-        result = session.execute(update(table).where(*conds).values(**values))
+        result = session.execute(_update(table, tuple(where), tuple(values)), params)
         if not result.rowcount:  # type: ignore[attr-defined]
             return False
-        for row_cls, row_values in rows:
-            session.execute(insert(row_cls.__table__), [row_values])
+        for i, (row_table, names) in enumerate(shape):
+            session.execute(_insert(row_table, names, i), params)
         return True
-    params: dict[str, Any] = {f"w_{k}": v for k, v in where.items()}
-    params.update({f"u_{k}": _plain(table, k, v) for k, v in values.items()})
-    layout = []
-    dialect = session.get_bind().dialect
-    for i, (row_cls, row_values) in enumerate(rows):
-        row_table: Table = row_cls.__table__
-        columns = tuple(name for name in row_values if name in row_table.c)
-        layout.append((row_table.name, tuple((c, _sql_type(row_table, c, dialect)) for c in columns)))
-        params.update({f"r{i}_{c}": _plain(row_table, c, row_values[c]) for c in columns})
-    if notify:
+    if notify is not None:
         params["n_channel"], params["n_payload"] = notify
-    sql = _pg_update_sql(table.name, tuple(where), tuple(values), tuple(layout), notify is not None)
-    return session.connection().exec_driver_sql(sql, params).first() is not None
+    statement = _conditional_write(table, tuple(where), tuple(values), shape, notify is not None)
+    return session.execute(statement, params).first() is not None
