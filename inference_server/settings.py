@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     job_time_limit: int = 0  # hard per-job time limit in seconds (0: none)
     worker_metrics_port: int = 0  # Prometheus endpoint of a worker (`workers`: this port + GPU n); 0: none
     warm_models: str = ""  # "family[/model],..." loaded when a worker child starts
+    # Leases and reconciliation: the database, not the broker's redelivery, decides what runs.
+    job_lease_seconds: float = 30.0  # a running attempt's lease; its worker renews it while it runs
+    job_retry_delays: Annotated[list[float], NoDecode] = Field(default_factory=lambda: [5.0, 30.0, 120.0])
+    job_end_retry_seconds: float = 30.0  # how long a finished run retries recording its end
+    reconcile_interval: float = 5.0  # seconds between the dispatcher's reconciler passes
+    lost_message_grace: float = 120.0  # a queued job idle this long, its queue empty, is published again
 
     # Outbox relay.
     relay_batch_size: int = 200
@@ -77,7 +83,7 @@ class Settings(BaseSettings):
     webhook_poll_interval: float = 0.2
     dispatcher_metrics_port: int = 9102  # Prometheus endpoint of `dispatcher` (0: none)
 
-    @field_validator("webhook_retry_delays", mode="before")
+    @field_validator("webhook_retry_delays", "job_retry_delays", mode="before")
     @classmethod
     def _parse_delays(cls, value: object) -> object:
         if isinstance(value, str):
@@ -85,9 +91,7 @@ class Settings(BaseSettings):
             try:
                 return [float(p) for p in parts]
             except ValueError as exc:
-                raise ValueError(
-                    "WEBHOOK_RETRY_DELAYS must be comma-separated seconds, e.g. 5,300,1800"
-                ) from exc
+                raise ValueError("must be comma-separated seconds, e.g. 5,300,1800") from exc
         return value
 
     @model_validator(mode="after")

@@ -60,8 +60,10 @@ def _published(session_factory, job_id: str) -> bool:
 
 
 def test_worker_sigkill_mid_job_then_job_succeeds_once(
-    api_client, worker, system_env, logs_dir, session_factory
+    api_client, worker, dispatcher, system_env, logs_dir, session_factory
 ):
+    """The killed run's message was acknowledged as it started: its lease expires, and the
+    dispatcher's reconciler queues the job again for the replacement worker."""
     job = submit(api_client, {**BODY, "steps": 40, "width": 256, "height": 256, "seed": 11})
 
     def mid_job():

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 
 from inference_server.db import Job, JobEvent, JobOutput, make_database, make_session_factory
 from inference_server.jobs import transitions
-from inference_server.jobs.enums import ClaimRefusal
+from inference_server.jobs.enums import ClaimRefusal, RunOutcome
 from inference_server.jobs.service import JobContext, submit
 from inference_server.jobs.spec import JobRequest
 from inference_server.storage import open_storage
+from tests.conftest import wait_for
 
 BODY = {"family": "sd15", "prompt": "a mill by a river", "width": 64, "height": 64, "steps": 3, "seed": 5}
 
@@ -108,9 +110,9 @@ def _events(sf, job_id: str) -> list[str]:  # type: ignore[no-untyped-def]
         )
 
 
-def _claim(sf, job_id: str, *, redelivered: bool = False, max_attempts: int = 3):  # type: ignore[no-untyped-def]
+def _claim(sf, job_id: str, *, lease: float = 30.0, max_attempts: int = 3):  # type: ignore[no-untyped-def]
     with sf() as session:
-        claim = transitions.claim(session, job_id, redelivered=redelivered, max_attempts=max_attempts)
+        claim = transitions.claim(session, job_id, max_attempts=max_attempts, lease_seconds=lease, worker="w")
         if isinstance(claim, transitions.Claim):
             transitions.record_claim(session, claim)
         return claim
@@ -120,20 +122,24 @@ def test_claim_decides_by_status_and_attempts(db) -> None:  # type: ignore[no-un
     sf = db["sf"]
     assert _claim(sf, str(uuid.uuid4())) == ClaimRefusal.MISSING
     job_id = _submit(db)
-    claim = _claim(sf, job_id)
+    claim = _claim(sf, job_id, lease=0.0)
     assert isinstance(claim, transitions.Claim) and claim.attempt == 1
-    # A second message for a job another worker runs is a duplicate; a redelivery takes over.
-    assert _claim(sf, job_id) == ClaimRefusal.OWNED
-    again = _claim(sf, job_id, redelivered=True)
+    # Its lease ran out at once: a message for it now takes the job over as a new attempt.
+    again = _claim(sf, job_id)
     assert isinstance(again, transitions.Claim) and again.attempt == 2
+    # While that lease lives, another message for the job is a duplicate.
+    assert _claim(sf, job_id) == ClaimRefusal.OWNED
     # The first attempt can no longer end the job: only the owner writes.
     with sf() as session:
         assert not transitions.succeed(session, claim, [])
-    assert _claim(sf, job_id, redelivered=True, max_attempts=2) == ClaimRefusal.EXHAUSTED
+    with sf() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=None))
+        session.commit()
+    assert _claim(sf, job_id, max_attempts=2) == ClaimRefusal.EXHAUSTED
     with sf() as session:
         job = session.get(Job, job_id)
         assert job is not None and (job.status, job.error_code) == ("failed", "too_many_attempts")
-    assert _claim(sf, job_id, redelivered=True) == ClaimRefusal.FINISHED
+    assert _claim(sf, job_id) == ClaimRefusal.FINISHED
     assert _events(sf, job_id) == ["job.queued", "job.started", "job.started", "job.failed"]
 
 
@@ -198,50 +204,74 @@ def _state(sf, job_id: str) -> tuple[str, int]:  # type: ignore[no-untyped-def]
         return job.status, job.attempts
 
 
-def test_database_outage_at_the_end_retries_the_job_then_it_succeeds_once(db) -> None:  # type: ignore[no-untyped-def]
-    from workers.runner import RetryLater
-
+def test_a_short_database_outage_at_the_end_is_waited_out(db) -> None:  # type: ignore[no-untyped-def]
     with _runner_behind_proxy(db["settings"]) as (runner, proxy):
         job_id = _submit(db)
         put = runner.storage.put
 
         def put_then_cut(*args: Any, **kwargs: Any) -> str:
-            uri = put(*args, **kwargs)  # the image is stored; the database goes away
+            uri = put(*args, **kwargs)  # the image is stored; the database goes away for a moment
+            proxy.cut()
+            threading.Timer(1.5, proxy.restore).start()
+            return uri
+
+        runner.storage.put = put_then_cut  # type: ignore[method-assign]
+        assert runner.run(job_id) == RunOutcome.SUCCEEDED
+    assert _state(db["sf"], job_id) == ("succeeded", 1)
+    assert _events(db["sf"], job_id).count("job.succeeded") == 1
+
+
+def test_a_long_outage_at_the_end_leaves_the_job_to_the_reconciler(db) -> None:  # type: ignore[no-untyped-def]
+    from inference_server.jobs.reconcile import expired_leases
+
+    settings = db["settings"].model_copy(update={"job_end_retry_seconds": 1.0, "job_lease_seconds": 2.0})
+    with _runner_behind_proxy(settings) as (runner, proxy):
+        job_id = _submit(db)
+        put = runner.storage.put
+
+        def put_then_cut(*args: Any, **kwargs: Any) -> str:
+            uri = put(*args, **kwargs)
             proxy.cut()
             return uri
 
         runner.storage.put = put_then_cut  # type: ignore[method-assign]
-        with pytest.raises(RetryLater):
-            runner.run(job_id, redelivered=False)
+        assert runner.run(job_id) == RunOutcome.ABANDONED
         assert _state(db["sf"], job_id) == ("running", 1)
         proxy.restore()
         runner.storage.put = put  # type: ignore[method-assign]
-        # The task's retry arrives as a redelivery and finishes the job.
-        assert runner.run(job_id, redelivered=True) == "succeeded"
+
+        def requeued() -> bool:
+            with db["sf"]() as session:
+                done = expired_leases(session, max_attempts=3)
+                session.commit()
+            return done.requeued == 1
+
+        wait_for(requeued, 10, interval=0.2, what="the lease to expire and the job to be queued again")
+        assert _state(db["sf"], job_id) == ("queued", 1)
+        assert runner.run(job_id) == RunOutcome.SUCCEEDED
     assert _state(db["sf"], job_id) == ("succeeded", 2)
     with db["sf"]() as session:
         assert session.scalar(select(func.count()).where(JobOutput.job_id == job_id)) == 1
     assert _events(db["sf"], job_id).count("job.succeeded") == 1
 
 
-def test_database_outage_at_claim_leaves_the_job_queued_for_a_retry(db) -> None:  # type: ignore[no-untyped-def]
-    from workers.runner import RetryLater
+def test_database_outage_at_claim_leaves_the_job_queued(db) -> None:  # type: ignore[no-untyped-def]
+    from workers.runner import ClaimUnavailable
 
     with _runner_behind_proxy(db["settings"]) as (runner, proxy):
         job_id = _submit(db)
         proxy.cut()
-        with pytest.raises(RetryLater):
-            runner.run(job_id, redelivered=False)
+        with pytest.raises(ClaimUnavailable):
+            runner.run(job_id)
         assert _state(db["sf"], job_id) == ("queued", 0)
         proxy.restore()
-        assert runner.run(job_id, redelivered=True) == "succeeded"
+        assert runner.run(job_id) == RunOutcome.SUCCEEDED
 
 
 def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db) -> None:  # type: ignore[no-untyped-def]
     """With polling pushed out to 30 s, only the NOTIFY from the cancel's transaction can stop
     the run within the test's few seconds."""
     from inference_server.jobs.service import cancel
-    from tests.conftest import wait_for
     from workers.cancels import CancelListener
     from workers.progress import ProgressWatcher
 
@@ -273,20 +303,62 @@ def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db) -> None:  # type: ig
 
 
 def test_a_run_taken_over_by_a_newer_attempt_is_stopped(db) -> None:  # type: ignore[no-untyped-def]
-    """A worker that lost its delivery (broker connection, delivery timeout) while the job was
-    redelivered elsewhere stops at its next check instead of running to the end."""
-    from tests.conftest import wait_for
+    """A worker whose lease ran out (it lost the database for longer than the lease) while the job
+    was given to another attempt stops at its next check instead of running to the end."""
     from workers.progress import ProgressWatcher
 
     sf = db["sf"]
     job_id = _submit(db)
-    first = _claim(sf, job_id)
-    watcher = ProgressWatcher(
-        sf, job_id, first.attempt, progress_interval=0.5, poll_interval=0.05
-    )
+    first = _claim(sf, job_id, lease=0.0)
+    watcher = ProgressWatcher(sf, job_id, first.attempt, progress_interval=0.5, poll_interval=0.05)
     with watcher:
         assert not watcher.on_step(1, 10)
-        second = _claim(sf, job_id, redelivered=True)
+        second = _claim(sf, job_id)
         assert isinstance(second, transitions.Claim) and second.attempt == 2
         wait_for(lambda: watcher.on_step(2, 10), 5, what="the superseded run to stop")
     assert watcher.superseded
+
+
+def test_a_run_that_cannot_renew_its_lease_stops_when_it_runs_out(db) -> None:  # type: ignore[no-untyped-def]
+    """Cut off from the database, a run cannot know whether the job is still its own: past its last
+    lease the reconciler may have given it to another worker, so it stops there."""
+    from workers.progress import ProgressWatcher
+
+    url = make_url(db["settings"].database_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    engine = make_database(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+    try:
+        job_id = _submit(db)
+        claim = _claim(db["sf"], job_id, lease=2.0)
+        watcher = ProgressWatcher(
+            make_session_factory(engine), job_id, claim.attempt, progress_interval=0.2, poll_interval=0.05,
+            lease_seconds=2.0,
+        )  # fmt: skip
+        with watcher:
+            assert not watcher.on_step(1, 10)
+            proxy.cut()
+            wait_for(lambda: watcher.on_step(2, 10), 6, what="the run to stop at the end of its lease")
+        assert watcher.superseded
+    finally:
+        engine.dispose()
+        proxy.close()
+
+
+def test_a_running_job_renews_its_lease(db) -> None:  # type: ignore[no-untyped-def]
+    from workers.progress import ProgressWatcher
+
+    job_id = _submit(db)
+    claim = _claim(db["sf"], job_id, lease=1.5)
+
+    def lease() -> Any:
+        with db["sf"]() as session:
+            return session.scalar(select(Job.lease_expires_at).where(Job.id == job_id))
+
+    first = lease()
+    watcher = ProgressWatcher(
+        db["sf"], job_id, claim.attempt, progress_interval=0.2, poll_interval=0.05, lease_seconds=1.5
+    )
+    with watcher:
+        wait_for(lambda: lease() > first, 5, what="the lease to be renewed")
+        time.sleep(2.0)  # longer than one lease: still running, still owned
+        assert not watcher.on_step(1, 10)

@@ -14,8 +14,10 @@ def create_celery_app(settings: Settings, *, families: list[str] | None = None) 
     app = Celery("inference_server", broker=settings.broker_url, set_as_current=False)
     queues = [family_queue(f, consumer_timeout_ms=settings.consumer_timeout_ms) for f in families or []]
     app.conf.update(
-        task_acks_late=True,  # a job's message is acked only after its outcome is recorded
-        task_reject_on_worker_lost=True,  # a killed child puts the message back for another worker
+        # A job's message is acknowledged as its run starts (workers.gate), and the job's lease
+        # carries it from there; a child killed before that puts the message back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # one job at a time per GPU: no job waits behind a long one
         worker_concurrency=1,
         worker_max_tasks_per_child=settings.worker_max_jobs_per_child or None,
@@ -34,7 +36,9 @@ def create_celery_app(settings: Settings, *, families: list[str] | None = None) 
         worker_redirect_stdouts=False,
         task_time_limit=settings.job_time_limit or None,
     )
+    from workers.gate import GateStep
     from workers.tasks import register_tasks
 
+    app.steps["consumer"].add(GateStep)
     register_tasks(app, settings)
     return app

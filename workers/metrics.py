@@ -23,6 +23,17 @@ JOB_WAIT = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
 )
 
+DEAD_LETTERS = Counter(
+    "inference_dead_letters_total",
+    "Messages this worker could not use, sent to the jobs.dead queue",
+    ["reason"],
+)
+REQUEUED_MESSAGES = Counter(
+    "inference_messages_requeued_total",
+    "Job messages this worker sent back to their queue (database or engine unavailable)",
+    ["reason"],
+)
+
 
 def serve(port: int) -> None:
     """Serve the metrics of every process of this worker on ``port``."""

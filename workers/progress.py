@@ -1,5 +1,9 @@
-"""A per-job side thread that saves progress and watches for cancellation, so the denoising loop
-only reads and writes two attributes per step and never waits on the database."""
+"""A per-job side thread that saves progress, renews the job's lease and watches for cancellation,
+so the denoising loop only reads and writes two attributes per step and never waits on the database.
+
+A run that cannot renew its lease (the database is down or unreachable from this worker) stops once
+the lease it last renewed has run out: by then the reconciler may have given the job to another
+worker, and this run's result would be refused anyway."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import CursorResult, select, update
@@ -30,6 +35,7 @@ class ProgressWatcher:
         *,
         progress_interval: float,
         poll_interval: float,
+        lease_seconds: float = 30.0,
         after: Future[None] | None = None,
         cancels: CancelListener | None = None,
     ) -> None:
@@ -40,6 +46,7 @@ class ProgressWatcher:
         self.attempt = attempt
         self.progress_interval = progress_interval
         self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
         self.canceled = False
         self.superseded = False  # stopped because a newer attempt owns the job
         self._after = after
@@ -47,6 +54,8 @@ class ProgressWatcher:
         self._step = 0
         self._total = 0
         self._started = time.monotonic()
+        self._renewed = self._started  # the claim took the lease
+        self._lease_until = self._started + lease_seconds
         self._written_step = 0
         self._last_write = 0.0
         self._stop = threading.Event()
@@ -79,8 +88,12 @@ class ProgressWatcher:
         while not self._pause():
             try:
                 self._tick()
-            except Exception:  # a side channel never fails the job
-                log.exception("progress update for job %s failed", self.job_id)
+            except Exception as exc:  # a side channel never fails the job
+                log.warning("progress update for job %s failed: %s", self.job_id, exc)
+            if time.monotonic() > self._lease_until and not self.canceled:
+                log.warning("job %s: lease not renewed in time; stopping this run", self.job_id)
+                self.superseded = self.canceled = True
+                return
 
     def _pause(self) -> bool:
         """Wait for the next tick: a poll interval, or less when a cancel of this job is pushed.
@@ -93,27 +106,37 @@ class ProgressWatcher:
     def _tick(self) -> None:
         now = time.monotonic()
         step, total = self._step, self._total
-        write = step != self._written_step and now - self._last_write >= self.progress_interval
+        due = now - self._last_write >= self.progress_interval
+        write = bool(total) and step != self._written_step and due
+        renew = now - self._renewed >= self.lease_seconds / 3
         with self._sf() as session:
             row = session.execute(select(Job.status, Job.attempts).where(Job.id == self.job_id)).first()
             if row is None or row.status != JobStatus.RUNNING or row.attempts != self.attempt:
-                # Canceled, or taken over by a newer attempt (this worker lost the broker, or
-                # outlived its delivery timeout): either way this run's result is not wanted.
+                # Canceled, or taken over by a newer attempt (this worker lost the database for
+                # longer than its lease): either way this run's result is not wanted.
                 self.superseded = row is not None and row.status == JobStatus.RUNNING
                 self.canceled = True
                 return
-            if not write or not total:
+            if not write and not renew:
                 return
-            elapsed = now - self._started
-            eta = elapsed / step * (total - step) if step else None
+            values: dict[str, Any] = {}
+            if write:
+                elapsed = now - self._started
+                eta = elapsed / step * (total - step) if step else None
+                values.update(progress_step=step, progress_total=total, eta_seconds=eta, updated_at=utcnow())
+            if renew:
+                values["lease_expires_at"] = utcnow() + timedelta(seconds=self.lease_seconds)
             result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
                 update(Job)
                 .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING, Job.attempts == self.attempt)
-                .values(progress_step=step, progress_total=total, eta_seconds=eta, updated_at=utcnow())
+                .values(**values)
             )
-            if result.rowcount:
+            if result.rowcount and write:
                 job = session.get(Job, self.job_id)
                 if job is not None:
                     emit(session, job, EventType.PROGRESS)
             session.commit()
-        self._written_step, self._last_write = step, now
+        if renew and result.rowcount:
+            self._renewed, self._lease_until = now, now + self.lease_seconds
+        if write:
+            self._written_step, self._last_write = step, now

@@ -1,12 +1,18 @@
-"""Running one job: claim it, run the pipeline with progress and cancellation, post-process, upload,
-and record outputs and success together. A redelivered job restarts cleanly; success is recorded
-at most once because every write is conditional on this attempt still owning a running job."""
+"""Running one job: claim it under a lease, run the pipeline with progress, lease renewal and
+cancellation, post-process, upload, and record outputs and success together.
+
+The database decides what runs: the job's message is acknowledged as the run starts, and from then
+on the lease carries the job. A run that dies is found by the reconciler once its lease expires; a
+transient failure puts the job back in its queue through the outbox; success is recorded at most
+once because every write is conditional on this attempt still owning the running job."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -19,6 +25,7 @@ from inference_server.jobs import transitions
 from inference_server.jobs.enums import ClaimRefusal, RunOutcome, Task
 from inference_server.jobs.spec import JobSpec
 from inference_server.jobs.transitions import Claim
+from inference_server.publish.topology import queue_name
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.cancels import CancelListener
@@ -32,16 +39,13 @@ DATABASE_DOWN = (OperationalError, InterfaceError)  # connection-level: worth a 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
-class RetryLater(Exception):
-    """A transient failure: the task should be retried (the job stays running)."""
-
-    def __init__(self, error: InferenceError) -> None:
-        super().__init__(error.message)
-        self.error = error
+class ClaimUnavailable(Exception):
+    """The database could not record the claim: the job is still queued, and its message (already
+    acknowledged) must go back to its queue."""
 
 
 class Superseded(JobCanceled):
-    """The run was stopped because a newer attempt of the job took it over."""
+    """The run was stopped because a newer attempt of the job took it over, or its lease ran out."""
 
 
 class JobRunner:
@@ -53,11 +57,14 @@ class JobRunner:
         session_factory: sessionmaker[Session],
         storage: Storage,
         engine: Any,
+        *,
+        worker_name: str | None = None,
     ) -> None:
         self.settings = settings
         self.sf = session_factory
         self.storage = storage
         self.engine = engine
+        self.worker_name = worker_name or socket.gethostname()
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claim")
         bind = session_factory.kw.get("bind")
         self._cancels = (
@@ -66,26 +73,25 @@ class JobRunner:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def run(self, job_id: str, *, redelivered: bool) -> RunOutcome:
-        """Run ``job_id``; return how the run ended. Raises RetryLater on transient failures."""
+    def run(self, job_id: str) -> RunOutcome | ClaimRefusal:
+        """Run ``job_id``; return how the run ended, or why it did not run. Raises ClaimUnavailable
+        when the database cannot take the claim."""
         try:
-            claimed = self._claim(job_id, redelivered=redelivered)
-            if isinstance(claimed, ClaimRefusal):
-                log.info("job %s not run: %s", job_id, claimed.value)
-                return RunOutcome.NOT_RUN
-            claim, recorded = claimed
-            started = time.perf_counter()
-            outcome = self._run_claimed(claim, recorded)
+            claimed = self._claim(job_id)
         except DATABASE_DOWN as exc:
-            # The claim or the end could not be recorded: the job is still queued, or running under
-            # this attempt, and the retry (a redelivery) runs it again instead of stranding it.
-            raise RetryLater(DependencyDown(f"database unavailable: {exc}")) from exc
+            raise ClaimUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        if isinstance(claimed, ClaimRefusal):
+            log.info("job %s not run: %s", job_id, claimed.value)
+            return claimed
+        claim, recorded = claimed
+        started = time.perf_counter()
+        outcome = self._run_claimed(claim, recorded)
         JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
         if outcome.finished_job:
             JOBS_FINISHED.labels(claim.family, outcome.value).inc()
         return outcome
 
-    def _claim(self, job_id: str, *, redelivered: bool) -> tuple[Claim, Future[None]] | ClaimRefusal:
+    def _claim(self, job_id: str) -> tuple[Claim, Future[None]] | ClaimRefusal:
         """Lock and claim the job; its claim is written and committed beside the pipeline's start
         (``recorded``), so the GPU does not wait for that transaction."""
         session = self.sf()
@@ -93,16 +99,15 @@ class JobRunner:
             claim = transitions.claim(
                 session,
                 job_id,
-                redelivered=redelivered,
                 max_attempts=self.settings.job_max_attempts,
+                lease_seconds=self.settings.job_lease_seconds,
+                worker=self.worker_name,
             )
         except BaseException:
             session.close()
             raise
         if isinstance(claim, ClaimRefusal):
             session.close()  # releases the lock
-            if claim == ClaimRefusal.MISSING:
-                log.warning("job %s not found; dropping its message", job_id)
             return claim
         if claim.attempt == 1:
             JOB_WAIT.labels(claim.family).observe(
@@ -115,37 +120,72 @@ class JobRunner:
             transitions.record_claim(session, claim)
 
     def _run_claimed(self, claim: Claim, recorded: Future[None]) -> RunOutcome:
-        # Every end is written after the claim: each path waits for ``recorded``, which re-raises
-        # a failed claim write (the job is then retried).
+        # Every end is written after the claim: each path waits for ``recorded`` first.
         try:
             images = self._generate(claim, recorded)
             outputs = self._store_outputs(claim, images)
         except Superseded:
-            recorded.result()
+            self._claim_written(recorded)
             return RunOutcome.SUPERSEDED
         except JobCanceled:
-            recorded.result()
+            self._claim_written(recorded)
             return RunOutcome.CANCELED
         except Exception as exc:
-            recorded.result()
+            self._claim_written(recorded)
             return self._failed(claim, exc)
-        recorded.result()
-        return self._succeed(claim, outputs)
+        self._claim_written(recorded)
+        owned = self._ending(lambda session: transitions.succeed(session, claim, outputs), claim)
+        return _outcome(owned, RunOutcome.SUCCEEDED)
+
+    @staticmethod
+    def _claim_written(recorded: Future[None]) -> None:
+        try:
+            recorded.result()
+        except DATABASE_DOWN as exc:
+            raise ClaimUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
     def _failed(self, claim: Claim, exc: Exception) -> RunOutcome:
-        """Retry the job after a transient failure, or record why it failed."""
-        if isinstance(exc, DATABASE_DOWN):
-            raise exc
-        if isinstance(exc, TRANSIENT):
+        """Queue the job again after a transient failure, or record why it failed."""
+        if isinstance(exc, (*TRANSIENT, *DATABASE_DOWN)):
+            error = exc if isinstance(exc, InferenceError) else DependencyDown("the database is unavailable")
             if claim.attempt < self.settings.job_max_attempts:
-                raise RetryLater(exc) from exc
-            self._fail(claim, exc.code, exc.message)
+                return self._release(claim, error)
+            code, message = error.code, error.message
         elif isinstance(exc, InferenceError):
-            self._fail(claim, exc.code, exc.message)
+            code, message = exc.code, exc.message
         else:  # a bug or a runtime error in a model: the job fails with a reason
             log.error("job %s crashed", claim.job_id, exc_info=exc)
-            self._fail(claim, "internal_error", f"{type(exc).__name__}: {exc}")
-        return RunOutcome.FAILED
+            code, message = "internal_error", f"{type(exc).__name__}: {exc}"
+        owned = self._ending(lambda session: transitions.fail(session, claim, code, message), claim)
+        return _outcome(owned, RunOutcome.FAILED)
+
+    def _release(self, claim: Claim, error: InferenceError) -> RunOutcome:
+        delays = self.settings.job_retry_delays or [5.0]
+        delay = delays[min(claim.attempt, len(delays)) - 1]
+        log.warning("job %s: %s (%s); queued again in %.0f s", claim.job_id, error.code, error.message, delay)
+        queue = queue_name(claim.family)
+        owned = self._ending(
+            lambda session: transitions.release(session, claim, queue=queue, delay=delay), claim
+        )
+        return _outcome(owned, RunOutcome.REQUEUED)
+
+    def _ending(self, write: Callable[[Session], bool], claim: Claim) -> bool | None:
+        """Record an end with ``write``, retrying while the database is down. Return whether this
+        attempt still owned the job, or None when the database stayed down past
+        ``JOB_END_RETRY_SECONDS``: the job is then left to its lease, which the reconciler finds."""
+        deadline = time.monotonic() + self.settings.job_end_retry_seconds
+        pause = 0.5
+        while True:
+            try:
+                with self.sf() as session:
+                    return write(session)
+            except DATABASE_DOWN as exc:
+                if time.monotonic() + pause > deadline:
+                    log.error("job %s: end not recorded (%s); left to the reconciler", claim.job_id, exc)
+                    return None
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
 
     def _generate(self, claim: Claim, recorded: Future[None]) -> list[Image.Image]:
         from inference_server.engine.runner import GenerationRequest, LoraRef
@@ -187,6 +227,7 @@ class JobRunner:
             claim.attempt,
             progress_interval=self.settings.progress_interval,
             poll_interval=self.settings.cancel_poll_interval,
+            lease_seconds=self.settings.job_lease_seconds,
             after=recorded,
             cancels=self._cancels,
         ) as watcher:
@@ -277,12 +318,8 @@ class JobRunner:
         with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
             return list(pool.map(finish, range(len(images)), images))
 
-    def _succeed(self, claim: Claim, outputs: list[dict[str, Any]]) -> RunOutcome:
-        with self.sf() as session:
-            if not transitions.succeed(session, claim, outputs):
-                return RunOutcome.SUPERSEDED  # canceled meanwhile, or a newer attempt owns the job
-        return RunOutcome.SUCCEEDED
 
-    def _fail(self, claim: Claim, code: str, message: str) -> None:
-        with self.sf() as session:
-            transitions.fail(session, claim, code, message)
+def _outcome(owned: bool | None, done: RunOutcome) -> RunOutcome:
+    if owned is None:
+        return RunOutcome.ABANDONED
+    return done if owned else RunOutcome.SUPERSEDED

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from typing import Any
 
 from celery import Celery, Task
 
+from inference_server.jobs.enums import ClaimRefusal
+from inference_server.publish.topology import RUN_JOB
 from inference_server.settings import Settings
+from workers import messages
+from workers.runner import ClaimUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +82,35 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     lazy = _Lazy(settings)
     app.conf.inference_runner = lazy  # tests and `up` reach the runner through the app
 
-    @app.task(name="inference.run_job", bind=True, acks_late=True, max_retries=None)
-    def run_job(self: Task, job_id: str) -> str:
-        from workers.runner import RetryLater
-
-        # A retry of ours resumes a job this worker left running, as a broker redelivery does.
-        redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or self.request.retries > 0
+    @app.task(name=RUN_JOB, bind=True, acks_late=True, Request="workers.gate:LeasedRequest")
+    def run_job(self: Task, job_id: Any) -> str:
+        # The message was acknowledged as this run started (workers.gate): from here the job's
+        # lease carries it, and nothing may leave the job without a way back to its queue.
+        queue = (self.request.delivery_info or {}).get("routing_key") or ""
+        if not _is_job_id(job_id):
+            messages.dead_letter(self.app, {"args": [job_id]}, reason="not_a_job_id", queue=queue)
+            return "dead-lettered"
         try:
             runner = lazy.get()
         except Exception as exc:
             # This worker cannot run anything (device, registry, storage): the job is not at fault.
-            # Put it back on its queue for a healthy worker rather than acking it away.
             log.critical("worker cannot start its engine: %s", exc, exc_info=True)
-            raise self.retry(countdown=10, exc=exc) from exc
+            messages.send_back(self.app, job_id, queue, reason="engine_unavailable", pause=10.0)
+            return "sent back"
         try:
-            outcome = runner.run(job_id, redelivered=redelivered)
-        except RetryLater as exc:
-            log.warning("job %s: transient failure, retrying: %s", job_id, exc)
-            raise self.retry(countdown=5, exc=exc) from exc
+            outcome = runner.run(job_id)
+        except ClaimUnavailable as exc:
+            log.warning("job %s: %s; its message goes back to %s", job_id, exc, queue)
+            messages.send_back(self.app, job_id, queue, reason="database_unavailable", pause=2.0)
+            return "sent back"
+        if outcome == ClaimRefusal.MISSING:
+            messages.dead_letter(self.app, {"args": [job_id]}, reason="unknown_job", queue=queue)
         log.info("job %s: %s", job_id, outcome.value)
         return outcome.value
+
+
+def _is_job_id(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        return False

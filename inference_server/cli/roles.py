@@ -14,17 +14,23 @@ log = logging.getLogger(__name__)
 def start_dispatcher_threads(
     settings: Settings, stop: threading.Event, *, relay: bool = True
 ) -> list[threading.Thread]:
-    """The webhook dispatcher and (unless the process already has one) an outbox relay, as threads."""
+    """The webhook dispatcher, the reconciler and (unless the process already has one) an outbox
+    relay, as threads."""
     from inference_server.db import make_database, make_session_factory
+    from inference_server.jobs.reconcile import Reconciler
+    from inference_server.publish.probe import BrokerProbe
     from inference_server.publish.relay import Relay
     from webhooks.dispatcher import Dispatcher
 
     database = make_database(settings.database_url, pool_size=settings.webhook_concurrency + 4)
     sf = make_session_factory(database)
     threads = []
-    if relay:
-        relayer = Relay.from_settings(sf, settings)
+    relayer = Relay.from_settings(sf, settings) if relay else None
+    if relayer is not None:
         threads.append(relayer.start(stop))
+    probe = BrokerProbe(settings.broker_url)
+    wake = relayer.wake.set if relayer is not None else None
+    threads.append(Reconciler(settings, sf, probe.ready, on_published=wake).start(stop))
     delivery = threading.Thread(
         target=Dispatcher(settings, sf).run, args=(stop,), name="dispatcher", daemon=True
     )
@@ -43,7 +49,7 @@ def run_dispatcher(settings: Settings) -> None:
         # Delivery outcomes are counted in this process; Prometheus scrapes them here.
         start_http_server(settings.dispatcher_metrics_port)
     threads = start_dispatcher_threads(settings, stop)
-    log.info("dispatcher running (relay + webhook delivery)")
+    log.info("dispatcher running (relay, reconciler, webhook delivery)")
     while not stop.wait(1.0):
         pass
     for t in threads:

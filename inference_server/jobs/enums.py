@@ -80,7 +80,7 @@ class RunOutcome(StrEnum):
     CANCELED = "canceled"
     SUPERSEDED = "superseded"  # a cancel or a newer attempt took the job while this run went on
     REQUEUED = "requeued"  # a transient failure: the job goes back to its queue for another attempt
-    NOT_RUN = "not_run"  # the claim was refused (see ClaimRefusal)
+    ABANDONED = "abandoned"  # its end could not be recorded: the lease expires, the reconciler acts
 
     @property
     def finished_job(self) -> bool:

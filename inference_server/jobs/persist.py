@@ -80,7 +80,8 @@ def _conditional_write(
         # Typed: in INSERT ... SELECT the target columns do not type the parameters.
         typed = [cast(bindparam(f"r{i}_{n}", type_=row_table.c[n].type), row_table.c[n].type) for n in names]
         source = select(*typed).select_from(matched)
-        inserts.append(insert(row_table).from_select(list(names), source).cte(f"r{i}"))
+        statement = insert(row_table).from_select(list(names), source, include_defaults=False)
+        inserts.append(statement.cte(f"r{i}"))
     answer: list[Any] = [literal_column("1")]
     if notify:
         answer.append(func.pg_notify(bindparam("n_channel"), bindparam("n_payload")))

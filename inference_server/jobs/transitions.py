@@ -1,5 +1,9 @@
-"""A worker's transitions of a job: claim it, then succeed or fail it. Each is one transaction that
-changes the job, writes its event (and outputs) and, for an end, wakes long-polling requests.
+"""A worker's transitions of a job: claim it under a lease, renew the lease, then succeed, fail, or
+release it back to its queue. Each is one transaction that changes the job, writes its event (and
+outputs, or the outbox message of a release) and, for an end, wakes long-polling requests.
+
+Every write after the claim is conditional on this attempt still owning the running job, so a
+duplicate message, a late worker or a reconciler's re-queue can never record an end twice.
 
 They sit between a GPU finishing one job and starting the next, so they are plain statements on
 plain rows (see ``jobs.persist``), not ORM unit-of-work: on PostgreSQL a claim is a locking read and
@@ -8,13 +12,14 @@ one write, a success or failure one conditional write."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from inference_server.db import Job, JobEvent, JobOutput
+from inference_server.db import Job, JobEvent, JobOutput, OutboxMessage
 from inference_server.db.base import utcnow
 from inference_server.events import JOB_FINISHED_CHANNEL, event_values, finished_notice
 from inference_server.jobs.enums import TERMINAL, ClaimRefusal, EventType, JobStatus, Task
@@ -50,20 +55,24 @@ class Claim:
         return self.spec.task
 
 
-def claim(session: Session, job_id: str, *, redelivered: bool, max_attempts: int) -> Claim | ClaimRefusal:
+def claim(
+    session: Session, job_id: str, *, max_attempts: int, lease_seconds: float, worker: str | None = None
+) -> Claim | ClaimRefusal:
     """Lock ``job_id`` and decide whether this attempt may run it. Return the claim, its row lock
     held and not yet written (``record_claim`` writes and commits it), or why not (running out of
-    attempts fails the job, committed here)."""
+    attempts, or a stored spec that does not validate, fails the job, committed here).
+
+    A running job whose lease has expired is taken over: its worker died or lost the database."""
     found = session.execute(select(JOBS).where(JOBS.c.id == job_id).with_for_update()).mappings().first()
     if found is None:
         return ClaimRefusal.MISSING
     row = dict(found)
     if JobStatus(row["status"]) in TERMINAL:
         return ClaimRefusal.FINISHED
-    if row["status"] == JobStatus.RUNNING and not redelivered:
-        # A duplicate publish (the relay re-sent a message it could not stamp) while another
-        # worker owns the job: drop it. A redelivery means that owner died: take over.
-        return ClaimRefusal.OWNED
+    now = utcnow()
+    lease = row["lease_expires_at"]
+    if row["status"] == JobStatus.RUNNING and lease is not None and lease > now:
+        return ClaimRefusal.OWNED  # a duplicate message while its owner still runs it
     if row["attempts"] >= max_attempts:
         message = f"the job was started {row['attempts']} times without finishing"
         _fail_unclaimed(session, row, "too_many_attempts", message)
@@ -76,13 +85,14 @@ def claim(session: Session, job_id: str, *, redelivered: bool, max_attempts: int
         message = f"the stored job cannot be run: {exc.errors()[0]['msg']}"
         _fail_unclaimed(session, row, "invalid_job_spec", message)
         return ClaimRefusal.INVALID
-    now = utcnow()
     changes = {
         "status": JobStatus.RUNNING.value,
         "attempts": row["attempts"] + 1,
         "started_at": row["started_at"] or now,
         "progress_step": 0,
         "eta_seconds": None,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "worker": worker,
         "updated_at": now,
     }
     return Claim({**row, **changes}, spec, unwritten=changes)
@@ -121,6 +131,7 @@ def succeed(session: Session, claim: Claim, outputs: list[dict[str, Any]]) -> bo
         "updated_at": now,
         "eta_seconds": 0.0,
         "progress_step": claim.row["progress_total"],
+        "lease_expires_at": None,
     }
     return _end(session, claim, changes, EventType.SUCCEEDED, outputs)
 
@@ -138,8 +149,50 @@ def fail(session: Session, claim: Claim, code: str, message: str) -> bool:
         "error_message": message[:2000],
         "eta_seconds": None,
         "progress_step": step or 0,
+        "lease_expires_at": None,
     }
     return _end(session, claim, changes, EventType.FAILED, [])
+
+
+def release(session: Session, claim: Claim, *, queue: str, delay: float) -> bool:
+    """Put the job back in its queue after a transient failure of this attempt: queued again, its
+    message in the outbox, published after ``delay`` seconds. Return whether this attempt still
+    owned the job (a cancel or a newer attempt wins otherwise)."""
+    now = utcnow()
+    changes = {
+        "status": JobStatus.QUEUED.value,
+        "updated_at": now,
+        "progress_step": 0,
+        "eta_seconds": None,
+        "lease_expires_at": None,
+        "worker": None,
+    }
+    later = now + timedelta(seconds=delay)
+    message = {"job_id": claim.job_id, "queue": queue, "created_at": now, "available_at": later}
+    message["publish_attempts"] = 0
+    owner = {"id": claim.job_id, "status": JobStatus.RUNNING.value, "attempts": claim.attempt}
+    job = {**claim.row, **changes}
+    rows: list[tuple[type[Any], dict[str, Any]]] = [
+        (OutboxMessage, message),
+        (JobEvent, event_values(job, EventType.QUEUED)),
+    ]
+    done = update_with_rows(session, Job, owner, changes, rows)
+    if done:
+        session.commit()
+    else:
+        session.rollback()
+    return done
+
+
+def renew(session: Session, job_id: str, attempt: int, *, lease_seconds: float) -> bool:
+    """Extend this attempt's lease; return whether it still owns the running job."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.attempts == attempt)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def _end(

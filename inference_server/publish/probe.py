@@ -1,4 +1,5 @@
-"""A cheap look at the broker for the API: is it reachable, how many workers consume a queue."""
+"""A cheap look at the broker: is it reachable, how many workers consume a queue (the API), how many
+messages a queue holds ready (the reconciler)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,29 @@ class BrokerProbe:
         if self.url.startswith("memory://"):
             return {name: None for name in queues}
         return self._cached("consumers:" + ",".join(queues), count)  # type: ignore[no-any-return]
+
+    def ready(self, queues: list[str]) -> dict[str, int | None]:
+        """Ready (undelivered) messages per queue, read now: 0 for a queue that does not exist,
+        None where the broker cannot be asked."""
+        from amqp.exceptions import NotFound
+
+        if self.url.startswith("memory://"):  # `up`: one process, nothing can be lost between parts
+            return {name: None for name in queues}
+        result: dict[str, int | None] = {}
+        try:
+            with Connection(self.url, connect_timeout=self.timeout) as conn:
+                for name in queues:
+                    channel = conn.channel()
+                    try:
+                        _, ready, _ = channel.queue_declare(queue=name, passive=True)
+                        result[name] = ready
+                    except NotFound:
+                        result[name] = 0
+                    except Exception:
+                        result[name] = None
+                    finally:
+                        with contextlib.suppress(Exception):
+                            channel.close()
+        except Exception:
+            return {name: None for name in queues}
+        return result

@@ -13,13 +13,13 @@ from typing import Any
 
 from celery import Celery
 from kombu import Connection
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.db import OutboxMessage
 from inference_server.db.base import utcnow
 from inference_server.publish.confirms import ConfirmingChannel
-from inference_server.publish.topology import RUN_JOB, family_queue, message_app
+from inference_server.publish.topology import DEAD_QUEUE, RUN_JOB, family_queue, message_app
 from inference_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,10 @@ class Relay:
             rows = list(
                 session.execute(
                     select(OutboxMessage.id, OutboxMessage.job_id, OutboxMessage.queue)
-                    .where(OutboxMessage.published_at.is_(None))
+                    .where(
+                        OutboxMessage.published_at.is_(None),
+                        or_(OutboxMessage.available_at.is_(None), OutboxMessage.available_at <= utcnow()),
+                    )
                     .order_by(OutboxMessage.id)
                     .limit(self.batch_size)
                     .with_for_update(skip_locked=True)
@@ -126,6 +129,8 @@ class Relay:
         channel = self._channel.channel
         queue = self._queue(row.queue)
         if row.queue not in self._declared:
+            if not self._declared:
+                DEAD_QUEUE.bind(channel).declare()  # where the family queues dead-letter to
             queue.bind(channel).declare()  # type: ignore[attr-defined]
             self._declared.add(row.queue)
         headers, properties, body, _ = self.app.amqp.as_task_v2(row.job_id, RUN_JOB, args=[row.job_id])

@@ -1,5 +1,6 @@
-"""Queue topology: one durable quorum queue per model family, ``jobs.<family>``, and the name of
-the one task its messages carry. Shared by the publishers (API, dispatcher) and the workers."""
+"""Queue topology: one durable quorum queue per model family, ``jobs.<family>``, a dead-letter queue
+``jobs.dead`` for messages no worker can use, and the name of the one task job messages carry.
+Shared by the publishers (API, dispatcher) and the workers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 JOBS_EXCHANGE = Exchange("jobs", type="direct", durable=True)
+DEAD_EXCHANGE = Exchange("jobs.dead", type="fanout", durable=True)
+DEAD_QUEUE = Queue(
+    "jobs.dead",
+    DEAD_EXCHANGE,
+    routing_key="jobs.dead",
+    durable=True,
+    queue_arguments={"x-queue-type": "quorum"},
+)
 RUN_JOB = "inference.run_job"  # the task every job message names; its argument is the job id
+# Returns of one message to its queue before the broker dead-letters it. A worker acknowledges a job's
+# message as its run starts and hands back the few it holds while busy, so only a message that kills
+# its consumer before its run starts comes back this often.
+DELIVERY_LIMIT = 20
 
 
 def queue_name(family: str) -> str:
@@ -15,18 +28,23 @@ def queue_name(family: str) -> str:
 
 
 def family_queue(family: str, *, consumer_timeout_ms: int) -> Queue:
-    """A quorum queue (replicated, durable, poison-message safe) for one family.
+    """A quorum queue (replicated, durable) for one family; what it cannot deliver, or delivers
+    ``DELIVERY_LIMIT`` times without an ack, goes to ``jobs.dead``.
 
-    ``x-consumer-timeout`` raises RabbitMQ's delivery-acknowledgement timeout for this queue above the
-    longest job (RabbitMQ 3.12+; older brokers ignore the argument and rely on the global
-    ``consumer_timeout`` that deploy/rabbitmq/rabbitmq.conf sets)."""
+    ``x-consumer-timeout`` is a second guard (RabbitMQ 3.12+; older brokers ignore it): workers
+    acknowledge a message as they start its job, so no job holds a delivery for its whole run."""
     name = queue_name(family)
     return Queue(
         name,
         JOBS_EXCHANGE,
         routing_key=name,
         durable=True,
-        queue_arguments={"x-queue-type": "quorum", "x-consumer-timeout": consumer_timeout_ms},
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-consumer-timeout": consumer_timeout_ms,
+            "x-dead-letter-exchange": DEAD_EXCHANGE.name,
+            "x-delivery-limit": DELIVERY_LIMIT,
+        },
     )
 
 

@@ -1,0 +1,97 @@
+"""The worker holds no unacknowledged message while a job runs.
+
+RabbitMQ closes a channel whose delivery stays unacknowledged past its consumer timeout (30 minutes
+by default; per queue only on 3.12+), which killed workers on long jobs and ran those jobs twice.
+So a job's message is acknowledged as its run starts, and the job is then carried by its lease in
+the database (see ``jobs.reconcile``). Acknowledging early would let the broker deliver the next
+message at once, to wait unacknowledged in this worker behind the running job: so consumption is
+paused first (``basic.cancel``, confirmed by the broker before the ack goes out, while the prefetch
+of one still holds back any further delivery) and resumed when the job's run ends."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from celery import bootsteps
+from celery.worker import state
+from celery.worker.request import Request
+
+from inference_server.publish.topology import DEAD_QUEUE
+
+log = logging.getLogger(__name__)
+
+
+class _Gate:
+    """The worker main process's task consumer, paused while its one job runs."""
+
+    def __init__(self) -> None:
+        self.consumer: Any = None
+        self.holder: Any = None  # the request whose run paused consumption
+
+    def pause(self, request: Any) -> None:
+        """Stop deliveries for the run of ``request``, and hand back what was delivered already."""
+        task_consumer = getattr(self.consumer, "task_consumer", None)
+        if task_consumer is None or self.holder is not None:
+            return
+        self.holder = request
+        try:
+            task_consumer.cancel()
+        except Exception as exc:  # the connection is gone; its deliveries return to the queue anyway
+            log.warning("could not pause consuming: %s", exc)
+        # Quorum queues apply the prefetch per consumer, so a worker of several families may hold
+        # one message of each other family: back to the broker, for an idle worker to take.
+        for other in list(state.reserved_requests):
+            if other is not request and other.worker_pid is None and not other.acknowledged:
+                other.reject(requeue=True)
+
+    def resume(self, request: Any) -> None:
+        task_consumer = getattr(self.consumer, "task_consumer", None)
+        if request is not self.holder:
+            return
+        self.holder = None
+        if task_consumer is None:
+            return
+        try:
+            task_consumer.consume()
+        except Exception as exc:  # the connection is gone: Celery's reconnect starts consuming again
+            log.warning("could not resume consuming: %s", exc)
+
+
+GATE = _Gate()
+
+
+class GateStep(bootsteps.StartStopStep):
+    """Gives the gate the consumer once its task consumer exists, and declares ``jobs.dead``."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        GATE.consumer = c
+        GATE.holder = None  # a new connection consumes afresh
+        with contextlib.suppress(Exception):
+            DEAD_QUEUE.bind(c.connection.default_channel).declare()
+
+
+class LeasedRequest(Request):
+    """A job message: acknowledged as its run starts, consumption paused until the run ends.
+
+    Celery builds a subclass of this per task that overrides ``execute_using_pool`` and
+    ``on_success`` without calling up, so the end of a run is seen where both of its paths go:
+    ``acknowledge`` (success, with ``acks_late``) and ``on_failure``."""
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        GATE.pause(self)
+        Request.acknowledge(self)  # the run's own ack, not its end
+        super().on_accepted(pid, time_accepted)
+
+    def acknowledge(self) -> None:
+        super().acknowledge()
+        GATE.resume(self)
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        try:
+            return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        finally:
+            GATE.resume(self)
