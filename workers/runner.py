@@ -142,7 +142,7 @@ class JobRunner:
             self._fail(claim, exc.code, exc.message)
         else:  # a bug or a runtime error in a model: the job fails with a reason
             log.error("job %s crashed", claim.job_id, exc_info=exc)
-            self._fail(claim, "internal_error", f"{type(exc).__name__}: {exc}")
+            self._fail(claim, "internal_error", f"an internal error occurred ({type(exc).__name__})")
         return "failed"
 
     def _generate(self, claim: Claim, recorded: Future[None]) -> list[Image.Image]:
