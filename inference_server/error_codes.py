@@ -68,7 +68,7 @@ REQUESTS = (
     _c("invalid_size", 400, (API, JOB),
        "width or height is outside the family's limits, or not a multiple of its size step."),
     _c("invalid_steps", 400, (API,), "steps is over the family's limit."),
-    _c("missing_image", 400, (API, JOB), "The task needs an input `image`."),
+    _c("missing_image", 400, (API,), "The task needs an input `image`."),
     _c("missing_mask", 400, (API,), "The inpaint task needs a `mask`."),
     _c("missing_prompt", 400, (API,), "The edit task needs a `prompt` (the instruction)."),
     _c("invalid_signature", 400, (API, JOB), "`signature` has a bad position, size, opacity or image."),
@@ -81,7 +81,7 @@ REQUESTS = (
 
 INPUTS = (
     _c("invalid_input", 400, (API, JOB), "An input image or mask cannot be used."),
-    _c("invalid_data_uri", 400, (API, JOB), "A `data:` URI is malformed, empty or not valid base64."),
+    _c("invalid_data_uri", 400, (API,), "A `data:` URI is malformed, empty or not valid base64."),
     _c("unsupported_input_uri", 400, (API, JOB),
        "An input is not a `data:` URI, an `https://` URL or a URI from POST /v1/uploads."),
     _c("unsafe_url", 400, (API, JOB),
@@ -111,7 +111,7 @@ DEPENDENCIES = (
 JOBS = (
     _c("internal_error", 500, (API, JOB), "A bug or an unexpected failure; the detail is in the log."),
     _c("model_error", None, (JOB,), "The model could not be loaded, or failed while generating."),
-    _c("df11_format_error", None, (JOB, CLI), "A DFloat11 model folder or tensor is not in the format."),
+    _c("df11_format_error", None, (JOB, CLI), "A folder or tensor marked DFloat11 is not in that format."),
     _c("too_many_attempts", None, (JOB,), "The job was started JOB_MAX_ATTEMPTS times without finishing."),
     _c("model_deleted", None, (JOB,), "The job's model was removed from the registry before the job ran.",
        reserved=True),
