@@ -8,10 +8,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 
 from api.deps import AppState
-from api.errors import error_body, install_error_handlers
+from api.errors import error_response, install_error_handlers
 from api.metrics import ApiMetrics, JobsCollector
 from api.ratelimit import RateLimiter
 from api.waiter import JobWaiter
@@ -95,10 +94,8 @@ class LimitsAndTiming:
             return
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                response = JSONResponse(
-                    error_body("request_too_large", f"requests are limited to {self.max_bytes} bytes"),
-                    status_code=413,
-                )
+                limit = f"requests are limited to {self.max_bytes} bytes"
+                response = error_response("request_too_large", limit)
                 await response(scope, receive, send)
                 return
         start = time.perf_counter()

@@ -11,39 +11,49 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference_server import errors as e
+from inference_server.error_codes import lookup
 
 log = logging.getLogger(__name__)
 
-STATUS = [
-    (e.InputTooLarge, 413),
-    (e.InvalidRequest, 400),
-    (e.Unauthorized, 401),
-    (e.NotFound, 404),
-    (e.Conflict, 409),
-    (e.RateLimited, 429),
-    (e.DependencyDown, 503),
-    (e.StorageError, 503),
-    (e.InputFetchFailed, 400),
-    (e.RegistryError, 503),
-]
+# Starlette's own refusals (routing, body parsing) get a code by status; others are `http_error`.
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    """The JSON error shape; ``code`` must be catalogued (a typo raises here, not at a client)."""
+    lookup(code)
     return {"error": {"code": code, "message": message}}
 
 
+def error_response(
+    code: str,
+    message: str,
+    *,
+    status: int | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: object,
+) -> JSONResponse:
+    """An error response whose status is the catalogue's for ``code`` (``status`` only for the
+    framework's ``http_error``, whose status varies). ``extra`` adds top-level fields (``checks``)."""
+    status = status or lookup(code).status or 500
+    return JSONResponse({**error_body(code, message), **extra}, status_code=status, headers=headers)
+
+
 def status_for(exc: e.InferenceError) -> int:
-    for cls, status in STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 500
+    """The HTTP status of an error's code, from the catalogue. A code catalogued as never an HTTP
+    response (a job or command-line code) reaching a client is a server fault: 500."""
+    return exc.status or 500
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(e.InferenceError)
     async def _domain(request: Request, exc: e.InferenceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, e.Unauthorized) else None
-        return JSONResponse(error_body(exc.code, exc.message), status_code=status_for(exc), headers=headers)
+        status = status_for(exc)
+        if status == 500:
+            log.error("%s reached %s %s: %s", exc.code, request.method, request.url.path, exc.message)
+            return error_response("internal_error", "an internal error occurred")
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return error_response(exc.code, exc.message, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -51,23 +61,19 @@ def install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return JSONResponse(error_body("validation_error", "; ".join(problems)), status_code=422)
+        return error_response("validation_error", "; ".join(problems))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        return JSONResponse(
-            error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)), status_code=exc.status_code
-        )
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(code, str(exc.detail), status=exc.status_code)
 
     @app.exception_handler(OperationalError)
     async def _db_down(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
-        return JSONResponse(
-            error_body("dependency_unavailable", "the database is unavailable"), status_code=503
-        )
+        return error_response("dependency_unavailable", "the database is unavailable")
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "an internal error occurred"), status_code=500)
+        return error_response("internal_error", "an internal error occurred")

@@ -1,7 +1,13 @@
 """One rooted hierarchy of domain errors. Each carries a stable ``code`` that lands on a failed job,
-in its webhook and in API error bodies; ``api/`` maps classes to HTTP status in one place."""
+in its webhook and in API error bodies. Codes, their HTTP statuses and meanings are catalogued in
+``inference_server.error_codes``; a code missing there fails when the class is defined or the error
+is built, so a typo cannot reach a client."""
 
 from __future__ import annotations
+
+from typing import Any
+
+from inference_server.error_codes import lookup
 
 
 class InferenceError(Exception):
@@ -9,11 +15,21 @@ class InferenceError(Exception):
 
     code = "internal_error"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        lookup(cls.code)
+
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
+            lookup(code)
             self.code = code
+
+    @property
+    def status(self) -> int | None:
+        """The HTTP status of this error's code (None: never an HTTP response)."""
+        return lookup(self.code).status
 
 
 class InvalidRequest(InferenceError):
@@ -82,7 +98,13 @@ class ModelError(InferenceError):
     code = "model_error"
 
 
-class RegistryError(InferenceError):
+class ConfigurationError(InferenceError):
+    """An operator's mistake: a setting, a command-line option or a file the deployment provides."""
+
+    code = "invalid_settings"
+
+
+class RegistryError(ConfigurationError):
     """The model registry file is missing or invalid."""
 
     code = "registry_error"
@@ -98,3 +120,9 @@ class JobCanceled(InferenceError):
     """The job was canceled while it ran (control flow, not a failure)."""
 
     code = "canceled"
+
+
+def public_reason(exc: BaseException) -> str:
+    """What a client may read about ``exc``: a domain error's own message, else only the class name.
+    Library messages carry paths, hosts and object reprs; they belong in the log."""
+    return exc.message if isinstance(exc, InferenceError) else type(exc).__name__

@@ -24,6 +24,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from inference_server import net_errors
 from inference_server.errors import InputFetchFailed, InputTooLarge, UnsafeURL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -206,7 +207,7 @@ def fetch_url(
             except UnsafeURL:
                 raise
             except (OSError, requests.RequestException) as exc:
-                raise InputFetchFailed(f"could not fetch {_redact(url)}: {exc}") from exc
+                raise InputFetchFailed(f"could not fetch {_redact(url)}: {net_errors.reason(exc)}") from exc
             with response:
                 if response.is_redirect and response.headers.get("Location"):
                     target = urljoin(url, response.headers["Location"])
@@ -219,7 +220,8 @@ def fetch_url(
                 try:
                     return _read_capped(response, max_bytes)
                 except requests.RequestException as exc:
-                    raise InputFetchFailed(f"could not read {_redact(url)}: {exc}") from exc
+                    why = net_errors.reason(exc)
+                    raise InputFetchFailed(f"could not read {_redact(url)}: {why}") from exc
         raise InputFetchFailed(f"more than {MAX_REDIRECTS} redirects fetching {_redact(url)}")
     finally:
         if owned:
@@ -234,6 +236,6 @@ def _redact(url: str) -> str:
 
 
 def describe(exc: Any) -> str:
-    """A short, single-line description of a network error for logs and delivery records."""
-    text = str(exc).replace("\n", " ")
-    return f"{type(exc).__name__}: {text}"[:500]
+    """A short, single-line description of a network error for delivery records, which tenants
+    read: the exception's class and the plain reason, never its text (pool reprs, addresses)."""
+    return f"{type(exc).__name__}: {net_errors.reason(exc)}"

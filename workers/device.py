@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 
-from inference_server.errors import InvalidRequest
+from inference_server.errors import ConfigurationError
 from inference_server.settings import Settings
 
 DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
@@ -17,7 +17,7 @@ def pin_device(device: str) -> str:
 
     Call before torch is imported anywhere in the process."""
     if not DEVICE_RE.match(device):
-        raise InvalidRequest(
+        raise ConfigurationError(
             f"--device must be cpu, cuda, cuda:N or mps, got {device!r}", code="invalid_device"
         )
     if device.startswith("cuda:"):
@@ -36,9 +36,10 @@ def configure_torch(settings: Settings) -> str:
         torch.set_num_threads(settings.torch_threads)
     device = settings.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ConfigurationError(
             f"--device {device} was asked for but CUDA is not available "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})"
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})",
+            code="no_gpu",
         )
     return device
 

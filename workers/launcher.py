@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from inference_server.errors import InvalidRequest
+from inference_server.errors import ConfigurationError
 from inference_server.publish.topology import queue_name
 from inference_server.settings import Settings
 from workers.device import pin_device
@@ -21,17 +21,20 @@ log = logging.getLogger(__name__)
 
 
 def _check_families(settings: Settings, families: list[str]) -> None:
+    """Refuse, before anything starts, a worker that could consume no queue."""
     if not families:
-        raise InvalidRequest("--families needs at least one family", code="invalid_families")
+        raise ConfigurationError("--families needs at least one family", code="invalid_families")
     if settings.models_file is None:
-        raise InvalidRequest("MODELS_FILE is not set: a worker needs a model registry", code="no_registry")
+        raise ConfigurationError(
+            "MODELS_FILE is not set: a worker needs a model registry", code="no_registry"
+        )
     from inference_server.registry import load_registry
 
     registry = load_registry(settings.models_file)
     unknown = [f for f in families if f not in registry.families]
     if unknown:
         known = ", ".join(sorted(registry.families))
-        raise InvalidRequest(
+        raise ConfigurationError(
             f"unknown families {', '.join(unknown)} (registry has: {known})", code="unknown_family"
         )
 
@@ -87,7 +90,7 @@ def _check_name_free(app: Any, name: str, *, grace: float = 5.0) -> None:
                 return
             except ResourceLocked:
                 if time.monotonic() > deadline:
-                    raise InvalidRequest(
+                    raise ConfigurationError(
                         f"a worker named {node} is already running on this broker; stop it first "
                         "(one worker per device and set of families)",
                         code="worker_running",
@@ -103,7 +106,7 @@ def _check_cuda(device: str) -> None:
     subprocess: CUDA must first be initialised in the worker child, never in this parent."""
     probe = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
     if subprocess.run([sys.executable, "-c", probe], env=dict(os.environ), check=False).returncode != 0:
-        raise InvalidRequest(
+        raise ConfigurationError(
             f"--device {device}: no CUDA device is visible (CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); use --device cpu on a machine without a GPU",
             code="no_gpu",
@@ -141,7 +144,7 @@ def run_gpu_workers(settings: Settings, gpus: str, families: list[str] | None) -
 
     found = visible_gpus()
     if not found:
-        raise InvalidRequest(
+        raise ConfigurationError(
             "no CUDA GPU is visible: use `inference-server worker --device cpu`", code="no_gpu"
         )
     wanted = [g for g in found if gpus == "all" or str(g[0]) in gpus.split(",")]
@@ -167,7 +170,7 @@ def run_gpu_workers(settings: Settings, gpus: str, families: list[str] | None) -
             env["WORKER_METRICS_PORT"] = str(settings.worker_metrics_port + n)  # one port per GPU worker
         procs.append(subprocess.Popen(cmd, env=env))
     if not procs:
-        raise InvalidRequest("no GPU fits any family of the registry", code="no_gpu")
+        raise ConfigurationError("no GPU fits any family of the registry", code="no_gpu")
 
     def forward(signum: int, _frame: object) -> None:
         for p in procs:

@@ -155,7 +155,7 @@ class JobRunner:
             code, message = exc.code, exc.message
         else:  # a bug or a runtime error in a model: the job fails with a reason
             log.error("job %s crashed", claim.job_id, exc_info=exc)
-            code, message = "internal_error", f"{type(exc).__name__}: {exc}"
+            code, message = "internal_error", f"an internal error occurred ({type(exc).__name__})"
         owned = self._ending(lambda session: transitions.fail(session, claim, code, message), claim)
         return _outcome(owned, RunOutcome.FAILED)
 

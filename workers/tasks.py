@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery, Task
 
+from inference_server.errors import ConfigurationError
 from inference_server.jobs.enums import ClaimRefusal
 from inference_server.publish.topology import RUN_JOB
 from inference_server.settings import Settings
@@ -45,7 +46,9 @@ def build_runner(settings: Settings) -> Any:
     device = configure_torch(settings)
     storage = open_storage(settings)
     if settings.models_file is None:
-        raise RuntimeError("MODELS_FILE is not set: the worker has no models to serve")
+        raise ConfigurationError(
+            "MODELS_FILE is not set: the worker has no models to serve", code="no_registry"
+        )
     registry = load_registry(settings.models_file)
     engine = Engine(
         registry,

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from api.deps import AppState, current_tenant, get_session, state
-from api.errors import error_body
+from api.errors import error_response
 from inference_server.db import Tenant
 
 router = APIRouter()
@@ -34,9 +34,7 @@ def readyz(session: Session = Depends(get_session), st: AppState = Depends(state
     if all(checks.values()):
         return JSONResponse({"status": "ready", "checks": checks})
     down = ", ".join(k for k, ok in checks.items() if not ok)
-    body = error_body("dependency_unavailable", f"not ready: {down} unreachable")
-    body["checks"] = checks  # type: ignore[assignment]
-    return JSONResponse(body, status_code=503)
+    return error_response("dependency_unavailable", f"not ready: {down} unreachable", checks=checks)
 
 
 @router.get("/metrics", tags=["system"])

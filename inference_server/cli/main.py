@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import click
+from pydantic import ValidationError
 
-from inference_server.errors import InferenceError
+from inference_server.errors import ConfigurationError, InferenceError
 from inference_server.settings import Settings, get_settings
 
 
 def _settings() -> Settings:
     try:
         return get_settings()
-    except Exception as exc:  # pydantic ValidationError: show the message, not a traceback
-        raise click.ClickException(f"invalid settings: {exc}") from exc
+    except ValidationError as exc:  # one line, each setting named as the environment spells it
+        raise ConfigurationError("; ".join(map(_problem, exc.errors())), code="invalid_settings") from exc
+
+
+def _problem(err: Any) -> str:
+    name = "_".join(str(p) for p in err["loc"]).upper()
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{name}: {msg}" if name else msg
 
 
 class Group(click.Group):
@@ -26,7 +34,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except InferenceError as exc:
-            raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+            raise click.ClickException(f"{exc.code}: {' '.join(exc.message.split())}") from exc
 
 
 @click.group(cls=Group)

@@ -19,7 +19,7 @@ from typing import Any
 
 from inference_server.engine import metrics
 from inference_server.engine.cache import CachedModel
-from inference_server.errors import InvalidRequest, ModelError
+from inference_server.errors import InvalidRequest, ModelError, public_reason
 from inference_server.registry import FamilySpec, Registry
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ def _local(source: str, fetch: Callable[[str, Path], Path] | None, cache_dir: Pa
         try:
             got = fetch(source, dest)
         except Exception as exc:
-            raise ModelError(f"could not download LoRA {source}: {exc}") from exc
+            log.error("downloading LoRA %s failed", source, exc_info=exc)
+            raise ModelError(f"could not download LoRA {source}: {public_reason(exc)}") from exc
         marker.write_text(str(got))
         return Path(got)
     return Path(marker.read_text())
@@ -115,9 +116,9 @@ def apply(entry: CachedModel, loras: list[ResolvedLora], placeholders: Callable[
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     pipe.delete_adapters(adapter)
-                raise ModelError(
-                    f"could not load LoRA {lo.key} into {entry.family}/{entry.model}: {exc}"
-                ) from exc
+                where = f"{entry.family}/{entry.model}"
+                log.error("loading LoRA %s into %s failed", lo.key, where, exc_info=exc)
+                raise ModelError(f"could not load LoRA {lo.key} into {where} ({type(exc).__name__})") from exc
             entry.adapters[lo.key] = adapter
             metrics.LORA_LOADS.labels(entry.family).inc()
             log.info("loaded LoRA %s as %s on %s/%s", lo.key, adapter, entry.family, entry.model)

@@ -21,7 +21,7 @@ from PIL import Image
 from inference_server.engine import loras, variants
 from inference_server.engine.cache import CachedModel, PipelineCache
 from inference_server.engine.device import DTYPES, default_cache_bytes
-from inference_server.errors import InferenceError, InvalidRequest, JobCanceled, ModelError
+from inference_server.errors import InferenceError, InvalidRequest, JobCanceled, ModelError, public_reason
 from inference_server.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,9 @@ class Engine:
             except InferenceError:
                 raise
             except Exception as exc:
-                raise ModelError(f"{req.family} {req.task} failed: {type(exc).__name__}: {exc}") from exc
+                log.error("%s/%s %s failed", req.family, req.model, req.task, exc_info=exc)
+                why = type(exc).__name__
+                raise ModelError(f"{req.family} {req.task} failed in the model ({why})") from exc
             images.append(out.images[0])
             remaining -= 1
         return images
@@ -186,7 +188,8 @@ class Engine:
         except InferenceError:
             raise
         except Exception as exc:
-            raise ModelError(f"could not load model {spec.family}/{spec.id} from {source}: {exc}") from exc
+            log.error("loading %s/%s from %s failed", spec.family, spec.id, source, exc_info=exc)
+            raise ModelError(f"could not load model {spec.family}/{spec.id} ({type(exc).__name__})") from exc
         pipe.set_progress_bar_config(disable=True)
         self._place(pipe, spec)
         return pipe
@@ -199,7 +202,7 @@ class Engine:
         if "://" not in resolved:
             return resolved  # a local folder, or a hub id diffusers resolves itself
         if self.fetch is None or self.cache_dir is None:
-            raise ModelError(f"model source {resolved} needs remote storage, which this worker lacks")
+            raise ModelError(f"{cache_key} lives in remote storage, which this worker cannot reach")
         dest = self.cache_dir / cache_key / hashlib.sha256(resolved.encode()).hexdigest()[:12]
         marker = dest / ".complete"
         if marker.exists():
@@ -208,7 +211,8 @@ class Engine:
         try:
             got = self.fetch(resolved, dest)
         except Exception as exc:
-            raise ModelError(f"could not download {resolved}: {exc}") from exc
+            log.error("downloading %s failed", resolved, exc_info=exc)
+            raise ModelError(f"could not download {cache_key}: {public_reason(exc)}") from exc
         marker.write_text(str(got))
         return str(got)
 

@@ -41,9 +41,7 @@ def variant(base: Any, task: str) -> Any:
     try:
         pipe = auto.from_pipe(base)
     except ValueError as exc:  # no variant of this architecture for the task
-        raise InvalidRequest(
-            f"{name} does not support task {task!r}: {exc}", code="unsupported_task"
-        ) from exc
+        raise InvalidRequest(f"{name} does not support task {task!r}", code="unsupported_task") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -142,9 +142,11 @@ def _open_loaded(
         # Pillow checks its own global limit (about 89 MP warns, 179 MP raises) here; ours follows.
         image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
-        raise InputTooLarge(str(exc), code="decompression_bomb") from exc
+        raise InputTooLarge(
+            f"the {fmt} image declares more pixels than the decoder accepts", code="decompression_bomb"
+        ) from exc
     except Exception as exc:  # Pillow raises SyntaxError, ValueError, struct.error, OSError...
-        raise InvalidInput(f"the {fmt} header cannot be read: {exc}", code=_open_error_code(exc)) from exc
+        raise _refusal(fmt, "header", _open_error_code(exc)) from exc
     try:
         check_pixels(image.width, image.height, len(data), max_pixels=max_pixels)
         if fmt == "JPEG" and draft_size is not None:
@@ -153,9 +155,7 @@ def _open_loaded(
         try:
             image.load()
         except Exception as exc:
-            raise InvalidInput(
-                f"the {fmt} data cannot be decoded: {exc}", code=_load_error_code(exc)
-            ) from exc
+            raise _refusal(fmt, "data", _load_error_code(exc)) from exc
     except BaseException:
         image.close()
         raise
@@ -164,6 +164,15 @@ def _open_loaded(
 
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def _refusal(fmt: str, part: str, code: str) -> InvalidInput:
+    """Our own words for a decoder failure: Pillow's messages carry object reprs
+    (``cannot identify image file <_io.BytesIO object at 0x...>``) and change between versions."""
+    if code == "decompression_bomb":
+        return InputTooLarge(f"the {fmt} image needs more memory to decode than is available", code=code)
+    what = "is truncated" if code == "truncated_image" else "is corrupt"
+    return InvalidInput(f"the {fmt} {part} {what}", code=code)
 
 
 def _open_error_code(exc: Exception) -> str:

@@ -56,8 +56,10 @@ def parse_data_uri(uri: str, *, max_bytes: int | None = None) -> bytes:
             data = base64.b64decode(raw, validate=True)
         else:
             data = unquote_to_bytes(payload)
-    except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
-        raise InvalidInput(f"data: URI payload is not valid base64: {exc}", code="invalid_data_uri") from exc
+    except UnicodeEncodeError as exc:
+        raise InvalidInput("data: URI has characters outside ASCII", code="invalid_data_uri") from exc
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput("data: URI payload is not valid base64", code="invalid_data_uri") from exc
     if not data:
         raise InvalidInput("data: URI is empty", code="invalid_data_uri")
     if max_bytes is not None and len(data) > max_bytes:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
-from inference_server.errors import InvalidRequest, StorageError
+from inference_server.errors import ConfigurationError, StorageError
 from inference_server.settings import Settings
 
 
@@ -62,7 +62,9 @@ def open_storage(settings: Settings) -> Storage:
         # GCS through its S3-compatible XML API (HMAC keys); the endpoint defaults to Google's.
         endpoint = settings.s3_endpoint_url or "https://storage.googleapis.com"
         return S3Storage(url, endpoint_url=endpoint, region=settings.s3_region, scheme="gs")
-    raise InvalidRequest(f"STORAGE_URL must start with file://, s3:// or gs://, got {url!r}")
+    raise ConfigurationError(
+        f"STORAGE_URL must start with file://, s3:// or gs://, got {url!r}", code="invalid_storage_url"
+    )
 
 
 __all__ = ["Storage", "StorageError", "input_key", "open_storage", "output_key"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -9,7 +10,20 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from inference_server import net_errors
 from inference_server.errors import NotFound, StorageError
+
+log = logging.getLogger(__name__)
+
+
+def storage_failure(action: str, uri: str, exc: BotoCoreError | ClientError) -> StorageError:
+    """A ``StorageError`` a client may read: what failed and why in plain words. The bucket, the
+    key and botocore's text (endpoint URLs, retry counts) go to the log only."""
+    log.warning("%s %s failed: %s", action, uri, exc)
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code") or "an error"
+        return StorageError(f"{action} failed: the storage service answered {code}")
+    return StorageError(f"{action} failed: {net_errors.reason(exc)}")
 
 
 class S3Storage:
@@ -40,11 +54,12 @@ class S3Storage:
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
         full = self._key(key)
+        uri = f"{self.scheme}://{self.bucket}/{full}"
         try:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=content_type)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"upload to {self.scheme}://{self.bucket}/{full} failed: {exc}") from exc
-        return f"{self.scheme}://{self.bucket}/{full}"
+            raise storage_failure("storage write", uri, exc) from exc
+        return uri
 
     def get(self, uri: str) -> bytes:
         bucket, key = self._split(uri)
@@ -53,9 +68,9 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
                 raise NotFound(f"{uri} does not exist") from exc
-            raise StorageError(f"download of {uri} failed: {exc}") from exc
+            raise storage_failure("storage read", uri, exc) from exc
         except BotoCoreError as exc:
-            raise StorageError(f"download of {uri} failed: {exc}") from exc
+            raise storage_failure("storage read", uri, exc) from exc
 
     def presigned_url(self, uri: str, expires: int) -> str | None:
         bucket, key = self._split(uri)
@@ -85,7 +100,7 @@ class S3Storage:
                         self.client.download_file(bucket, obj["Key"], str(target))
                     found = True
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"download of {uri} failed: {exc}") from exc
+            raise storage_failure("model download", uri, exc) from exc
         if not found:
             raise NotFound(f"{uri} holds no files")
         return dest
