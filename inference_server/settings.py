@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     job_time_limit: int = 0  # hard per-job time limit in seconds (0: none)
     worker_metrics_port: int = 0  # Prometheus endpoint of a worker (`workers`: this port + GPU n); 0: none
     warm_models: str = ""  # "family[/model],..." loaded when a worker child starts
+    worker_start_timeout: float = 600.0  # seconds a child may take to build its engine and warm up
 
     # Outbox relay.
     relay_batch_size: int = 200

@@ -1,5 +1,7 @@
-"""Queue topology: one durable quorum queue per model family, ``jobs.<family>``, and the name of
-the one task its messages carry. Shared by the publishers (API, dispatcher) and the workers."""
+"""Queue topology: one durable quorum queue per model family, named by the registry (default
+``jobs.<family>``), and the name of the one task its messages carry. The publishers (the relay in
+the API and the dispatcher) and the workers declare a queue with these same arguments: RabbitMQ
+refuses a second declaration that differs."""
 
 from __future__ import annotations
 
@@ -10,17 +12,13 @@ JOBS_EXCHANGE = Exchange("jobs", type="direct", durable=True)
 RUN_JOB = "inference.run_job"  # the task every job message names; its argument is the job id
 
 
-def queue_name(family: str) -> str:
-    return f"jobs.{family}"
-
-
-def family_queue(family: str, *, consumer_timeout_ms: int) -> Queue:
-    """A quorum queue (replicated, durable, poison-message safe) for one family.
+def job_queue(name: str, *, consumer_timeout_ms: int) -> Queue:
+    """The quorum queue (replicated, durable, poison-message safe) called ``name``, a family's
+    ``FamilySpec.queue``; bound to the jobs exchange under its own name.
 
     ``x-consumer-timeout`` raises RabbitMQ's delivery-acknowledgement timeout for this queue above the
     longest job (RabbitMQ 3.12+; older brokers ignore the argument and rely on the global
     ``consumer_timeout`` that deploy/rabbitmq/rabbitmq.conf sets)."""
-    name = queue_name(family)
     return Queue(
         name,
         JOBS_EXCHANGE,
