@@ -113,7 +113,7 @@ def _install_edit_cap() -> None:
     if _patched:
         return
     for name in _EDIT_MODULES:
-        module = importlib.import_module(name)
+        module: Any = importlib.import_module(name)
         module.calculate_dimensions = _capped(module.calculate_dimensions)
     _patched = True
 
