@@ -4,7 +4,7 @@ models and LoRAs belong to it."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -24,12 +24,12 @@ from typing_extensions import TypedDict
 from inference_server.errors import InvalidRequest
 from inference_server.registry.messages import key_error, rule_error
 
-TASKS = ("txt2img", "img2img", "inpaint", "edit")
-DTYPES = ("float32", "float16", "bfloat16")
-OFFLOADS = ("none", "model", "sequential")
-QUEUE_MAX_LENGTH = 128
-
 Task = Literal["txt2img", "img2img", "inpaint", "edit"]
+Dtype = Literal["float32", "float16", "bfloat16"]
+Offload = Literal["none", "model", "sequential"]
+TASKS, DTYPES, OFFLOADS = get_args(Task), get_args(Dtype), get_args(Offload)
+QUEUE_MAX_LENGTH = 128  # the outbox's queue column
+
 Text = Annotated[StrictStr, Field(min_length=1)]
 Positive = Annotated[StrictInt, Field(gt=0)]
 
@@ -57,7 +57,7 @@ def _name_rule(what: str, extra: str, limit: int) -> AfterValidator:
 
 
 FamilyName = Annotated[StrictStr, _name_rule("family", "._-", 64)]
-QueueName = Annotated[StrictStr, _name_rule("queue", "._:-", QUEUE_MAX_LENGTH)]  # the outbox column
+QueueName = Annotated[StrictStr, _name_rule("queue", "._:-", QUEUE_MAX_LENGTH)]
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -84,10 +84,6 @@ class Defaults(TypedDict, total=False):
     strength: Annotated[StrictFloat, Field(ge=0, le=1)]
 
 
-class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class _Entry(BaseModel):
     """A model or LoRA: immutable once parsed, so the engine can share it freely."""
 
@@ -100,12 +96,12 @@ class ModelSpec(_Entry):
     id: Text
     source: Text
     default: StrictBool = False
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    offload: Literal["none", "model", "sequential"] = "none"
+    dtype: Dtype = "float32"
+    offload: Offload = "none"
     memory_gb: Annotated[StrictFloat, Field(ge=0)] = 0.0
     attention: Text = "sdpa"
     compile: StrictBool = False
-    tasks: Annotated[tuple[Task, ...], Field(min_length=1)] = ()  # () in the file: the family's
+    tasks: Annotated[tuple[Task, ...], Field(min_length=1)] = ()  # left out: the family's tasks
     df11: Text | None = None
     _family: str = PrivateAttr("")
 
@@ -131,8 +127,10 @@ class LoraSpec(_Entry):
         return self._family
 
 
-class FamilySpec(_Table):
+class FamilySpec(BaseModel):
     """A model family: one queue, its tasks, request limits and defaults, its models and LoRAs."""
+
+    model_config = ConfigDict(extra="forbid")
 
     queue_setting: QueueName | None = Field(None, alias="queue")
     tasks: Annotated[list[Task], Field(min_length=1)]
