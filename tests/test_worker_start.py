@@ -105,3 +105,13 @@ def test_jobs_reach_a_worker_on_the_registry_queue(http: requests.Session, worke
     done = wait_done(http, submit(http, {"family": "sd15", "prompt": "a red kite", "seed": 5})["id"], 90)
     assert done["status"] == "succeeded", done
     assert (done["outputs"][0]["width"], done["outputs"][0]["height"]) == (64, 64)
+
+
+def test_warm_models_the_registry_lacks_are_refused_at_start(tiny_models: Path) -> None:
+    from tests.test_cli import cli
+
+    for warm in ("sd99", "sd15/nope"):
+        env = base_env(MODELS_FILE=str(tiny_models), WARM_MODELS=warm)
+        result = cli("worker", "--families", "sd15", "--device", "cpu", env=env)
+        assert result.returncode == 1 and "invalid_warm_models" in result.stderr, result.stderr[-2000:]
+        assert repr(warm) in result.stderr and "Traceback" not in result.stderr
