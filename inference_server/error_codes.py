@@ -113,6 +113,8 @@ JOBS = (
     _c("model_error", None, (JOB,), "The model could not be loaded, or failed while generating."),
     _c("df11_format_error", None, (JOB, CLI), "A folder or tensor marked DFloat11 is not in that format."),
     _c("too_many_attempts", None, (JOB,), "The job was started JOB_MAX_ATTEMPTS times without finishing."),
+    _c("invalid_job_spec", None, (JOB,),
+       "The stored job does not validate as a JobSpec (written by hand or by another release)."),
     _c("model_deleted", None, (JOB,), "The job's model was removed from the registry before the job ran.",
        reserved=True),
     _c("poison_message", None, (JOB,),
@@ -129,6 +131,7 @@ OPERATORS = (
     _c("worker_running", None, (CLI,), "A worker of the same device and families is already running."),
     _c("invalid_settings", None, (CLI,), "An environment setting has a value the settings refuse."),
     _c("invalid_storage_url", None, (CLI,), "STORAGE_URL does not start with file://, s3:// or gs://."),
+    _c("invalid_warm_models", None, (CLI,), "WARM_MODELS names a family or model the registry lacks."),
 )
 # fmt: on
 

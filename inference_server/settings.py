@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     job_end_retry_seconds: float = 30.0  # how long a finished run retries recording its end
     reconcile_interval: float = 5.0  # seconds between the dispatcher's reconciler passes
     lost_message_grace: float = 120.0  # a queued job idle this long, its queue empty, is published again
+    worker_start_timeout: float = 600.0  # seconds a child may take to build its engine and warm up
 
     # Outbox relay.
     relay_batch_size: int = 200

@@ -68,7 +68,7 @@ def test_a_stored_job_that_does_not_validate_fails_at_the_claim(tenant, session_
         session.add(Job(id=job_id, tenant_id=tenant.tenant.id, family="sd15", task="txt2img", params=params))
         session.commit()
     with session_factory() as session:
-        refusal = transitions.claim(session, job_id, redelivered=False, max_attempts=3)
+        refusal = transitions.claim(session, job_id, max_attempts=3, lease_seconds=30)
     assert refusal == ClaimRefusal.INVALID
     with session_factory() as session:
         row = session.get(Job, job_id)

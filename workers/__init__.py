@@ -1,1 +1,2 @@
-"""The Celery side: app factory, queue topology, the job task, GPU pinning and the launcher."""
+"""The Celery side: the worker's composition root (launcher.py, child.py), the app factory, the job
+task and its runner, GPU pinning, and the one-worker-per-GPU supervisor (gpus.py)."""

@@ -1,27 +1,30 @@
-"""Starting workers: one Celery worker pinned to one device, or one per visible GPU."""
+"""The worker's composition root: one Celery worker pinned to one device, consuming the registry
+queues of its families. Its objects are built here (the Celery app, the job task, the child's
+runner) and in workers/child.py (what the child builds when it starts); `up` reuses
+``build_worker``."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
+from celery import Celery, signals
+
 from inference_server.errors import ConfigurationError
-from inference_server.publish.topology import queue_name
+from inference_server.registry import Registry
 from inference_server.settings import Settings
 from workers.device import pin_device
 
 log = logging.getLogger(__name__)
 
 
-def _check_families(settings: Settings, families: list[str]) -> None:
-    """Refuse, before anything starts, a worker that could consume no queue."""
+def _registry(settings: Settings, families: list[str]) -> Registry:
     if not families:
         raise ConfigurationError("--families needs at least one family", code="invalid_families")
     if settings.models_file is None:
@@ -37,23 +40,37 @@ def _check_families(settings: Settings, families: list[str]) -> None:
         raise ConfigurationError(
             f"unknown families {', '.join(unknown)} (registry has: {known})", code="unknown_family"
         )
+    return registry
+
+
+def build_worker(settings: Settings, families: list[str]) -> tuple[Celery, list[str]]:
+    """The Celery app of a worker serving ``families`` and the queues it consumes: each family's
+    registry queue, the one the relay publishes its jobs to. The worker's child (or, with the solo
+    pool, the worker itself) builds its runner and loads WARM_MODELS as it starts."""
+    from workers.celery_app import create_celery_app
+    from workers.child import ChildRunner, warm_models
+
+    registry = _registry(settings, families)
+    queues = [registry.family(f).queue for f in families]
+    runner = ChildRunner(settings, warm_models(settings, registry, families))
+    # Sent in each prefork child after the fork (and once by the solo pool): CUDA is first touched
+    # there, never in the parent that forks.
+    signals.worker_process_init.connect(lambda **_: runner.start(), weak=False)
+    return create_celery_app(settings, queues, runner), queues
 
 
 def run_worker(settings: Settings, families: list[str], device: str, *, pool: str = "prefork") -> None:
     """Run a Celery worker in this process. The device is pinned before anything imports torch."""
     torch_device = pin_device(device)
-    _check_families(settings, families)
+    settings = settings.model_copy(update={"device": torch_device})
+    app, queues = build_worker(settings, families)
     if torch_device == "cuda":
         _check_cuda(device)
-    settings = settings.model_copy(update={"device": torch_device})
     if settings.worker_metrics_port:
         _prepare_multiprocess_metrics()
         from workers.metrics import serve
 
         serve(settings.worker_metrics_port)
-    from workers.celery_app import create_celery_app
-
-    app = create_celery_app(settings, families=families)
     name = f"{'-'.join(families)}.{device.replace(':', '')}@%h"
     if settings.broker_url.startswith(("amqp", "pyamqp")):
         _check_name_free(app, name)
@@ -64,7 +81,7 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
             "--concurrency=1",
             "--loglevel=INFO",
             f"--hostname={name}",
-            f"--queues={','.join(queue_name(f) for f in families)}",
+            f"--queues={','.join(queues)}",
             "--without-gossip",
             "--without-mingle",
         ]
@@ -122,62 +139,3 @@ def _prepare_multiprocess_metrics() -> None:
     for name in os.listdir(path):  # values left by an earlier run would be summed in
         os.remove(os.path.join(path, name))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-
-
-def families_for_gpu(settings: Settings, memory_bytes: int) -> list[str]:
-    """Families whose largest model fits a GPU with ``memory_bytes`` (offloaded models always fit)."""
-    from inference_server.registry import load_registry
-
-    assert settings.models_file is not None
-    registry = load_registry(settings.models_file)
-    fits = []
-    for fam in registry.families.values():
-        offloads = all(m.offload != "none" for m in fam.models)
-        if offloads or fam.memory_gb * 1e9 <= memory_bytes * 0.95:
-            fits.append(fam.name)
-    return fits
-
-
-def run_gpu_workers(settings: Settings, gpus: str, families: list[str] | None) -> None:
-    """Spawn `inference-server worker --device cuda:N` per GPU and supervise them."""
-    from workers.device import visible_gpus
-
-    found = visible_gpus()
-    if not found:
-        raise ConfigurationError(
-            "no CUDA GPU is visible: use `inference-server worker --device cpu`", code="no_gpu"
-        )
-    wanted = [g for g in found if gpus == "all" or str(g[0]) in gpus.split(",")]
-    procs: list[subprocess.Popen[bytes]] = []
-    for n, (index, memory) in enumerate(wanted):
-        fams = [f for f in families_for_gpu(settings, memory) if not families or f in families]
-        if not fams:
-            log.warning("GPU %d (%.1f GB) fits no family; not starting a worker on it", index, memory / 1e9)
-            continue
-        cmd = [
-            sys.executable,
-            "-m",
-            "inference_server.cli.main",
-            "worker",
-            "--device",
-            f"cuda:{index}",
-            "--families",
-            ",".join(fams),
-        ]
-        log.info("GPU %d: %s", index, " ".join(cmd[3:]))
-        env = dict(os.environ)
-        if settings.worker_metrics_port:
-            env["WORKER_METRICS_PORT"] = str(settings.worker_metrics_port + n)  # one port per GPU worker
-        procs.append(subprocess.Popen(cmd, env=env))
-    if not procs:
-        raise ConfigurationError("no GPU fits any family of the registry", code="no_gpu")
-
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
-            p.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while any(p.poll() is None for p in procs):
-        time.sleep(1.0)
-    sys.exit(max(p.returncode or 0 for p in procs))

@@ -25,7 +25,7 @@ from inference_server.jobs import transitions
 from inference_server.jobs.enums import ClaimRefusal, RunOutcome, Task
 from inference_server.jobs.spec import JobSpec
 from inference_server.jobs.transitions import Claim
-from inference_server.publish.topology import queue_name
+from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.cancels import CancelListener
@@ -73,9 +73,10 @@ class JobRunner:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def run(self, job_id: str) -> RunOutcome | ClaimRefusal:
-        """Run ``job_id``; return how the run ended, or why it did not run. Raises ClaimUnavailable
-        when the database cannot take the claim."""
+    def run(self, job_id: str, *, queue: str | None = None) -> RunOutcome | ClaimRefusal:
+        """Run ``job_id``, whose message came from ``queue`` (where a transient failure sends it
+        back); return how the run ended, or why it did not run. Raises ClaimUnavailable when the
+        database cannot take the claim."""
         try:
             claimed = self._claim(job_id)
         except DATABASE_DOWN as exc:
@@ -85,7 +86,7 @@ class JobRunner:
             return claimed
         claim, recorded = claimed
         started = time.perf_counter()
-        outcome = self._run_claimed(claim, recorded)
+        outcome = self._run_claimed(claim, recorded, queue or default_queue(claim.family))
         JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
         if outcome.finished_job:
             JOBS_FINISHED.labels(claim.family, outcome.value).inc()
@@ -119,7 +120,7 @@ class JobRunner:
         with session:
             transitions.record_claim(session, claim)
 
-    def _run_claimed(self, claim: Claim, recorded: Future[None]) -> RunOutcome:
+    def _run_claimed(self, claim: Claim, recorded: Future[None], queue: str) -> RunOutcome:
         # Every end is written after the claim: each path waits for ``recorded`` first.
         try:
             images = self._generate(claim, recorded)
@@ -132,7 +133,7 @@ class JobRunner:
             return RunOutcome.CANCELED
         except Exception as exc:
             self._claim_written(recorded)
-            return self._failed(claim, exc)
+            return self._failed(claim, exc, queue)
         self._claim_written(recorded)
         owned = self._ending(lambda session: transitions.succeed(session, claim, outputs), claim)
         return _outcome(owned, RunOutcome.SUCCEEDED)
@@ -144,12 +145,12 @@ class JobRunner:
         except DATABASE_DOWN as exc:
             raise ClaimUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
-    def _failed(self, claim: Claim, exc: Exception) -> RunOutcome:
+    def _failed(self, claim: Claim, exc: Exception, queue: str) -> RunOutcome:
         """Queue the job again after a transient failure, or record why it failed."""
         if isinstance(exc, (*TRANSIENT, *DATABASE_DOWN)):
             error = exc if isinstance(exc, InferenceError) else DependencyDown("the database is unavailable")
             if claim.attempt < self.settings.job_max_attempts:
-                return self._release(claim, error)
+                return self._release(claim, error, queue)
             code, message = error.code, error.message
         elif isinstance(exc, InferenceError):
             code, message = exc.code, exc.message
@@ -159,11 +160,10 @@ class JobRunner:
         owned = self._ending(lambda session: transitions.fail(session, claim, code, message), claim)
         return _outcome(owned, RunOutcome.FAILED)
 
-    def _release(self, claim: Claim, error: InferenceError) -> RunOutcome:
+    def _release(self, claim: Claim, error: InferenceError, queue: str) -> RunOutcome:
         delays = self.settings.job_retry_delays or [5.0]
         delay = delays[min(claim.attempt, len(delays)) - 1]
         log.warning("job %s: %s (%s); queued again in %.0f s", claim.job_id, error.code, error.message, delay)
-        queue = queue_name(claim.family)
         owned = self._ending(
             lambda session: transitions.release(session, claim, queue=queue, delay=delay), claim
         )

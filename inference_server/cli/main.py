@@ -90,7 +90,7 @@ def worker(families: str, device: str, pool: str) -> None:
 @click.option("--families", default=None, help="Limit to these families (default: every family that fits).")
 def workers(gpus: str, families: str | None) -> None:
     """Start one worker per GPU, each on the families whose models fit its memory."""
-    from workers.launcher import run_gpu_workers
+    from workers.gpus import run_gpu_workers
 
     run_gpu_workers(_settings(), gpus, families.split(",") if families else None)
 
@@ -98,7 +98,7 @@ def workers(gpus: str, families: str | None) -> None:
 @cli.command()
 def dispatcher() -> None:
     """Deliver webhooks (and relay the outbox) until stopped."""
-    from inference_server.cli.roles import run_dispatcher
+    from inference_server.roles.dispatcher import run_dispatcher
 
     run_dispatcher(_settings())
 

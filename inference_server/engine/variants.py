@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import inspect
 from collections.abc import Iterator
 from typing import Any
@@ -83,26 +84,35 @@ def call_kwargs(pipe: Any, req: Any, seed: int, callback: Any) -> dict[str, Any]
 
 
 # --- Working area of Qwen edit pipelines ------------------------------------------------------------
-# QwenImageEditPipeline resizes its input to about 1024x1024 before encoding it, whatever the output
-# size (calculate_dimensions(1024 * 1024, ratio) inside __call__). A cap set per call through a
-# context variable bounds that area; the wrapper is installed once and is a no-op when no cap is set.
+# Both Qwen edit pipelines resize their input before encoding it, whatever the output size, each
+# through the calculate_dimensions of its own module: QwenImageEditPipeline to about 1024x1024
+# (calculate_dimensions(1024 * 1024, ratio)); QwenImageEditPlusPipeline every input twice, for the
+# VAE at VAE_IMAGE_SIZE (1024x1024) and for the vision encoder at CONDITION_IMAGE_SIZE (384x384).
+# A cap set per call through a context variable bounds each of those areas; the wrappers are
+# installed once and are no-ops when no cap is set.
+_EDIT_MODULES = (
+    "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit",
+    "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus",
+)
 _edit_pixels: contextvars.ContextVar[int] = contextvars.ContextVar("edit_pixels", default=0)
 _patched = False
+
+
+def _capped(original: Any) -> Any:
+    def capped(target_area: float, ratio: float) -> Any:
+        cap = _edit_pixels.get()
+        return original(min(target_area, cap) if cap else target_area, ratio)
+
+    return capped
 
 
 def _install_edit_cap() -> None:
     global _patched
     if _patched:
         return
-    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as mod
-
-    original = mod.calculate_dimensions
-
-    def capped(target_area: float, ratio: float) -> Any:
-        cap = _edit_pixels.get()
-        return original(min(target_area, cap) if cap else target_area, ratio)
-
-    mod.calculate_dimensions = capped
+    for name in _EDIT_MODULES:
+        module: Any = importlib.import_module(name)
+        module.calculate_dimensions = _capped(module.calculate_dimensions)
     _patched = True
 
 

@@ -27,7 +27,7 @@ from inference_server.db.base import utcnow
 from inference_server.events import JOB_FINISHED_CHANNEL, event_values, finished_notice
 from inference_server.jobs.enums import EventType, JobStatus
 from inference_server.jobs.persist import update_with_rows
-from inference_server.publish.topology import queue_name
+from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def expired_leases(session: Session, *, max_attempts: int, batch: int = 100) -> 
         }
         message = {
             "job_id": row["id"],
-            "queue": found["last_queue"] or queue_name(row["family"]),
+            "queue": found["last_queue"] or default_queue(row["family"]),
             "created_at": now,
             "publish_attempts": 0,
         }
@@ -130,7 +130,7 @@ def lost_messages(
     ).all()
     if not rows:
         return 0
-    queues = {row.id: row.last_queue or queue_name(row.family) for row in rows}
+    queues = {row.id: row.last_queue or default_queue(row.family) for row in rows}
     depth = ready(sorted(set(queues.values())))
     lost = [job_id for job_id, queue in queues.items() if depth.get(queue) == 0]
     for job_id in lost:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inference_server.db import OutboxMessage
 from inference_server.db.base import utcnow
 from inference_server.publish.confirms import ConfirmingChannel
-from inference_server.publish.topology import DEAD_QUEUE, RUN_JOB, family_queue, message_app
+from inference_server.publish.topology import DEAD_QUEUE, RUN_JOB, job_queue, message_app
 from inference_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,9 @@ class Relay:
         )
 
     def _queue(self, name: str) -> object:
+        """The queue an outbox row names (its family's registry queue), as the workers declare it."""
         if name not in self._queues:
-            self._queues[name] = family_queue(
-                name.removeprefix("jobs."), consumer_timeout_ms=self.consumer_timeout_ms
-            )
+            self._queues[name] = job_queue(name, consumer_timeout_ms=self.consumer_timeout_ms)
         return self._queues[name]
 
     def publish_pending(self) -> int:

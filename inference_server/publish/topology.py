@@ -1,6 +1,7 @@
-"""Queue topology: one durable quorum queue per model family, ``jobs.<family>``, a dead-letter queue
-``jobs.dead`` for messages no worker can use, and the name of the one task job messages carry.
-Shared by the publishers (API, dispatcher) and the workers."""
+"""Queue topology: one durable quorum queue per model family, named by the registry (default
+``jobs.<family>``), a dead-letter queue ``jobs.dead`` for messages no worker can use, and the name
+of the one task job messages carry. The publishers (the relay in the API and the dispatcher) and the
+workers declare a queue with these same arguments: RabbitMQ refuses a second declaration that differs."""
 
 from __future__ import annotations
 
@@ -23,17 +24,18 @@ RUN_JOB = "inference.run_job"  # the task every job message names; its argument 
 DELIVERY_LIMIT = 20
 
 
-def queue_name(family: str) -> str:
+def default_queue(family: str) -> str:
+    """A family's queue when the registry names none."""
     return f"jobs.{family}"
 
 
-def family_queue(family: str, *, consumer_timeout_ms: int) -> Queue:
-    """A quorum queue (replicated, durable) for one family; what it cannot deliver, or delivers
+def job_queue(name: str, *, consumer_timeout_ms: int) -> Queue:
+    """The quorum queue (replicated, durable) called ``name``, a family's ``FamilySpec.queue``,
+    bound to the jobs exchange under its own name; what it cannot deliver, or hands out
     ``DELIVERY_LIMIT`` times without an ack, goes to ``jobs.dead``.
 
     ``x-consumer-timeout`` is a second guard (RabbitMQ 3.12+; older brokers ignore it): workers
-    acknowledge a message as they start its job, so no job holds a delivery for its whole run."""
-    name = queue_name(family)
+    acknowledge a message as its run starts, so no job holds a delivery for its whole run."""
     return Queue(
         name,
         JOBS_EXCHANGE,

@@ -1,5 +1,7 @@
 """A tiny Qwen-Image-Edit pipeline: Qwen2.5-VL text encoder with a vision tower, Qwen-Image VAE and
-transformer. The transformer is BF16 so that a DFloat11 twin decodes to identical weights."""
+transformer. The transformer is BF16 so that a DFloat11 twin decodes to identical weights. The
+same components make a tiny QwenImageEditPlusPipeline (Qwen-Image-Edit-2509 and later), which
+sizes its inputs its own way."""
 
 from __future__ import annotations
 
@@ -67,12 +69,14 @@ def _processor(tokenizer):
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def build_qwen_edit(out: Path, *, seed: int = 300) -> Path:
-    """Write a tiny QwenImageEditPipeline to ``out`` (transformer and text encoder in bfloat16)."""
+def build_qwen_edit(out: Path, *, seed: int = 300, plus: bool = False) -> Path:
+    """Write a tiny QwenImageEditPipeline (``plus``: QwenImageEditPlusPipeline) to ``out``, with
+    the transformer and text encoder in bfloat16."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
         QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
         QwenImageTransformer2DModel,
     )
 
@@ -103,7 +107,8 @@ def build_qwen_edit(out: Path, *, seed: int = 300) -> Path:
         guidance_embeds=False,
         axes_dims_rope=(8, 4, 4),
     ).eval()
-    pipe = QwenImageEditPipeline(
+    pipeline_class = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    pipe = pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
         vae=vae,
         text_encoder=text_encoder,

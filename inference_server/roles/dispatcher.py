@@ -1,4 +1,6 @@
-"""Long-running roles started by the CLI (the dispatcher here; the API and workers elsewhere)."""
+"""The dispatcher's composition root: webhook delivery and an outbox relay as threads, on one
+database pool. `inference-server dispatcher` runs them until stopped; `up` starts the delivery
+part next to its API, whose own relay publishes."""
 
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ from inference_server.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def start_dispatcher_threads(
+def start_dispatcher(
     settings: Settings, stop: threading.Event, *, relay: bool = True
 ) -> list[threading.Thread]:
-    """The webhook dispatcher, the reconciler and (unless the process already has one) an outbox
-    relay, as threads."""
+    """Start webhook delivery, the reconciler and (unless the process already has one) an outbox
+    relay, as threads that run until ``stop`` is set."""
     from inference_server.db import make_database, make_session_factory
     from inference_server.jobs.reconcile import Reconciler
     from inference_server.publish.probe import BrokerProbe
@@ -40,6 +42,7 @@ def start_dispatcher_threads(
 
 
 def run_dispatcher(settings: Settings) -> None:
+    """`inference-server dispatcher`: serve its metrics, run until SIGINT or SIGTERM."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -48,7 +51,7 @@ def run_dispatcher(settings: Settings) -> None:
 
         # Delivery outcomes are counted in this process; Prometheus scrapes them here.
         start_http_server(settings.dispatcher_metrics_port)
-    threads = start_dispatcher_threads(settings, stop)
+    threads = start_dispatcher(settings, stop)
     log.info("dispatcher running (relay, reconciler, webhook delivery)")
     while not stop.wait(1.0):
         pass

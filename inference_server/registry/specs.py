@@ -1,0 +1,217 @@
+"""The registry's tables as pydantic models: each field says what the file may hold, so parsing
+is validation. Names are bound after parsing: a family is its key in ``[families]``, and its
+models and LoRAs belong to it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+    with_config,
+)
+from typing_extensions import TypedDict
+
+from inference_server.errors import InvalidRequest
+from inference_server.registry.messages import key_error, rule_error
+
+Task = Literal["txt2img", "img2img", "inpaint", "edit"]
+Dtype = Literal["float32", "float16", "bfloat16"]
+Offload = Literal["none", "model", "sequential"]
+TASKS, DTYPES, OFFLOADS = get_args(Task), get_args(Dtype), get_args(Offload)
+QUEUE_MAX_LENGTH = 128  # the outbox's queue column
+
+Text = Annotated[StrictStr, Field(min_length=1)]
+Positive = Annotated[StrictInt, Field(gt=0)]
+
+
+def _name_rule(what: str, extra: str, limit: int) -> AfterValidator:
+    """Names that travel into queue names, URLs and a worker's comma-separated ``--queues``."""
+
+    def check(name: str) -> str:
+        ok = 0 < len(name) <= limit and name[0].isascii() and name[0].isalnum()
+        if not ok or any(not (c.isascii() and (c.isalnum() or c in extra)) for c in name):
+            allowed = ", ".join(repr(c) for c in extra)
+            raise rule_error(
+                "{name} cannot name a {what}: letters, digits and {allowed}, starting with a letter or "
+                "digit, at most {limit} characters",
+                name=repr(name),
+                what=what,
+                allowed=allowed,
+                limit=limit,
+            )
+        if what == "queue" and name.startswith("amq."):
+            raise rule_error("{name} cannot name a queue: 'amq.' names are RabbitMQ's own", name=repr(name))
+        return name
+
+    return AfterValidator(check)
+
+
+FamilyName = Annotated[StrictStr, _name_rule("family", "._-", 64)]
+QueueName = Annotated[StrictStr, _name_rule("queue", "._:-", QUEUE_MAX_LENGTH)]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class Limits(TypedDict, total=False):
+    """What a request to the family may ask for (a plain dict once parsed)."""
+
+    min_size: Positive
+    max_size: Positive
+    max_steps: Positive
+    size_multiple: Positive
+
+
+DEFAULT_LIMITS = Limits(min_size=64, max_size=2048, max_steps=150, size_multiple=8)
+
+
+@with_config(ConfigDict(extra="forbid"))
+class Defaults(TypedDict, total=False):
+    """Request values used when a request leaves them out (a plain dict once parsed)."""
+
+    width: Positive
+    height: Positive
+    steps: Positive
+    guidance_scale: Annotated[StrictFloat, Field(ge=0)]
+    strength: Annotated[StrictFloat, Field(ge=0, le=1)]
+
+
+class _Entry(BaseModel):
+    """A model or LoRA: immutable once parsed, so the engine can share it freely."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Entry):
+    """One loadable model of a family."""
+
+    id: Text
+    source: Text
+    default: StrictBool = False
+    dtype: Dtype = "float32"
+    offload: Offload = "none"
+    memory_gb: Annotated[StrictFloat, Field(ge=0)] = 0.0
+    attention: Text = "sdpa"
+    compile: StrictBool = False
+    tasks: Annotated[tuple[Task, ...], Field(min_length=1)] = ()  # left out: the family's tasks
+    df11: Text | None = None
+    _family: str = PrivateAttr("")
+
+    @property
+    def family(self) -> str:
+        return self._family
+
+    @property
+    def is_df11(self) -> bool:
+        return self.df11 is not None
+
+
+class LoraSpec(_Entry):
+    """A LoRA registered for a family."""
+
+    name: Text
+    source: Text
+    weight_name: Text | None = None
+    _family: str = PrivateAttr("")
+
+    @property
+    def family(self) -> str:
+        return self._family
+
+
+class FamilySpec(BaseModel):
+    """A model family: one queue, its tasks, request limits and defaults, its models and LoRAs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue_setting: QueueName | None = Field(None, alias="queue")
+    tasks: Annotated[list[Task], Field(min_length=1)]
+    limits: Limits = Field(default_factory=lambda: Limits())
+    defaults: Defaults = Field(default_factory=lambda: Defaults())
+    models: Annotated[list[ModelSpec], Field(min_length=1)]
+    loras: list[LoraSpec] = Field(default_factory=list)
+    _name: str = PrivateAttr("")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def queue(self) -> str:
+        """The broker queue of this family's jobs: what the relay publishes to and workers consume."""
+        return self.queue_setting or f"jobs.{self._name}"
+
+    @model_validator(mode="after")
+    def _complete(self) -> FamilySpec:
+        self.limits = {**DEFAULT_LIMITS, **self.limits}
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m.id in seen:
+                raise key_error(f"models[{i}].id", f"duplicate model id {m.id!r}")
+            seen.add(m.id)
+            outside = [t for t in m.tasks if t not in self.tasks]
+            if outside:
+                raise key_error(f"models[{i}].tasks", f"{outside[0]!r} is not a task of the family")
+        defaults = [i for i, m in enumerate(self.models) if m.default]
+        if len(defaults) > 1:
+            raise key_error(f"models[{defaults[1]}].default", "more than one model has default = true")
+        completed = []
+        for i, m in enumerate(self.models):
+            update: dict[str, object] = {"tasks": m.tasks or tuple(self.tasks)}
+            if i == 0 and not defaults:
+                update["default"] = True  # no model says default = true: the first one is
+            completed.append(m.model_copy(update=update))
+        self.models = completed
+        return self
+
+    def bind(self, name: str) -> None:
+        """Name this family (its key in the file) and claim its models and LoRAs."""
+        self._name = name
+        for model in self.models:
+            model._family = name
+        for lora in self.loras:
+            lora._family = name
+
+    def model(self, model_id: str | None, task: str) -> ModelSpec:
+        """The model to run ``task`` with: ``model_id`` or the family's default.
+
+        Raises InvalidRequest ``unknown_model`` or ``unsupported_task``."""
+        if task not in self.tasks:
+            raise InvalidRequest(
+                f"family {self.name!r} does not support task {task!r} (supports {', '.join(self.tasks)})",
+                code="unsupported_task",
+            )
+        if model_id is None:
+            candidates = [m for m in self.models if task in m.tasks]
+            if not candidates:
+                raise InvalidRequest(f"no model of {self.name!r} serves {task!r}", code="unsupported_task")
+            defaults = [m for m in candidates if m.default]
+            return (defaults or candidates)[0]
+        for m in self.models:
+            if m.id == model_id:
+                if task not in m.tasks:
+                    raise InvalidRequest(
+                        f"model {model_id!r} does not support task {task!r}", code="unsupported_task"
+                    )
+                return m
+        known = ", ".join(m.id for m in self.models)
+        raise InvalidRequest(
+            f"unknown model {model_id!r} for family {self.name!r} (known: {known})", code="unknown_model"
+        )
+
+    def lora(self, name: str) -> LoraSpec | None:
+        """The registered LoRA called ``name``, or None."""
+        return next((lo for lo in self.loras if lo.name == name), None)
+
+    @property
+    def memory_gb(self) -> float:
+        """The largest model's estimate: what a worker must hold to serve this family."""
+        return max((m.memory_gb for m in self.models), default=0.0)

@@ -1,0 +1,120 @@
+"""The worker child's composition root: the one place its JobRunner (engine, storage, database) is
+built from Settings. The child builds it when it starts (Celery's ``worker_process_init``, after the
+launcher pinned the device, so CUDA is first touched here) and loads ``WARM_MODELS`` before it takes
+its first job."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from inference_server.errors import ConfigurationError
+from inference_server.registry import Registry
+from inference_server.settings import Settings
+
+if TYPE_CHECKING:
+    from workers.runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+WarmList = list[tuple[str, str | None]]  # (family, model id or None for the family's default)
+
+
+def warm_models(settings: Settings, registry: Registry, families: list[str]) -> WarmList:
+    """The ``WARM_MODELS`` entries a worker for ``families`` loads. A family or model the registry
+    does not know is an operator's typo, refused at start; a known family this worker does not
+    serve is skipped (``workers --gpus`` gives every GPU worker the same environment)."""
+    wanted: WarmList = []
+    for item in filter(None, (w.strip() for w in settings.warm_models.split(","))):
+        family, _, model = item.partition("/")
+        spec = registry.families.get(family)
+        if spec is None or (model and all(m.id != model for m in spec.models)):
+            known = ", ".join(f"{f.name}/{m.id}" for f in registry.families.values() for m in f.models)
+            raise ConfigurationError(
+                f"WARM_MODELS names {item!r}, which the registry does not have (it has: {known})",
+                code="invalid_warm_models",
+            )
+        if family in families:
+            wanted.append((family, model or None))
+    return wanted
+
+
+class ChildRunner:
+    """The child's JobRunner, built once and held for the child's life.
+
+    ``start`` runs when the child starts; ``get`` builds on first use where that did not happen or
+    failed (the job task then puts its job back rather than dropping it)."""
+
+    def __init__(self, settings: Settings, warm: WarmList) -> None:
+        self.settings = settings
+        self.warm = warm
+        self._runner: JobRunner | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Build the runner and load the warm models. Never raises: a child that cannot build its
+        engine stays up, logs why, and hands every job back to the queue for a healthy worker."""
+        try:
+            runner = self.get()
+        except Exception as exc:
+            log.critical("worker child cannot build its engine: %s", exc, exc_info=True)
+            return
+        for family, model in self.warm:
+            try:
+                runner.engine.warm(family, model)
+            except Exception as exc:  # that model's jobs will fail with the reason; the rest run
+                log.error("WARM_MODELS %s/%s: %s", family, model or "default", exc)
+        if self.warm:
+            log.info("warm: %s", ", ".join(f"{f}/{m or 'default'}" for f, m in self.warm))
+
+    def get(self) -> JobRunner:
+        with self._lock:
+            if self._runner is None:
+                self._runner = build_runner(self.settings)
+            return self._runner
+
+
+def build_runner(settings: Settings) -> JobRunner:
+    """A JobRunner for this child: its device configured, storage opened, registry read, engine
+    ready to load pipelines, and a small database pool (one job runs at a time)."""
+    from inference_server.db import make_database, make_session_factory
+    from inference_server.engine.runner import Engine
+    from inference_server.registry import load_registry
+    from inference_server.storage import open_storage
+    from workers.device import configure_torch
+    from workers.runner import JobRunner
+
+    device = configure_torch(settings)
+    storage = open_storage(settings)
+    if settings.models_file is None:
+        raise ConfigurationError(
+            "MODELS_FILE is not set: the worker has no models to serve", code="no_registry"
+        )
+    engine = Engine(
+        load_registry(settings.models_file),
+        device=device,
+        cache_bytes=settings.engine_cache_bytes,
+        max_edit_pixels=settings.engine_max_edit_pixels,
+        cache_dir=settings.model_cache_dir,
+        fetch=lambda uri, dest: fetch_from_bucket(settings, uri, dest),
+    )
+    db = make_database(settings.database_url, pool_size=2)
+    return JobRunner(settings, make_session_factory(db), storage, engine)
+
+
+def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:
+    """Fetch a model or LoRA folder from any bucket the process's credentials reach."""
+    from urllib.parse import urlparse
+
+    from inference_server.storage.s3 import S3Storage
+
+    parsed = urlparse(uri)
+    store = S3Storage(
+        f"{parsed.scheme}://{parsed.netloc}",
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        scheme=parsed.scheme,
+    )
+    return store.download_tree(uri, dest)
