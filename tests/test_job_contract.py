@@ -102,3 +102,15 @@ def test_shorthand_events_reach_the_api_as_full_names(api_client: requests.Sessi
 def test_finite_numbers_still_pass() -> None:
     assert JobRequest.model_validate({**OK, "guidance_scale": 7.5}).guidance_scale == 7.5
     assert math.isfinite(JobRequest.model_validate({**OK, "strength": "0.5"}).strength or 0)
+
+
+def test_a_task_the_family_lacks_is_named_as_the_client_wrote_it(api_client: requests.Session) -> None:
+    resp = api_client.post(
+        f"{api_client.base_url}/v1/jobs",  # type: ignore[attr-defined]
+        json={**OK, "task": "edit", "image": "https://example.com/a.png", "prompt": "make it red"},
+        timeout=30,
+    )
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "unsupported_task" and "'edit'" in error["message"]
+    assert "Task." not in error["message"], error

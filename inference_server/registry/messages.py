@@ -33,7 +33,7 @@ _BOUNDS = {
     "less_than_equal": "must be at most {le}",
 }
 _QUIET = {"missing", "extra_forbidden", "string_too_short", "too_short"}  # the value adds nothing
-_SHOW_INPUT = {*_MESSAGES, *_BOUNDS, "literal_error"} - _QUIET
+_SHOW_INPUT = {*_MESSAGES, *_BOUNDS, "literal_error", "enum"} - _QUIET
 
 
 def key_error(key: str, message: str) -> PydanticCustomError:
@@ -56,7 +56,7 @@ def describe(exc: ValidationError) -> list[str]:
             loc.pop()
         if kind == "registry_key":
             loc.append(ctx["key"])
-        if kind == "literal_error":
+        if kind in ("literal_error", "enum"):
             message = f"must be one of {ctx['expected']}"
         elif kind in _BOUNDS:
             message = _BOUNDS[kind].format(**ctx)

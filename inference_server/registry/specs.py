@@ -22,12 +22,13 @@ from pydantic import (
 from typing_extensions import TypedDict
 
 from inference_server.errors import InvalidRequest
+from inference_server.jobs.enums import Task
 from inference_server.registry.messages import key_error, rule_error
 
-Task = Literal["txt2img", "img2img", "inpaint", "edit"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 Offload = Literal["none", "model", "sequential"]
-TASKS, DTYPES, OFFLOADS = get_args(Task), get_args(Dtype), get_args(Offload)
+TASKS = tuple(t.value for t in Task)  # the job vocabulary's tasks (jobs.enums), one spelling
+DTYPES, OFFLOADS = get_args(Dtype), get_args(Offload)
 QUEUE_MAX_LENGTH = 128  # the outbox's queue column
 
 Text = Annotated[StrictStr, Field(min_length=1)]
@@ -159,7 +160,7 @@ class FamilySpec(BaseModel):
             seen.add(m.id)
             outside = [t for t in m.tasks if t not in self.tasks]
             if outside:
-                raise key_error(f"models[{i}].tasks", f"{outside[0]!r} is not a task of the family")
+                raise key_error(f"models[{i}].tasks", f"{str(outside[0])!r} is not a task of the family")
         defaults = [i for i, m in enumerate(self.models) if m.default]
         if len(defaults) > 1:
             raise key_error(f"models[{defaults[1]}].default", "more than one model has default = true")
@@ -184,9 +185,11 @@ class FamilySpec(BaseModel):
         """The model to run ``task`` with: ``model_id`` or the family's default.
 
         Raises InvalidRequest ``unknown_model`` or ``unsupported_task``."""
+        task = str(task)  # a Task's value: messages quote the word, never the enum's repr
         if task not in self.tasks:
+            supported = ", ".join(map(str, self.tasks))
             raise InvalidRequest(
-                f"family {self.name!r} does not support task {task!r} (supports {', '.join(self.tasks)})",
+                f"family {self.name!r} does not support task {task!r} (supports {supported})",
                 code="unsupported_task",
             )
         if model_id is None:
