@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,22 +18,18 @@ from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import create_engine, text
+
+from inference_server.devtools import services
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Fixtures of the webhook tests' scratch databases (`db_url`, `sf`).
 pytest_plugins = ["tests.webhook_support"]
 
-PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-BROKER = os.environ.get("TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", services.DEFAULT_PG_ADMIN)
+BROKER = os.environ.get("TEST_BROKER_URL", services.DEFAULT_BROKER)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = services.free_port
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -53,26 +48,11 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
 @contextmanager
 def fresh_database(prefix: str = "is_test") -> Iterator[str]:
     """A new PostgreSQL database at migration head, dropped afterwards."""
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        pytest.fail(f"PostgreSQL is required at {PG_ADMIN}: {exc}", pytrace=False)
-    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-    from inference_server.migrate import upgrade
-
-    upgrade(url)
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+        with services.fresh_database(prefix, PG_ADMIN) as url:
+            yield url
+    except services.ServiceUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -81,25 +61,15 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @contextmanager
 def private_vhost(prefix: str = "is_test") -> Iterator[str]:
     """A RabbitMQ vhost of this run's own on the shared broker, deleted afterwards with everything
     in it: the suite never declares, deletes or leaves a queue on the broker's default vhost."""
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
-        _rabbitmqctl("add_vhost", name)
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    except (OSError, subprocess.SubprocessError) as exc:
+        with services.private_vhost(prefix, BROKER) as url:
+            yield url
+    except services.ServiceUnavailable as exc:
         pytest.fail(f"rabbitmqctl is required to give the tests a vhost of their own: {exc}", pytrace=False)
-    try:
-        yield BROKER.split("//", 1)[0] + "//" + BROKER.split("//", 1)[1].split("/", 1)[0] + "/" + name
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            _rabbitmqctl("delete_vhost", name)
 
 
 @pytest.fixture(scope="session")
