@@ -9,7 +9,7 @@ import uuid
 import pytest
 import requests
 
-from tests.jobs_helpers import submit
+from tests.support.jobs import submit
 
 OK = {"family": "sd15", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4}
 PNG_1PX = base64.b64decode(
@@ -109,11 +109,11 @@ def test_idempotent_resubmit(api_client):
     assert [j["id"] for j in listed].count(first.json()["id"]) == 1
 
 
-def test_tenant_isolation(api_client, api_server, session_factory):
+def test_tenant_isolation(api_client, api_server, system_db):
     from api.auth import create_tenant_key
 
     job = submit(api_client, OK)
-    with session_factory() as session:
+    with system_db() as session:
         _, other_key = create_tenant_key(session, f"other-{uuid.uuid4().hex[:6]}")
     other = requests.Session()
     other.headers["Authorization"] = f"Bearer {other_key}"

@@ -10,7 +10,8 @@ import sys
 
 from PIL import Image
 
-from tests.conftest import ROOT, base_env, free_port
+from inference_server.devtools.services import free_port
+from tests.support.system import ROOT, base_env
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 
 from inference_server.engine.runner import Engine, GenerationRequest
 from inference_server.registry import load_registry
-from tests.engine_requests import tiny_request
+from tests.support.engine import tiny_request
 
 torch.set_num_threads(1)
 

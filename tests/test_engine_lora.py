@@ -14,7 +14,7 @@ from PIL import Image
 from inference_server.engine.runner import Engine, LoraRef
 from inference_server.errors import InvalidRequest
 from inference_server.registry import load_registry
-from tests.engine_requests import tiny_request
+from tests.support.engine import tiny_request
 
 torch.set_num_threads(1)
 

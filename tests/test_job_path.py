@@ -9,8 +9,8 @@ import standardwebhooks
 from PIL import Image
 
 import webhooks
-from tests.conftest import wait_for
-from tests.jobs_helpers import data_uri, get, output_bytes, submit, wait_done
+from tests.support.jobs import data_uri, get, output_bytes, submit, wait_done
+from tests.support.waiting import wait_for
 
 BASE = {"family": "sd15", "prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 4, "seed": 7}
 
@@ -26,19 +26,15 @@ def test_txt2img_end_to_end_with_verified_webhooks(api_client, worker, dispatche
     image = Image.open(io.BytesIO(output_bytes(api_client, job["id"]).content))
     assert image.size == (64, 64)
 
-    wait_for(
-        lambda: any(e["type"] == "job.succeeded" for e in receiver.events(job["id"])),
-        30,
-        what="job.succeeded webhook",
-    )
+    wait_for(lambda: "job.succeeded" in receiver.types(job["id"]), 30, what="job.succeeded webhook")
     events = receiver.events(job["id"])
-    types = [e["type"] for e in events]
+    types = [e.type for e in events]
     assert types[0] == "job.queued" and "job.started" in types and types[-1] == "job.succeeded"
     independent = standardwebhooks.Webhook(tenant.webhook_secret)
     for event in events:
-        independent.verify(event["body"], event["headers"])
-        webhooks.verify(event["body"], event["headers"], tenant.webhook_secret)
-    final = events[-1]["json"]["data"]
+        independent.verify(event.body, event.headers)
+        webhooks.verify(event.body, event.headers, tenant.webhook_secret)
+    final = events[-1].json()["data"]
     assert final["status"] == "succeeded" and final["outputs"][0]["sha256"] == out["sha256"]
 
 
