@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client import generate_latest
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from api.app import create_app
 from api.auth import create_tenant_key
+from tests.support.receiver import Received
 from tests.support.seed import add_event, add_job, make_settings
+from tests.support.waiting import wait_for
 from webhooks.dispatcher import Dispatcher
-from webhooks.metrics import DELIVERIES, DeliveryBacklogCollector
+from webhooks.metrics import DeliveryBacklogCollector
 from webhooks.tables import WebhookDelivery
 
 
@@ -26,6 +29,11 @@ def app_settings(scratch_db_url, tmp_path):  # type: ignore[no-untyped-def]
         storage_url=(tmp_path / "storage").as_uri(),
         INFERENCE_SERVER_HOME=str(tmp_path),
     )
+
+
+def exhausted_count() -> float:
+    """The dispatcher's count of exhausted deliveries, as Prometheus scrapes it."""
+    return REGISTRY.get_sample_value("inference_webhook_deliveries_total", {"outcome": "exhausted"}) or 0.0
 
 
 def client_for(settings, key: str) -> TestClient:  # type: ignore[no-untyped-def]
@@ -44,12 +52,11 @@ def test_list_and_replay(scratch_db, app_settings, receiver) -> None:  # type: i
         event_id = add_event(s, job, "job.succeeded").id
         job_id = job.id
     d = Dispatcher(app_settings, scratch_db)
-    before = DELIVERIES.labels(outcome="exhausted")._value.get()
+    before = exhausted_count()
     d.run_once()
     time.sleep(0.05)  # past the 0.01 s retry delay
     d.run_once()
-    assert DELIVERIES.labels(outcome="exhausted")._value.get() == before + 1
-    assert b'inference_webhook_deliveries_total{outcome="exhausted"}' in generate_latest()
+    assert exhausted_count() == before + 1
 
     with client_for(app_settings, key) as client:
         body = client.get(f"/v1/jobs/{job_id}/webhooks").json()
@@ -77,23 +84,35 @@ def test_list_and_replay(scratch_db, app_settings, receiver) -> None:  # type: i
     assert receiver.ids() == [event_id] * 3
 
 
-def test_replay_while_sending_is_a_conflict(scratch_db, app_settings) -> None:  # type: ignore[no-untyped-def]
+def test_replay_while_sending_is_a_conflict(scratch_db, app_settings, receiver) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+
+    def hold(n: int, request: Received) -> tuple[int, dict[str, str], float]:
+        release.wait(10)
+        return 204, {}, 0.0
+
+    receiver.behaviour = hold
     with scratch_db() as s:
         tenant, key = create_tenant_key(s, "busy")
     with scratch_db() as s, s.begin():
-        add_event(s, add_job(s, s.merge(tenant), "http://127.0.0.1:9/x"), "job.queued")
+        add_event(s, add_job(s, s.merge(tenant), receiver.url), "job.queued")
     d = Dispatcher(app_settings, scratch_db)
-    with scratch_db() as s, s.begin():
-        from webhooks.fanout import fan_out
-
-        fan_out(s)
-    d._claim(1)
-    with scratch_db() as s:
-        delivery_id = s.scalar(select(WebhookDelivery.id))
-    with client_for(app_settings, key) as client:
-        answer = client.post(f"/v1/webhooks/deliveries/{delivery_id}/replay")
-        assert answer.status_code == 409 and answer.json()["error"]["code"] == "delivery_in_flight"
-    d.close()
+    sending = threading.Thread(target=d.run_once)
+    sending.start()
+    try:
+        wait_for(lambda: receiver.requests, 5, what="the delivery to be on the wire")
+        with scratch_db() as s:
+            delivery_id = s.scalar(select(WebhookDelivery.id))
+        with client_for(app_settings, key) as client:
+            answer = client.post(f"/v1/webhooks/deliveries/{delivery_id}/replay")
+            assert answer.status_code == 409 and answer.json()["error"]["code"] == "delivery_in_flight"
+    finally:
+        release.set()
+        sending.join()
+        d.close()
+    with scratch_db() as s:  # the refused replay changed nothing
+        row = s.get(WebhookDelivery, delivery_id)
+        assert row is not None and (row.status, row.attempts) == ("succeeded", 1)
 
 
 def test_backlog_collector(scratch_db, app_settings) -> None:  # type: ignore[no-untyped-def]

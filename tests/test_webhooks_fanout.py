@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from inference_server.db import make_database, make_session_factory
 from inference_server.db.base import utcnow
 from inference_server.migrate import upgrade
-from tests.support.receiver import Receiver
+from tests.support.receiver import Received, Receiver
 from tests.support.seed import add_event, add_job, add_tenant, make_settings
 from tests.support.waiting import wait_for
 from webhooks.dispatcher import Dispatcher
@@ -121,29 +121,37 @@ def test_order_is_kept_behind_a_failing_delivery(scratch_db, scratch_db_url, rec
     assert receiver.ids() == [ids[0], ids[0], ids[0], ids[1], ids[2], ids[3]]
 
 
-def test_an_abandoned_claim_is_taken_over_after_its_lease(scratch_db, scratch_db_url, receiver) -> None:  # type: ignore[no-untyped-def]
+def test_a_stalled_send_is_taken_over_after_its_lease(scratch_db, scratch_db_url, receiver) -> None:  # type: ignore[no-untyped-def]
+    """A dispatcher stuck on a request holds the delivery only for its lease; another one then
+    delivers it, and the stuck one's late result changes nothing."""
+    release = threading.Event()
+
+    def first_hangs(n: int, request: Received) -> tuple[int, dict[str, str], float]:
+        if n == 0:
+            release.wait(10)
+            return 500, {}, 0.0
+        return 204, {}, 0.0
+
+    receiver.behaviour = first_hangs
     with scratch_db() as s, s.begin():
         event_id = add_event(s, add_job(s, add_tenant(s), receiver.url), "job.succeeded").id
     settings = make_settings(scratch_db_url)
-    crashed, survivor = Dispatcher(settings, scratch_db), Dispatcher(settings, scratch_db)
-    with scratch_db() as s, s.begin():
-        from webhooks.fanout import fan_out
-
-        fan_out(s)
-    [claim] = crashed._claim(10)  # claimed, then the process "dies" before sending
-    assert survivor.run_once() == 0  # the lease holds
-    with scratch_db() as s, s.begin():  # time passes beyond the lease
-        s.execute(update(WebhookDelivery).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
-    assert survivor.run_once() == 1
-    from webhooks.delivery import AttemptResult
-
-    crashed._record(
-        [(claim, AttemptResult(utcnow(), 0.0, status_code=500, error="late"))]
-    )  # a zombie's result
+    stalled, survivor = Dispatcher(settings, scratch_db), Dispatcher(settings, scratch_db)
+    stuck = threading.Thread(target=stalled.run_once)
+    stuck.start()
+    try:
+        wait_for(lambda: receiver.requests, 5, what="the stalled dispatcher's request")
+        assert survivor.run_once() == 0  # the lease holds
+        with scratch_db() as s, s.begin():  # time passes beyond the lease
+            s.execute(update(WebhookDelivery).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+        assert survivor.run_once() == 1
+    finally:
+        release.set()  # the stalled request ends with a 500, recorded under a claim that is no more
+        stuck.join()
     [row] = rows(scratch_db)
     assert (row.status, row.attempts, row.last_status_code) == ("succeeded", 1, 204)
-    assert receiver.ids() == [event_id]
-    crashed.close()
+    assert receiver.ids() == [event_id, event_id]
+    stalled.close()
     survivor.close()
 
 
