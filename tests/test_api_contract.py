@@ -102,7 +102,9 @@ def test_idempotent_resubmit(api_client):
     first = post(api_client, OK, **{"Idempotency-Key": key})
     again = post(api_client, OK, **{"Idempotency-Key": key})
     assert first.status_code == again.status_code == 202
-    assert first.json()["id"] == again.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+    job_id = first.json()["id"]
+    assert str(uuid.UUID(job_id)) == job_id and uuid.UUID(job_id).version == 4  # a canonical UUID4
+    assert again.json()["id"] == job_id and again.headers["Idempotent-Replayed"] == "true"
     conflict = post(api_client, {**OK, "prompt": "something else"}, **{"Idempotency-Key": key})
     assert conflict.status_code == 409 and error_of(conflict) == "idempotency_conflict"
     listed = api_client.get(f"{api_client.base_url}/v1/jobs", timeout=10).json()["jobs"]
