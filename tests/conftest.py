@@ -6,7 +6,8 @@ Databases, one family:
 - ``scratch_db_url``: a database of the test module's own at migration head, which no process of the
   running system sees; ``scratch_db``: sessions on it, every table emptied before each test.
 
-Services and the system: ``broker_url`` (a RabbitMQ vhost of this run's own), ``s3_endpoint`` (a moto
+Services and the system: ``broker_url`` (a RabbitMQ vhost of this run's own; ``default_vhost_untouched``
+fails the run if the queues on the default vhost changed), ``s3_endpoint`` (a moto
 server process), ``tiny_models``, ``system_env``/``settings``, ``api_server``, ``worker``,
 ``dispatcher``, ``tenant``, ``api_client``. Webhook receivers: ``receiver`` and ``make_receiver``.
 Helpers the tests import are in ``tests/support``."""
@@ -94,6 +95,24 @@ def scratch_db(scratch_db_url: str) -> Iterator[sessionmaker[Session]]:
 
 
 # -- services ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_vhost_untouched() -> Iterator[None]:
+    """Fails the run if the queues on the broker's default vhost "/" differ at its end from its
+    start: the suite works on a vhost of its own (``broker_url``), and other programs share "/"."""
+    try:
+        before = services.vhost_queues("/")
+    except services.ServiceUnavailable as exc:
+        pytest.fail(f"rabbitmqctl is required to watch the default vhost: {exc}", pytrace=False)
+    yield
+    after = services.vhost_queues("/")
+    if after != before:
+        added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+        pytest.fail(
+            f'the run changed the queues on the default vhost "/": added {added}, removed {removed}',
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,6 @@ def private_vhost(prefix: str, broker_url: str = DEFAULT_BROKER) -> Iterator[str
             rabbitmqctl("delete_vhost", name)
 
 
-def default_vhost_queues() -> list[str]:
-    """The names of the queues on the broker's default vhost ``/``, sorted."""
-    return sorted(rabbitmqctl("list_queues", "-p", "/", "--no-table-headers", "name").split())
+def vhost_queues(vhost: str = "/") -> list[str]:
+    """The names of the queues on ``vhost`` (by default the broker's default vhost), sorted."""
+    return sorted(rabbitmqctl("list_queues", "-p", vhost, "--no-table-headers", "name").split())
