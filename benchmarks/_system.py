@@ -1,5 +1,6 @@
-"""Starting the real system for a benchmark: a fresh PostgreSQL database, the local RabbitMQ, a moto
-S3 server, tiny models, and `inference-server` processes. Shared by the benchmark scripts."""
+"""Starting the real system for a benchmark: a fresh PostgreSQL database, a RabbitMQ vhost of the
+benchmark's own on the local broker, a moto S3 server, tiny models, and `inference-server`
+processes. Shared by the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -16,15 +17,26 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import free_port, fresh_database
+from inference_server.devtools.services import (
+    DEFAULT_BROKER,
+    DEFAULT_PG_ADMIN,
+    free_port,
+    fresh_database,
+    private_vhost,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def database() -> AbstractContextManager[str]:
-    """A fresh PostgreSQL database at migration head, dropped afterwards (the test suite's helper)."""
-    return fresh_database("is_bench")
+    """A fresh PostgreSQL database at migration head, dropped afterwards."""
+    return fresh_database("is_bench", os.environ.get("BENCH_PG_ADMIN_URL", DEFAULT_PG_ADMIN))
+
+
+def broker() -> AbstractContextManager[str]:
+    """The URL of a RabbitMQ vhost of this run's own, deleted afterwards with its queues: a
+    benchmark starts on empty queues and never touches the broker's default vhost."""
+    return private_vhost("is_bench", os.environ.get("BENCH_BROKER_URL", DEFAULT_BROKER))
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
@@ -37,15 +49,6 @@ def wait_http(url: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
-
-
-def purge_queues(families: list[str]) -> None:
-    from kombu import Connection
-
-    with Connection(BROKER) as conn:
-        channel = conn.channel()
-        for family in families:
-            channel.queue_delete(f"jobs.{family}")
 
 
 @contextmanager
@@ -86,12 +89,12 @@ def tiny_models() -> Path:
     return build_tiny_models(Path(tempfile.mkdtemp(prefix="bench-tiny-")), families=["sd15"])
 
 
-def system_env(db: str, api: str, logs: Path, models: Path, **extra: str) -> dict[str, str]:
+def system_env(db: str, broker_url: str, api: str, logs: Path, models: Path, **extra: str) -> dict[str, str]:
     """The environment of a benchmark's `inference-server` processes: one torch thread each."""
     return dict(
         os.environ,
         DATABASE_URL=db,
-        BROKER_URL=BROKER,
+        BROKER_URL=broker_url,
         MODELS_FILE=str(models),
         TORCH_THREADS="1",
         OMP_NUM_THREADS="1",

@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._system import (  # noqa: E402
     api_and_worker,
+    broker,
     database,
     free_port,
-    purge_queues,
     system_env,
     tiny_models,
 )
@@ -40,12 +40,11 @@ def main() -> None:
     args = parser.parse_args()
     models = tiny_models()
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
-    purge_queues(["sd15"])
     stops, steps = [], []
-    with database() as db:
+    with database() as db, broker() as broker_url:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
-        env = system_env(db, api, logs, models, STORAGE_URL=(logs / "storage").as_uri())
+        env = system_env(db, broker_url, api, logs, models, STORAGE_URL=(logs / "storage").as_uri())
         with api_and_worker(env, logs, port, db) as http:
             # Warm-up, and the length of one step of the long job.
             http.post(f"{api}/v1/jobs", json=NEXT, headers={"Prefer": "wait=60"}, timeout=90)

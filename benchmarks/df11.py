@@ -22,10 +22,10 @@ from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from inference_server.devtools.df11_models import FLUX_CONFIG, QWEN_CONFIG, seeded_transformer  # noqa: E402
 from inference_server.engine.df11 import compress_transformer, df11_memory_bytes, load_df11  # noqa: E402
 from inference_server.engine.df11.codec import encode_weights  # noqa: E402
 from inference_server.engine.df11.decoder import BlockDecoder  # noqa: E402
-from tests.df11_models import FLUX_CONFIG, QWEN_CONFIG, seeded_transformer  # noqa: E402
 
 # FLUX-shaped, hidden 512: ~9.5 M weights per double block, ~3.9 M per single block.
 STACK_FLUX = dict(

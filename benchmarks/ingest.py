@@ -19,11 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._system import (  # noqa: E402
-    BROKER,
+    broker,
     create_key,
     database,
     free_port,
-    purge_queues,
     start,
     tiny_models,
     wait_http,
@@ -75,14 +74,13 @@ def main() -> None:
     args = parser.parse_args()
     models = tiny_models()
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
-    purge_queues(["sd15"])
-    with database() as db:
+    with database() as db, broker() as broker_url:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         env = dict(
             os.environ,
             DATABASE_URL=db,
-            BROKER_URL=BROKER,
+            BROKER_URL=broker_url,
             STORAGE_URL=(logs / "s").as_uri(),
             MODELS_FILE=str(models),
             API_URL=api,
@@ -116,7 +114,6 @@ def main() -> None:
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
-        purge_queues(["sd15"])
     print(f"clients: {args.clients}, duration: {elapsed:.1f} s")
     print(f"accepted: {accepted} jobs, errors: {errors}")
     print(f"ingest rate: {accepted / elapsed:.0f} jobs/s  (goal >= 300)")

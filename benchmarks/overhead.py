@@ -23,10 +23,10 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._system import (  # noqa: E402
     api_and_worker,
+    broker,
     database,
     free_port,
     moto_s3,
-    purge_queues,
     system_env,
     tiny_models,
 )
@@ -90,15 +90,15 @@ def main() -> None:
     models = tiny_models()
     call = pipeline_call(models)
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
-    purge_queues(["sd15"])
     base, e2e = [], []
     phases: dict[str, list[float]] = {"submit->started": [], "started->finished": [], "finished->seen": []}
-    with database() as db, moto_s3() as s3:
+    with database() as db, broker() as broker_url, moto_s3() as s3:
         port = free_port()
         api = f"http://127.0.0.1:{port}"
         storage = "s3://bench/out" if args.storage == "s3" else (logs / "storage").as_uri()
         env = system_env(
             db,
+            broker_url,
             api,
             logs,
             models,

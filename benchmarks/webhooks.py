@@ -29,6 +29,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def add_tenant(s: Any) -> Any:
+    """A tenant with a fresh webhook secret."""
+    from inference_server.db import Tenant
+    from webhooks.secrets import new_secret
+
+    tenant = Tenant(name=f"bench-{uuid.uuid4().hex[:8]}", webhook_secret=new_secret())
+    s.add(tenant)
+    s.flush()
+    return tenant
+
+
+def make_settings(db_url: str, **overrides: Any) -> Any:
+    """The dispatcher's settings: loopback receivers allowed, short timeouts, no broker."""
+    from inference_server.settings import Settings
+
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        "broker_url": "memory://",
+        "allow_private_networks": True,
+        "webhook_retry_delays": [0.05, 0.05, 0.05],
+        "webhook_timeout": 5.0,
+        "webhook_concurrency": 8,
+        "webhook_poll_interval": 0.02,
+    }
+    return Settings(**{**values, **overrides})
+
+
 def insert_jobs(s: Any, tenant_id: str, url: str, count: int, *, status: str, params: dict) -> list[str]:
     """``count`` jobs of one tenant whose webhook goes to ``url``; returns their ids."""
     from sqlalchemy import insert
@@ -129,8 +156,7 @@ def main() -> None:
     from sqlalchemy import func, select
 
     from inference_server.db import make_database, make_session_factory
-    from tests.conftest import fresh_database
-    from tests.webhook_support import add_tenant, make_settings
+    from inference_server.devtools.services import fresh_database
     from webhooks.dispatcher import Dispatcher
     from webhooks.tables import WebhookDelivery
 
@@ -205,8 +231,7 @@ def fanout_benchmark(args: argparse.Namespace) -> None:
     from sqlalchemy import func, select
 
     from inference_server.db import make_database, make_session_factory
-    from tests.conftest import fresh_database
-    from tests.webhook_support import add_tenant, make_settings
+    from inference_server.devtools.services import fresh_database
     from webhooks.dispatcher import Dispatcher
     from webhooks.fanout import fan_out
     from webhooks.tables import WebhookDelivery

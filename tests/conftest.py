@@ -1,124 +1,142 @@
-"""Shared fixtures: a fresh PostgreSQL database, the real RabbitMQ, a moto S3 server process, tiny
-models, a running API and worker, and real HTTP webhook receivers. Nothing here is mocked; a missing
-service fails the run loudly."""
+"""The fixtures of the suite. Nothing here is mocked; a missing service fails the run loudly.
+
+Databases, one family:
+- ``system_db_url`` / ``system_db``: the database of the running system (API, worker, dispatcher);
+  a job written there may be taken by the running relay and worker.
+- ``scratch_db_url``: a database of the test module's own at migration head, which no process of the
+  running system sees; ``scratch_db``: sessions on it, every table emptied before each test.
+
+Services and the system: ``broker_url`` (a RabbitMQ vhost of this run's own; ``default_vhost_untouched``
+fails the run if the queues on the default vhost changed), ``s3_endpoint`` (a moto
+server process), ``tiny_models``, ``system_env``/``settings``, ``api_server``, ``worker``,
+``dispatcher``, ``tenant``, ``api_client``. Webhook receivers: ``receiver`` and ``make_receiver``.
+Helpers the tests import are in ``tests/support``."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from inference_server.devtools import services
+from tests.support.receiver import Behaviour, Receiver, accept
+from tests.support.seed import truncate_all
+from tests.support.system import Proc, base_env, start_worker
+from tests.support.waiting import wait_for
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Fixtures of the webhook tests' scratch databases (`db_url`, `sf`).
-pytest_plugins = ["tests.webhook_support"]
-
-PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
-BROKER = os.environ.get("TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-# -- services -------------------------------------------------------------------------------------
+PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", services.DEFAULT_PG_ADMIN)
+BROKER = os.environ.get("TEST_BROKER_URL", services.DEFAULT_BROKER)
 
 
 @contextmanager
-def fresh_database(prefix: str = "is_test") -> Iterator[str]:
+def fresh_database(prefix: str) -> Iterator[str]:
     """A new PostgreSQL database at migration head, dropped afterwards."""
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        pytest.fail(f"PostgreSQL is required at {PG_ADMIN}: {exc}", pytrace=False)
-    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-    from inference_server.migrate import upgrade
+        with services.fresh_database(prefix, PG_ADMIN) as url:
+            yield url
+    except services.ServiceUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
 
-    upgrade(url)
+
+@contextmanager
+def _sessions(url: str) -> Iterator[sessionmaker[Session]]:
+    from inference_server.db import make_database, make_session_factory
+
+    engine = make_database(url)
     try:
-        yield url
+        yield make_session_factory(engine)
     finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+        engine.dispose()
+
+
+# -- databases --------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    with fresh_database() as url:
+def system_db_url() -> Iterator[str]:
+    """The URL of the running system's database, made for this run."""
+    with fresh_database("is_test") as url:
         yield url
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+@pytest.fixture(scope="session")
+def system_db(system_db_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the running system's database."""
+    with _sessions(system_db_url) as factory:
+        yield factory
 
 
-@contextmanager
-def private_vhost(prefix: str = "is_test") -> Iterator[str]:
-    """A RabbitMQ vhost of this run's own on the shared broker, deleted afterwards with everything
-    in it: the suite never declares, deletes or leaves a queue on the broker's default vhost."""
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+@pytest.fixture(scope="module")
+def scratch_db_url() -> Iterator[str]:
+    """The URL of a database of this test module's own, at migration head: the running system's
+    relay and worker never see what is written there."""
+    with fresh_database("is_scratch") as url:
+        yield url
+
+
+@pytest.fixture
+def scratch_db(scratch_db_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on ``scratch_db_url``, every table emptied before the test."""
+    with _sessions(scratch_db_url) as factory:
+        truncate_all(factory)
+        yield factory
+
+
+# -- services ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_vhost_untouched() -> Iterator[None]:
+    """Fails the run if the queues on the broker's default vhost "/" differ at its end from its
+    start: the suite works on a vhost of its own (``broker_url``), and other programs share "/"."""
     try:
-        _rabbitmqctl("add_vhost", name)
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.fail(f"rabbitmqctl is required to give the tests a vhost of their own: {exc}", pytrace=False)
-    try:
-        yield BROKER.split("//", 1)[0] + "//" + BROKER.split("//", 1)[1].split("/", 1)[0] + "/" + name
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            _rabbitmqctl("delete_vhost", name)
+        before = services.vhost_queues("/")
+    except services.ServiceUnavailable as exc:
+        pytest.fail(f"rabbitmqctl is required to watch the default vhost: {exc}", pytrace=False)
+    yield
+    after = services.vhost_queues("/")
+    if after != before:
+        added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+        pytest.fail(
+            f'the run changed the queues on the default vhost "/": added {added}, removed {removed}',
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
+    """The URL of a RabbitMQ vhost of this run's own on the shared broker, deleted afterwards with
+    everything in it: the suite never declares, deletes or leaves a queue on the default vhost."""
     from kombu import Connection
 
-    with private_vhost() as url:
-        try:
-            with Connection(url, connect_timeout=5) as conn:
-                conn.ensure_connection(max_retries=1)
-        except Exception as exc:
-            pytest.fail(f"RabbitMQ is required at {url}: {exc}", pytrace=False)
-        yield url
+    try:
+        with services.private_vhost("is_test", BROKER) as url:
+            try:
+                with Connection(url, connect_timeout=5) as conn:
+                    conn.ensure_connection(max_retries=1)
+            except Exception as exc:
+                pytest.fail(f"RabbitMQ is required at {url}: {exc}", pytrace=False)
+            yield url
+    except services.ServiceUnavailable as exc:
+        pytest.fail(f"rabbitmqctl is required to give the tests a vhost of their own: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto in server mode, a separate process spoken to over HTTP."""
-    port = free_port()
+    port = services.free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -153,19 +171,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_models(tmp_path_factory.mktemp("tiny"))
 
 
-# -- the system -----------------------------------------------------------------------------------
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "BROKER_", "STORAGE_"))}
-    env.update(OMP_NUM_THREADS="1", TORCH_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
+# -- the system -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def system_env(
-    pg_url: str,
+    system_db_url: str,
     broker_url: str,
     s3_endpoint: str,
     tiny_models: Path,
@@ -176,7 +187,7 @@ def system_env(
 
     bucket = f"is-test-{uuid.uuid4().hex[:8]}"
     env = base_env(
-        DATABASE_URL=pg_url,
+        DATABASE_URL=system_db_url,
         BROKER_URL=broker_url,
         STORAGE_URL=f"s3://{bucket}/outputs",
         S3_ENDPOINT_URL=s3_endpoint,
@@ -207,6 +218,7 @@ def system_env(
 
 @pytest.fixture(scope="session")
 def settings(system_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    """The running system's settings, as its processes read them from ``system_env``."""
     from inference_server.settings import Settings
 
     saved = dict(os.environ)
@@ -219,50 +231,14 @@ def settings(system_env: dict[str, str]):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def session_factory(settings):  # type: ignore[no-untyped-def]
-    from inference_server.db import make_database, make_session_factory
-
-    engine = make_database(settings.database_url)
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
-class Proc:
-    """A child process of the system with its log kept for failure messages."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inference_server.cli.main", *args],
-            env=env,
-            cwd=ROOT,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def kill(self, sig: int = 9) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait(10)
-
-
-@pytest.fixture(scope="session")
 def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
 @pytest.fixture(scope="session")
 def api_server(system_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
-    port = free_port()
+    """The base URL of a running `inference-server api`."""
+    port = services.free_port()
     url = f"http://127.0.0.1:{port}"
     proc = Proc("api", ["api", "--port", str(port)], dict(system_env, API_URL=url), logs_dir)
 
@@ -279,25 +255,9 @@ def api_server(system_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
     proc.kill(15)
 
 
-def start_worker(
-    env: dict[str, str], logs_dir: Path, families: str = "sd15,sdxl,flux,qwen-image-edit"
-) -> Proc:
-    port = free_port()
-    env = dict(env, WORKER_METRICS_PORT=str(port))
-    proc = Proc("worker", ["worker", "--families", families, "--device", "cpu"], env, logs_dir)
-    proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
-
-    def ready() -> bool:
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"worker exited:\n{proc.tail()}")
-        return "ready." in proc.log.read_text(errors="replace")
-
-    wait_for(ready, 90, interval=0.2, what="the worker")
-    return proc
-
-
 @pytest.fixture(scope="session")
 def worker(system_env: dict[str, str], logs_dir: Path, api_server: str) -> Iterator[Proc]:
+    """A running CPU worker for every family."""
     proc = start_worker(dict(system_env, API_URL=api_server), logs_dir)
     yield proc
     proc.kill(15)
@@ -305,6 +265,7 @@ def worker(system_env: dict[str, str], logs_dir: Path, api_server: str) -> Itera
 
 @pytest.fixture(scope="session")
 def dispatcher(system_env: dict[str, str], logs_dir: Path, api_server: str) -> Iterator[Proc]:
+    """A running `inference-server dispatcher`."""
     proc = Proc("dispatcher", ["dispatcher"], dict(system_env, API_URL=api_server), logs_dir)
     time.sleep(1.0)
     if proc.proc.poll() is not None:
@@ -321,16 +282,18 @@ class TenantKey:
 
 
 @pytest.fixture
-def tenant(session_factory) -> TenantKey:  # type: ignore[no-untyped-def]
+def tenant(system_db: sessionmaker[Session]) -> TenantKey:
+    """A new tenant of the running system and its API key."""
     from api.auth import create_tenant_key
 
-    with session_factory() as session:
+    with system_db() as session:
         row, key = create_tenant_key(session, f"tenant-{uuid.uuid4().hex[:8]}")
     return TenantKey(row, key)
 
 
 @pytest.fixture
 def api_client(api_server: str, tenant: TenantKey) -> Iterator[requests.Session]:
+    """An HTTP session on the running API with ``tenant``'s key; ``base_url`` is the API's."""
     http = requests.Session()
     http.headers["Authorization"] = f"Bearer {tenant.api_key}"
     http.base_url = api_server  # type: ignore[attr-defined]
@@ -338,65 +301,25 @@ def api_client(api_server: str, tenant: TenantKey) -> Iterator[requests.Session]
     http.close()
 
 
-# -- webhook receivers ------------------------------------------------------------------------------
-
-
-class Receiver:
-    """A real HTTP server on loopback that records every request and answers per ``behaviour``."""
-
-    def __init__(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.requests: list[dict[str, Any]] = []
-        self.behaviour = lambda n, req: (200, {}, b"ok")  # (status, headers, body) for the n-th request
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                req = {
-                    "headers": {k.lower(): v for k, v in self.headers.items()},
-                    "body": body,
-                    "path": self.path,
-                    "at": time.time(),
-                }
-                with receiver._lock:
-                    receiver.requests.append(req)
-                    n = len(receiver.requests)
-                status, headers, payload = receiver.behaviour(n, req)
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def events(self, job_id: str | None = None) -> list[dict[str, Any]]:
-        import json
-
-        with self._lock:
-            out = []
-            for req in self.requests:
-                body = json.loads(req["body"])
-                if job_id is None or body["data"]["id"] == job_id:
-                    out.append({**req, "type": body["type"], "json": body})
-            return out
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+# -- webhook receivers --------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
+    """A webhook receiver that answers 204 to everything (its ``behaviour`` may be replaced)."""
+    with Receiver() as r:
+        yield r
+
+
+@pytest.fixture
+def make_receiver() -> Iterator[Callable[..., Receiver]]:
+    """``make_receiver(behaviour)`` starts another receiver; all are closed after the test."""
+    made: list[Receiver] = []
+
+    def make(behaviour: Behaviour = accept) -> Receiver:
+        made.append(Receiver(behaviour))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()

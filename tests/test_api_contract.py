@@ -9,7 +9,7 @@ import uuid
 import pytest
 import requests
 
-from tests.jobs_helpers import submit
+from tests.support.jobs import submit
 
 OK = {"family": "sd15", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4}
 PNG_1PX = base64.b64decode(
@@ -102,18 +102,20 @@ def test_idempotent_resubmit(api_client):
     first = post(api_client, OK, **{"Idempotency-Key": key})
     again = post(api_client, OK, **{"Idempotency-Key": key})
     assert first.status_code == again.status_code == 202
-    assert first.json()["id"] == again.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+    job_id = first.json()["id"]
+    assert str(uuid.UUID(job_id)) == job_id and uuid.UUID(job_id).version == 4  # a canonical UUID4
+    assert again.json()["id"] == job_id and again.headers["Idempotent-Replayed"] == "true"
     conflict = post(api_client, {**OK, "prompt": "something else"}, **{"Idempotency-Key": key})
     assert conflict.status_code == 409 and error_of(conflict) == "idempotency_conflict"
     listed = api_client.get(f"{api_client.base_url}/v1/jobs", timeout=10).json()["jobs"]
     assert [j["id"] for j in listed].count(first.json()["id"]) == 1
 
 
-def test_tenant_isolation(api_client, api_server, session_factory):
+def test_tenant_isolation(api_client, api_server, system_db):
     from api.auth import create_tenant_key
 
     job = submit(api_client, OK)
-    with session_factory() as session:
+    with system_db() as session:
         _, other_key = create_tenant_key(session, f"other-{uuid.uuid4().hex[:6]}")
     other = requests.Session()
     other.headers["Authorization"] = f"Bearer {other_key}"

@@ -10,7 +10,8 @@ import sys
 
 from PIL import Image
 
-from tests.conftest import ROOT, base_env, free_port
+from inference_server.devtools.services import free_port
+from tests.support.system import ROOT, base_env
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -24,8 +25,8 @@ def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Com
     )
 
 
-def test_worker_refuses_bad_setups_clearly(tiny_models):
-    env = base_env(MODELS_FILE=str(tiny_models))
+def test_worker_refuses_bad_setups_clearly(tiny_models, broker_url):
+    env = base_env(MODELS_FILE=str(tiny_models), BROKER_URL=broker_url)  # never the default vhost
     for args, message in [
         (("worker", "--families", "sd15", "--device", "cuda:0"), "no_gpu"),
         (("worker", "--families", "nope", "--device", "cpu"), "unknown_family"),

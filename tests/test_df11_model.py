@@ -11,6 +11,7 @@ import torch
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 from peft import LoraConfig
 
+from inference_server.devtools.df11_models import FLUX_CONFIG, QWEN_CONFIG, seeded_transformer
 from inference_server.engine.df11 import (
     DF11FormatError,
     compress_folder,
@@ -19,7 +20,6 @@ from inference_server.engine.df11 import (
     load_df11,
     lora_placeholders,
 )
-from tests.df11_models import FLUX_CONFIG, QWEN_CONFIG, seeded_transformer
 
 torch.set_num_threads(1)
 LORA_FILE = "pytorch_lora_weights.safetensors"

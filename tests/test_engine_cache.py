@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 
 from inference_server.engine.runner import Engine, GenerationRequest
 from inference_server.registry import load_registry
-from tests.engine_requests import tiny_request
+from tests.support.engine import tiny_request
 
 torch.set_num_threads(1)
 
@@ -29,7 +29,7 @@ def test_lru_eviction_at_budget(tiny_models: Path) -> None:
     probe = Engine(registry)
     probe.warm("sd15")
     probe.warm("sdxl")
-    sd15, sdxl = (e.size for e in probe.cache._entries.values())
+    sd15, sdxl = (e.size for e in probe.cache.entries())
     # Room for the two largest models, not three.
     budget = sd15 + sdxl + 1
     engine = Engine(registry, cache_bytes=budget)

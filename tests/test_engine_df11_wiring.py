@@ -11,7 +11,7 @@ from PIL import Image
 
 from inference_server.engine.runner import Engine, LoraRef
 from inference_server.registry import load_registry
-from tests.engine_requests import tiny_request
+from tests.support.engine import tiny_request
 
 torch.set_num_threads(1)
 
@@ -43,5 +43,5 @@ def test_registry_marks_df11_twins(tiny_models: Path) -> None:
 def test_df11_twin_is_bit_identical(engine: Engine, family: str, task: str, bf16: str, df11: str) -> None:
     for loras in ([], [LoraRef("tiny-style", 1.0)], [LoraRef("tiny-style", 0.5)], []):
         assert run(engine, family, task, df11, loras) == run(engine, family, task, bf16, loras)
-    sizes = {k[1]: v.size for k, v in engine.cache._entries.items()}
+    sizes = {e.model: e.size for e in engine.cache.entries()}
     assert sizes[df11] < sizes[bf16]  # the cache sees the compressed weights, not BF16 copies

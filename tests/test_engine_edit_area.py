@@ -15,7 +15,7 @@ from PIL import Image
 
 from inference_server.engine.runner import Engine
 from inference_server.registry import Registry, load_registry
-from tests.engine_requests import tiny_request
+from tests.support.engine import tiny_request
 
 torch.set_num_threads(1)
 

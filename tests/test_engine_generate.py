@@ -13,7 +13,7 @@ from PIL import Image
 from inference_server.engine.runner import Engine, GenerationRequest, LoraRef
 from inference_server.errors import InvalidRequest, JobCanceled
 from inference_server.registry import load_registry
-from tests.engine_requests import tiny_request
+from tests.support.engine import tiny_request
 
 torch.set_num_threads(1)
 

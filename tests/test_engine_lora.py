@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from inference_server.engine.cache import CachedModel
 from inference_server.engine.runner import Engine, LoraRef
 from inference_server.errors import InvalidRequest
 from inference_server.registry import load_registry
-from tests.engine_requests import tiny_request
+from tests.support.engine import tiny_request
 
 torch.set_num_threads(1)
 
@@ -35,6 +36,11 @@ def _copy_fetch(uri: str, dest: Path) -> Path:
     target = dest / "lora"
     shutil.copytree(uri[len("copy://") :], target)
     return target
+
+
+def cached(engine: Engine, family: str, model: str) -> CachedModel:
+    [entry] = [e for e in engine.cache.entries() if (e.family, e.model) == (family, model)]
+    return entry
 
 
 def run(engine: Engine, family: str, loras: list[LoraRef], seed: int = 4) -> str:
@@ -58,15 +64,8 @@ def test_lora_changes_output_and_leaves_base_intact(engine: Engine, family: str)
     assert run(engine, family, [LoraRef("tiny-style", 1.0)]) == full  # reloaded adapter: same bytes
     assert run(engine, family, [LoraRef("tiny-style", 0.0)]) == base  # scale 0 is the base model
     assert run(engine, family, []) == base  # the next job without LoRA runs on base weights exactly
-    entry = engine.cache._entries[
-        (
-            family,
-            engine.registry.family(family)
-            .model(None, "edit" if family == "qwen-image-edit" else "txt2img")
-            .id,
-        )
-    ]
-    assert len(entry.adapters) == 1  # loaded once, kept for the next job
+    model = engine.registry.family(family).model(None, "edit" if family == "qwen-image-edit" else "txt2img")
+    assert len(cached(engine, family, model.id).adapters) == 1  # loaded once, kept for the next job
 
 
 def test_lora_by_uri_is_fetched_once(engine: Engine, tiny_models: Path) -> None:
@@ -99,6 +98,5 @@ def test_adapters_are_bounded_per_pipeline(
         copy = tmp_path / f"lora-copy-{i}"
         shutil.copytree(folder, copy)
         assert run(engine, "sd15", [LoraRef(f"file://{copy}", 1.0)]) == full
-    entry = engine.cache._entries[("sd15", "tiny-sd15")]
-    assert len(entry.adapters) == 2
+    assert len(cached(engine, "sd15", "tiny-sd15").adapters) == 2
     assert run(engine, "sd15", []) == base

@@ -14,7 +14,7 @@ from inference_server.errors import ConfigurationError, InvalidRequest, Registry
 from inference_server.registry import load_registry
 from inference_server.settings import Settings
 from inference_server.storage import open_storage
-from tests.conftest import ROOT, base_env
+from tests.support.system import ROOT, base_env
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -85,7 +85,7 @@ def test_operator_errors_are_configuration_errors(tmp_path: Path) -> None:
 
 
 def test_a_worker_child_without_models_file_is_a_configuration_error(tmp_path: Path) -> None:
-    from workers.tasks import build_runner
+    from workers.child import build_runner
 
     settings = Settings(models_file=None, home=tmp_path, storage_url=(tmp_path / "s").as_uri(), device="cpu")
     with pytest.raises(ConfigurationError) as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from tests.jobs_helpers import data_uri, output_bytes, submit, wait_done
+from tests.support.jobs import data_uri, output_bytes, submit, wait_done
 
 SOURCE = Image.new("RGB", (64, 64), (40, 120, 200))
 MASK = Image.new("L", (64, 64), 0)

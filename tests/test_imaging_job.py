@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from inference_server.imaging import signature_box
-from tests.jobs_helpers import data_uri, output_bytes, submit, wait_done
+from tests.support.jobs import data_uri, output_bytes, submit, wait_done
 from tests.test_imaging_decode import encode, noise, png_bomb
 
 BASE = {"family": "sd15", "prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 2, "seed": 11}

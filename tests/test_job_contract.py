@@ -14,7 +14,7 @@ from inference_server.db.base import new_id
 from inference_server.jobs import transitions
 from inference_server.jobs.enums import ClaimRefusal, EventType, Task
 from inference_server.jobs.spec import JobRequest, JobSpec, public_params
-from tests.jobs_helpers import submit
+from tests.support.jobs import submit
 
 OK = {"family": "sd15", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 4}
 
@@ -38,9 +38,9 @@ def test_non_finite_guidance_is_refused_as_not_a_number(api_client: requests.Ses
     assert "guidance_scale" in error["message"] and "not numbers" in error["message"], error
 
 
-def test_the_api_stores_a_job_spec_and_shows_the_request(api_client, session_factory) -> None:  # type: ignore[no-untyped-def]
+def test_the_api_stores_a_job_spec_and_shows_the_request(api_client, system_db) -> None:  # type: ignore[no-untyped-def]
     job = submit(api_client, {**OK, "seed": 40, "num_images": 3})
-    with session_factory() as session:
+    with system_db() as session:
         stored = session.scalar(select(Job.params).where(Job.id == job["id"]))
     spec = JobSpec.model_validate(stored)
     assert spec.seeds == [40, 41, 42] and spec.model == job["model"] and spec.task is Task.TXT2IMG
@@ -60,17 +60,17 @@ def test_a_spec_stored_before_seed_lists_still_runs() -> None:
     assert JobSpec.model_validate(legacy).seeds == [9, 10]
 
 
-def test_a_stored_job_that_does_not_validate_fails_at_the_claim(tenant, session_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_stored_job_that_does_not_validate_fails_at_the_claim(tenant, system_db) -> None:  # type: ignore[no-untyped-def]
     # What an incompatible release or a hand edit could leave (no outbox row: no worker sees it).
     params = {"family": "sd15", "model": "tiny-sd15", "task": "txt2img", "steps": "many", "seeds": [1]}
     job_id = new_id()
-    with session_factory() as session:
+    with system_db() as session:
         session.add(Job(id=job_id, tenant_id=tenant.tenant.id, family="sd15", task="txt2img", params=params))
         session.commit()
-    with session_factory() as session:
+    with system_db() as session:
         refusal = transitions.claim(session, job_id, max_attempts=3, lease_seconds=30)
     assert refusal == ClaimRefusal.INVALID
-    with session_factory() as session:
+    with system_db() as session:
         row = session.get(Job, job_id)
         assert row is not None
         assert (row.status, row.error_code, row.attempts) == ("failed", "invalid_job_spec", 0)

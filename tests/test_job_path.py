@@ -9,8 +9,8 @@ import standardwebhooks
 from PIL import Image
 
 import webhooks
-from tests.conftest import wait_for
-from tests.jobs_helpers import data_uri, get, output_bytes, submit, wait_done
+from tests.support.jobs import data_uri, get, output_bytes, submit, wait_done
+from tests.support.waiting import wait_for
 
 BASE = {"family": "sd15", "prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 4, "seed": 7}
 
@@ -26,19 +26,15 @@ def test_txt2img_end_to_end_with_verified_webhooks(api_client, worker, dispatche
     image = Image.open(io.BytesIO(output_bytes(api_client, job["id"]).content))
     assert image.size == (64, 64)
 
-    wait_for(
-        lambda: any(e["type"] == "job.succeeded" for e in receiver.events(job["id"])),
-        30,
-        what="job.succeeded webhook",
-    )
+    wait_for(lambda: "job.succeeded" in receiver.types(job["id"]), 30, what="job.succeeded webhook")
     events = receiver.events(job["id"])
-    types = [e["type"] for e in events]
+    types = [e.type for e in events]
     assert types[0] == "job.queued" and "job.started" in types and types[-1] == "job.succeeded"
     independent = standardwebhooks.Webhook(tenant.webhook_secret)
     for event in events:
-        independent.verify(event["body"], event["headers"])
-        webhooks.verify(event["body"], event["headers"], tenant.webhook_secret)
-    final = events[-1]["json"]["data"]
+        independent.verify(event.body, event.headers)
+        webhooks.verify(event.body, event.headers, tenant.webhook_secret)
+    final = events[-1].json()["data"]
     assert final["status"] == "succeeded" and final["outputs"][0]["sha256"] == out["sha256"]
 
 
@@ -61,7 +57,10 @@ def test_img2img_from_data_uri(api_client, worker):
     assert done["progress"]["total_steps"] == 2  # int(4 * 0.5) steps
 
 
-def test_cancel_running_job_stops_within_a_step(api_client, worker):
+def test_cancel_of_a_running_job_through_the_api(api_client, worker):
+    """The API's side of a cancel: it answers with the job canceled mid-run, the record freezes
+    there (no progress, no outputs afterwards), the worker takes the next job, and a finished job
+    cannot be canceled. That the run itself stops within a step is tests/test_worker_cancel.py."""
     job = submit(api_client, {**BASE, "steps": 50, "width": 256, "height": 256})
 
     def running_with_progress():
@@ -71,13 +70,14 @@ def test_cancel_running_job_stops_within_a_step(api_client, worker):
     wait_for(running_with_progress, 60, what="the job to run")
     resp = api_client.post(f"{api_client.base_url}/v1/jobs/{job['id']}/cancel", timeout=10)
     assert resp.status_code == 200 and resp.json()["status"] == "canceled"
-    step_at_cancel = get(api_client, job["id"])["progress"]["step"]
-    final = wait_done(api_client, job["id"])
-    assert final["status"] == "canceled" and final["outputs"] == []
+    at_cancel = resp.json()["progress"]
+    assert 1 <= at_cancel["step"] < at_cancel["total_steps"] == 50
     # The worker is free again soon: the next job succeeds.
     nxt = wait_done(api_client, submit(api_client, BASE)["id"], timeout=60)
     assert nxt["status"] == "succeeded"
-    assert step_at_cancel < 50
+    final = get(api_client, job["id"])
+    assert final["status"] == "canceled" and final["outputs"] == []
+    assert final["progress"]["step"] == at_cancel["step"]  # nothing recorded after the cancel
     again = api_client.post(f"{api_client.base_url}/v1/jobs/{nxt['id']}/cancel", timeout=10)
     assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
 

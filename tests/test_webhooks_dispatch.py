@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -16,57 +16,38 @@ import standardwebhooks
 from sqlalchemy import select, text
 
 from inference_server.db.base import utcnow
-from tests.webhook_support import (
-    Receiver,
-    add_event,
-    add_job,
-    add_tenant,
-    make_settings,
-    wait_for,
-)
+from tests.support.seed import add_event, add_job, add_tenant, make_settings
+from tests.support.waiting import wait_for
 from webhooks import WebhookVerificationError, verify
 from webhooks.dispatcher import Dispatcher
 from webhooks.tables import WebhookAttempt, WebhookDelivery
 
 
-@pytest.fixture
-def receivers() -> Iterator[list[Receiver]]:
-    made: list[Receiver] = []
-    yield made
-    for r in made:
-        r.close()
-
-
-def start_receiver(made: list[Receiver], behaviour=None) -> Receiver:  # type: ignore[no-untyped-def]
-    r = Receiver(behaviour) if behaviour else Receiver()
-    made.append(r)
-    return r
-
-
-def deliveries(sf) -> list[WebhookDelivery]:  # type: ignore[no-untyped-def]
-    with sf() as s:
+def deliveries(scratch_db) -> list[WebhookDelivery]:  # type: ignore[no-untyped-def]
+    with scratch_db() as s:
         return list(s.scalars(select(WebhookDelivery).order_by(WebhookDelivery.event_seq)))
 
 
-def run_until(dispatcher: Dispatcher, predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
+def run_until(dispatcher: Dispatcher, predicate: Callable[[], bool], what: str) -> None:
+    """Run dispatcher passes until ``predicate`` holds."""
+
+    def step() -> bool:
         if not dispatcher.run_once():
             time.sleep(0.02)
-        if predicate():
-            return
-        assert time.monotonic() < deadline, "condition not reached"
+        return predicate()
+
+    wait_for(step, 10, interval=0, what=what)
 
 
-def test_fails_twice_then_accepted_with_the_same_id(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
-    rx = start_receiver(receivers, lambda n, req: (500 if n < 2 else 200, {}, 0.0))
-    with sf() as s, s.begin():
+def test_fails_twice_then_accepted_with_the_same_id(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
+    rx = make_receiver(lambda n, req: (500 if n < 2 else 200, {}, 0.0))
+    with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
         secret = tenant.webhook_secret
         event = add_event(s, add_job(s, tenant, rx.url), "job.succeeded", status="succeeded")
         event_id = event.id
-    d = Dispatcher(make_settings(db_url), sf)
-    run_until(d, lambda: len(rx.requests) >= 3)
+    d = Dispatcher(make_settings(scratch_db_url), scratch_db)
+    run_until(d, lambda: len(rx.requests) >= 3, "three attempts")
     for _ in range(3):
         d.run_once()
     d.close()
@@ -74,102 +55,103 @@ def test_fails_twice_then_accepted_with_the_same_id(sf, db_url, receivers) -> No
     for req in rx.requests:
         assert verify(req.body, req.headers, secret)["data"]["id"]
         assert standardwebhooks.Webhook(secret).verify(req.body, req.headers)["type"] == "job.succeeded"
-    [row] = deliveries(sf)
+    [row] = deliveries(scratch_db)
     assert (row.status, row.attempts, row.last_status_code) == ("succeeded", 3, 200)
     assert row.delivered_at is not None
-    with sf() as s:
+    with scratch_db() as s:
         codes = s.scalars(select(WebhookAttempt.status_code).order_by(WebhookAttempt.number)).all()
     assert codes == [500, 500, 200]
 
 
-def test_exhausted_after_the_last_attempt_then_replayable(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
+def test_exhausted_after_the_last_attempt_then_replayable(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
     from webhooks.service import list_deliveries, replay_delivery
 
-    rx = start_receiver(receivers, lambda n, req: (503 if n < 3 else 204, {}, 0.0))
-    with sf() as s, s.begin():
+    rx = make_receiver(lambda n, req: (503 if n < 3 else 204, {}, 0.0))
+    with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
         job = add_job(s, tenant, rx.url)
         add_event(s, job, "job.failed")
         tenant_id, job_id = tenant.id, job.id
-    d = Dispatcher(make_settings(db_url, webhook_retry_delays=[0.01, 0.01]), sf)
-    run_until(d, lambda: deliveries(sf)[0].status == "exhausted")
-    assert len(rx.requests) == 3 and deliveries(sf)[0].next_attempt_at is None
-    with sf() as s:
+    d = Dispatcher(make_settings(scratch_db_url, webhook_retry_delays=[0.01, 0.01]), scratch_db)
+    run_until(d, lambda: deliveries(scratch_db)[0].status == "exhausted", "the delivery exhausted")
+    assert len(rx.requests) == 3 and deliveries(scratch_db)[0].next_attempt_at is None
+    with scratch_db() as s:
         [row] = list_deliveries(s, tenant_id, job_id)
         assert [a.status_code for a in row.attempt_log] == [503, 503, 503]
         replay_delivery(s, tenant_id, row.id)
-    run_until(d, lambda: deliveries(sf)[0].status == "succeeded")
+    run_until(d, lambda: deliveries(scratch_db)[0].status == "succeeded", "the delivery to succeed")
     d.close()
     assert len(set(rx.ids())) == 1 and len(rx.requests) == 4
 
 
-def test_retry_after_is_honoured(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
-    rx = start_receiver(receivers, lambda n, req: (429, {"Retry-After": "30"}, 0.0))
-    with sf() as s, s.begin():
+def test_retry_after_is_honoured(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
+    rx = make_receiver(lambda n, req: (429, {"Retry-After": "30"}, 0.0))
+    with scratch_db() as s, s.begin():
         add_event(s, add_job(s, add_tenant(s), rx.url), "job.queued")
-    d = Dispatcher(make_settings(db_url), sf)
+    d = Dispatcher(make_settings(scratch_db_url), scratch_db)
     assert d.run_once() == 1
     d.close()
-    [row] = deliveries(sf)
+    [row] = deliveries(scratch_db)
     assert row.status == "pending" and row.last_status_code == 429
     assert row.next_attempt_at - utcnow() > timedelta(seconds=25)
 
 
-def test_410_stops_delivering_to_that_url(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
-    rx = start_receiver(receivers, lambda n, req: (410, {}, 0.0))
-    with sf() as s, s.begin():
+def test_410_stops_delivering_to_that_url(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
+    rx = make_receiver(lambda n, req: (410, {}, 0.0))
+    with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
         add_event(s, add_job(s, tenant, rx.url), "job.queued")
-    d = Dispatcher(make_settings(db_url), sf)
+    d = Dispatcher(make_settings(scratch_db_url), scratch_db)
     d.run_once()
-    with sf() as s, s.begin():
+    with scratch_db() as s, s.begin():
         tenant = add_tenant(s, name=None)
         other_tenant_job = add_job(s, tenant, rx.url)
         add_event(s, other_tenant_job, "job.queued")
-    with sf() as s, s.begin():
-        same_tenant = s.get(type(tenant), deliveries(sf)[0].tenant_id)
+    with scratch_db() as s, s.begin():
+        same_tenant = s.get(type(tenant), deliveries(scratch_db)[0].tenant_id)
         add_event(s, add_job(s, same_tenant, rx.url), "job.succeeded")
     for _ in range(3):
         d.run_once()
     d.close()
-    statuses = [(r.tenant_id == deliveries(sf)[0].tenant_id, r.status) for r in deliveries(sf)]
+    rows = deliveries(scratch_db)
+    statuses = [(r.tenant_id == rows[0].tenant_id, r.status) for r in rows]
     # The URL is gone for the tenant that got the 410; another tenant's deliveries are its own business.
     assert statuses.count((True, "gone")) == 2
     assert len(rx.requests) == 2  # the first delivery, and the other tenant's (which also got a 410)
 
 
-def test_redirect_to_a_private_address_is_not_followed(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
-    inner = start_receiver(receivers)
-    rx = start_receiver(
-        receivers, lambda n, req: (302, {"Location": inner.url.replace("127.0.0.1", "10.0.0.1")}, 0.0)
+def test_redirect_to_a_private_address_is_not_followed(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
+    inner = make_receiver()
+    rx = make_receiver(
+        lambda n, req: (302, {"Location": inner.url.replace("127.0.0.1", "10.0.0.1")}, 0.0)
     )
-    rx2 = start_receiver(receivers, lambda n, req: (307, {"Location": inner.url}, 0.0))
-    with sf() as s, s.begin():
+    rx2 = make_receiver(lambda n, req: (307, {"Location": inner.url}, 0.0))
+    with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
         add_event(s, add_job(s, tenant, rx.url), "job.succeeded")
         add_event(s, add_job(s, tenant, rx2.url), "job.succeeded")
-    d = Dispatcher(make_settings(db_url, webhook_retry_delays=[0.01]), sf)
-    run_until(d, lambda: all(r.status == "exhausted" for r in deliveries(sf)))
+    d = Dispatcher(make_settings(scratch_db_url, webhook_retry_delays=[0.01]), scratch_db)
+    run_until(d, lambda: all(r.status == "exhausted" for r in deliveries(scratch_db)), "both exhausted")
     d.close()
     assert inner.requests == []
-    assert {r.last_status_code for r in deliveries(sf)} == {302, 307}
-    assert all("not followed" in (r.last_error or "") for r in deliveries(sf))
+    assert {r.last_status_code for r in deliveries(scratch_db)} == {302, 307}
+    assert all("not followed" in (r.last_error or "") for r in deliveries(scratch_db))
 
 
-def test_private_webhook_url_refused_at_send(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
-    rx = start_receiver(receivers)
-    with sf() as s, s.begin():
+def test_private_webhook_url_refused_at_send(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
+    rx = make_receiver()
+    with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
         add_event(s, add_job(s, tenant, rx.url.replace("127.0.0.1", "localhost")), "job.succeeded")
-    d = Dispatcher(make_settings(db_url, allow_private_networks=False), sf)
+    d = Dispatcher(make_settings(scratch_db_url, allow_private_networks=False), scratch_db)
     d.run_once()
     d.close()
-    [row] = deliveries(sf)
+    [row] = deliveries(scratch_db)
     assert row.status == "exhausted" and row.last_error.startswith("unsafe_url")
     assert rx.requests == []
 
 
-def rotate_cli(db_url: str, tenant: str) -> str:
+def rotate_cli(database_url: str, tenant: str) -> str:
     """``inference-server keys rotate-webhook-secret``, run as an operator would."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
     out = subprocess.run(
@@ -182,7 +164,7 @@ def rotate_cli(db_url: str, tenant: str) -> str:
             "--tenant",
             tenant,
         ],
-        env={**env, "DATABASE_URL": db_url},
+        env={**env, "DATABASE_URL": database_url},
         capture_output=True,
         text=True,
         timeout=60,
@@ -193,21 +175,21 @@ def rotate_cli(db_url: str, tenant: str) -> str:
     return secret
 
 
-def test_signatures_during_secret_rotation(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
-    rx = start_receiver(receivers)
-    with sf() as s, s.begin():
+def test_signatures_during_secret_rotation(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
+    rx = make_receiver()
+    with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
         old_secret, name = tenant.webhook_secret, tenant.name
         job = add_job(s, tenant, rx.url)
         add_event(s, job, "job.queued")
         job_id = job.id
-    d = Dispatcher(make_settings(db_url), sf)
+    d = Dispatcher(make_settings(scratch_db_url), scratch_db)
     d.run_once()
-    new_secret = rotate_cli(db_url, name)
-    with sf() as s, s.begin():
+    new_secret = rotate_cli(scratch_db_url, name)
+    with scratch_db() as s, s.begin():
         add_event(s, s.get(type(job), job_id), "job.started")
     d.run_once()
-    with sf() as s, s.begin():  # the grace period ends
+    with scratch_db() as s, s.begin():  # the grace period ends
         t = s.get(type(tenant), tenant.id)
         t.previous_secret_expires_at = utcnow() - timedelta(seconds=1)
         add_event(s, s.get(type(job), job_id), "job.succeeded")
@@ -227,23 +209,23 @@ def test_signatures_during_secret_rotation(sf, db_url, receivers) -> None:  # ty
         standardwebhooks.Webhook(old_secret).verify(after.body, after.headers)
 
 
-def test_parallel_dispatchers_never_double_deliver(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
-    rx = start_receiver(receivers)
+def test_parallel_dispatchers_never_double_deliver(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
+    rx = make_receiver()
     expected: dict[str, list[str]] = {}
-    with sf() as s, s.begin():
+    with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
         jobs = [add_job(s, tenant, rx.url) for _ in range(40)]
         for kind in ("job.queued", "job.started", "job.succeeded"):
             for job in jobs:
                 expected.setdefault(job.id, []).append(add_event(s, job, kind).id)
-    settings = make_settings(db_url)
+    settings = make_settings(scratch_db_url)
     stop = threading.Event()
-    dispatchers = [Dispatcher(settings, sf) for _ in range(2)]
+    dispatchers = [Dispatcher(settings, scratch_db) for _ in range(2)]
     threads = [threading.Thread(target=d.run, args=(stop,)) for d in dispatchers]
     for t in threads:
         t.start()
     try:
-        assert wait_for(lambda: len(rx.requests) >= 120, timeout=20)
+        wait_for(lambda: len(rx.requests) >= 120, 20, what="120 deliveries")
         time.sleep(0.3)  # room for a double delivery to show up
     finally:
         stop.set()
@@ -259,25 +241,25 @@ def test_parallel_dispatchers_never_double_deliver(sf, db_url, receivers) -> Non
             req.headers["webhook-id"]
         )
     assert received == expected  # every job's events in the order they happened
-    assert all(r.status == "succeeded" for r in deliveries(sf))
+    assert all(r.status == "succeeded" for r in deliveries(scratch_db))
 
 
-def test_slow_receiver_does_not_block_others(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
-    slow = start_receiver(receivers, lambda n, req: (200, {}, 1.5))
-    fast = start_receiver(receivers)
-    with sf() as s, s.begin():
+def test_slow_receiver_does_not_block_others(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
+    slow = make_receiver(lambda n, req: (200, {}, 1.5))
+    fast = make_receiver()
+    with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
         for _ in range(12):
             add_event(s, add_job(s, tenant, slow.url), "job.succeeded")
         for _ in range(10):
             add_event(s, add_job(s, tenant, fast.url), "job.succeeded")
     stop = threading.Event()
-    d = Dispatcher(make_settings(db_url, webhook_concurrency=8), sf)
+    d = Dispatcher(make_settings(scratch_db_url, webhook_concurrency=8), scratch_db)
     thread = threading.Thread(target=d.run, args=(stop,))
     t0 = time.monotonic()
     thread.start()
     try:
-        assert wait_for(lambda: len(fast.requests) == 10, timeout=5)
+        wait_for(lambda: len(fast.requests) == 10, 5, what="the fast receiver's 10 deliveries")
         fast_done = time.monotonic() - t0
     finally:
         stop.set()
@@ -289,32 +271,33 @@ def test_slow_receiver_does_not_block_others(sf, db_url, receivers) -> None:  # 
     )  # the slow URL never had more than its share
 
 
-def test_timeout_is_a_failed_attempt(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
-    rx = start_receiver(receivers, lambda n, req: (200, {}, 1.0 if n == 0 else 0.0))
-    with sf() as s, s.begin():
+def test_timeout_is_a_failed_attempt(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
+    rx = make_receiver(lambda n, req: (200, {}, 1.0 if n == 0 else 0.0))
+    with scratch_db() as s, s.begin():
         add_event(s, add_job(s, add_tenant(s), rx.url), "job.succeeded")
-    d = Dispatcher(make_settings(db_url, webhook_timeout=0.3), sf)
+    d = Dispatcher(make_settings(scratch_db_url, webhook_timeout=0.3), scratch_db)
     d.run_once()
-    [row] = deliveries(sf)
+    [row] = deliveries(scratch_db)
     assert row.status == "pending" and row.last_status_code is None and "Timeout" in row.last_error
-    run_until(d, lambda: deliveries(sf)[0].status == "succeeded")
+    run_until(d, lambda: deliveries(scratch_db)[0].status == "succeeded", "the delivery to succeed")
     d.close()
     assert len(set(rx.ids())) == 1
 
 
-def test_dispatcher_survives_a_lost_database_connection(sf, db_url, receivers) -> None:  # type: ignore[no-untyped-def]
-    rx = start_receiver(receivers)
-    with sf() as s, s.begin():
+def test_dispatcher_survives_a_lost_database_connection(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
+    rx = make_receiver()
+    with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
         tenant_id = tenant.id
         add_event(s, add_job(s, tenant, rx.url), "job.queued")
     stop = threading.Event()
-    d = Dispatcher(make_settings(db_url), sf)
+    d = Dispatcher(make_settings(scratch_db_url), scratch_db)
     thread = threading.Thread(target=d.run, args=(stop,))
     thread.start()
     try:
-        assert wait_for(lambda: len(rx.requests) == 1, timeout=5)
-        with sf() as s, s.begin():  # the database drops every other connection (a restart, a failover)
+        wait_for(lambda: len(rx.requests) == 1, 5, what="the first delivery")
+        # The database drops every other connection (a restart, a failover).
+        with scratch_db() as s, s.begin():
             killed = s.execute(
                 text(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -322,11 +305,11 @@ def test_dispatcher_survives_a_lost_database_connection(sf, db_url, receivers) -
                 )
             ).scalar()
         assert killed >= 1
-        with sf() as s, s.begin():
+        with scratch_db() as s, s.begin():
             add_event(s, add_job(s, s.get(type(tenant), tenant_id), rx.url), "job.succeeded")
-        assert wait_for(lambda: len(rx.requests) == 2, timeout=10)
+        wait_for(lambda: len(rx.requests) == 2, 10, what="the delivery after the reconnect")
     finally:
         stop.set()
         thread.join()
         d.close()
-    assert all(r.status == "succeeded" for r in deliveries(sf))
+    assert all(r.status == "succeeded" for r in deliveries(scratch_db))

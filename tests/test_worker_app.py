@@ -10,7 +10,8 @@ from pathlib import Path
 from celery.exceptions import DuplicateTaskNameWarning
 from PIL import Image
 
-from tests.conftest import base_env, free_port
+from inference_server.devtools.services import free_port
+from tests.support.system import base_env
 from tests.test_cli import cli
 
 

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Proc, base_env, free_port, fresh_database, private_vhost, start_worker, wait_for
-from tests.jobs_helpers import submit, wait_done
+from inference_server.devtools.services import free_port, private_vhost
+from tests.conftest import fresh_database
+from tests.support.jobs import submit, wait_done
+from tests.support.system import Proc, base_env, start_worker
+from tests.support.waiting import wait_for
 
 QUEUE = "custom.sd15"  # not jobs.sd15: the name the worker would derive from the family
 

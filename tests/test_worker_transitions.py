@@ -21,7 +21,7 @@ from inference_server.jobs.enums import ClaimRefusal, RunOutcome
 from inference_server.jobs.service import JobContext, submit
 from inference_server.jobs.spec import JobRequest
 from inference_server.storage import open_storage
-from tests.conftest import wait_for
+from tests.support.waiting import wait_for
 
 BODY = {"family": "sd15", "prompt": "a mill by a river", "width": 64, "height": 64, "steps": 3, "seed": 5}
 
@@ -80,22 +80,21 @@ class TcpProxy:
 
 
 @pytest.fixture(scope="module")
-def db(settings) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
-    """A database of its own: the running system's relay and worker must not take these jobs."""
+def db(settings, scratch_db_url) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """A tenant and the job service's context on the module's scratch database: the running
+    system's relay and worker must not take these jobs."""
     from api.auth import create_tenant_key
     from inference_server.registry import load_registry
-    from tests.conftest import fresh_database
 
-    with fresh_database("is_transitions") as url:
-        engine = make_database(url)
-        sf = make_session_factory(engine)
-        with sf() as session:
-            tenant, _ = create_tenant_key(session, f"transitions-{uuid.uuid4().hex[:6]}")
-            session.expunge(tenant)
-        local = settings.model_copy(update={"database_url": url})
-        ctx = JobContext(local, load_registry(local.models_file), open_storage(local))
-        yield {"sf": sf, "ctx": ctx, "tenant": tenant, "settings": local}
-        engine.dispose()
+    engine = make_database(scratch_db_url)
+    sf = make_session_factory(engine)
+    with sf() as session:
+        tenant, _ = create_tenant_key(session, f"transitions-{uuid.uuid4().hex[:6]}")
+        session.expunge(tenant)
+    local = settings.model_copy(update={"database_url": scratch_db_url})
+    ctx = JobContext(local, load_registry(local.models_file), open_storage(local))
+    yield {"sf": sf, "ctx": ctx, "tenant": tenant, "settings": local}
+    engine.dispose()
 
 
 def _submit(db: dict[str, Any]) -> str:

@@ -51,6 +51,10 @@ class PipelineCache:
         """Cached keys, least recently used first."""
         return list(self._entries)
 
+    def entries(self) -> list[CachedModel]:
+        """Cached models, least recently used first; looking does not count as a use."""
+        return list(self._entries.values())
+
     def get(self, family: str, model: str, load: Callable[[], Any], estimate: int = 0) -> CachedModel:
         """The cached model, or ``load()`` it after making room for ``estimate`` bytes (0: unknown)."""
         key = (family, model)

@@ -1,5 +1,5 @@
-"""Tiny diffusers transformers with realistic weights (seeded N(0, 0.02), bfloat16), shared by the
-DFloat11 tests and benchmark."""
+"""Tiny diffusers transformer configs and realistic weights for them (seeded N(0, 0.02), bfloat16),
+shared by the DFloat11 tests and benchmark."""
 
 from __future__ import annotations
 

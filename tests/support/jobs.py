@@ -1,4 +1,4 @@
-"""Small helpers the job-path tests share."""
+"""A job seen from the HTTP side, as a client of the running API sees it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import requests
 from PIL import Image
 
-from tests.conftest import wait_for
+from tests.support.waiting import wait_for
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
