@@ -41,6 +41,7 @@ def create_celery_app(settings: Settings, queues: list[str], runner: ChildRunner
         # A child builds its engine and loads WARM_MODELS before it reports itself up; Celery's
         # default of 4 s would kill and replace it again and again while it loads.
         worker_proc_alive_timeout=settings.worker_start_timeout,
+        worker_consumer="workers.gate:Consumer",  # undecodable messages go to jobs.dead
     )
     app.steps["consumer"].add(GateStep)
     register_tasks(app, runner)

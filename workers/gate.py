@@ -14,11 +14,13 @@ import contextlib
 import logging
 from typing import Any
 
-from celery import bootsteps
+import celery.worker.consumer
+from celery import bootsteps, signals
 from celery.worker import state
 from celery.worker.request import Request
 
 from inference_server.publish.topology import DEAD_QUEUE
+from workers.metrics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +97,20 @@ class LeasedRequest(Request):
             return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         finally:
             GATE.resume(self)
+
+
+class Consumer(celery.worker.consumer.Consumer):
+    """Celery's consumer, except that a message it cannot decode goes to ``jobs.dead`` (the family
+    queue's dead-letter exchange) instead of being acknowledged away unseen."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        kind = message.content_type or "no content type"
+        log.error("undecodable message (%s, %s) dead-lettered", kind, type(exc).__name__)
+        message.reject(requeue=False)
+        DEAD_LETTERS.labels("undecodable").inc()
+
+
+@signals.task_rejected.connect
+def _count_rejected(message: Any = None, exc: Exception | None = None, **_: Any) -> None:
+    # Celery rejects (to the dead-letter exchange) a message of no known task or format.
+    DEAD_LETTERS.labels("unknown_message").inc()
