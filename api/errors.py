@@ -7,7 +7,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference_server import errors as e
@@ -60,12 +61,15 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)), status_code=exc.status_code
         )
 
-    @app.exception_handler(OperationalError)
-    async def _db_down(request: Request, exc: OperationalError) -> JSONResponse:
+    # Connection-level failures, statement timeouts and an exhausted pool: the database, not the request.
+    async def _db_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", exc)
         return JSONResponse(
             error_body("dependency_unavailable", "the database is unavailable"), status_code=503
         )
+
+    for db_error in (OperationalError, InterfaceError, PoolTimeout):
+        app.add_exception_handler(db_error, _db_down)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -15,11 +15,15 @@ def start_dispatcher_threads(
     settings: Settings, stop: threading.Event, *, relay: bool = True
 ) -> list[threading.Thread]:
     """The webhook dispatcher and (unless the process already has one) an outbox relay, as threads."""
-    from inference_server.db import make_database, make_session_factory
+    from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
     from inference_server.publish.relay import Relay
     from webhooks.dispatcher import Dispatcher
 
-    database = make_database(settings.database_url, pool_size=settings.webhook_concurrency + 4)
+    database = make_database(
+        settings.database_url,
+        pool_size=settings.webhook_concurrency + 4,
+        timeouts=DatabaseTimeouts.from_settings(settings),
+    )
     sf = make_session_factory(database)
     threads = []
     if relay:
