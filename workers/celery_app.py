@@ -33,7 +33,11 @@ def create_celery_app(settings: Settings, *, families: list[str] | None = None) 
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         task_time_limit=settings.job_time_limit or None,
+        worker_consumer="workers.consumer:BoundedConsumer",  # a broker that keeps refusing ends the worker
     )
+    from workers.consumer import REFUSED_TIMEOUT_KEY
+
+    app.conf[REFUSED_TIMEOUT_KEY] = settings.broker_refused_timeout
     from workers.tasks import register_tasks
 
     register_tasks(app, settings)

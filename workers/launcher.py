@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from inference_server.errors import InvalidRequest
+from inference_server.errors import DependencyDown, InvalidRequest
 from inference_server.publish.topology import queue_name
 from inference_server.settings import Settings
 from workers.device import pin_device
@@ -40,6 +40,7 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
     """Run a Celery worker in this process. The device is pinned before anything imports torch."""
     torch_device = pin_device(device)
     _check_families(settings, families)
+    _check_database(settings)
     if torch_device == "cuda":
         _check_cuda(device)
     settings = settings.model_copy(update={"device": torch_device})
@@ -54,18 +55,56 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
     name = f"{'-'.join(families)}.{device.replace(':', '')}@%h"
     if settings.broker_url.startswith(("amqp", "pyamqp")):
         _check_name_free(app, name)
-    app.worker_main(
-        [
-            "worker",
-            f"--pool={pool}",
-            "--concurrency=1",
-            "--loglevel=INFO",
-            f"--hostname={name}",
-            f"--queues={','.join(queue_name(f) for f in families)}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
+    # app.Worker rather than app.worker_main, which drops the worker's exit status: a worker
+    # stopped by an unrecoverable error must exit non-zero for its supervisor to restart it.
+    from celery.utils.nodenames import host_format
+
+    worker = app.Worker(
+        pool_cls=pool,
+        concurrency=1,
+        loglevel="INFO",
+        hostname=host_format(name),
+        queues=[queue_name(f) for f in families],
+        without_gossip=True,
+        without_mingle=True,
     )
+    worker.start()
+    if worker.exitcode:
+        log.critical("worker stopped with status %s", worker.exitcode)
+        raise SystemExit(worker.exitcode)
+
+
+def _check_database(settings: Settings, *, attempts: int = 3, pause: float = 2.0) -> None:
+    """Refuse to start while the database cannot be used: a worker that cannot record what it runs
+    would only take jobs off the queue to strand them. A few tries ride out a database that is
+    starting beside the worker; then ``DependencyDown`` (exit status 1)."""
+    from sqlalchemy import select
+    from sqlalchemy.exc import DBAPIError, ProgrammingError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from inference_server.db import DatabaseTimeouts, Job, make_database
+
+    timeouts = DatabaseTimeouts.from_settings(settings)
+    engine = make_database(settings.database_url, pool_size=1, timeouts=timeouts)
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                with engine.connect() as conn:
+                    conn.execute(select(Job.id).limit(1))
+                return
+            except ProgrammingError as exc:  # reachable, but the schema is not there
+                raise DependencyDown(
+                    "the database has no job tables: run `inference-server migrate` first",
+                    code="database_not_migrated",
+                ) from exc
+            except (DBAPIError, PoolTimeout) as exc:
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                if attempt == attempts:
+                    raise DependencyDown(f"the database is unavailable: {reason}") from exc
+                log.warning("database unavailable (%s); trying again in %.0f s", reason, pause)
+                time.sleep(pause)
+    finally:
+        engine.dispose()
 
 
 def _check_name_free(app: Any, name: str, *, grace: float = 5.0) -> None:
