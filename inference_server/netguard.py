@@ -25,6 +25,13 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from inference_server.errors import InputFetchFailed, InputTooLarge, UnsafeURL
+from inference_server.netfailures import (
+    TRANSIENT_STATUSES,
+    TransientFetchError,
+    network_reason,
+    retry_after,
+    transient,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ALLOWED_SCHEMES = frozenset({"http", "https"})
@@ -189,7 +196,8 @@ def fetch_url(
     the first URL (CDNs and presigned storage URLs redirect, so refusing them would refuse real
     inputs); a redirect from https down to http is refused unless ``allow_private``. The body is
     capped while streaming. Raises ``UnsafeURL`` (private or bad scheme),
-    ``InputTooLarge`` (over ``max_bytes``) or ``InputFetchFailed`` (network error, timeout, non-2xx)."""
+    ``InputTooLarge`` (over ``max_bytes``), ``TransientFetchError`` (network error, timeout, 5xx,
+    429: worth another try) or ``InputFetchFailed`` (any other non-2xx)."""
     owned = adapter is None
     adapter = adapter or new_adapter(1)
     try:
@@ -206,7 +214,8 @@ def fetch_url(
             except UnsafeURL:
                 raise
             except (OSError, requests.RequestException) as exc:
-                raise InputFetchFailed(f"could not fetch {_redact(url)}: {exc}") from exc
+                failed = TransientFetchError if transient(exc) else InputFetchFailed
+                raise failed(f"could not fetch {_redact(url)}: {network_reason(exc)}") from exc
             with response:
                 if response.is_redirect and response.headers.get("Location"):
                     target = urljoin(url, response.headers["Location"])
@@ -215,11 +224,15 @@ def fetch_url(
                     url = target
                     continue
                 if not 200 <= response.status_code < 300:
-                    raise InputFetchFailed(f"fetching {_redact(url)} returned HTTP {response.status_code}")
+                    message = f"fetching {_redact(url)} returned HTTP {response.status_code}"
+                    if response.status_code in TRANSIENT_STATUSES:
+                        raise TransientFetchError(message, retry_after=retry_after(response))
+                    raise InputFetchFailed(message)
                 try:
                     return _read_capped(response, max_bytes)
                 except requests.RequestException as exc:
-                    raise InputFetchFailed(f"could not read {_redact(url)}: {exc}") from exc
+                    reason = network_reason(exc)
+                    raise TransientFetchError(f"could not read {_redact(url)}: {reason}") from exc
         raise InputFetchFailed(f"more than {MAX_REDIRECTS} redirects fetching {_redact(url)}")
     finally:
         if owned:
