@@ -40,9 +40,9 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
     """Run a Celery worker in this process. The device is pinned before anything imports torch."""
     torch_device = pin_device(device)
     _check_families(settings, families)
-    _check_database(settings)
     if torch_device == "cuda":
         _check_cuda(device)
+    _check_database(settings)
     settings = settings.model_copy(update={"device": torch_device})
     if settings.worker_metrics_port:
         _prepare_multiprocess_metrics()
@@ -78,8 +78,8 @@ def _check_database(settings: Settings, *, attempts: int = 3, pause: float = 2.0
     """Refuse to start while the database cannot be used: a worker that cannot record what it runs
     would only take jobs off the queue to strand them. A few tries ride out a database that is
     starting beside the worker; then ``DependencyDown`` (exit status 1)."""
-    from sqlalchemy import select
-    from sqlalchemy.exc import DBAPIError, ProgrammingError
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import DBAPIError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     from inference_server.db import DatabaseTimeouts, Job, make_database
@@ -90,19 +90,20 @@ def _check_database(settings: Settings, *, attempts: int = 3, pause: float = 2.0
         for attempt in range(1, attempts + 1):
             try:
                 with engine.connect() as conn:
-                    conn.execute(select(Job.id).limit(1))
-                return
-            except ProgrammingError as exc:  # reachable, but the schema is not there
-                raise DependencyDown(
-                    "the database has no job tables: run `inference-server migrate` first",
-                    code="database_not_migrated",
-                ) from exc
+                    conn.execute(text("SELECT 1"))
+                    migrated = inspect(conn).has_table(Job.__tablename__)
+                break
             except (DBAPIError, PoolTimeout) as exc:
                 reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
                 if attempt == attempts:
                     raise DependencyDown(f"the database is unavailable: {reason}") from exc
                 log.warning("database unavailable (%s); trying again in %.0f s", reason, pause)
                 time.sleep(pause)
+        if not migrated:
+            raise DependencyDown(
+                "the database has no job tables: run `inference-server migrate` first",
+                code="database_not_migrated",
+            )
     finally:
         engine.dispose()
 
