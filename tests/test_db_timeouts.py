@@ -173,3 +173,21 @@ def test_sqlite_is_unchanged(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with db.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     db.dispose()
+
+
+def test_settings_reach_the_timeouts() -> None:
+    from inference_server.settings import Settings
+
+    settings = Settings(
+        database_connect_timeout=3,
+        database_statement_timeout=12,
+        database_idle_in_transaction_timeout=40,
+        database_dead_peer_timeout=6,
+        database_pool_timeout=2,
+    )
+    assert DatabaseTimeouts.from_settings(settings) == DatabaseTimeouts(3, 12, 40, 6, 2)
+    assert DatabaseTimeouts.from_settings(settings, statement=0).statement == 0  # migrations
+    params = DatabaseTimeouts(dead_peer=6).libpq_params()
+    assert (params["keepalives_idle"], params["keepalives_interval"], params["keepalives_count"]) == (3, 1, 3)
+    assert params["tcp_user_timeout"] == 6000
+    assert "keepalives" not in DatabaseTimeouts(dead_peer=0).libpq_params()
