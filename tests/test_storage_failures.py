@@ -1,5 +1,5 @@
 """Storage failures get storage codes, with clean messages: a full and a read-only file system
-(tmpfs mounts: root ignores permission bits), S3 refusing a write (moto enforcing IAM), an S3
+(tmpfs mounts), S3 refusing a write (moto enforcing IAM), an S3
 endpoint that is closed, stopped, failing with 5xx or silent (bounded retries, then
 ``storage_unavailable``)."""
 
@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from inference_server.errors import NotFound, StorageError
 from inference_server.storage.local import FileStorage
 from inference_server.storage.s3 import S3Storage
 from tests.conftest import free_port, wait_for
+from tests.mounts import read_only, tmpfs
 
 KEY = "jobs/j1/outputs/0.png"
 
@@ -38,53 +38,30 @@ def assert_clean(exc: StorageError, code: str) -> None:
 # -- file storage -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Any]:
-    """Mount a tmpfs with the given options under tmp_path; unmounted afterwards."""
-    mounted: list[Path] = []
-
-    def mount(options: str) -> Path:
-        where = tmp_path / f"mnt{len(mounted)}"
-        where.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True
-        )
-        if done.returncode != 0:
-            pytest.fail(
-                f"these tests mount a tmpfs (run as root): {done.stderr.decode().strip()}", pytrace=False
-            )
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in reversed(mounted):
-        subprocess.run(["umount", "-l", str(where)], check=False)
+def test_a_full_file_system_is_storage_full_and_leaves_no_partial_file() -> None:
+    with tmpfs("size=64k") as root:
+        storage = FileStorage(root.as_uri())
+        with pytest.raises(StorageError) as info:
+            storage.put(KEY, os.urandom(256 * 1024), "image/png")
+        assert_clean(info.value, "storage_full")
+        assert KEY in info.value.message and "No space left on device" in info.value.message
+        assert [p.name for p in root.rglob("*") if p.is_file()] == []  # the temporary file is gone
+        assert storage.get(storage.put(KEY, b"small", "image/png")) == b"small"  # and its space with it
 
 
-def test_a_full_file_system_is_storage_full_and_leaves_no_partial_file(tmpfs) -> None:  # type: ignore[no-untyped-def]
-    root = tmpfs("size=64k")
-    storage = FileStorage(root.as_uri())
-    with pytest.raises(StorageError) as info:
-        storage.put(KEY, os.urandom(256 * 1024), "image/png")
-    assert_clean(info.value, "storage_full")
-    assert KEY in info.value.message and "No space left on device" in info.value.message
-    assert [p.name for p in root.rglob("*") if p.is_file()] == []  # the temporary file is gone
-    assert storage.get(storage.put(KEY, b"small", "image/png")) == b"small"  # and its space with it
-
-
-def test_a_read_only_file_system_is_storage_read_only(tmpfs) -> None:  # type: ignore[no-untyped-def]
-    root = tmpfs("size=1m")
-    storage = FileStorage(root.as_uri())
-    uri = storage.put(KEY, b"before", "image/png")
-    subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
-    with pytest.raises(StorageError) as info:
-        storage.put("jobs/j2/outputs/0.png", b"after", "image/png")
-    assert_clean(info.value, "storage_read_only")
-    assert "Read-only file system" in info.value.message
-    assert storage.get(uri) == b"before"  # reads still work
-    with pytest.raises(StorageError) as info:
-        FileStorage((root / "elsewhere").as_uri())  # a root that cannot be created
-    assert info.value.code == "storage_read_only"
+def test_a_read_only_file_system_is_storage_read_only() -> None:
+    with tmpfs("size=1m") as root:
+        storage = FileStorage(root.as_uri())
+        uri = storage.put(KEY, b"before", "image/png")
+        read_only(root)
+        with pytest.raises(StorageError) as info:
+            storage.put("jobs/j2/outputs/0.png", b"after", "image/png")
+        assert_clean(info.value, "storage_read_only")
+        assert "Read-only file system" in info.value.message
+        assert storage.get(uri) == b"before"  # reads still work
+        with pytest.raises(StorageError) as info:
+            FileStorage((root / "elsewhere").as_uri())  # a root that cannot be created
+        assert info.value.code == "storage_read_only"
 
 
 def test_a_missing_file_is_not_found(tmp_path: Path) -> None:
