@@ -91,17 +91,16 @@ def make_database(
 
 
 def _postgres_connect_args(url: URL, timeouts: DatabaseTimeouts) -> dict[str, Any]:
-    """libpq parameters for ``timeouts``; a parameter the URL sets itself keeps the URL's value."""
-    driver = url.get_driver_name()
-    if driver not in ("psycopg2", "psycopg"):
+    """psycopg2's connection arguments for ``timeouts`` (other drivers get the pool timeout only);
+    a parameter the URL sets itself keeps the URL's value."""
+    if url.get_driver_name() != "psycopg2":
         return {}
     args = {k: v for k, v in timeouts.libpq_params().items() if k not in url.query}
     options = [str(url.query["options"])] if "options" in url.query else []
     if options or timeouts.server_options():
         args["options"] = " ".join(options + timeouts.server_options())
-    if driver == "psycopg2":
-        install_wait_callback()
-        args["connection_factory"] = connection_class(timeouts)
+    install_wait_callback()
+    args["connection_factory"] = connection_class(timeouts)
     return args
 
 

@@ -59,7 +59,7 @@ class DatabaseTimeouts:
         return self.statement + ANSWER_GRACE if self.statement > 0 else 0.0
 
     def libpq_params(self) -> dict[str, Any]:
-        """Connection parameters libpq understands (psycopg2 and psycopg pass them through)."""
+        """Connection parameters for libpq, which psycopg2 passes through."""
         params: dict[str, Any] = {}
         if self.connect > 0:
             params["connect_timeout"] = max(2, math.ceil(self.connect))  # libpq's floor is 2 s
