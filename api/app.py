@@ -14,7 +14,7 @@ from api.errors import error_response, install_error_handlers
 from api.metrics import ApiMetrics, JobsCollector
 from api.ratelimit import RateLimiter
 from api.waiter import JobWaiter
-from inference_server.db import make_database, make_session_factory
+from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
 from inference_server.jobs.service import JobContext
 from inference_server.registry import Registry, load_registry
 from inference_server.settings import Settings
@@ -23,7 +23,8 @@ from inference_server.storage import open_storage
 
 def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry | None = None) -> FastAPI:
     """Build the API. ``run_relay`` starts the outbox relay thread in this process (the default)."""
-    db = make_database(settings.database_url, pool_size=20, pre_ping=False)
+    timeouts = DatabaseTimeouts.from_settings(settings, statement=settings.api_statement_timeout)
+    db = make_database(settings.database_url, pool_size=20, pre_ping=False, timeouts=timeouts)
     sf = make_session_factory(db)
     if registry is None:
         registry = load_registry(settings.models_file) if settings.models_file else Registry(None, {})

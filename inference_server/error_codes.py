@@ -102,8 +102,7 @@ DEPENDENCIES = (
     _c("database_unavailable", 503, (API,),
        "The database is unreachable; nothing was recorded, so the request can be retried.", reserved=True),
     _c("storage_error", 503, (API, JOB), "Reading or writing job files failed after retries."),
-    _c("storage_unavailable", 503, (API, JOB), "The storage service could not be reached after retries.",
-       reserved=True),
+    _c("storage_unavailable", 503, (API, JOB), "The storage service could not be reached after retries."),
     _c("storage_full", 503, (API, JOB), "The storage has no space left for the job's files."),
     _c("storage_read_only", 503, (API, JOB), "The storage refuses writes (a read-only disk or bucket)."),
 )
@@ -124,6 +123,7 @@ JOBS = (
 
 OPERATORS = (
     _c("registry_error", 503, (CLI,), "The model registry file (MODELS_FILE) is missing or invalid."),
+    _c("database_not_migrated", None, (CLI,), "The database has no job tables: run the migrations."),
     _c("no_registry", None, (CLI,), "MODELS_FILE is not set, and a worker needs a model registry."),
     _c("invalid_families", None, (CLI,), "`--families` names no family."),
     _c("invalid_device", None, (CLI,), "`--device` is not cpu, cuda, cuda:N or mps."),

@@ -116,6 +116,24 @@ class StorageError(InferenceError):
     code = "storage_error"
 
 
+class StorageUnavailable(StorageError):
+    """The storage did not answer, timed out or failed on its side (5xx) after bounded retries."""
+
+    code = "storage_unavailable"
+
+
+class StorageFull(StorageError):
+    """The storage has no space or quota left for the write."""
+
+    code = "storage_full"
+
+
+class StorageReadOnly(StorageError):
+    """The storage refuses writes: a read-only mount, missing permission, access denied."""
+
+    code = "storage_read_only"
+
+
 class JobCanceled(InferenceError):
     """The job was canceled while it ran (control flow, not a failure)."""
 

@@ -26,6 +26,12 @@ from requests.adapters import HTTPAdapter
 
 from inference_server import net_errors
 from inference_server.errors import InputFetchFailed, InputTooLarge, UnsafeURL
+from inference_server.netfailures import (
+    TRANSIENT_STATUSES,
+    TransientFetchError,
+    retry_after,
+    transient,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ALLOWED_SCHEMES = frozenset({"http", "https"})
@@ -190,7 +196,8 @@ def fetch_url(
     the first URL (CDNs and presigned storage URLs redirect, so refusing them would refuse real
     inputs); a redirect from https down to http is refused unless ``allow_private``. The body is
     capped while streaming. Raises ``UnsafeURL`` (private or bad scheme),
-    ``InputTooLarge`` (over ``max_bytes``) or ``InputFetchFailed`` (network error, timeout, non-2xx)."""
+    ``InputTooLarge`` (over ``max_bytes``), ``TransientFetchError`` (network error, timeout, 5xx,
+    429: worth another try) or ``InputFetchFailed`` (any other non-2xx)."""
     owned = adapter is None
     adapter = adapter or new_adapter(1)
     try:
@@ -207,7 +214,8 @@ def fetch_url(
             except UnsafeURL:
                 raise
             except (OSError, requests.RequestException) as exc:
-                raise InputFetchFailed(f"could not fetch {_redact(url)}: {net_errors.reason(exc)}") from exc
+                failed = TransientFetchError if transient(exc) else InputFetchFailed
+                raise failed(f"could not fetch {_redact(url)}: {net_errors.reason(exc)}") from exc
             with response:
                 if response.is_redirect and response.headers.get("Location"):
                     target = urljoin(url, response.headers["Location"])
@@ -216,12 +224,15 @@ def fetch_url(
                     url = target
                     continue
                 if not 200 <= response.status_code < 300:
-                    raise InputFetchFailed(f"fetching {_redact(url)} returned HTTP {response.status_code}")
+                    message = f"fetching {_redact(url)} returned HTTP {response.status_code}"
+                    if response.status_code in TRANSIENT_STATUSES:
+                        raise TransientFetchError(message, retry_after=retry_after(response))
+                    raise InputFetchFailed(message)
                 try:
                     return _read_capped(response, max_bytes)
                 except requests.RequestException as exc:
                     why = net_errors.reason(exc)
-                    raise InputFetchFailed(f"could not read {_redact(url)}: {why}") from exc
+                    raise TransientFetchError(f"could not read {_redact(url)}: {why}") from exc
         raise InputFetchFailed(f"more than {MAX_REDIRECTS} redirects fetching {_redact(url)}")
     finally:
         if owned:

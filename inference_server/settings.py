@@ -34,6 +34,16 @@ class Settings(BaseSettings):
     presign_expires_seconds: int = 3600
     models_file: Path | None = None
     model_cache_dir: Path | None = None
+    # Bounded waits on PostgreSQL (seconds; 0 turns one off): see inference_server/db/timeouts.py.
+    database_connect_timeout: float = 5.0
+    database_statement_timeout: float = 30.0  # above the longest legitimate statement
+    database_idle_in_transaction_timeout: float = 60.0
+    database_dead_peer_timeout: float = 10.0  # TCP keepalives and tcp_user_timeout
+    database_pool_timeout: float = 5.0
+    # Bounded waits on S3-compatible storage.
+    storage_connect_timeout: float = 5.0
+    storage_read_timeout: float = 30.0
+    storage_max_attempts: int = 4  # botocore attempts per request, the first included
 
     # API.
     api_host: str = "127.0.0.1"
@@ -41,12 +51,14 @@ class Settings(BaseSettings):
     api_url: str = ""  # where clients (the CLI) reach the API; default http://api_host:api_port
     rate_limit_per_minute: int = 0  # per API key; 0 disables
     max_request_bytes: int = 30 * 1024 * 1024
+    api_statement_timeout: float = 5.0  # the API's statements are short: a stuck database is a fast 503
 
     # Inputs.
     allow_private_networks: bool = False
     max_input_bytes: int = 20 * 1024 * 1024
     max_input_pixels: int = 16_000_000
-    input_fetch_timeout: float = 15.0
+    input_fetch_timeout: float = 15.0  # in all, retries included
+    input_fetch_attempts: int = 3  # network errors and 5xx are tried again within the timeout
 
     # Jobs and workers.
     job_max_attempts: int = 3
@@ -68,6 +80,7 @@ class Settings(BaseSettings):
     reconcile_interval: float = 5.0  # seconds between the dispatcher's reconciler passes
     lost_message_grace: float = 120.0  # a queued job idle this long, its queue empty, is published again
     worker_start_timeout: float = 600.0  # seconds a child may take to build its engine and warm up
+    broker_refused_timeout: float = 30.0  # a worker the broker refuses this long exits with status 1
 
     # Outbox relay.
     relay_batch_size: int = 200

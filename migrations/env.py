@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 import webhooks.tables  # noqa: F401  (registers the webhook tables on the shared metadata)
-from inference_server.db import Base, make_database
+from inference_server.db import Base, DatabaseTimeouts, make_database
 from inference_server.settings import get_settings
 
 config = context.config
@@ -27,7 +27,8 @@ def run_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_database(_url())
+    # DDL on a large table may rightly run for minutes: no statement or idle limits here.
+    engine = make_database(_url(), timeouts=DatabaseTimeouts(statement=0, idle_in_transaction=0))
     with engine.connect() as conn:
         _run(conn)
     engine.dispose()

@@ -17,7 +17,7 @@ import pytest
 
 from inference_server.errors import InputFetchFailed, StorageError
 from inference_server.imaging import resolve_input
-from inference_server.storage.local import FileStorage, disk_failure
+from inference_server.storage.local import FileStorage, write_error
 from inference_server.storage.s3 import S3Storage
 from tests.test_netguard import tls_echo_server
 
@@ -110,7 +110,7 @@ def fetch_failure(url: str, timeout: float = 5.0) -> str:
 def test_input_fetch_failures_say_why_in_plain_words(tmp_path: Path) -> None:
     port = closed_port()
     assert fetch_failure(f"https://127.0.0.1:{port}/in.png") == (
-        f"could not fetch https://127.0.0.1:{port}/in.png: the connection was refused"
+        f"could not fetch https://127.0.0.1:{port}/in.png: the connection was refused (after 3 attempts)"
     )
     with tls_echo_server(tmp_path) as (_ca, tls_port, _sni):  # a CA this process does not trust
         assert fetch_failure(f"https://localhost:{tls_port}/in.png").endswith(
@@ -118,11 +118,11 @@ def test_input_fetch_failures_say_why_in_plain_words(tmp_path: Path) -> None:
         )
     with tcp_server(lambda conn: (conn.recv(65536), conn.close())) as hangup:  # reads, answers nothing
         assert fetch_failure(f"http://127.0.0.1:{hangup}/in.png").endswith(
-            "the server closed the connection without a response"
+            "the server closed the connection without a response (after 3 attempts)"
         )
     with tcp_server(lambda conn: None) as silent:
-        assert fetch_failure(f"http://127.0.0.1:{silent}/in.png", timeout=0.5).endswith(
-            "timed out waiting for the response"
+        assert "timed out waiting for the response" in fetch_failure(
+            f"http://127.0.0.1:{silent}/in.png", timeout=0.5
         )
 
 
@@ -140,11 +140,12 @@ def test_s3_failures_name_no_bucket_and_no_botocore_text(s3_endpoint: str) -> No
     missing = S3Storage("s3://no-such-bucket-for-errors/p", endpoint_url=s3_endpoint, region="us-east-1")
     with pytest.raises(StorageError) as write:
         missing.put("jobs/1/outputs/0.png", b"x", "image/png")
-    assert write.value.message == "storage write failed: the storage service answered NoSuchBucket"
+    assert "no-such-bucket" not in write.value.message and "NoSuchBucket" in write.value.message
     down = S3Storage("s3://b/p", endpoint_url=f"http://127.0.0.1:{closed_port()}", region="us-east-1")
     with pytest.raises(StorageError) as read:
         down.get("s3://b/p/jobs/1/outputs/0.png")
-    assert read.value.message == "storage read failed: the connection was refused"
+    assert read.value.code == "storage_unavailable" and "127.0.0.1" not in read.value.message
+    assert "could not connect" in read.value.message and "botocore" not in read.value.message
 
 
 def test_file_storage_failures_name_no_server_path(tmp_path: Path) -> None:
@@ -152,11 +153,10 @@ def test_file_storage_failures_name_no_server_path(tmp_path: Path) -> None:
     (tmp_path / "root" / "jobs").write_text("a file where a folder should be")
     with pytest.raises(StorageError) as exc:
         storage.put("jobs/1/outputs/0.png", b"x", "image/png")
-    assert exc.value.code == "storage_error" and str(tmp_path) not in exc.value.message
-    assert exc.value.message == "storage write failed: not a directory"
+    assert exc.value.code == "storage_unavailable" and str(tmp_path) not in exc.value.message
+    assert "not a directory" in exc.value.message.lower()
     # The disk-full and read-only cases, as the operating system reports them, get their own codes.
-    full = disk_failure("storage write", tmp_path, OSError(errno.ENOSPC, "No space left on device"))
-    read_only = disk_failure("storage write", tmp_path, OSError(errno.EROFS, "Read-only file system"))
-    assert (full.code, full.message) == ("storage_full", "storage write failed: no space left on device")
-    assert read_only.code == "storage_read_only"
-    assert read_only.message == "storage write failed: read-only file system"
+    full = write_error(OSError(errno.ENOSPC, "No space left on device"), "jobs/1/outputs/0.png")
+    read_only = write_error(OSError(errno.EROFS, "Read-only file system"), "jobs/1/outputs/0.png")
+    assert full.code == "storage_full" and "no space left on device" in full.message.lower()
+    assert read_only.code == "storage_read_only" and "read-only file system" in read_only.message.lower()

@@ -8,6 +8,7 @@ from celery import Celery
 from inference_server.publish.topology import job_queue
 from inference_server.settings import Settings
 from workers.child import ChildRunner
+from workers.consumer import REFUSED_TIMEOUT_KEY
 from workers.gate import GateStep
 from workers.tasks import register_tasks
 
@@ -41,8 +42,10 @@ def create_celery_app(settings: Settings, queues: list[str], runner: ChildRunner
         # A child builds its engine and loads WARM_MODELS before it reports itself up; Celery's
         # default of 4 s would kill and replace it again and again while it loads.
         worker_proc_alive_timeout=settings.worker_start_timeout,
-        worker_consumer="workers.gate:Consumer",  # undecodable messages go to jobs.dead
+        # Undecodable messages go to jobs.dead; a broker that keeps refusing ends the worker.
+        worker_consumer="workers.consumer:BoundedConsumer",
     )
+    app.conf[REFUSED_TIMEOUT_KEY] = settings.broker_refused_timeout
     app.steps["consumer"].add(GateStep)
     register_tasks(app, runner)
     return app

@@ -79,7 +79,7 @@ class ChildRunner:
 def build_runner(settings: Settings) -> JobRunner:
     """A JobRunner for this child: its device configured, storage opened, registry read, engine
     ready to load pipelines, and a small database pool (one job runs at a time)."""
-    from inference_server.db import make_database, make_session_factory
+    from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
     from inference_server.engine.runner import Engine
     from inference_server.registry import load_registry
     from inference_server.storage import open_storage
@@ -100,7 +100,8 @@ def build_runner(settings: Settings) -> JobRunner:
         cache_dir=settings.model_cache_dir,
         fetch=lambda uri, dest: fetch_from_bucket(settings, uri, dest),
     )
-    db = make_database(settings.database_url, pool_size=2)
+    timeouts = DatabaseTimeouts.from_settings(settings)
+    db = make_database(settings.database_url, pool_size=2, timeouts=timeouts)
     return JobRunner(settings, make_session_factory(db), storage, engine)
 
 
@@ -116,5 +117,8 @@ def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:
         endpoint_url=settings.s3_endpoint_url,
         region=settings.s3_region,
         scheme=parsed.scheme,
+        connect_timeout=settings.storage_connect_timeout,
+        read_timeout=settings.storage_read_timeout,
+        max_attempts=settings.storage_max_attempts,
     )
     return store.download_tree(uri, dest)

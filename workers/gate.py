@@ -14,7 +14,6 @@ import contextlib
 import logging
 from typing import Any
 
-import celery.worker.consumer
 from celery import bootsteps, signals
 from celery.worker import state
 from celery.worker.request import Request
@@ -97,17 +96,6 @@ class LeasedRequest(Request):
             return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         finally:
             GATE.resume(self)
-
-
-class Consumer(celery.worker.consumer.Consumer):
-    """Celery's consumer, except that a message it cannot decode goes to ``jobs.dead`` (the family
-    queue's dead-letter exchange) instead of being acknowledged away unseen."""
-
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
-        kind = message.content_type or "no content type"
-        log.error("undecodable message (%s, %s) dead-lettered", kind, type(exc).__name__)
-        message.reject(requeue=False)
-        DEAD_LETTERS.labels("undecodable").inc()
 
 
 @signals.task_rejected.connect

@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from inference_server.errors import ConfigurationError
+from inference_server.errors import ConfigurationError, DependencyDown
 from inference_server.registry import Registry
 from inference_server.settings import Settings
 from workers.device import pin_device
@@ -63,29 +63,71 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
     """Run a Celery worker in this process. The device is pinned before anything imports torch."""
     torch_device = pin_device(device)
     settings = settings.model_copy(update={"device": torch_device})
+    if settings.worker_metrics_port:
+        # Before any module defines a metric: prometheus-client picks multiprocess mode then.
+        _prepare_multiprocess_metrics()
     app, queues = build_worker(settings, families)
+    _check_database(settings)
     if torch_device == "cuda":
         _check_cuda(device)
     if settings.worker_metrics_port:
-        _prepare_multiprocess_metrics()
         from workers.metrics import serve
 
         serve(settings.worker_metrics_port)
     name = f"{'-'.join(families)}.{device.replace(':', '')}@%h"
     if settings.broker_url.startswith(("amqp", "pyamqp")):
         _check_name_free(app, name)
-    app.worker_main(
-        [
-            "worker",
-            f"--pool={pool}",
-            "--concurrency=1",
-            "--loglevel=INFO",
-            f"--hostname={name}",
-            f"--queues={','.join(queues)}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
+    # app.Worker rather than app.worker_main, which drops the worker's exit status: a worker
+    # stopped by an unrecoverable error must exit non-zero for its supervisor to restart it.
+    from celery.utils.nodenames import host_format
+
+    worker = app.Worker(
+        pool_cls=pool,
+        concurrency=1,
+        loglevel="INFO",
+        hostname=host_format(name),
+        queues=queues,
+        without_gossip=True,
+        without_mingle=True,
     )
+    worker.start()
+    if worker.exitcode:
+        log.critical("worker stopped with status %s", worker.exitcode)
+        raise SystemExit(worker.exitcode)
+
+
+def _check_database(settings: Settings, *, attempts: int = 3, pause: float = 2.0) -> None:
+    """Refuse to start while the database cannot be used: a worker that cannot record what it runs
+    would only take jobs off the queue to strand them. A few tries ride out a database that is
+    starting beside the worker; then ``DependencyDown`` (exit status 1)."""
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from inference_server.db import DatabaseTimeouts, Job, make_database
+
+    timeouts = DatabaseTimeouts.from_settings(settings)
+    engine = make_database(settings.database_url, pool_size=1, timeouts=timeouts)
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+                    migrated = inspect(conn).has_table(Job.__tablename__)
+                break
+            except (DBAPIError, PoolTimeout) as exc:
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                if attempt == attempts:
+                    raise DependencyDown(f"the database is unavailable: {reason}") from exc
+                log.warning("database unavailable (%s); trying again in %.0f s", reason, pause)
+                time.sleep(pause)
+        if not migrated:
+            raise DependencyDown(
+                "the database has no job tables: run `inference-server migrate` first",
+                code="database_not_migrated",
+            )
+    finally:
+        engine.dispose()
 
 
 def _check_name_free(app: Any, name: str, *, grace: float = 5.0) -> None:

@@ -258,6 +258,7 @@ class JobRunner:
             allow_private=s.allow_private_networks,
             timeout=s.input_fetch_timeout,
             max_bytes=s.max_input_bytes,
+            attempts=s.input_fetch_attempts,
         )
         return imaging.decode_image(
             data, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels, draft_size=draft_size

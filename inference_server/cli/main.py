@@ -113,10 +113,10 @@ def keys() -> None:
 def keys_create(tenant: str) -> None:
     """Create a tenant (if new) and an API key; prints JSON {"api_key", "webhook_secret"}."""
     from api.auth import create_tenant_key
-    from inference_server.db import make_database, make_session_factory
+    from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
 
     settings = _settings()
-    engine = make_database(settings.database_url)
+    engine = make_database(settings.database_url, timeouts=DatabaseTimeouts.from_settings(settings))
     with make_session_factory(engine)() as session:
         row, key = create_tenant_key(session, tenant)
         click.echo(json.dumps({"tenant": row.name, "api_key": key, "webhook_secret": row.webhook_secret}))
@@ -127,11 +127,11 @@ def keys_create(tenant: str) -> None:
 @click.option("--tenant", required=True)
 def keys_rotate(tenant: str) -> None:
     """Issue a new webhook secret; both sign deliveries during WEBHOOK_SECRET_GRACE_HOURS."""
-    from inference_server.db import make_database, make_session_factory
+    from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
     from webhooks.secrets import rotate_webhook_secret
 
     settings = _settings()
-    engine = make_database(settings.database_url)
+    engine = make_database(settings.database_url, timeouts=DatabaseTimeouts.from_settings(settings))
     with make_session_factory(engine)() as session:
         secret = rotate_webhook_secret(session, tenant, settings.webhook_secret_grace_hours)
         click.echo(json.dumps({"tenant": tenant, "webhook_secret": secret}))

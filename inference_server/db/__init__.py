@@ -2,10 +2,12 @@
 
 from inference_server.db.base import Base, make_database, make_session_factory
 from inference_server.db.tables import ApiKey, Job, JobEvent, JobOutput, OutboxMessage, Tenant
+from inference_server.db.timeouts import DatabaseTimeouts
 
 __all__ = [
     "ApiKey",
     "Base",
+    "DatabaseTimeouts",
     "Job",
     "JobEvent",
     "JobOutput",

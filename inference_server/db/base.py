@@ -7,10 +7,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import JSON, URL, DateTime, Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+from inference_server.db.timeouts import DatabaseTimeouts, connection_class, install_wait_callback
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -53,8 +55,11 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def make_database(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engine:
-    """An engine tuned per backend: SQLite gets WAL and a busy timeout so threads of `up` can share it.
+def make_database(
+    url: str, *, pool_size: int = 10, pre_ping: bool = True, timeouts: DatabaseTimeouts | None = None
+) -> Engine:
+    """An engine tuned per backend: SQLite gets WAL and a busy timeout so threads of `up` can share it;
+    PostgreSQL gets the bounded waits of ``timeouts`` (default: the settings' defaults).
 
     ``pre_ping=False`` saves a round trip per checkout on hot request paths; a connection the
     database dropped then fails one request (503) and is replaced."""
@@ -73,9 +78,30 @@ def make_database(url: str, *, pool_size: int = 10, pre_ping: bool = True) -> En
             cur.close()
 
         return engine
+    timeouts = timeouts or DatabaseTimeouts()
     return create_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=pre_ping, pool_recycle=1800
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=pre_ping,
+        pool_recycle=1800,
+        pool_timeout=timeouts.pool if timeouts.pool > 0 else None,
+        connect_args=_postgres_connect_args(make_url(url), timeouts),
     )
+
+
+def _postgres_connect_args(url: URL, timeouts: DatabaseTimeouts) -> dict[str, Any]:
+    """psycopg2's connection arguments for ``timeouts`` (other drivers get the pool timeout only);
+    a parameter the URL sets itself keeps the URL's value."""
+    if url.get_driver_name() != "psycopg2":
+        return {}
+    args = {k: v for k, v in timeouts.libpq_params().items() if k not in url.query}
+    options = [str(url.query["options"])] if "options" in url.query else []
+    if options or timeouts.server_options():
+        args["options"] = " ".join(options + timeouts.server_options())
+    install_wait_callback()
+    args["connection_factory"] = connection_class(timeouts)
+    return args
 
 
 def make_session_factory(engine: Engine) -> sessionmaker:

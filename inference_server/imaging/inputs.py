@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import random
+import time
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
-from inference_server.errors import InputTooLarge, InvalidInput, NotFound, UnsafeURL
+from inference_server.errors import InputFetchFailed, InputTooLarge, InvalidInput, NotFound, UnsafeURL
 
 # Schemes handed to the storage reader. The reader must refuse URIs outside the configured storage
 # root (file:///etc/passwd, another bucket): this module cannot know that root.
 STORAGE_SCHEMES = ("file://", "s3://", "gs://")
+RETRY_BASE = 0.5  # seconds before the second try of a URL; doubled for each one after
+MIN_ATTEMPT = 0.5  # no try is started with less of the budget left
 
 _WHITESPACE = b" \t\r\n\f\v"
 
@@ -93,13 +97,15 @@ def resolve_input(
     allow_private: bool,
     timeout: float,
     max_bytes: int,
+    attempts: int = 3,
 ) -> bytes:
     """Return the bytes an input reference points at, at most ``max_bytes`` of them.
 
     - ``data:`` URIs are decoded in place;
     - ``https://`` URLs (and ``http://`` only when ``allow_private``, i.e. tests and single-machine
-      setups) are fetched by ``inference_server.netguard.fetch_url`` with the private-address guard,
-      the timeout and the size limit;
+      setups) are fetched by ``inference_server.netguard.fetch_url`` with the private-address guard
+      and the size limit, up to ``attempts`` times with backoff when the network or the server
+      failed (5xx, 429), all within ``timeout`` seconds; a 4xx is not tried again;
     - ``file://``, ``s3://``, ``gs://`` storage URIs go to ``read_storage``, which must confine them to
       the configured storage root.
 
@@ -112,10 +118,9 @@ def resolve_input(
     if kind == "url":
         if ref[:8].lower() != "https://" and not allow_private:
             raise UnsafeURL("input URLs must use https://", code="unsafe_url")
-        # Imported here: netguard belongs to the webhooks side and pulls in an HTTP client.
-        from inference_server.netguard import fetch_url
-
-        data = fetch_url(ref, allow_private=allow_private, timeout=timeout, max_bytes=max_bytes)
+        data = fetch_with_retries(
+            ref, allow_private=allow_private, timeout=timeout, max_bytes=max_bytes, attempts=attempts
+        )
     else:
         try:
             data = read_storage(ref)
@@ -124,3 +129,28 @@ def resolve_input(
     if len(data) > max_bytes:
         raise InputTooLarge(f"input is larger than {max_bytes} bytes", code="input_too_large")
     return data
+
+
+def fetch_with_retries(
+    url: str, *, allow_private: bool, timeout: float, max_bytes: int, attempts: int
+) -> bytes:
+    """``netguard.fetch_url``, tried again after a transient failure while attempts and the
+    ``timeout`` budget last; the last failure is raised as ``InputFetchFailed``."""
+    # Imported here: netguard belongs to the webhooks side and pulls in an HTTP client.
+    from inference_server.netfailures import TransientFetchError
+    from inference_server.netguard import fetch_url
+
+    deadline = time.monotonic() + timeout
+    attempt = 1
+    while True:
+        left = max(deadline - time.monotonic(), 0.1)
+        try:
+            return fetch_url(url, allow_private=allow_private, timeout=left, max_bytes=max_bytes)
+        except TransientFetchError as exc:
+            # Backoff with jitter, so an input many jobs share is not asked for in lockstep.
+            pause = max(RETRY_BASE * 2 ** (attempt - 1) * random.uniform(0.5, 1.0), exc.retry_after or 0.0)
+            if attempt >= attempts or time.monotonic() + pause + MIN_ATTEMPT > deadline:
+                tries = f" (after {attempt} attempts)" if attempt > 1 else ""
+                raise InputFetchFailed(exc.message + tries) from exc
+        time.sleep(pause)
+        attempt += 1

@@ -29,6 +29,7 @@ def load_image(
     max_bytes: int,
     max_pixels: int,
     draft_size: tuple[int, int] | None = None,
+    attempts: int = 3,
 ) -> Image.Image:
     """``resolve_input`` then ``decode_image``: the one call a worker needs per input reference.
 
@@ -36,7 +37,12 @@ def load_image(
     JPEGs then decode at a reduced scale that still covers it.
     """
     data = resolve_input(
-        ref, read_storage=read_storage, allow_private=allow_private, timeout=timeout, max_bytes=max_bytes
+        ref,
+        read_storage=read_storage,
+        allow_private=allow_private,
+        timeout=timeout,
+        max_bytes=max_bytes,
+        attempts=attempts,
     )
     return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, draft_size=draft_size)
 

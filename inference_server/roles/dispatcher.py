@@ -18,13 +18,17 @@ def start_dispatcher(
 ) -> list[threading.Thread]:
     """Start webhook delivery, the reconciler and (unless the process already has one) an outbox
     relay, as threads that run until ``stop`` is set."""
-    from inference_server.db import make_database, make_session_factory
+    from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
     from inference_server.jobs.reconcile import Reconciler
     from inference_server.publish.probe import BrokerProbe
     from inference_server.publish.relay import Relay
     from webhooks.dispatcher import Dispatcher
 
-    database = make_database(settings.database_url, pool_size=settings.webhook_concurrency + 4)
+    database = make_database(
+        settings.database_url,
+        pool_size=settings.webhook_concurrency + 4,
+        timeouts=DatabaseTimeouts.from_settings(settings),
+    )
     sf = make_session_factory(database)
     threads = []
     relayer = Relay.from_settings(sf, settings) if relay else None

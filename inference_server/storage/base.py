@@ -52,16 +52,21 @@ def open_storage(settings: Settings) -> Storage:
         from inference_server.storage.local import FileStorage
 
         return FileStorage(url)
-    if scheme == "s3":
+    if scheme in ("s3", "gs"):
         from inference_server.storage.s3 import S3Storage
 
-        return S3Storage(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
-    if scheme == "gs":
-        from inference_server.storage.s3 import S3Storage
-
-        # GCS through its S3-compatible XML API (HMAC keys); the endpoint defaults to Google's.
-        endpoint = settings.s3_endpoint_url or "https://storage.googleapis.com"
-        return S3Storage(url, endpoint_url=endpoint, region=settings.s3_region, scheme="gs")
+        endpoint = settings.s3_endpoint_url
+        if scheme == "gs":  # GCS through its S3-compatible XML API (HMAC keys); Google's endpoint by default
+            endpoint = endpoint or "https://storage.googleapis.com"
+        return S3Storage(
+            url,
+            endpoint_url=endpoint,
+            region=settings.s3_region,
+            scheme=scheme,
+            connect_timeout=settings.storage_connect_timeout,
+            read_timeout=settings.storage_read_timeout,
+            max_attempts=settings.storage_max_attempts,
+        )
     raise ConfigurationError(
         f"STORAGE_URL must start with file://, s3:// or gs://, got {url!r}", code="invalid_storage_url"
     )

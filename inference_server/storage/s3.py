@@ -1,4 +1,9 @@
-"""S3 and S3-compatible object stores (MinIO, R2, GCS interop) through boto3."""
+"""S3 and S3-compatible object stores (MinIO, R2, GCS interop) through boto3.
+
+Every request has connect and read timeouts and botocore's standard retries (exponential backoff
+with jitter on connection errors, timeouts, 5xx and throttling); what still fails becomes a
+``StorageError`` with a code of its own, and a message that names the object and the reason,
+never botocore's text (which carries the endpoint URL and object reprs)."""
 
 from __future__ import annotations
 
@@ -7,27 +12,68 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import boto3
+from botocore import exceptions as bex
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
 
-from inference_server import net_errors
-from inference_server.errors import NotFound, StorageError
+from inference_server.errors import NotFound, StorageError, StorageFull, StorageReadOnly, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
+MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+# No quota error in AWS itself; these are MinIO's, Ceph RGW's and the HTTP status for it.
+FULL = frozenset({"QuotaExceeded", "XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "507"})
+DENIED = frozenset({"AccessDenied", "AllAccessDisabled", "403"})
+BAD_CREDENTIALS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"})
+NETWORK_REASONS: list[tuple[type[Exception], str]] = [
+    (bex.ConnectTimeoutError, "timed out connecting to the storage endpoint"),
+    (bex.ReadTimeoutError, "the storage endpoint did not answer in time"),
+    (bex.EndpointConnectionError, "could not connect to the storage endpoint"),
+    (bex.ConnectionClosedError, "the storage endpoint closed the connection"),
+    (bex.NoCredentialsError, "no storage credentials are configured"),
+]
 
-def storage_failure(action: str, uri: str, exc: BotoCoreError | ClientError) -> StorageError:
-    """A ``StorageError`` a client may read: what failed and why in plain words. The bucket, the
-    key and botocore's text (endpoint URLs, retry counts) go to the log only."""
-    log.warning("%s %s failed: %s", action, uri, exc)
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code") or "an error"
-        return StorageError(f"{action} failed: the storage service answered {code}")
-    return StorageError(f"{action} failed: {net_errors.reason(exc)}")
+
+def storage_error(exc: Exception, *, action: str, uri: str, writing: bool) -> Exception:
+    """The domain error for a failed boto3 call (``NotFound`` for a missing object). Messages name
+    the object's key, not the bucket: they reach clients in a failed job's error."""
+    uri = _key(uri)
+    if isinstance(exc, bex.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code") or "")
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        attempts = 1 + int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts") or 0)
+        what = f"{action} of {uri} failed: {code or 'HTTP error'} (HTTP {status})"
+        if code in MISSING and not writing:
+            return NotFound(f"{uri} does not exist")
+        if code in FULL or status == 507:
+            return StorageFull(what)
+        if code in DENIED and writing:
+            return StorageReadOnly(what)
+        if code in DENIED or code in BAD_CREDENTIALS or code == "NoSuchBucket" or status >= 500:
+            return StorageUnavailable(f"{what} after {attempts} attempt{'s' * (attempts > 1)}")
+        return StorageError(what)
+    reason = next((text for cls, text in NETWORK_REASONS if isinstance(exc, cls)), None)
+    return StorageUnavailable(f"{action} of {uri} failed: {reason or f'{type(exc).__name__}'}")
+
+
+def _key(uri: str) -> str:
+    """``s3://bucket/prefix/key`` → ``prefix/key``."""
+    scheme, _, rest = uri.partition("://")
+    return rest.partition("/")[2] or rest if scheme in ("s3", "gs") else uri
 
 
 class S3Storage:
-    def __init__(self, root_url: str, *, endpoint_url: str | None, region: str, scheme: str = "s3") -> None:
+    def __init__(
+        self,
+        root_url: str,
+        *,
+        endpoint_url: str | None,
+        region: str,
+        scheme: str = "s3",
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        max_attempts: int = 4,
+    ) -> None:
         parsed = urlparse(root_url)
         self.scheme = scheme
         self.bucket = parsed.netloc
@@ -35,9 +81,9 @@ class S3Storage:
         self.root = f"{scheme}://{self.bucket}/{self.prefix}".rstrip("/")
         # Bounded retries and timeouts: a storage outage fails the job with a code instead of hanging a GPU.
         config = Config(
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
+            retries={"total_max_attempts": max(1, max_attempts), "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             signature_version="s3v4",
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
@@ -52,25 +98,25 @@ class S3Storage:
             raise StorageError(f"{uri} is not a {self.scheme}:// URI")
         return parsed.netloc, parsed.path.lstrip("/")
 
+    def _fail(self, exc: Exception, *, action: str, uri: str, writing: bool) -> Exception:
+        log.warning("%s of %s failed: %r", action, uri, exc)
+        return storage_error(exc, action=action, uri=uri, writing=writing)
+
     def put(self, key: str, data: bytes, content_type: str) -> str:
         full = self._key(key)
         uri = f"{self.scheme}://{self.bucket}/{full}"
         try:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=content_type)
-        except (BotoCoreError, ClientError) as exc:
-            raise storage_failure("storage write", uri, exc) from exc
+        except (bex.BotoCoreError, bex.ClientError) as exc:
+            raise self._fail(exc, action="upload", uri=uri, writing=True) from exc
         return uri
 
     def get(self, uri: str) -> bytes:
         bucket, key = self._split(uri)
         try:
             return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
-                raise NotFound(f"{uri} does not exist") from exc
-            raise storage_failure("storage read", uri, exc) from exc
-        except BotoCoreError as exc:
-            raise storage_failure("storage read", uri, exc) from exc
+        except (bex.BotoCoreError, bex.ClientError) as exc:
+            raise self._fail(exc, action="download", uri=uri, writing=False) from exc
 
     def presigned_url(self, uri: str, expires: int) -> str | None:
         bucket, key = self._split(uri)
@@ -99,8 +145,8 @@ class S3Storage:
                     if not (target.exists() and target.stat().st_size == obj["Size"]):
                         self.client.download_file(bucket, obj["Key"], str(target))
                     found = True
-        except (BotoCoreError, ClientError) as exc:
-            raise storage_failure("model download", uri, exc) from exc
+        except (bex.BotoCoreError, bex.ClientError) as exc:
+            raise self._fail(exc, action="download", uri=uri, writing=False) from exc
         if not found:
             raise NotFound(f"{uri} holds no files")
         return dest
