@@ -237,6 +237,7 @@ class Dispatcher:
                     d.retry_base,
                     d.tenant_id,
                     d.job_id,
+                    d.event_seq,
                     JobEvent.payload,
                     Tenant.webhook_secret,
                     Tenant.previous_webhook_secret,
@@ -267,6 +268,7 @@ class Dispatcher:
                 retry_base=row.retry_base,
                 tenant_id=row.tenant_id,
                 job_id=row.job_id,
+                event_seq=row.event_seq,
                 body=encode_body(row.payload),
                 secrets=signing_secrets(row, now),
             )

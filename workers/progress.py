@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.db import Job
 from inference_server.db.base import utcnow
-from inference_server.events import emit
-from inference_server.jobs.status import EventType, JobStatus
+from inference_server.events import emit_progress
+from inference_server.jobs.status import JobStatus
 from workers.cancels import CancelListener
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,6 @@ class ProgressWatcher:
             if result.rowcount:
                 job = session.get(Job, self.job_id)
                 if job is not None:
-                    emit(session, job, EventType.PROGRESS, api_base=self.api_base)
+                    emit_progress(session, job, api_base=self.api_base)
             session.commit()
         self._written_step, self._last_write = step, now
