@@ -28,16 +28,22 @@ from inference_server import netguard
 from inference_server.db import JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.settings import Settings
+from inference_server.storage import Storage, open_storage
 from webhooks.chain import sweep
 from webhooks.delivery import AttemptResult, attempt, encode_body
 from webhooks.fanout import fan_out
 from webhooks.recording import Claimed, record_results
+from webhooks.retention import Pruner
 from webhooks.secrets import signing_secrets
 from webhooks.tables import DeliveryStatus, WebhookDelivery
 from webhooks.transport import PinnedPool
 
 log = logging.getLogger(__name__)
-SWEEP_INTERVAL = 5.0  # seconds between repairs of missed chain promotions
+SWEEP_INTERVAL = 5.0  # seconds between repairs of lost chain cursors
+# Pruning shares the loop: at most this long per turn, and while a backlog lasts one turn per
+# PRUNE_BACKLOG_GAP, so deliveries never wait long behind it.
+PRUNE_BUDGET = 0.25
+PRUNE_BACKLOG_GAP = 1.0
 SLOW_SECONDS = 1.0  # a URL whose recent attempts average more than this is slow
 
 
@@ -95,6 +101,11 @@ class Dispatcher:
         self._wake = threading.Event()
         self._inflight: Counter[str] = Counter()  # per URL
         self._next_fanout = 0.0
+        self.pruner = Pruner(settings, self._transaction, skip_locked=self.skip_locked, storage=self._storage)
+        self._next_prune = 0.0
+
+    def _storage(self) -> Storage:
+        return open_storage(self.settings)  # only with OUTPUT_TTL_DAYS: the first expired output
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -112,6 +123,7 @@ class Dispatcher:
                 log.exception("webhook dispatcher step failed")
                 busy = False
                 stop.wait(1.0)
+            self._prune()
             if not busy:
                 self._wake.wait(self.settings.webhook_poll_interval)
                 self._wake.clear()
@@ -190,6 +202,17 @@ class Dispatcher:
                 self._submit(claimed)
                 busy = True
         return busy
+
+    def _prune(self) -> None:
+        """A turn of retention pruning when one is due; its failures never stop deliveries."""
+        if time.monotonic() < self._next_prune:
+            return
+        try:
+            more = self.pruner.step(PRUNE_BUDGET)
+        except Exception:  # the database or the storage blinked: try again at the next interval
+            log.exception("retention pruning failed")
+            more = False
+        self._next_prune = time.monotonic() + (PRUNE_BACKLOG_GAP if more else self.settings.prune_interval)
 
     def _drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -66,6 +66,25 @@ class S3Storage:
     def owns(self, uri: str) -> bool:
         return uri == self.root or uri.startswith(self.root + "/")
 
+    def delete(self, uris: list[str]) -> None:
+        by_bucket: dict[str, list[str]] = {}
+        for uri in uris:
+            bucket, key = self._split(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+                objects = [{"Key": k} for k in keys[start : start + 1000]]
+                try:
+                    answer = self.client.delete_objects(
+                        Bucket=bucket, Delete={"Objects": objects, "Quiet": True}
+                    )
+                except (BotoCoreError, ClientError) as exc:
+                    raise StorageError(f"delete in {self.scheme}://{bucket} failed: {exc}") from exc
+                errors = answer.get("Errors") or []
+                if errors:
+                    key, why = errors[0].get("Key"), errors[0].get("Message")
+                    raise StorageError(f"delete of {self.scheme}://{bucket}/{key} failed: {why}")
+
     def download_tree(self, uri: str, dest: Path) -> Path:
         bucket, prefix = self._split(uri)
         prefix = prefix.rstrip("/") + "/"
