@@ -10,14 +10,17 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from inference_server.db import Job
 from inference_server.db.base import utcnow
 from tests.webhook_support import Received, Receiver, add_event, add_job, add_tenant, make_settings, wait_for
+from webhooks.chain import sweep
 from webhooks.dispatcher import Dispatcher
+from webhooks.fanout import fan_out
 from webhooks.tables import WebhookDelivery
 
 
@@ -33,7 +36,8 @@ class Switchable:
     """A receiver's behaviour: ``reject(request)`` decides a failure status (or None: 200); every
     answer is logged in the order the receiver gave it."""
 
-    def __init__(self) -> None:
+    def __init__(self, stall: float = 0.0) -> None:
+        self.stall = stall  # while down, answer this late (past the dispatcher's timeout)
         self.up = threading.Event()
         self.answers: list[Answer] = []
         self._lock = threading.Lock()
@@ -47,7 +51,7 @@ class Switchable:
             self.answers.append(
                 Answer(req.headers["webhook-id"], json.loads(req.body)["type"], status, time.monotonic())
             )
-        return status, {}, 0.0
+        return status, {}, self.stall if status != 200 else 0.0
 
     def delivered(self) -> list[str]:
         with self._lock:
@@ -59,8 +63,8 @@ def running(sf, db_url):  # type: ignore[no-untyped-def]
     """Start a dispatcher thread with the given retry delays; stopped and closed at the end."""
     started: list[tuple[Dispatcher, threading.Event, threading.Thread]] = []
 
-    def start(delays: list[float]) -> Dispatcher:
-        d = Dispatcher(make_settings(db_url, webhook_retry_delays=delays), sf)
+    def start(delays: list[float], **overrides: object) -> Dispatcher:
+        d = Dispatcher(make_settings(db_url, webhook_retry_delays=delays, **overrides), sf)
         stop = threading.Event()
         thread = threading.Thread(target=d.run, args=(stop,))
         thread.start()
@@ -192,3 +196,48 @@ def test_no_event_is_given_up_before_its_own_schedule_ends(sf, rx, running) -> N
     behaviour.up.set()
     assert wait_for(lambda: [r.status for r in chain(sf)] == ["exhausted", "succeeded"], timeout=10)
     assert behaviour.delivered() == [succeeded]
+
+
+def test_a_receiver_that_does_not_answer_gets_one_event_per_job_at_a_time(sf, rx, running) -> None:  # type: ignore[no-untyped-def]
+    behaviour = Switchable(stall=1.0)
+    rx.behaviour = behaviour
+    with sf() as s, s.begin():
+        job = add_job(s, add_tenant(s), rx.url)
+        ids = [add_event(s, job, k).id for k in ("job.queued", "job.started", "job.succeeded")]
+    running([0.3] * 8, webhook_timeout=0.3)
+    assert wait_for(lambda: head_has(sf, attempts=3), timeout=15)
+    # Timeouts, not answers: trying the job's other events would only wait out more of them.
+    assert {a.event_id for a in behaviour.answers} == {ids[0]}
+    assert [r.attempts for r in chain(sf)[1:]] == [0, 0]
+    behaviour.up.set()
+    assert wait_for(lambda: [r.status for r in chain(sf)] == ["succeeded"] * 3, timeout=10)
+    assert behaviour.delivered() == ids
+
+
+def test_a_lost_cursor_is_repaired_by_the_sweep(sf, rx) -> None:  # type: ignore[no-untyped-def]
+    with sf() as s, s.begin():
+        job = add_job(s, add_tenant(s), rx.url)
+        for kind in ("job.queued", "job.started", "job.succeeded"):
+            add_event(s, job, kind)
+        fan_out(s)
+    released = utcnow() + timedelta(seconds=30)
+    with sf() as s, s.begin():  # as if the head's result and a fan-out had crossed: no cursor left
+        first = chain(sf)[0]
+        s.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == first.id)
+            .values(status="succeeded", next_attempt_at=None)
+        )
+        s.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id != first.id)
+            .values(next_attempt_at=released, updated_at=utcnow() - timedelta(hours=1))
+        )
+    with sf() as s, s.begin():
+        assert sweep(s, max_age=600) == 0  # the frequent sweep reads only recent rows
+        assert sweep(s) == 1  # the full one finds it
+    assert [(r.status, r.next_attempt_at) for r in chain(sf)] == [
+        ("succeeded", None),
+        ("pending", released),  # due when it had been released for
+        ("waiting", released),
+    ]

@@ -16,10 +16,13 @@ are ``waiting``. A chain moves in rounds:
   own retry time, and everything behind it is released for that time: when a receiver comes back,
   all of the job's pending events go out at the next attempt, in order.
 
-A ``Retry-After`` answer pauses the chain whatever the round: the receiver asked us to wait.
-Each delivery keeps its own attempt count and retry schedule, so none is given up earlier than its
-own schedule says. A cursor can be lost when an event is fanned out while its chain's last delivery
-is being recorded in another transaction; ``sweep`` repairs that within seconds.
+A failure without an answer (connection refused, timeout) or with ``Retry-After`` pauses the chain
+whatever the round: the receiver is away, or asked us to wait, and trying the job's other events
+would only wait out more timeouts. Each delivery keeps its own attempt count and retry schedule, so
+none is given up earlier than its own schedule says.
+
+A cursor can be lost when an event is fanned out while its chain's last delivery is being recorded
+in another transaction; ``sweep`` repairs that within seconds.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class Ended:
     url: str
     event_seq: int
     failed: bool  # the delivery is still open (due again later)
-    pause: bool = False  # the receiver asked for a pause (Retry-After): do not walk on
+    pause: bool = False  # no answer, or Retry-After: do not walk on
 
 
 def release_times(session: Session, job_ids: Iterable[str]) -> dict[Chain, datetime | None]:
@@ -161,13 +164,18 @@ def _next_moves(e: Ended, rows: list[Any], now: datetime) -> list[dict[str, Any]
 
 
 def repair(
-    session: Session, job_ids: Iterable[str] | None = None, *, older_than: datetime | None = None
+    session: Session,
+    job_ids: Iterable[str] | None = None,
+    *,
+    older_than: datetime | None = None,
+    newer_than: datetime | None = None,
 ) -> int:
     """Give every chain that has waiting deliveries but no cursor one: its first waiting delivery,
     due when it was released for (or now). Return how many.
 
-    ``job_ids`` limits it to those jobs; ``older_than`` limits the sweep to rows that have waited a
-    while, so it does not race a transaction that is still moving the chain."""
+    ``job_ids`` limits it to those jobs; ``older_than`` to rows that have waited a while, so it does
+    not race a transaction that is still moving the chain; ``newer_than`` to rows that changed
+    recently (a lost cursor is found within seconds, so most sweeps need not read old rows)."""
     d = WebhookDelivery
     other = aliased(WebhookDelivery)
     earlier = aliased(WebhookDelivery)
@@ -194,6 +202,8 @@ def repair(
         conditions.append(d.job_id.in_(ids))
     if older_than is not None:
         conditions.append(d.updated_at < older_than)
+    if newer_than is not None:
+        conditions.append(d.updated_at >= newer_than)
     now = utcnow()
     result = session.execute(
         update(d)
@@ -208,6 +218,9 @@ def repair(
     return affected(result)
 
 
-def sweep(session: Session, min_age: float = 2.0) -> int:
-    """Repair chains whose cursor was lost (see the module docstring)."""
-    return repair(session, older_than=utcnow() - timedelta(seconds=min_age))
+def sweep(session: Session, min_age: float = 2.0, max_age: float | None = None) -> int:
+    """Repair chains whose cursor was lost (see the module docstring) among waiting rows last
+    changed between ``max_age`` (None: ever) and ``min_age`` seconds ago."""
+    now = utcnow()
+    newer = None if max_age is None else now - timedelta(seconds=max_age)
+    return repair(session, older_than=now - timedelta(seconds=min_age), newer_than=newer)

@@ -39,7 +39,11 @@ from webhooks.tables import DeliveryStatus, WebhookDelivery
 from webhooks.transport import PinnedPool
 
 log = logging.getLogger(__name__)
-SWEEP_INTERVAL = 5.0  # seconds between repairs of lost chain cursors
+# Repairs of lost chain cursors: every few seconds over recently changed rows, and now and then
+# (and at start) over all of them, in case the dispatchers were away when a cursor was lost.
+SWEEP_INTERVAL = 5.0
+SWEEP_WINDOW = 600.0
+FULL_SWEEP_INTERVAL = 600.0
 # Pruning shares the loop: at most this long per turn, and while a backlog lasts one turn per
 # PRUNE_BACKLOG_GAP, so deliveries never wait long behind it.
 PRUNE_BUDGET = 0.25
@@ -111,13 +115,16 @@ class Dispatcher:
 
     def run(self, stop: threading.Event) -> None:
         """Deliver until ``stop`` is set, then finish the requests in flight and record them."""
-        next_sweep = 0.0
+        next_sweep = next_full_sweep = 0.0
         while not stop.is_set():
             try:
                 if time.monotonic() >= next_sweep:
+                    full = time.monotonic() >= next_full_sweep
                     with self._transaction() as session:
-                        sweep(session)
+                        sweep(session, max_age=None if full else SWEEP_WINDOW)
                     next_sweep = time.monotonic() + SWEEP_INTERVAL
+                    if full:
+                        next_full_sweep = time.monotonic() + FULL_SWEEP_INTERVAL
                 busy = self._step()
             except Exception:  # the database blinked: keep the process, retry shortly
                 log.exception("webhook dispatcher step failed")

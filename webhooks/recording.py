@@ -79,7 +79,10 @@ def record_results(
         if nxt.status == DeliveryStatus.GONE:
             gone.add((c.tenant_id, c.url))
         failed = nxt.status in DeliveryStatus.ACTIVE
-        ended[c.id] = Ended(c.job_id, c.url, c.event_seq, failed, failed and r.retry_after is not None)
+        # No answer at all (refused, timed out) or a Retry-After: the job's other events would fare
+        # no better now, so the chain pauses instead of walking on (chain.py).
+        pause = failed and (r.status_code is None or r.retry_after is not None)
+        ended[c.id] = Ended(c.job_id, c.url, c.event_seq, failed, pause)
         metrics.DELIVERIES.labels(outcome=nxt.outcome).inc()
         metrics.ATTEMPT_SECONDS.observe(r.duration)
 
