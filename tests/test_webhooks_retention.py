@@ -13,11 +13,11 @@ import boto3
 import pytest
 from sqlalchemy import event, func, insert, select, update
 
-from inference_server.db import JobEvent, JobOutput, OutboxMessage
+from inference_server.db import JobEvent, JobOutput, OutboxMessage, make_database, make_session_factory
 from inference_server.db.base import utcnow
 from inference_server.errors import NotFound
 from inference_server.storage import open_storage
-from tests.webhook_support import add_job, add_tenant, make_settings, wait_for
+from tests.webhook_support import add_job, add_tenant, make_settings, migrate, wait_for
 from webhooks.dispatcher import Dispatcher
 from webhooks.retention import Pruner
 from webhooks.tables import WebhookAttempt, WebhookDelivery
@@ -291,3 +291,24 @@ def test_the_dispatcher_prunes_on_its_interval(sf, db_url) -> None:  # type: ign
         stop.set()
         thread.join()
         d.close()
+
+
+def test_embedded_sqlite_mode(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'embedded.db'}"
+    migrate(url)
+    engine = make_database(url)
+    sf = make_session_factory(engine)
+    with sf() as s, s.begin():
+        job = add_job(s, add_tenant(s), "http://127.0.0.1:9/hook")
+        seed_events(s, job, 120, age=OLD)
+        for seq in seed_events(s, job, 30, age=OLD, type="job.succeeded"):
+            seed_delivery(s, job, seq, status="succeeded", age=OLD)
+        seed_outbox(s, job, 120, published=OLD, age=OLD)
+        young = seed_events(s, job, 2, age=timedelta(0))
+    settings = make_settings(url, prune_batch_size=50)
+    assert Pruner(settings, sf.begin, skip_locked=False).step(budget=60) is False
+    with sf() as s:
+        assert list(s.scalars(select(JobEvent.seq))) == young
+    assert count(sf, WebhookDelivery) == 0 and count(sf, WebhookAttempt) == 0
+    assert count(sf, OutboxMessage) == 0
+    engine.dispose()

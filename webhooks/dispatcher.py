@@ -7,6 +7,9 @@ rows whose lease expires and which another dispatcher sends again (at least once
 
 Isolation: requests run on a bounded thread pool (``webhook_concurrency``) and each URL has a share
 of it that depends on how it behaves (see ``UrlLimits``), so a slow receiver slows only itself.
+
+The loop also repairs lost chain cursors (``chain.sweep``) and prunes what has outlived its
+retention (``retention.Pruner``), a bounded slice at a time.
 """
 
 from __future__ import annotations
