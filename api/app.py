@@ -42,7 +42,7 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     )
     metrics = ApiMetrics()
     metrics.registry.register(JobsCollector(sf))
-    from webhooks.metrics import DeliveryBacklogCollector
+    from webhooks.service import DeliveryBacklogCollector
 
     metrics.registry.register(DeliveryBacklogCollector(sf))
     waiter = JobWaiter(db)

@@ -66,7 +66,7 @@ def authenticate(session: Session, header: str | None, cache: KeyCache) -> Tenan
 
 def create_tenant_key(session: Session, tenant_name: str) -> tuple[Tenant, str]:
     """Create the tenant if needed and a new API key for it; returns the key in clear (shown once)."""
-    from webhooks.secrets import new_secret
+    from webhooks.service import new_secret
 
     tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
     if tenant is None:

@@ -1,5 +1,13 @@
 """Job events: written in the same transaction as the transition they record; the dispatcher
-turns them into webhook deliveries."""
+turns them into webhook deliveries.
+
+Progress events are the bulk of the table (up to two a second per running job). One that some
+webhook destination takes is stored as the full webhook body; one that no destination takes is
+stored compact (``progress_event_values``): type, timestamp and a partial job (id, status,
+progress), marked ``"compact": true`` and already ``fanned_out``, so the dispatcher never reads it.
+Compact rather than nothing: the job's event history and live stream (``GET /v1/jobs/{id}/events``)
+read this table too, and a stream resumed with ``Last-Event-ID`` should see the progress it missed.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +19,31 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from inference_server.db import Job, JobEvent
+from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import utcnow
 from inference_server.jobs.enums import TERMINAL_EVENTS, EventType
 from inference_server.jobs.serialize import columns, iso, job_view
 
 JOB_FINISHED_CHANNEL = "job_finished"
 JOB_CANCELED_CHANNEL = "job_canceled"  # payload: the job id; wakes the worker running it
+COMPACT_PROGRESS_FIELDS = ("id", "status", "progress")
+
+
+def wants(filter_: Sequence[str] | None, event_type: str) -> bool:
+    """Whether an ``events`` filter admits the event: None is all; ``succeeded`` matches ``job.succeeded``."""
+    if filter_ is None:
+        return True
+    short = event_type.removeprefix("job.")
+    return any(f in (event_type, short) for f in filter_)
+
+
+def destinations(job: Any, tenant: Any) -> list[tuple[str, Sequence[str] | None]]:
+    """(url, events filter) pairs for a job: its own webhook, or the tenant's default when it names none."""
+    if job.webhook_url:
+        return [(job.webhook_url, job.webhook_events)]
+    if tenant is not None and tenant.default_webhook_url:
+        return [(tenant.default_webhook_url, tenant.default_webhook_events)]
+    return []
 
 
 def event_values(
@@ -61,3 +87,37 @@ def finished_notice(job: dict[str, Any]) -> str:
     NOTIFY (8000 bytes): then only its id."""
     message = json.dumps({"id": job["id"], "job": job}, default=str)
     return message if len(message) < 7900 else job["id"]
+
+
+def wants_full_progress(session: Session, job: Any) -> bool:
+    """Whether a webhook destination of ``job`` takes ``job.progress`` (the tenant's default webhook
+    is read only when the job names none: a primary-key lookup)."""
+    tenant = None
+    if not job.webhook_url:
+        columns = (Tenant.default_webhook_url, Tenant.default_webhook_events)
+        tenant = session.execute(select(*columns).where(Tenant.id == job.tenant_id)).first()
+    return any(wants(filter_, EventType.PROGRESS) for _, filter_ in destinations(job, tenant))
+
+
+def progress_event_values(session: Session, job: Job) -> dict[str, Any]:
+    """The event row for a progress tick of ``job``: the full webhook body when a destination takes
+    progress, otherwise the compact record described in the module docstring."""
+    values = event_values(columns(job), EventType.PROGRESS, [columns(o) for o in job.outputs])
+    if not wants_full_progress(session, job):
+        data = values["payload"]["data"]
+        values["payload"] = {
+            "type": values["type"],
+            "timestamp": values["payload"]["timestamp"],
+            "compact": True,
+            "data": {k: data[k] for k in COMPACT_PROGRESS_FIELDS},
+        }
+        values["fanned_out"] = True  # nothing to deliver
+    return values
+
+
+def emit_progress(session: Session, job: Job) -> JobEvent:
+    """Add a ``job.progress`` event for ``job`` (flushed state), full or compact; the caller commits."""
+    session.flush()
+    event = JobEvent(**progress_event_values(session, job))
+    session.add(event)
+    return event

@@ -96,6 +96,14 @@ class Settings(BaseSettings):
     webhook_secret_grace_hours: float = 24.0
     webhook_poll_interval: float = 0.2
     dispatcher_metrics_port: int = 9102  # Prometheus endpoint of `dispatcher` (0: none)
+    # Retention, pruned by the dispatcher in small batches (docs/configuration.md). 0 keeps forever;
+    # for outputs, 0 means no time-to-live. An event is kept while a webhook delivery refers to it.
+    event_retention_days: float = Field(default=7.0, ge=0)
+    outbox_retention_hours: float = Field(default=24.0, ge=0)  # published rows only
+    delivery_retention_days: float = Field(default=7.0, ge=0)  # finished deliveries, with their attempts
+    output_ttl_days: float = Field(default=0.0, ge=0)
+    prune_interval: float = Field(default=60.0, gt=0)
+    prune_batch_size: int = Field(default=500, ge=1)  # rows examined (and at most deleted) per statement
 
     @field_validator("webhook_retry_delays", "job_retry_delays", mode="before")
     @classmethod

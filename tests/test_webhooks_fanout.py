@@ -4,6 +4,7 @@ per-job order behind a failing delivery, lease takeover, and the embedded SQLite
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 from sqlalchemy import select, update
@@ -100,7 +101,35 @@ def test_event_filters_and_tenant_default(scratch_db, scratch_db_url) -> None:  
         assert {r.job_id for r in rows(scratch_db)} == {filtered.id, defaulted.id}
 
 
-def test_order_is_kept_behind_a_failing_delivery(scratch_db, scratch_db_url, receiver) -> None:  # type: ignore[no-untyped-def]
+def run_until_received(d: Dispatcher, receiver: Receiver, count: int) -> None:
+    stop = threading.Event()
+    thread = threading.Thread(target=d.run, args=(stop,))
+    thread.start()
+    try:
+        assert wait_for(lambda: len(receiver.requests) >= count, 10, what="the state this test expects")
+        time.sleep(0.2)  # room for a request too many to show up
+    finally:
+        stop.set()
+        thread.join()
+        d.close()
+
+
+def test_order_is_kept_when_a_receiver_blinks(scratch_db, scratch_db_url, receiver) -> None:  # type: ignore[no-untyped-def]
+    receiver.behaviour = lambda n, req: (500 if n < 1 else 200, {}, 0.0)
+    with scratch_db() as s, s.begin():
+        job = add_job(s, add_tenant(s), receiver.url)
+        ids = [
+            add_event(s, job, kind).id
+            for kind in ("job.queued", "job.started", "job.progress", "job.succeeded")
+        ]
+    run_until_received(
+        Dispatcher(make_settings(scratch_db_url, webhook_retry_delays=[0.01] * 3), scratch_db), receiver, 5
+    )
+    # The later events waited for the first one's retry, which succeeded: the receiver saw them in order.
+    assert receiver.ids() == [ids[0], *ids]
+
+
+def test_a_failing_event_holds_the_rest_one_retry_interval_only(scratch_db, scratch_db_url, receiver) -> None:  # type: ignore[no-untyped-def]
     receiver.behaviour = lambda n, req: (500 if n < 2 else 200, {}, 0.0)
     with scratch_db() as s, s.begin():
         job = add_job(s, add_tenant(s), receiver.url)
@@ -108,17 +137,13 @@ def test_order_is_kept_behind_a_failing_delivery(scratch_db, scratch_db_url, rec
             add_event(s, job, kind).id
             for kind in ("job.queued", "job.started", "job.progress", "job.succeeded")
         ]
-    d = Dispatcher(make_settings(scratch_db_url, webhook_retry_delays=[0.01] * 3), scratch_db)
-    stop = threading.Event()
-    thread = threading.Thread(target=d.run, args=(stop,))
-    thread.start()
-    try:
-        wait_for(lambda: len(receiver.requests) >= 6, 10, what="two retries of the first and the others")
-    finally:
-        stop.set()
-        thread.join()
-        d.close()
-    assert receiver.ids() == [ids[0], ids[0], ids[0], ids[1], ids[2], ids[3]]
+    run_until_received(
+        Dispatcher(make_settings(scratch_db_url, webhook_retry_delays=[0.01] * 3), scratch_db), receiver, 6
+    )
+    # job.queued failed twice: at its retry the others went right after it, in order, and it went
+    # again at its own next attempt (not the others after its exhaustion).
+    assert receiver.ids() == [ids[0], ids[0], ids[1], ids[2], ids[3], ids[0]]
+    assert [r.status for r in rows(scratch_db)] == ["succeeded"] * 4
 
 
 def test_a_stalled_send_is_taken_over_after_its_lease(scratch_db, scratch_db_url, receiver) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,9 @@ rows whose lease expires and which another dispatcher sends again (at least once
 
 Isolation: requests run on a bounded thread pool (``webhook_concurrency``) and each URL has a share
 of it that depends on how it behaves (see ``UrlLimits``), so a slow receiver slows only itself.
+
+The loop also repairs lost chain cursors (``chain.sweep``) and prunes what has outlived its
+retention (``retention.Pruner``), a bounded slice at a time.
 """
 
 from __future__ import annotations
@@ -29,16 +32,26 @@ from inference_server.db import JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.jobs.serialize import with_api_base
 from inference_server.settings import Settings
+from inference_server.storage import Storage, open_storage
 from webhooks.chain import sweep
 from webhooks.delivery import AttemptResult, attempt, encode_body
 from webhooks.fanout import fan_out
 from webhooks.recording import Claimed, record_results
+from webhooks.retention import Pruner
 from webhooks.secrets import signing_secrets
 from webhooks.tables import DeliveryStatus, WebhookDelivery
 from webhooks.transport import PinnedPool
 
 log = logging.getLogger(__name__)
-SWEEP_INTERVAL = 5.0  # seconds between repairs of missed chain promotions
+# Repairs of lost chain cursors: every few seconds over recently changed rows, and now and then
+# (and at start) over all of them, in case the dispatchers were away when a cursor was lost.
+SWEEP_INTERVAL = 5.0
+SWEEP_WINDOW = 600.0
+FULL_SWEEP_INTERVAL = 600.0
+# Pruning shares the loop: at most this long per turn, and while a backlog lasts one turn per
+# PRUNE_BACKLOG_GAP, so deliveries never wait long behind it.
+PRUNE_BUDGET = 0.25
+PRUNE_BACKLOG_GAP = 1.0
 SLOW_SECONDS = 1.0  # a URL whose recent attempts average more than this is slow
 
 
@@ -96,23 +109,32 @@ class Dispatcher:
         self._wake = threading.Event()
         self._inflight: Counter[str] = Counter()  # per URL
         self._next_fanout = 0.0
+        self.pruner = Pruner(settings, self._transaction, skip_locked=self.skip_locked, storage=self._storage)
+        self._next_prune = 0.0
+
+    def _storage(self) -> Storage:
+        return open_storage(self.settings)  # only with OUTPUT_TTL_DAYS: the first expired output
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Deliver until ``stop`` is set, then finish the requests in flight and record them."""
-        next_sweep = 0.0
+        next_sweep = next_full_sweep = 0.0
         while not stop.is_set():
             try:
                 if time.monotonic() >= next_sweep:
+                    full = time.monotonic() >= next_full_sweep
                     with self._transaction() as session:
-                        sweep(session)
+                        sweep(session, max_age=None if full else SWEEP_WINDOW)
                     next_sweep = time.monotonic() + SWEEP_INTERVAL
+                    if full:
+                        next_full_sweep = time.monotonic() + FULL_SWEEP_INTERVAL
                 busy = self._step()
             except Exception:  # the database blinked: keep the process, retry shortly
                 log.exception("webhook dispatcher step failed")
                 busy = False
                 stop.wait(1.0)
+            self._prune()
             if not busy:
                 self._wake.wait(self.settings.webhook_poll_interval)
                 self._wake.clear()
@@ -192,6 +214,17 @@ class Dispatcher:
                 busy = True
         return busy
 
+    def _prune(self) -> None:
+        """A turn of retention pruning when one is due; its failures never stop deliveries."""
+        if time.monotonic() < self._next_prune:
+            return
+        try:
+            more = self.pruner.step(PRUNE_BUDGET)
+        except Exception:  # the database or the storage blinked: try again at the next interval
+            log.exception("retention pruning failed")
+            more = False
+        self._next_prune = time.monotonic() + (PRUNE_BACKLOG_GAP if more else self.settings.prune_interval)
+
     def _drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while sum(self._inflight.values()) and time.monotonic() < deadline:
@@ -238,6 +271,7 @@ class Dispatcher:
                     d.retry_base,
                     d.tenant_id,
                     d.job_id,
+                    d.event_seq,
                     JobEvent.payload,
                     Tenant.webhook_secret,
                     Tenant.previous_webhook_secret,
@@ -268,6 +302,7 @@ class Dispatcher:
                 retry_base=row.retry_base,
                 tenant_id=row.tenant_id,
                 job_id=row.job_id,
+                event_seq=row.event_seq,
                 body=encode_body(with_api_base(row.payload, self.settings.api_url)),
                 secrets=signing_secrets(row, now),
             )

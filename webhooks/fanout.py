@@ -9,7 +9,6 @@ accumulates one pending progress row per job, not thousands.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,9 +17,10 @@ from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
+from inference_server.events import destinations, wants
 from inference_server.jobs.enums import EventType
 from webhooks import metrics
-from webhooks.chain import affected, open_chains, promote
+from webhooks.chain import affected, release_times, repair
 from webhooks.tables import DeliveryStatus, WebhookDelivery, WebhookGoneURL
 
 PROGRESS = EventType.PROGRESS.value
@@ -31,23 +31,6 @@ FANOUT_LOCK_KEY = 0x57484F4B
 
 def url_hash(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()
-
-
-def wants(filter_: Sequence[str] | None, event_type: str) -> bool:
-    """Whether an ``events`` filter admits the event: None is all; ``succeeded`` matches ``job.succeeded``."""
-    if filter_ is None:
-        return True
-    short = event_type.removeprefix("job.")
-    return any(f in (event_type, short) for f in filter_)
-
-
-def destinations(job: Any, tenant: Any) -> list[tuple[str, Sequence[str] | None]]:
-    """(url, events filter) pairs for a job: its own webhook, or the tenant's default when it names none."""
-    if job.webhook_url:
-        return [(job.webhook_url, job.webhook_events)]
-    if tenant is not None and tenant.default_webhook_url:
-        return [(tenant.default_webhook_url, tenant.default_webhook_events)]
-    return []
 
 
 def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True) -> int:
@@ -113,9 +96,8 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
 
     now = utcnow()
     inherited = _supersede_waiting_progress(session, latest_progress)
-    if inherited:  # a superseded head may have had followers: they move up
-        promote(session, {job_id for job_id, _ in inherited})
-    busy = open_chains(session, {event.job_id for event, _ in planned})
+    # Chains with unfinished deliveries, and when a new event joining each is due (chain.py).
+    busy = release_times(session, {event.job_id for event, _ in planned})
     rows: list[dict[str, Any]] = []
     coalesced = 0
     for event, url in planned:
@@ -146,15 +128,19 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
             )
             metrics.DELIVERIES.labels(outcome=DeliveryStatus.GONE).inc()
         elif chain in busy:
-            row.update(status=DeliveryStatus.WAITING, next_attempt_at=None)
+            row.update(status=DeliveryStatus.WAITING, next_attempt_at=busy[chain])
         else:
-            busy.add(chain)
+            busy[chain] = None  # a fresh chain: what follows waits for this one's first answer
             if event.type == PROGRESS:
                 # Keep the replaced row's backoff so a dead receiver is not hit at every progress tick.
                 row["next_attempt_at"] = max(now, inherited.get(chain, now))
         rows.append(row)
     if rows:
-        session.execute(insert(WebhookDelivery), rows)
+        # render_nulls: a waiting row's NULL next_attempt_at (not yet released) must not become the
+        # column's default, now.
+        session.execute(insert(WebhookDelivery).execution_options(render_nulls=True), rows)
+    if inherited:  # a superseded progress delivery may have been its chain's cursor
+        repair(session, {job_id for job_id, _ in inherited})
     session.execute(
         update(JobEvent).where(JobEvent.seq.in_([e.seq for e in events])).values(fanned_out=True),
         execution_options={"synchronize_session": False},

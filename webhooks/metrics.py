@@ -2,8 +2,9 @@
 
 In the dispatcher process (default registry; serve it with ``prometheus_client.start_http_server``):
 ``inference_webhook_deliveries_total{outcome}`` counts results as they happen (``succeeded``,
-``retry``, ``exhausted``, ``gone``, ``superseded``, ``replayed``) and
-``inference_webhook_attempt_seconds`` times each HTTP attempt.
+``retry``, ``exhausted``, ``gone``, ``superseded``, ``replayed``),
+``inference_webhook_attempt_seconds`` times each HTTP attempt and
+``inference_retention_pruned_rows_total{table}`` counts rows deleted by retention.
 
 For any process that can read the database (the API's ``/metrics``), ``DeliveryBacklogCollector``
 reports the backlog as stored: unfinished deliveries per status and how late the most overdue one
@@ -23,6 +24,11 @@ DELIVERIES = Counter(
     "inference_webhook_deliveries",
     "Webhook delivery outcomes: one per attempt result, coalesced progress event or replay.",
     ["outcome"],
+)
+PRUNED = Counter(
+    "inference_retention_pruned_rows",
+    "Rows deleted by retention (webhooks/retention.py), by table.",
+    ["table"],
 )
 ATTEMPT_SECONDS = Histogram(
     "inference_webhook_attempt_seconds",

@@ -1,5 +1,5 @@
-"""Storing attempt results: the delivery's next state, its attempt row, 410 bookkeeping, promotion
-of the next delivery in each finished chain. One transaction per batch of results."""
+"""Storing attempt results: the delivery's next state, its attempt row, 410 bookkeeping, and the
+move of each chain's cursor (``chain.advance``). One transaction per batch of results."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from inference_server.db.base import UTCDateTime, utcnow
 from webhooks import metrics
-from webhooks.chain import affected, promote
+from webhooks.chain import Ended, advance, affected
 from webhooks.delivery import AttemptResult, plan_next
 from webhooks.fanout import url_hash
 from webhooks.tables import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookGoneURL
@@ -31,6 +31,7 @@ class Claimed:
     retry_base: int
     tenant_id: str
     job_id: str
+    event_seq: int
     body: bytes
     secrets: list[str]
 
@@ -49,7 +50,7 @@ def record_results(
     rows: list[tuple[Any, ...]] = []
     attempts: list[dict[str, Any]] = []
     gone: set[tuple[str, str]] = set()
-    finished_jobs: set[str] = set()
+    ended: dict[str, Ended] = {}
     for c, r in done:
         n = c.attempts + 1
         nxt = plan_next(r, n - c.retry_base, delays, now)
@@ -77,18 +78,22 @@ def record_results(
         )
         if nxt.status == DeliveryStatus.GONE:
             gone.add((c.tenant_id, c.url))
-        if nxt.status not in DeliveryStatus.ACTIVE:
-            finished_jobs.add(c.job_id)
+        failed = nxt.status in DeliveryStatus.ACTIVE
+        # No answer at all (refused, timed out) or a Retry-After: the job's other events would fare
+        # no better now, so the chain pauses instead of walking on (chain.py).
+        pause = failed and (r.status_code is None or r.retry_after is not None)
+        ended[c.id] = Ended(c.job_id, c.url, c.event_seq, failed, pause)
         metrics.DELIVERIES.labels(outcome=nxt.outcome).inc()
         metrics.ATTEMPT_SECONDS.observe(r.duration)
 
     if session.get_bind().dialect.name == "postgresql":
-        _apply_postgresql(session, rows, attempts, now)
+        applied = _apply_postgresql(session, rows, attempts, now)
     else:
-        _apply_portable(session, rows, attempts, now)
+        applied = _apply_portable(session, rows, attempts, now)
     for tenant_id, url in gone:
         mark_gone(session, tenant_id, url)
-    promote(session, finished_jobs)
+    # Only results recorded under their claim move a chain: a zombie's late answer changes nothing.
+    advance(session, [e for delivery_id, e in ended.items() if delivery_id in applied], now)
 
 
 # PostgreSQL: the whole batch in two statements whose text never changes (arrays, not a VALUES list
@@ -103,6 +108,7 @@ _PG_UPDATE = text("""
                 CAST(:errors AS text[]), CAST(:delivered AS timestamptz[]))
          AS r(id, token, status, attempts, next_at, code, error, delivered)
     WHERE d.id = r.id AND d.claim_token = r.token
+    RETURNING d.id
 """)
 _PG_ATTEMPTS = text("""
     INSERT INTO webhook_attempts (delivery_id, number, started_at, duration_ms, status_code, error)
@@ -113,9 +119,10 @@ _PG_ATTEMPTS = text("""
 
 def _apply_postgresql(
     session: Session, rows: list[tuple[Any, ...]], attempts: list[dict[str, Any]], now: datetime
-) -> None:
+) -> set[str]:
+    """Apply the batch; return the ids of the deliveries whose claim still held."""
     cols = list(zip(*rows, strict=True))
-    session.execute(
+    applied = session.execute(
         _PG_UPDATE,
         {
             "now": now,
@@ -128,7 +135,8 @@ def _apply_postgresql(
             "errors": list(cols[6]),
             "delivered": list(cols[7]),
         },
-    )
+    ).scalars()
+    applied_ids = set(applied)
     session.execute(
         _PG_ATTEMPTS,
         {
@@ -140,11 +148,12 @@ def _apply_postgresql(
             "errors": [a["error"] for a in attempts],
         },
     )
+    return applied_ids
 
 
 def _apply_portable(
     session: Session, rows: list[tuple[Any, ...]], attempts: list[dict[str, Any]], now: datetime
-) -> None:
+) -> set[str]:
     t = cast(Table, WebhookDelivery.__table__)
     stmt = (
         update(t)
@@ -161,8 +170,14 @@ def _apply_portable(
         )
     )
     keys = ("b_id", "b_token", "b_status", "b_attempts", "b_next", "b_code", "b_error", "b_delivered")
-    session.connection().execute(stmt, [dict(zip(keys, row, strict=True)) for row in rows])
+    applied = set()
+    # One statement per row (the embedded SQLite mode is one process): each rowcount says whether
+    # the claim held.
+    for row in rows:
+        if affected(session.connection().execute(stmt, dict(zip(keys, row, strict=True)))):
+            applied.add(row[0])
     session.execute(insert(cast(Table, WebhookAttempt.__table__)), attempts)
+    return applied
 
 
 def mark_gone(session: Session, tenant_id: str, url: str) -> None:

@@ -1,5 +1,6 @@
-"""What the API asks of webhooks: a job's deliveries, and replaying one. Tenant-scoped: another
-tenant's job or delivery is ``NotFound``."""
+"""What the API asks of webhooks, and the only module of this package it imports: a job's
+deliveries, replaying one (tenant-scoped: another tenant's job or delivery is ``NotFound``), a new
+tenant's signing secret, and the delivery backlog for the API's metrics."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from inference_server.errors import Conflict, NotFound
 from inference_server.jobs.serialize import iso
 from webhooks import metrics
 from webhooks.fanout import url_hash
+from webhooks.metrics import DeliveryBacklogCollector
+from webhooks.secrets import new_secret
 from webhooks.tables import DeliveryStatus, WebhookDelivery, WebhookGoneURL
+
+__all__ = ["DeliveryBacklogCollector", "delivery_to_dict", "list_deliveries", "new_secret", "replay_delivery"]
 
 
 def list_deliveries(session: Session, tenant_id: str, job_id: str) -> list[WebhookDelivery]:

@@ -15,7 +15,9 @@ from inference_server.db.tables import BigId
 class DeliveryStatus:
     """Delivery states (stored as strings). Only PENDING and SENDING are active."""
 
-    WAITING = "waiting"  # behind an earlier delivery of the same job and URL; promoted when that one ends
+    # Behind the chain's cursor (an earlier delivery of the same job and URL). next_attempt_at is NULL
+    # until a failure before it releases it for a round (webhooks/chain.py).
+    WAITING = "waiting"
     PENDING = "pending"  # due at next_attempt_at (first attempt, or a retry after a failure)
     SENDING = "sending"  # claimed by a dispatcher; next_attempt_at is the claim's lease expiry
     SUCCEEDED = "succeeded"
@@ -34,9 +36,9 @@ _WAITING_SQL = text("status = 'waiting'")
 class WebhookDelivery(Base):
     """One event to one URL. ``event_id`` is the ``webhook-id``: the same on every attempt and replay.
 
-    Per (job, URL) the deliveries form a chain in event order: only the first unfinished one is
-    ``pending``/``sending``; the later ones are ``waiting`` with no ``next_attempt_at``, so the
-    dispatcher's claim is a plain walk of the due index, never a scan past blocked rows."""
+    Per (job, URL) the deliveries form a chain in event order (webhooks/chain.py): one unfinished
+    delivery is ``pending``/``sending`` (the cursor), the others are ``waiting``, so the dispatcher's
+    claim is a plain walk of the due index, never a scan past blocked rows."""
 
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
@@ -49,7 +51,9 @@ class WebhookDelivery(Base):
         ),
         # Per-job ordering and coalescing look at a job's deliveries in event order.
         Index("ix_webhook_deliveries_job_seq", "job_id", "event_seq"),
-        # The sweep that repairs a missed promotion scans only waiting rows.
+        # Deleting an event looks its deliveries up (its ON DELETE CASCADE, the pruner's checks).
+        Index("ix_webhook_deliveries_event_seq", "event_seq"),
+        # The sweep that repairs a lost cursor scans only waiting rows.
         Index(
             "ix_webhook_deliveries_waiting",
             "updated_at",

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.db import Job
 from inference_server.db.base import utcnow
-from inference_server.events import emit
-from inference_server.jobs.enums import EventType, JobStatus
+from inference_server.events import emit_progress
+from inference_server.jobs.enums import JobStatus
 from workers.cancels import CancelListener
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class ProgressWatcher:
             if result.rowcount and write:
                 job = session.get(Job, self.job_id)
                 if job is not None:
-                    emit(session, job, EventType.PROGRESS)
+                    emit_progress(session, job)
             session.commit()
         if renew and result.rowcount:
             self._renewed, self._lease_until = now, now + self.lease_seconds

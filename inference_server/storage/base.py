@@ -35,6 +35,10 @@ class Storage(Protocol):
         """Copy a folder (a model, a LoRA) under ``uri`` into ``dest`` and return the local path."""
         ...
 
+    def delete(self, uris: list[str]) -> None:
+        """Remove these objects (under this storage's root); ones already gone are fine."""
+        ...
+
 
 def output_key(job_id: str, index: int, ext: str) -> str:
     return f"jobs/{job_id}/outputs/{index}.{ext}"

@@ -82,6 +82,13 @@ class FileStorage:
             return False
         return uri.startswith("file:")
 
+    def delete(self, uris: list[str]) -> None:
+        for uri in uris:
+            try:
+                self._path(uri).unlink(missing_ok=True)
+            except OSError as exc:
+                raise write_error(exc, uri) from exc
+
     def download_tree(self, uri: str, dest: Path) -> Path:
         src = self._path(uri)
         if not src.exists():

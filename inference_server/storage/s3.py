@@ -36,7 +36,7 @@ NETWORK_REASONS: list[tuple[type[Exception], str]] = [
 def storage_error(exc: Exception, *, action: str, uri: str, writing: bool) -> Exception:
     """The domain error for a failed boto3 call (``NotFound`` for a missing object). Messages name
     the object's key, not the bucket: they reach clients in a failed job's error."""
-    uri = _key(uri)
+    uri = _object_key(uri)
     if isinstance(exc, bex.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code") or "")
@@ -56,7 +56,7 @@ def storage_error(exc: Exception, *, action: str, uri: str, writing: bool) -> Ex
     return StorageUnavailable(f"{action} of {uri} failed: {reason or f'{type(exc).__name__}'}")
 
 
-def _key(uri: str) -> str:
+def _object_key(uri: str) -> str:
     """``s3://bucket/prefix/key`` → ``prefix/key``."""
     scheme, _, rest = uri.partition("://")
     return rest.partition("/")[2] or rest if scheme in ("s3", "gs") else uri
@@ -126,6 +126,26 @@ class S3Storage:
 
     def owns(self, uri: str) -> bool:
         return uri == self.root or uri.startswith(self.root + "/")
+
+    def delete(self, uris: list[str]) -> None:
+        by_bucket: dict[str, list[str]] = {}
+        for uri in uris:
+            bucket, key = self._split(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+                objects = [{"Key": k} for k in keys[start : start + 1000]]
+                try:
+                    answer = self.client.delete_objects(
+                        Bucket=bucket, Delete={"Objects": objects, "Quiet": True}
+                    )
+                except (bex.BotoCoreError, bex.ClientError) as exc:
+                    where = f"{self.scheme}://{bucket}/"
+                    raise self._fail(exc, action="delete", uri=where, writing=True) from exc
+                errors = answer.get("Errors") or []
+                if errors:
+                    key, why = errors[0].get("Key"), errors[0].get("Message")
+                    raise StorageError(f"delete of {self.scheme}://{bucket}/{key} failed: {why}")
 
     def download_tree(self, uri: str, dest: Path) -> Path:
         bucket, prefix = self._split(uri)
