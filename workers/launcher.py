@@ -67,9 +67,9 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
         # Before any module defines a metric: prometheus-client picks multiprocess mode then.
         _prepare_multiprocess_metrics()
     app, queues = build_worker(settings, families)
-    _check_database(settings)
     if torch_device == "cuda":
         _check_cuda(device)
+    _check_database(settings)
     if settings.worker_metrics_port:
         from workers.metrics import serve
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 
 from kombu import Connection
 
@@ -41,36 +42,22 @@ class BrokerProbe:
         return bool(self._cached("__ping__", check))
 
     def consumers(self, queues: list[str]) -> dict[str, int | None]:
-        """Consumers per queue (None where the broker or the queue is not there)."""
-
-        def count() -> dict[str, int | None]:
-            result: dict[str, int | None] = {}
-            try:
-                with Connection(self.url, connect_timeout=self.timeout) as conn:
-                    for name in queues:
-                        channel = conn.channel()
-                        try:
-                            _, _, consumers = channel.queue_declare(queue=name, passive=True)
-                            result[name] = consumers
-                        except Exception:
-                            result[name] = 0
-                        finally:
-                            with contextlib.suppress(Exception):
-                                channel.close()
-            except Exception:
-                return {name: None for name in queues}
-            return result
-
-        if self.url.startswith("memory://"):
-            return {name: None for name in queues}
-        return self._cached("consumers:" + ",".join(queues), count)  # type: ignore[no-any-return]
+        """Consumers per queue, cached for ``ttl`` (0 for a queue that is not there, None where the
+        broker cannot be asked)."""
+        return self._cached(  # type: ignore[no-any-return]
+            "consumers:" + ",".join(queues), lambda: self._declare(queues, lambda ready, consumers: consumers)
+        )
 
     def ready(self, queues: list[str]) -> dict[str, int | None]:
-        """Ready (undelivered) messages per queue, read now: 0 for a queue that does not exist,
-        None where the broker cannot be asked."""
+        """Ready (undelivered) messages per queue, read now (0 for a queue that is not there, None
+        where the broker cannot be asked)."""
+        return self._declare(queues, lambda ready, consumers: ready)
+
+    def _declare(self, queues: list[str], pick: Callable[[int, int], int]) -> dict[str, int | None]:
+        """Passively declare each queue and ``pick`` from its (ready messages, consumers)."""
         from amqp.exceptions import NotFound
 
-        if self.url.startswith("memory://"):  # `up`: one process, nothing can be lost between parts
+        if self.url.startswith("memory://"):  # `up`: one process, no broker to ask
             return {name: None for name in queues}
         result: dict[str, int | None] = {}
         try:
@@ -78,8 +65,8 @@ class BrokerProbe:
                 for name in queues:
                     channel = conn.channel()
                     try:
-                        _, ready, _ = channel.queue_declare(queue=name, passive=True)
-                        result[name] = ready
+                        _, ready, consumers = channel.queue_declare(queue=name, passive=True)
+                        result[name] = pick(ready, consumers)
                     except NotFound:
                         result[name] = 0
                     except Exception:

@@ -87,7 +87,9 @@ class S3Storage:
             signature_version="s3v4",
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # A session of its own: boto3's default one keeps the first credentials it resolved.
+        session = boto3.session.Session()
+        self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
