@@ -4,6 +4,7 @@ and the URLs that answered 410 Gone."""
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum, nonmember
 
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -12,8 +13,8 @@ from inference_server.db.base import Base, new_id, utcnow
 from inference_server.db.tables import BigId
 
 
-class DeliveryStatus:
-    """Delivery states (stored as strings). Only PENDING and SENDING are active."""
+class DeliveryStatus(StrEnum):
+    """Delivery states (stored as their values). Only PENDING and SENDING are active."""
 
     # Behind the chain's cursor (an earlier delivery of the same job and URL). next_attempt_at is NULL
     # until a failure before it releases it for a round (webhooks/chain.py).
@@ -25,8 +26,8 @@ class DeliveryStatus:
     GONE = "gone"  # the receiver answered 410: nothing more goes to that URL
     SUPERSEDED = "superseded"  # metrics only: a progress delivery replaced (deleted) by a newer one
 
-    ACTIVE = (PENDING, SENDING)  # claimable once next_attempt_at has passed
-    OPEN = (WAITING, PENDING, SENDING)  # not finished: later events of the job wait behind these
+    ACTIVE = nonmember((PENDING, SENDING))  # claimable once next_attempt_at has passed
+    OPEN = nonmember((WAITING, PENDING, SENDING))  # not finished: later events wait behind these
 
 
 _ACTIVE_SQL = text("status IN ('pending', 'sending')")
