@@ -23,7 +23,10 @@ from inference_server.storage import open_storage
 
 def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry | None = None) -> FastAPI:
     """Build the API. ``run_relay`` starts the outbox relay thread in this process (the default)."""
-    timeouts = DatabaseTimeouts.from_settings(settings, statement=settings.api_statement_timeout)
+    # A request must not wait on a silent database longer than its statements may take.
+    api_limit = settings.api_statement_timeout
+    connect = min(settings.database_connect_timeout, api_limit) if api_limit else None
+    timeouts = DatabaseTimeouts.from_settings(settings, statement=api_limit, connect=connect)
     db = make_database(settings.database_url, pool_size=20, pre_ping=False, timeouts=timeouts)
     sf = make_session_factory(db)
     if registry is None:

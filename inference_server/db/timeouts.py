@@ -42,11 +42,13 @@ class DatabaseTimeouts:
     pool: float = 5.0
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, statement: float | None = None) -> DatabaseTimeouts:
+    def from_settings(
+        cls, settings: Settings, *, statement: float | None = None, connect: float | None = None
+    ) -> DatabaseTimeouts:
         """The settings' timeouts; ``statement`` overrides the statement timeout (the API's, 0 for
-        migrations, whose DDL may rightly run long)."""
+        migrations, whose DDL may rightly run long), ``connect`` the connect timeout."""
         return cls(
-            connect=settings.database_connect_timeout,
+            connect=settings.database_connect_timeout if connect is None else connect,
             statement=settings.database_statement_timeout if statement is None else statement,
             idle_in_transaction=settings.database_idle_in_transaction_timeout,
             dead_peer=settings.database_dead_peer_timeout,
