@@ -10,7 +10,8 @@ Columns: accepted (202s), ok_once (succeeded with one terminal record), failed (
 (accepted, not in the database), twice (recorded twice), stuck (not terminal at the deadline),
 dup_wh (distinct terminal webhook ids per event beyond one), wh_miss (terminal webhook never
 received), dead_w (workers that died on their own), reruns (jobs started more than once),
-settle_s (last fault healed -> last job terminal), done (the issue's bar).
+settle_s (last fault healed -> every job terminal and its terminal webhook received), done (the
+issue's bar).
 Needs root (or the postgres and rabbitmq users) for the private servers, as the test suite does."""
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class Tally:
     workers_dead: int = 0  # worker processes that exited without the scenario stopping them
     reruns: int = 0  # jobs started more than once (a fault may justify it; a long job must not)
     refused: int = 0  # submits answered 503 (then retried with the same Idempotency-Key)
-    settle_s: float | None = None  # from the last fault healing to the last job terminal
+    settle_s: float | None = None  # last fault healed -> every job terminal, its terminal webhook in
     checks: dict[str, tuple[bool, str]] = field(default_factory=dict)  # scenario-specific expectations
     notes: list[str] = field(default_factory=list)
 
