@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,20 +46,20 @@ class Lab:
         owns_root = root is None
         root = root or Path(tempfile.mkdtemp(prefix="faults-lab-"))
         (root / "logs").mkdir(parents=True, exist_ok=True)
-        started: list[object] = []
+        undo: list[Callable[[], None]] = []
         try:
             pg = PrivatePostgres()
-            started.append(pg)
+            undo.append(pg.close)
             pg.start()
             rabbit = PrivateRabbit()
-            started.append(rabbit)
+            undo.append(rabbit.close)
             rabbit.start()
             moto, s3 = start_moto(root / "logs")
-            started.append(moto)
+            undo.append(moto.stop)
             models = lab_registry(root)
         except BaseException:
-            for thing in reversed(started):
-                thing.close() if hasattr(thing, "close") else thing.stop()  # type: ignore[attr-defined]
+            for step in reversed(undo):
+                step()
             raise
         log.info("lab up: postgres :%s, rabbitmq %s :%s, s3 %s", pg.port, rabbit.node, rabbit.port, s3)
         lab = cls(root, pg, rabbit, moto, s3, models)

@@ -19,7 +19,6 @@ from inference_server.devtools.faults.common import (
     forget,
     free_port,
     on_exit,
-    pid_alive,
     wait_until,
 )
 
@@ -156,8 +155,3 @@ def start_moto(log_dir: Path) -> tuple[Proc, str]:
 
     wait_until(up, 60, what="the moto S3 server")
     return proc, endpoint
-
-
-def stray_children(pids: list[int]) -> list[int]:
-    """Which of ``pids`` still run (a pool child whose main process was killed, say)."""
-    return [p for p in pids if pid_alive(p)]

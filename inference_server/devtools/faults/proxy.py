@@ -38,6 +38,8 @@ class TcpProxy:
         self._links: set[_Link] = set()
         self._closed = threading.Event()
         self._listener: socket.socket | None = None
+        self._generation = 0  # mode changes asked for
+        self._applied = 0  # mode changes the accept loop has carried out
         self.port = self._listen(port)
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
         self._acceptor.start()
@@ -66,51 +68,55 @@ class TcpProxy:
         self._closed.set()
         self._set(Mode.CUT)
         self._acceptor.join(5)
+        if self._listener is not None:
+            self._listener.close()
 
     def _set(self, mode: Mode) -> None:
+        """Switch to ``mode``; returns once the accept loop has applied it (a cut refuses from then on)."""
         with self._lock:
             self._mode = mode
+            self._generation += 1
+            wanted = self._generation
             links = list(self._links)
-            if mode is Mode.CUT and self._listener is not None:
-                self._listener.close()  # refused from now on
-                self._listener = None
-            elif mode is not Mode.CUT and self._listener is None and not self._closed.is_set():
-                self._listen(self.port)
         for link in links:
             if mode is Mode.CUT:
                 link.end(rst=False)
             elif mode is Mode.RESET:
                 link.end(rst=True)
+        deadline = time.monotonic() + 5
+        while self._applied < wanted and self._acceptor.is_alive() and time.monotonic() < deadline:
+            time.sleep(TICK / 5)
 
     def _listen(self, port: int) -> int:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        deadline = time.monotonic() + 2
-        while True:
-            try:
-                sock.bind(("127.0.0.1", port))
-                break
-            except OSError:
-                # The listener cut() closed may live until the accept loop's tick lets it go.
-                if time.monotonic() > deadline:
-                    sock.close()
-                    raise
-                time.sleep(TICK)
+        sock.bind(("127.0.0.1", port))
         sock.listen(128)
         sock.settimeout(TICK)
         self._listener = sock
         return int(sock.getsockname()[1])
 
     def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            listener = self._listener
-            if listener is None:
+        """Owns the listening socket: only this thread opens and closes it, between two accepts, so
+        a cut is in force when ``_set`` returns (no accept in flight keeps the port listening)."""
+        while True:
+            with self._lock:
+                generation, mode = self._generation, self._mode
+            if mode is Mode.CUT and self._listener is not None:
+                self._listener.close()  # pending and new connections are refused from now on
+                self._listener = None
+            elif mode is not Mode.CUT and self._listener is None:
+                self._listen(self.port)
+            self._applied = generation
+            if self._closed.is_set():
+                return
+            if self._listener is None:
                 time.sleep(TICK)
                 continue
             try:
-                client, _ = listener.accept()
+                client, _ = self._listener.accept()
             except (TimeoutError, OSError):
-                continue  # a tick, or the listener closed under us by cut()
+                continue
             if self._mode is Mode.RESET:
                 _close(client, rst=True)
                 continue

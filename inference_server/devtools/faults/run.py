@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 import threading
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
 from inference_server.devtools.faults import procs
 from inference_server.devtools.faults.common import log
+from inference_server.devtools.faults.db import create_tenant, job_rows, running_jobs
 from inference_server.devtools.faults.receiver import VerifyingReceiver
 from inference_server.devtools.faults.submit import Submitter
 from inference_server.devtools.faults.system import System
@@ -38,7 +38,7 @@ class Run:
     def __init__(self, system: System, name: str, *, receiver_delay: float = 0.0) -> None:
         self.system = system
         self.name = name
-        self.api_key, self.webhook_secret, self.tenant_id = _tenant(system.database_url, name)
+        self.api_key, self.webhook_secret, self.tenant_id = create_tenant(system.database_url, name)
         self.receiver = VerifyingReceiver(self.webhook_secret, delay=receiver_delay)
         self.accepted: dict[str, float] = {}  # job id -> when its 202 came back (under _lock)
         self._lock = threading.Lock()
@@ -113,6 +113,10 @@ class Run:
     def rows(self, ids: set[str] | None = None) -> list[dict[str, Any]]:
         return job_rows(self.system.database_url, self.tenant_id, ids)
 
+    def running(self, *, min_step: int = 1) -> list[dict[str, Any]]:
+        """This tenant's jobs running at ``min_step`` or later."""
+        return running_jobs(self.system.database_url, self.tenant_id, min_step=min_step)
+
     def pending(self) -> int:
         """Accepted jobs not terminal yet."""
         ids = self.accepted_ids()
@@ -167,6 +171,15 @@ class Run:
         if stuck:
             tally.notes.append(f"stuck jobs (first 3): {', '.join(stuck[:3])}")
         self._canary(tally)
+        answers: Counter[str] = Counter()
+        for sub in self.submitters:
+            answers.update(sub.statuses)
+        given_up = sum(sub.given_up for sub in self.submitters)
+        tally.notes.append(
+            "submits answered: "
+            + ", ".join(f"{k} x{n}" for k, n in sorted(answers.items()))
+            + (f"; {given_up} never accepted" if given_up else "")
+        )
         signals = self.log_signals()
         if signals:
             tally.notes.append("worker logs: " + ", ".join(f"{k} x{n}" for k, n in signals.items()))
@@ -211,39 +224,3 @@ class Run:
     def close(self) -> None:
         self.receiver.close()
         self.system.heal_all()
-
-
-def job_rows(database_url: str, tenant_id: str, ids: set[str] | None = None) -> list[dict[str, Any]]:
-    """Every job of the tenant (or only ``ids``) with its terminal, started and output counts."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
-    engine = create_engine(database_url, poolclass=NullPool, connect_args={"connect_timeout": 5})
-    query = """
-        SELECT j.id, j.status, j.error_code, j.attempts, j.params, j.started_at, j.finished_at,
-          (SELECT count(*) FROM job_events e WHERE e.job_id = j.id AND e.type IN
-             ('job.succeeded', 'job.failed', 'job.canceled')) AS terminal_events,
-          (SELECT count(*) FROM job_events e WHERE e.job_id = j.id AND e.type = 'job.started')
-            AS started_events,
-          (SELECT count(*) FROM job_outputs o WHERE o.job_id = j.id) AS outputs
-        FROM jobs j WHERE j.tenant_id = :tenant"""
-    try:
-        with engine.connect() as conn:
-            rows = [dict(r) for r in conn.execute(text(query), {"tenant": tenant_id}).mappings()]
-    finally:
-        engine.dispose()
-    return rows if ids is None else [r for r in rows if r["id"] in ids]
-
-
-def _tenant(database_url: str, name: str) -> tuple[str, str, str]:
-    """A tenant and API key made the way `inference-server keys create` makes them."""
-    from api.auth import create_tenant_key
-    from inference_server.db import make_database, make_session_factory
-
-    engine = make_database(database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            row, key = create_tenant_key(session, f"{name}-{uuid.uuid4().hex[:6]}")
-            return key, row.webhook_secret, row.id
-    finally:
-        engine.dispose()

@@ -20,7 +20,6 @@ from inference_server.devtools.faults.scenarios.kit import (
     bodies,
     expect_codes,
     mid_job,
-    running,
 )
 from inference_server.devtools.faults.tally import Tally
 
@@ -66,9 +65,9 @@ def pg_outage(lab: Lab, size: int, *, down_for: float = 12.0) -> Tally:
         s.warm_up()
         s.submit(bodies(s, MEDIUM, size))
         deadline = time.monotonic() + 60
-        while len(running(s, min_step=2)) < min(2, size) and time.monotonic() < deadline:
+        while len(s.running(min_step=2)) < min(2, size) and time.monotonic() < deadline:
             time.sleep(0.05)
-        busy = len(running(s, min_step=2))
+        busy = len(s.running(min_step=2))
         s.mark(f"PostgreSQL killed with {busy} job(s) mid-run")
         lab.pg.kill()
         time.sleep(down_for)

@@ -52,33 +52,13 @@ def bodies(
     return out
 
 
-def running(run: Run, *, min_step: int = 1) -> list[dict[str, Any]]:
-    """Jobs of the run's tenant running at ``min_step`` or later."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
-    engine = create_engine(run.system.database_url, poolclass=NullPool, connect_args={"connect_timeout": 5})
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT id, attempts, progress_step FROM jobs WHERE tenant_id = :t"
-                    " AND status = 'running' AND progress_step >= :k"
-                ),
-                {"t": run.tenant_id, "k": min_step},
-            ).mappings()
-            return [dict(r) for r in rows]
-    finally:
-        engine.dispose()
-
-
 def mid_job(
     run: Run, *, min_step: int = 2, timeout: float = 90, not_ids: set[str] | None = None
 ) -> dict[str, Any]:
     """Wait until some job (not one of ``not_ids``) is running at ``min_step`` or later; return it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for row in running(run, min_step=min_step):
+        for row in run.running(min_step=min_step):
             if row["id"] not in (not_ids or set()):
                 return row
         time.sleep(0.05)

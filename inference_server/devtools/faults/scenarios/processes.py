@@ -16,7 +16,6 @@ from inference_server.devtools.faults.scenarios.kit import (
     expect_no_reruns,
     log_count,
     mid_job,
-    running,
 )
 from inference_server.devtools.faults.tally import TERMINAL, Tally
 
@@ -97,7 +96,7 @@ def killer_job(lab: Lab, size: int, *, budget: float = 240.0) -> Tally:
             rows = s.rows({killer})
             if rows and rows[0]["status"] in TERMINAL:
                 break
-            for row in running(s, min_step=1):
+            for row in s.running(min_step=1):
                 if row["id"] == killer and row["attempts"] not in killed:
                     s.mark(f"SIGKILL the pool child in attempt {row['attempts']} of the killer job")
                     s.worker_of(killer).signal_children(signal.SIGKILL)
