@@ -29,6 +29,12 @@ SYSTEM_ENV = {
     "WEBHOOK_POLL_INTERVAL": "0.05",
     "WEBHOOK_RETRY_DELAYS": "1,1,2,2,3,5,5,8,8,13,13,21",
     "WEBHOOK_TIMEOUT": "3",  # the dispatcher's delivery lease is 2 x this + 30 s
+    # Leases short enough that a lost run is found within the scenarios' minute.
+    "JOB_LEASE_SECONDS": "6",
+    "RECONCILE_INTERVAL": "1",
+    "JOB_RETRY_DELAYS": "1,2,4",
+    "JOB_END_RETRY_SECONDS": "10",
+    "LOST_MESSAGE_GRACE": "15",
     "AWS_ACCESS_KEY_ID": "test",
     "AWS_SECRET_ACCESS_KEY": "test",
     "AWS_DEFAULT_REGION": "us-east-1",

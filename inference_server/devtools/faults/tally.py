@@ -77,7 +77,8 @@ def count_jobs(tally: Tally, rows: list[dict[str, Any]], accepted: set[str]) -> 
     tally.lost = len(accepted - by_id.keys())
     for job_id in accepted & by_id.keys():
         r = by_id[job_id]
-        images = int((r["params"] or {}).get("num_images") or 1)
+        params = r["params"] or {}
+        images = len(params.get("seeds") or ()) or int(params.get("num_images") or 1)  # JobSpec or older
         twice = r["terminal_events"] > 1 or r["outputs"] > images
         tally.recorded_twice += twice
         tally.reruns += r["started_events"] > 1
