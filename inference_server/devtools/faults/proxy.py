@@ -1,0 +1,197 @@
+"""A TCP proxy on 127.0.0.1 in front of one ``host:port`` whose link can be cut, blackholed or reset,
+and healed: a network fault as the process behind it sees it, without touching the real service.
+
+- ``cut()``: every connection is closed (FIN) and new ones are refused, as when the service is down.
+- ``blackhole()``: connections stay open and new ones are accepted, but nothing is forwarded until
+  ``heal()``; what was sent meanwhile is held, as TCP retransmits through a partition.
+- ``reset()``: every connection, and every new one until ``heal()``, is reset (RST).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import select
+import socket
+import struct
+import threading
+import time
+
+TICK = 0.05  # how often a link notices a change of mode
+
+
+class Mode(enum.Enum):
+    PASS = "pass"
+    CUT = "cut"
+    BLACKHOLE = "blackhole"
+    RESET = "reset"
+
+
+class TcpProxy:
+    """Forwards ``127.0.0.1:port`` to ``upstream``. ``port=0`` picks a free port."""
+
+    def __init__(self, upstream: tuple[str, int], port: int = 0, *, name: str = "proxy") -> None:
+        self.upstream = upstream
+        self.name = name
+        self._mode = Mode.PASS
+        self._lock = threading.Lock()
+        self._links: set[_Link] = set()
+        self._closed = threading.Event()
+        self._listener: socket.socket | None = None
+        self._generation = 0  # mode changes asked for
+        self._applied = 0  # mode changes the accept loop has carried out
+        self.port = self._listen(port)
+        self._acceptor = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
+        self._acceptor.start()
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def cut(self) -> None:
+        self._set(Mode.CUT)
+
+    def blackhole(self) -> None:
+        self._set(Mode.BLACKHOLE)
+
+    def reset(self) -> None:
+        self._set(Mode.RESET)
+
+    def heal(self) -> None:
+        self._set(Mode.PASS)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._set(Mode.CUT)
+        self._acceptor.join(5)
+        if self._listener is not None:
+            self._listener.close()
+
+    def _set(self, mode: Mode) -> None:
+        """Switch to ``mode``; returns once the accept loop has applied it (a cut refuses from then on)."""
+        with self._lock:
+            self._mode = mode
+            self._generation += 1
+            wanted = self._generation
+            links = list(self._links)
+        for link in links:
+            if mode is Mode.CUT:
+                link.end(rst=False)
+            elif mode is Mode.RESET:
+                link.end(rst=True)
+        deadline = time.monotonic() + 5
+        while self._applied < wanted and self._acceptor.is_alive() and time.monotonic() < deadline:
+            time.sleep(TICK / 5)
+
+    def _listen(self, port: int) -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+        sock.settimeout(TICK)
+        self._listener = sock
+        return int(sock.getsockname()[1])
+
+    def _accept_loop(self) -> None:
+        """Owns the listening socket: only this thread opens and closes it, between two accepts, so
+        a cut is in force when ``_set`` returns (no accept in flight keeps the port listening)."""
+        while True:
+            with self._lock:
+                generation, mode = self._generation, self._mode
+            if mode is Mode.CUT and self._listener is not None:
+                self._listener.close()  # pending and new connections are refused from now on
+                self._listener = None
+            elif mode is not Mode.CUT and self._listener is None:
+                self._listen(self.port)
+            self._applied = generation
+            if self._closed.is_set():
+                return
+            if self._listener is None:
+                time.sleep(TICK)
+                continue
+            try:
+                client, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            if self._mode is Mode.RESET:
+                _close(client, rst=True)
+                continue
+            link = _Link(self, client)
+            with self._lock:
+                self._links.add(link)
+            threading.Thread(target=link.run, name=f"{self.name}-link", daemon=True).start()
+
+    def _forget(self, link: _Link) -> None:
+        with self._lock:
+            self._links.discard(link)
+
+
+class _Link:
+    """One client connection and its upstream, served by one thread that checks the mode each tick."""
+
+    def __init__(self, proxy: TcpProxy, client: socket.socket) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.upstream: socket.socket | None = None
+        self._end: bool | None = None  # None: live; else end with RST (True) or FIN (False)
+
+    def end(self, *, rst: bool) -> None:
+        self._end = rst
+
+    def run(self) -> None:
+        try:
+            self._pump()
+        except OSError:
+            self._end = self._end if self._end is not None else False
+        finally:
+            rst = bool(self._end)
+            _close(self.client, rst=rst)
+            if self.upstream is not None:
+                _close(self.upstream, rst=rst)
+            self.proxy._forget(self)
+
+    def _pump(self) -> None:
+        open_from = {self.client}
+        while self._end is None:
+            if self.proxy.mode is Mode.BLACKHOLE:
+                time.sleep(TICK)  # hold everything: the kernel buffers what the peers send
+                continue
+            if self.upstream is None:
+                self.upstream = socket.create_connection(self.proxy.upstream, timeout=5)
+                open_from.add(self.upstream)
+            peer = {self.client: self.upstream, self.upstream: self.client}
+            readable, _, _ = select.select(list(open_from), [], [], TICK)
+            for sock in readable:
+                data = sock.recv(65536)
+                if not data:
+                    open_from.discard(sock)
+                    with contextlib.suppress(OSError):
+                        peer[sock].shutdown(socket.SHUT_WR)
+                    continue
+                self._send(peer[sock], data)
+            if not open_from:
+                return
+
+    def _send(self, sock: socket.socket, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self._end is None:
+            if self.proxy.mode is Mode.BLACKHOLE:
+                time.sleep(TICK)
+                continue
+            _, writable, _ = select.select([], [sock], [], TICK)
+            if writable:
+                view = view[sock.send(view) :]
+
+
+def _close(sock: socket.socket, *, rst: bool) -> None:
+    with contextlib.suppress(OSError):
+        if rst:  # linger 0: close() sends RST instead of FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
