@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -40,7 +41,16 @@ def get_session(st: AppState = Depends(state)) -> Iterator[Session]:
         yield session
 
 
-async def current_tenant(request: Request, st: AppState = Depends(state)) -> Tenant:
+# Declares the bearer scheme in the OpenAPI document on every route that needs a key; the header is
+# checked below (auto_error=False), so a missing key keeps this API's own code and message.
+BEARER = HTTPBearer(auto_error=False, description="An API key: `inference-server keys create`.")
+
+
+async def current_tenant(
+    request: Request,
+    st: AppState = Depends(state),
+    _scheme: HTTPAuthorizationCredentials | None = Depends(BEARER),
+) -> Tenant:
     """The caller's tenant: from the key cache without a thread hop, else looked up in the pool."""
     header = request.headers.get("authorization")
     tenant = st.keys.get(hash_key(header[7:].strip())) if header and header[:7].lower() == "bearer " else None

@@ -8,6 +8,14 @@ import time
 from inference_server.errors import RateLimited
 
 
+class RateLimitExceeded(RateLimited):
+    """Rate limited, with the seconds until the next request would pass (sent as ``Retry-After``)."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RateLimiter:
     def __init__(self, per_minute: int) -> None:
         self.rate = per_minute / 60.0
@@ -22,5 +30,6 @@ class RateLimiter:
             tokens = min(self.capacity, tokens + (now - last) * self.rate)
             if tokens < 1.0:
                 self._buckets[key] = (tokens, now)
-                raise RateLimited("rate limit exceeded; slow down", code="rate_limited")
+                wait = (1.0 - tokens) / self.rate
+                raise RateLimitExceeded(f"rate limit exceeded; retry in {wait:.1f}s", retry_after=wait)
             self._buckets[key] = (tokens - 1.0, now)
