@@ -203,6 +203,14 @@ def test_openapi_declares_the_bearer_scheme_on_authenticated_routes(edge_api: st
     assert not paths["/healthz"]["get"].get("security")
 
 
+def test_the_openapi_document_is_valid_openapi(edge_api: str) -> None:
+    from openapi_spec_validator import validate
+
+    doc = requests.get(f"{edge_api}/openapi.json", timeout=10).json()
+    assert doc["openapi"].startswith("3.1")
+    validate(doc)  # raises on a document a standard client generator would refuse
+
+
 def test_docs_serve_swagger_ui_from_local_assets(edge_api: str) -> None:
     page = requests.get(f"{edge_api}/docs", timeout=10)
     assert page.status_code == 200
