@@ -54,6 +54,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         metrics=metrics,
         waiter=waiter,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
+        auth_failures=RateLimiter(settings.auth_failures_per_minute)
+        if settings.auth_failures_per_minute
+        else None,
     )
 
     @asynccontextmanager

@@ -23,7 +23,9 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, key: str) -> None:
+    def check(self, key: str, *, spend: bool = True) -> None:
+        """Take a token for ``key``, or raise ``RateLimitExceeded`` when none is left; with
+        ``spend=False`` only the raising (a token is spent later, when the thing counted happens)."""
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.get(key, (self.capacity, now))
@@ -32,4 +34,4 @@ class RateLimiter:
                 self._buckets[key] = (tokens, now)
                 wait = (1.0 - tokens) / self.rate
                 raise RateLimitExceeded(f"rate limit exceeded; retry in {wait:.1f}s", retry_after=wait)
-            self._buckets[key] = (tokens - 1.0, now)
+            self._buckets[key] = (tokens - 1.0 if spend else tokens, now)

@@ -219,3 +219,20 @@ def test_docs_serve_swagger_ui_from_local_assets(edge_api: str) -> None:
         assert asset in page.text
         resp = requests.get(edge_api + asset, timeout=10)
         assert resp.status_code == 200 and len(resp.content) > 10_000, asset
+
+
+def test_wrong_keys_are_limited_per_address(settings, tenant) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    app = create_app(settings.model_copy(update={"auth_failures_per_minute": 3}), run_relay=False)
+    with TestClient(app) as http:
+        good = {"Authorization": f"Bearer {tenant.api_key}"}
+        assert http.get("/v1/jobs", headers=good).status_code == 200  # now in the key cache
+        wrong = [http.get("/v1/jobs", headers={"Authorization": "Bearer isk_guess"}) for _ in range(4)]
+        assert [r.status_code for r in wrong] == [401, 401, 401, 429]
+        assert wrong[-1].json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(wrong[-1].headers["Retry-After"]) <= 21
+        assert http.get("/v1/jobs").status_code == 401  # no key is no guess: still its own answer
+        assert http.get("/v1/jobs", headers=good).status_code == 200  # a key that works keeps working
