@@ -17,7 +17,8 @@ class RateLimitExceeded(RateLimited):
 
 
 class RateLimiter:
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, *, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys  # client addresses are unbounded: memory must not be
         self.rate = per_minute / 60.0
         self.capacity = float(per_minute)
         self._buckets: dict[str, tuple[float, float]] = {}
@@ -28,6 +29,8 @@ class RateLimiter:
         ``spend=False`` only the raising (a token is spent later, when the thing counted happens)."""
         now = time.monotonic()
         with self._lock:
+            if key not in self._buckets and len(self._buckets) >= self.max_keys:
+                self._buckets.clear()  # forgets recent spenders: briefly lenient, never unbounded
             tokens, last = self._buckets.get(key, (self.capacity, now))
             tokens = min(self.capacity, tokens + (now - last) * self.rate)
             if tokens < 1.0:
