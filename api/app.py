@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import threading
-import time
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 
 from api.deps import AppState
-from api.errors import error_response, install_error_handlers
+from api.docs import install_docs
+from api.edge import LimitsAndTiming
+from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, JobsCollector
 from api.ratelimit import RateLimiter
 from api.waiter import JobWaiter
@@ -57,6 +57,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         metrics=metrics,
         waiter=waiter,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
+        auth_failures=RateLimiter(settings.auth_failures_per_minute)
+        if settings.auth_failures_per_minute
+        else None,
     )
 
     @asynccontextmanager
@@ -69,10 +72,18 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         waiter.stop()
         db.dispose()
 
-    app = FastAPI(title="inference-server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="inference-server",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,  # api.docs serves it without a CDN
+        redoc_url=None,  # ReDoc, too, would load from a CDN
+        swagger_ui_oauth2_redirect_url=None,
+    )
     app.state.inference = app_state
     app.state.relay = relay
     install_error_handlers(app)
+    install_docs(app)
 
     app.add_middleware(LimitsAndTiming, max_bytes=settings.max_request_bytes, metrics=metrics)
 
@@ -81,39 +92,3 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     for module in (jobs, system, uploads, webhooks):
         app.include_router(module.router)
     return app
-
-
-class LimitsAndTiming:
-    """Plain ASGI middleware (cheaper than BaseHTTPMiddleware on the submit hot path): refuses bodies
-    over the size limit with 413 before reading them, and times every request for /metrics."""
-
-    def __init__(self, app: Any, *, max_bytes: int, metrics: ApiMetrics) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.metrics = metrics
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                limit = f"requests are limited to {self.max_bytes} bytes"
-                response = error_response("request_too_large", limit)
-                await response(scope, receive, send)
-                return
-        start = time.perf_counter()
-        status = [500]
-
-        async def send_wrapper(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            self.metrics.requests.labels(
-                scope["method"], getattr(route, "path", "unmatched"), str(status[0])
-            ).observe(time.perf_counter() - start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,8 +54,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if status == 500:
             log.error("%s reached %s %s: %s", exc.code, request.method, request.url.path, exc.message)
             return error_response("internal_error", "an internal error occurred")
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return error_response(exc.code, exc.message, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(retry_after)))  # whole seconds (RFC 9110)
+        return error_response(exc.code, exc.message, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -66,7 +70,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = HTTP_CODES.get(exc.status_code, "http_error")
+        # api.edge's refusals carry their own code; Starlette's are known by status.
+        code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(code, str(exc.detail), status=exc.status_code)
 
     # Connection-level failures, statement timeouts and an exhausted pool: the database, not the request.

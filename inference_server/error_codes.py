@@ -45,6 +45,8 @@ REQUESTS = (
     _c("validation_error", 422, (API,),
        "The body or query does not match the schema: a field missing, of the wrong type or out of range."),
     _c("request_too_large", 413, (API,), "The request body is over MAX_REQUEST_BYTES."),
+    _c("invalid_characters", 400, (API,),
+       "The path, query, a header or a JSON string holds a NUL character or an unpaired surrogate."),
     _c("method_not_allowed", 405, (API,), "The route exists, but not with this HTTP method."),
     _c("http_error", 400, (API,), "Another refusal by the web framework; the response's status says which."),
     _c("unauthorized", 401, (API,), "No valid API key."),

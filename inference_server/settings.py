@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_url: str = ""  # where clients (the CLI) reach the API; default http://api_host:api_port
     rate_limit_per_minute: int = 0  # per API key; 0 disables
+    auth_failures_per_minute: int = 0  # per client address, wrong API keys; 0 disables
     max_request_bytes: int = 30 * 1024 * 1024
     api_statement_timeout: float = 3.0  # the API's statements are short: a stuck database is a fast 503
 

@@ -1,18 +1,17 @@
-"""`inference-server generate`: submit a job over HTTP, show its progress, save the result."""
+"""`inference-server generate`: submit a job through ``inference_server.client``, show its
+progress, save the results."""
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 import click
-import requests
+from pydantic import ValidationError
 
-from inference_server.settings import get_settings
+from inference_server.client import Client, ClientError, Job
 
-TERMINAL = {"succeeded", "failed", "canceled"}
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 def run_generate(
@@ -22,109 +21,90 @@ def run_generate(
     output: Path | None,
     *,
     image: Path | None = None,
-    poll: float = 0.5,
+    mask: Path | None = None,
     show_progress: bool = True,
     timeout: float = 3600.0,
 ) -> Path:
-    """Submit ``body``, wait for the job, save output 0; returns the file written."""
+    """Submit ``body``, wait for the job, save its outputs; returns the first file written."""
+    return generate_files(
+        api_url, api_key, body, output, image=image, mask=mask, show_progress=show_progress, timeout=timeout
+    )[0]
+
+
+def generate_files(
+    api_url: str,
+    api_key: str,
+    body: dict[str, Any],
+    output: Path | None,
+    *,
+    image: Path | None = None,
+    mask: Path | None = None,
+    show_progress: bool = True,
+    timeout: float = 3600.0,
+) -> list[Path]:
+    """Upload ``image`` and ``mask``, submit ``body``, wait, save every output: ``output`` for the
+    first, ``<stem>-<n><suffix>`` for the others (``<job id>.<ext>`` without ``output``)."""
+    try:
+        with Client(api_url, api_key) as client:
+            for field, path in (("image", image), ("mask", mask)):
+                if path is not None:
+                    body[field] = client.upload(path)["uri"]
+            job = client.submit(body)
+            done = _wait(client, job, show_progress, timeout)
+            if done["status"] != "succeeded":
+                err = done.get("error") or {}
+                raise click.ClickException(
+                    f"job {done['id']} {done['status']}: {err.get('code')}: {err.get('message')}"
+                )
+            return [
+                _save(client.download(done["id"], n), _target(output, done, n, o["content_type"]))
+                for n, o in enumerate(done["outputs"])
+            ]
+    except ClientError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
+        )
+        raise click.ClickException(f"validation_error: {problems}") from None
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _wait(client: Client, job: Job, show_progress: bool, timeout: float) -> Job:
     from tqdm import tqdm
 
-    http = requests.Session()
-    http.headers["Authorization"] = f"Bearer {api_key}"
-    if image is not None:
-        with image.open("rb") as fh:
-            up = http.post(f"{api_url}/v1/uploads", files={"file": (image.name, fh)}, timeout=60)
-        _raise_for(up)
-        body["image"] = up.json()["uri"]
-    resp = http.post(f"{api_url}/v1/jobs", json=body, timeout=30)
-    _raise_for(resp)
-    job = resp.json()
-    bar = tqdm(
-        total=max(job["progress"]["total_steps"], 1),
-        unit="step",
-        disable=not show_progress,
-        desc=job["id"][:8],
-    )
-    deadline = time.monotonic() + timeout
-    while job["status"] not in TERMINAL:
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"job {job['id']} still {job['status']} after {timeout:.0f}s")
-        # Long-poll: the API answers at once when the job finishes, or after `poll` seconds with progress.
-        resp = http.get(f"{api_url}/v1/jobs/{job['id']}", params={"wait": poll}, timeout=poll + 30)
-        _raise_for(resp)
-        job = resp.json()
-        bar.total = max(job["progress"]["total_steps"], 1)
-        bar.n = job["progress"]["step"]
-        bar.set_postfix_str(job["status"])
-        bar.refresh()
-    bar.close()
-    if job["status"] != "succeeded":
-        err = job.get("error") or {}
-        raise click.ClickException(
-            f"job {job['id']} {job['status']}: {err.get('code')}: {err.get('message')}"
-        )
-    first = job["outputs"][0]
-    data = http.get(f"{api_url}/v1/jobs/{job['id']}/outputs/0", timeout=120)
-    _raise_for(data)
-    ext = first["content_type"].split("/")[-1].replace("jpeg", "jpg")
-    path = output or Path(f"{job['id']}.{ext}")
-    path.write_bytes(data.content)
+    total = max(job["progress"]["total_steps"], 1)
+    with tqdm(total=total, unit="step", disable=not show_progress, desc=job["id"][:8]) as bar:
+
+        def update(seen: Job) -> None:
+            bar.total = max(seen["progress"]["total_steps"], 1)
+            bar.n = seen["progress"]["step"]
+            bar.set_postfix_str(seen["status"])
+            bar.refresh()
+
+        return client.wait(job["id"], timeout=timeout, on_update=update if show_progress else None)
+
+
+def _target(output: Path | None, job: Job, n: int, content_type: str) -> Path:
+    if output is None:
+        ext = EXTENSIONS.get(content_type, "img")
+        return Path(f"{job['id']}.{ext}" if n == 0 else f"{job['id']}-{n}.{ext}")
+    return output if n == 0 else output.with_name(f"{output.stem}-{n}{output.suffix}")
+
+
+def _save(data: bytes, path: Path) -> Path:
+    path.write_bytes(data)
     return path
 
 
-def _raise_for(resp: requests.Response) -> None:
-    if resp.status_code >= 400:
+def parse_lora(value: str) -> dict[str, Any]:
+    """``NAME[:SCALE]``; a name may hold colons itself (a URI), so only a numeric tail is a scale."""
+    name, sep, tail = value.rpartition(":")
+    if sep and name:
         try:
-            err = resp.json()["error"]
-            raise click.ClickException(f"HTTP {resp.status_code} {err['code']}: {err['message']}")
-        except (ValueError, KeyError):
-            raise click.ClickException(f"HTTP {resp.status_code}: {resp.text[:200]}") from None
-
-
-@click.command()
-@click.argument("prompt")
-@click.option("--family", default="sd15", show_default=True)
-@click.option("--model", default=None)
-@click.option("--task", default=None, help="Default: txt2img, or img2img with --image.")
-@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
-@click.option("--width", type=int, default=None)
-@click.option("--height", type=int, default=None)
-@click.option("--steps", type=int, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--api-url", default=None, help="Default: API_URL.")
-@click.option("--api-key", default=None, help="Default: INFERENCE_SERVER_API_KEY.")
-def generate(
-    prompt: str,
-    family: str,
-    model: str | None,
-    task: str | None,
-    image: Path | None,
-    width: int | None,
-    height: int | None,
-    steps: int | None,
-    seed: int | None,
-    output: Path | None,
-    api_url: str | None,
-    api_key: str | None,
-) -> None:
-    """Submit PROMPT, show a progress bar, save the image."""
-    key = api_key or os.environ.get("INFERENCE_SERVER_API_KEY")
-    if not key:
-        raise click.ClickException("no API key: pass --api-key or set INFERENCE_SERVER_API_KEY")
-    body: dict[str, Any] = {
-        "family": family,
-        "prompt": prompt,
-        "task": task or ("img2img" if image else "txt2img"),
-    }
-    for name, value in (
-        ("model", model),
-        ("width", width),
-        ("height", height),
-        ("steps", steps),
-        ("seed", seed),
-    ):
-        if value is not None:
-            body[name] = value
-    path = run_generate(api_url or get_settings().api_url, key, body, output, image=image)
-    click.echo(str(path))
+            return {"name": name, "scale": float(tail)}
+        except ValueError:
+            pass
+    return {"name": value}

@@ -139,7 +139,7 @@ def keys_rotate(tenant: str) -> None:
 
 
 def _register_commands() -> None:
-    from inference_server.cli.client import generate
+    from inference_server.cli.generate import generate
     from inference_server.cli.models_cmd import models
     from inference_server.cli.up import up
 
