@@ -1,12 +1,14 @@
 """Engine benchmark: per family and model, cold load, warm start, seconds per step, whole job.
 
     python benchmarks/engine.py [--models-file FILE] [--size 64] [--steps 8] [--repeat 3] [--threads 1]
+                                [--num-images 1] [--family sd15]
 
 Without --models-file (or MODELS_FILE) it builds the tiny models into a temporary folder.
 - cold load: a fresh engine loading the model from disk (page cache warm, as on a worker's second job)
 - warm start: a cached pipeline, from generate() to the end of the first denoising step
 - per step: mean time between step callbacks after the first
-- job: a whole one-image job at --steps, from generate() to the PIL image
+- job: a whole job of --num-images images at --steps, from generate() to the PIL images
+- per image: the job's time over --num-images (compare --num-images 1 and 4 for what batching pays)
 Medians over --repeat runs.
 """
 
@@ -30,6 +32,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-images", type=int, default=1, help="images (seeds) per job")
+    parser.add_argument("--family", action="append", help="only these families (repeatable)")
     args = parser.parse_args()
 
     import torch
@@ -54,6 +58,8 @@ def main() -> None:
 
     rows = []
     for family in registry.families.values():
+        if args.family and family.name not in args.family:
+            continue
         for model in family.models:
             task = model.tasks[0]
             req = GenerationRequest(
@@ -66,7 +72,7 @@ def main() -> None:
                 height=args.size,
                 steps=args.steps,
                 guidance_scale=None,
-                seeds=[0],
+                seeds=list(range(args.num_images)),
                 image=image if task != "txt2img" else None,
                 mask=mask if task == "inpaint" else None,
             )
@@ -98,18 +104,26 @@ def main() -> None:
                     statistics.median(start),
                     statistics.median(step) if step else float("nan"),
                     statistics.median(job),
+                    statistics.median(job) / args.num_images,
                     engine.cache.used,
                 )
             )
-    header = ("family", "model", "task", "cold load s", "warm start s", "s/step", "job s", "MB held")
+    header = (
+        *("family", "model", "task", "cold load s", "warm start s"),
+        *("s/step", "job s", "s/image", "MB held"),
+    )
     print(
-        f"\n{args.size}x{args.size}, {args.steps} steps, {args.threads} thread(s), device {args.device}, "
+        f"\n{args.size}x{args.size}, {args.steps} steps, {args.num_images} image(s) per job, "
+        f"{args.threads} thread(s), device {args.device}, "
         f"median of {args.repeat}"
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for fam, mid, task, c, s, st, j, used in rows:
-        print(f"| {fam} | {mid} | {task} | {c:.3f} | {s:.3f} | {st:.4f} | {j:.3f} | {used / 1e6:.2f} |")
+    for fam, mid, task, c, s, st, j, per, used in rows:
+        print(
+            f"| {fam} | {mid} | {task} | {c:.3f} | {s:.3f} | {st:.4f} | {j:.3f} | {per:.4f} "
+            f"| {used / 1e6:.2f} |"
+        )
     if tmp is not None:
         tmp.cleanup()
 

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -55,6 +56,11 @@ def digest(images: list[Image.Image]) -> list[str]:
     return [hashlib.sha256(im.tobytes()).hexdigest() for im in images]
 
 
+def pixel_gap(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute difference per channel, in 8-bit levels."""
+    return float(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean())
+
+
 @pytest.mark.parametrize(("family", "model", "task"), CASES)
 def test_every_family_and_task(engine: Engine, family: str, model: str | None, task: str) -> None:
     steps: list[tuple[int, int]] = []
@@ -63,14 +69,17 @@ def test_every_family_and_task(engine: Engine, family: str, model: str | None, t
     )
     assert [im.size for im in images] == [(64, 64), (64, 64)]
     assert all(im.mode == "RGB" for im in images)
-    # Progress: every step reported once, counting up to a stable total across both images.
-    done = [d for d, _ in steps]
-    assert done == list(range(1, len(steps) + 1))
-    assert steps[-1][0] == steps[-1][1] and len(steps) >= 2
+    # Progress: both images in one denoising loop, each of its steps reported once against its length.
+    assert steps == [(i, len(steps)) for i in range(1, len(steps) + 1)] and len(steps) >= 2
+    assert len(steps) <= 3  # the request's 3 steps (fewer with strength), not 3 per image
     first, second = digest(images)
     assert first != second  # different seeds, different images
-    # The same seed gives the same bytes, alone or beside other seeds.
-    assert digest(engine.generate(request(family, model, task, [2]))) == [second]
+    # The same request gives the same bytes.
+    assert digest(engine.generate(request(family, model, task, [1, 2]))) == [first, second]
+    # Each image is its own seed's: the seed alone draws the same noise, so it gives the same image up
+    # to the rounding of batched kernels (under a level on average; two seeds are levels apart).
+    [alone] = engine.generate(request(family, model, task, [2]))
+    assert pixel_gap(alone, images[1]) < 1.0 < pixel_gap(alone, images[0])
 
 
 def test_requested_size_is_honoured(engine: Engine) -> None:
@@ -98,7 +107,7 @@ def test_cancel_stops_at_the_step(engine: Engine, family: str, task: str) -> Non
 
     with pytest.raises(JobCanceled):
         engine.generate(request(family, None, task, [1, 2], steps=6), on_step=on_step)
-    assert seen == [1, 2]  # the run stopped at the step that asked, and the second image never started
+    assert seen == [1, 2]  # the run stopped at the step that asked
     # The pipeline is usable afterwards: the stop leaves nothing behind for the next job.
     assert len(engine.generate(request(family, None, task, [1]))) == 1
 

@@ -73,6 +73,11 @@ class ProgressWatcher:
             self._cancels.wake()
         self._thread.join(timeout=10)
 
+    @property
+    def total(self) -> int:
+        """The steps of the run as the engine last counted them (0 before its first step)."""
+        return self._total
+
     def on_step(self, step: int, total: int) -> bool:
         """The engine's per-step callback: record, and answer whether to stop."""
         self._step, self._total = step, total

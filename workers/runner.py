@@ -123,7 +123,7 @@ class JobRunner:
     def _run_claimed(self, claim: Claim, recorded: Future[None], queue: str) -> RunOutcome:
         # Every end is written after the claim: each path waits for ``recorded`` first.
         try:
-            images = self._generate(claim, recorded)
+            images, steps = self._generate(claim, recorded)
             outputs = self._store_outputs(claim, images)
         except Superseded:
             self._claim_written(recorded)
@@ -135,7 +135,7 @@ class JobRunner:
             self._claim_written(recorded)
             return self._failed(claim, exc, queue)
         self._claim_written(recorded)
-        owned = self._ending(lambda session: transitions.succeed(session, claim, outputs), claim)
+        owned = self._ending(lambda session: transitions.succeed(session, claim, outputs, steps=steps), claim)
         return _outcome(owned, RunOutcome.SUCCEEDED)
 
     @staticmethod
@@ -187,7 +187,8 @@ class JobRunner:
                 pause = min(pause * 2, 5.0)
 
 
-    def _generate(self, claim: Claim, recorded: Future[None]) -> list[Image.Image]:
+    def _generate(self, claim: Claim, recorded: Future[None]) -> tuple[list[Image.Image], int]:
+        """The job's images, and the denoising steps the engine counted."""
         from inference_server.engine.runner import GenerationRequest, LoraRef
 
         spec = claim.spec
@@ -239,7 +240,7 @@ class JobRunner:
                 if watcher.superseded:
                     raise Superseded("a newer attempt owns the job") from None
                 raise
-        return images
+        return images, watcher.total
 
     def _load_inputs(self, spec: JobSpec) -> tuple[Image.Image | None, Image.Image | None]:
         # JPEG inputs decode at reduced scale when they are much larger than the output.

@@ -1,9 +1,10 @@
 """The engine the worker calls: load (or reuse) a model's pipeline and run one job on it.
 
-One image per seed, each from its own CPU-seeded generator, so a seed gives the same bytes whatever
-else is in the job and on whichever device the job runs. Progress and cancellation go through
-diffusers' ``callback_on_step_end``: the worker's ``on_step`` sees every denoising step and can stop
-the run by returning True (the pipeline's interrupt flag is set; :class:`JobCanceled` is raised).
+A job is one pipeline call however many images it asks for: one image per seed, each from its own
+CPU-seeded generator, so a seed draws the same noise whatever else is in the job and on whichever
+device the job runs. Progress and cancellation go through diffusers' ``callback_on_step_end``: the
+worker's ``on_step`` sees every step of the one denoising loop, as (steps done, steps in the loop),
+and can stop the run by returning True (:class:`JobCanceled` is raised).
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class Engine:
 
     # --- public -----------------------------------------------------------------------------------
     def generate(self, req: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
-        """Run ``req``: one image per seed. Raises InvalidRequest, JobCanceled or ModelError."""
+        """Run ``req`` in one pipeline call: one image per seed, in the order of the seeds. Raises
+        InvalidRequest, JobCanceled or ModelError."""
         family = self.registry.family(req.family)
         spec = family.model(req.model, req.task)
         _check(req)
@@ -126,36 +128,29 @@ class Engine:
 
     # --- running ----------------------------------------------------------------------------------
     def _run(self, pipe: Any, req: GenerationRequest, on_step: StepCallback | None) -> list[Image.Image]:
-        images: list[Image.Image] = []
-        done = 0
-        remaining = len(req.seeds)
-
         def callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            nonlocal done
-            done += 1
             # Pipelines set _num_timesteps before their loop: exact even when strength shortens it.
-            per_image = int(getattr(p, "_num_timesteps", 0) or req.steps)
-            total = done - (step + 1) + per_image * remaining
-            if on_step is not None and on_step(done, total):
+            total = int(getattr(p, "_num_timesteps", 0) or req.steps)
+            if on_step is not None and on_step(step + 1, total):
                 # Raised, not the pipeline's interrupt flag: that one still runs the loop out and
                 # decodes the latents, GPU time nobody will look at.
-                raise JobCanceled(f"canceled after {done} steps")
+                raise JobCanceled(f"canceled after {step + 1} steps")
             return kwargs
 
+        kwargs = variants.call_kwargs(pipe, req, req.seeds, callback)
         cap = self.max_edit_pixels if req.task == "edit" else 0
-        for seed in req.seeds:
-            kwargs = variants.call_kwargs(pipe, req, seed, callback)
-            try:
-                with torch.inference_mode(), variants.edit_area(cap):
-                    out = pipe(**kwargs)
-            except InferenceError:
-                raise
-            except Exception as exc:
-                log.error("%s/%s %s failed", req.family, req.model, req.task, exc_info=exc)
-                why = type(exc).__name__
-                raise ModelError(f"{req.family} {req.task} failed in the model ({why})") from exc
-            images.append(out.images[0])
-            remaining -= 1
+        try:
+            with torch.inference_mode(), variants.edit_area(cap):
+                out = pipe(**kwargs)
+        except InferenceError:
+            raise
+        except Exception as exc:
+            log.error("%s/%s %s failed", req.family, req.model, req.task, exc_info=exc)
+            why = type(exc).__name__
+            raise ModelError(f"{req.family} {req.task} failed in the model ({why})") from exc
+        images: list[Image.Image] = list(out.images)
+        if len(images) != len(req.seeds):  # a pipeline that ignored the batch: never a short job
+            raise ModelError(f"{req.family} {req.task} made {len(images)} images for {len(req.seeds)} seeds")
         return images
 
     # --- loading ----------------------------------------------------------------------------------

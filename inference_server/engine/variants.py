@@ -47,8 +47,9 @@ def variant(base: Any, task: str) -> Any:
     return pipe
 
 
-def call_kwargs(pipe: Any, req: Any, seed: int, callback: Any) -> dict[str, Any]:
-    """Keyword arguments for one image of ``req`` with ``seed``, limited to what ``pipe`` accepts."""
+def call_kwargs(pipe: Any, req: Any, seeds: list[int], callback: Any) -> dict[str, Any]:
+    """Keyword arguments for one call making an image per seed of ``req``, limited to what ``pipe``
+    accepts."""
     name = type(pipe).__name__
     kwargs: dict[str, Any] = {
         "prompt": req.prompt,
@@ -56,23 +57,29 @@ def call_kwargs(pipe: Any, req: Any, seed: int, callback: Any) -> dict[str, Any]
         "width": req.width,
         "height": req.height,
         "num_inference_steps": req.steps,
-        "num_images_per_prompt": 1,
-        # A CPU generator gives the same noise on every device: a seed means one image everywhere.
-        "generator": torch.Generator(device="cpu").manual_seed(seed),
+        "num_images_per_prompt": len(seeds),
+        # One CPU generator per image: the same noise on every device, and image i draws only from
+        # seed i, so a seed means one image whatever else is in the batch.
+        "generator": [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
         "callback_on_step_end": callback,
         "output_type": "pil",
     }
     if req.guidance_scale is not None:
         kwargs["guidance_scale"] = req.guidance_scale
     if req.task in ("img2img", "inpaint"):
-        kwargs["image"] = req.image
+        # The input once per image: some pipelines encode a single input with the first generator
+        # only, and image i would then draw its noise from a generator in another state than when
+        # its seed runs alone.
+        kwargs["image"] = [req.image] * len(seeds)
         kwargs["strength"] = req.strength if req.strength is not None else 0.75
     if req.task == "inpaint":
-        kwargs["mask_image"] = req.mask
+        kwargs["mask_image"] = [req.mask] * len(seeds)
     if name.startswith("Flux"):
         # FLUX.1 is guidance-distilled: guidance_scale is an embedding, a negative prompt needs true CFG.
         kwargs.pop("negative_prompt")
     if name in _EDIT_CLASSES:
+        # Once, not once per image: a list is several inputs to one edit for the Plus pipeline.
+        # Qwen encodes its input with the latents' mode, drawing nothing from the generators.
         kwargs["image"] = req.image
         # Qwen edit runs true classifier-free guidance: its scale is true_cfg_scale, and it needs
         # a negative prompt.

@@ -148,7 +148,8 @@ class JobSpec(Strict):
 
     @property
     def planned_steps(self) -> int:
-        """Denoising steps one image really runs: img2img and inpaint run ``steps * strength``."""
+        """Denoising steps the job runs: its images share one loop, so the count does not grow with
+        them; img2img and inpaint run ``steps * strength``."""
         if self.task.has_strength and self.strength is not None:
             return max(1, int(self.steps * self.strength))
         return self.steps

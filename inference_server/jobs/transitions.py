@@ -121,16 +121,25 @@ def record_claim(session: Session, claim: Claim) -> None:
     claim.unwritten = None
 
 
-def succeed(session: Session, claim: Claim, outputs: list[dict[str, Any]]) -> bool:
+def succeed(
+    session: Session, claim: Claim, outputs: list[dict[str, Any]], *, steps: int | None = None
+) -> bool:
     """Record ``outputs`` (job_outputs columns) and success together and commit, if this attempt
-    still owns the running job; return whether it did (a cancel or a newer attempt wins otherwise)."""
+    still owns the running job; return whether it did (a cancel or a newer attempt wins otherwise).
+
+    ``steps``: the denoising steps the run took, as the engine counted them; the job ends at
+    ``steps/steps`` (the planned total when not given)."""
     now = utcnow()
+    # The engine's count can differ from the plan (a pipeline rounding steps x strength its own
+    # way), and the watcher may have saved either: step and total are written together.
+    total = steps or claim.row["progress_total"]
     changes = {
         "status": JobStatus.SUCCEEDED.value,
         "finished_at": now,
         "updated_at": now,
         "eta_seconds": 0.0,
-        "progress_step": claim.row["progress_total"],
+        "progress_step": total,
+        "progress_total": total,
         "lease_expires_at": None,
     }
     return _end(session, claim, changes, EventType.SUCCEEDED, outputs)
