@@ -98,7 +98,7 @@ def test_a_storage_failure_puts_the_job_back_in_its_queue_then_it_succeeds(local
     assert (job.status, job.attempts) == ("succeeded", 2)
     with local["sf"]() as session:
         query = select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
-        types = list(session.scalars(query))
+        types = [t for t in session.scalars(query) if t != "job.progress"]  # ticks depend on timing
     assert types == ["job.queued", "job.started", "job.queued", "job.started", "job.succeeded"]
 
 
