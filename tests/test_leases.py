@@ -23,6 +23,7 @@ from inference_server.jobs.service import JobContext, submit
 from inference_server.jobs.spec import JobRequest
 from inference_server.registry import load_registry
 from inference_server.storage import open_storage
+from tests.support.waiting import wait_for
 
 BODY = {"family": "sd15", "prompt": "a tide pool", "width": 64, "height": 64, "steps": 2, "seed": 4}
 
@@ -242,3 +243,23 @@ def test_messages_no_worker_can_use_end_on_jobs_dead(worker, broker_url, api_cli
     assert worker.proc.poll() is None
     assert wait_done(api_client, submit_http(api_client, BODY)["id"])["status"] == "succeeded"
 
+
+def test_a_message_sent_back_reaches_its_own_queue(settings, broker_url) -> None:  # type: ignore[no-untyped-def]
+    """A worker that could not claim (its database is down) sends the message back to the queue it
+    came from, never to Celery's default queue, which no worker declares."""
+    from inference_server.publish.topology import job_queue
+    from workers import messages
+    from workers.celery_app import create_celery_app
+    from workers.child import ChildRunner
+
+    worker_settings = settings.model_copy(update={"broker_url": broker_url})
+    app = create_celery_app(worker_settings, ["jobs.sd15b"], ChildRunner(worker_settings, []))
+    queue = job_queue("jobs.sd15b", consumer_timeout_ms=worker_settings.consumer_timeout_ms)
+    job_id = str(uuid.uuid4())
+    with Connection(broker_url) as conn:
+        queue.bind(conn.default_channel).declare()
+        messages.send_back(app, job_id, "jobs.sd15b", reason="database_unavailable", pause=0.0)
+        message = wait_for(
+            lambda: conn.default_channel.basic_get("jobs.sd15b", no_ack=True), 10, what="the message"
+        )
+    assert message.headers["id"] == job_id and message.headers["task"] == "inference.run_job"

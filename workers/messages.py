@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery
 
-from inference_server.publish.topology import DEAD_EXCHANGE, DEAD_QUEUE, JOBS_EXCHANGE, RUN_JOB
+from inference_server.publish.topology import DEAD_EXCHANGE, DEAD_QUEUE, RUN_JOB
 from workers.metrics import DEAD_LETTERS, REQUEUED_MESSAGES
 
 log = logging.getLogger(__name__)
@@ -21,9 +21,9 @@ def send_back(app: Celery, job_id: str, queue: str, *, reason: str, pause: float
     cannot claim (its database or engine is down) from spinning on the same message; consumption is
     paused meanwhile, so no other message waits on it."""
     time.sleep(pause)
-    app.send_task(
-        RUN_JOB, args=[job_id], task_id=job_id, exchange=JOBS_EXCHANGE, routing_key=queue, retry=True
-    )
+    # By the queue's name: one of the worker's own queues, so Celery routes it there (an exchange
+    # and routing key alone would send it through Celery's default queue, which no worker declares).
+    app.send_task(RUN_JOB, args=[job_id], task_id=job_id, queue=app.amqp.queues[queue], retry=True)
     REQUEUED_MESSAGES.labels(reason).inc()
 
 
