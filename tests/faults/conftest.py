@@ -3,7 +3,9 @@ started once for the session (see inference_server/devtools/faults). Missing bin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +15,11 @@ from inference_server.devtools.faults.scenarios import SCENARIOS
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    # FAULTS_LOGS keeps the processes' logs somewhere that outlives pytest's rotation of temp folders.
+    keep = os.environ.get("FAULTS_LOGS")
+    root = Path(keep) / f"lab-{os.getpid()}" if keep else tmp_path_factory.mktemp("faults-lab")
     try:
-        opened = Lab.open(tmp_path_factory.mktemp("faults-lab"))
+        opened = Lab.open(root)
     except Exception as exc:
         pytest.fail(
             f"the fault suite needs PostgreSQL 15 (initdb, pg_ctl) and rabbitmq-server here: {exc}",
