@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import pwd
+import signal
 import socket
 import threading
 import time
@@ -64,6 +65,20 @@ def _run_cleanups() -> None:
             fn()
         except Exception:  # one failed cleanup must not keep the next from running
             log.exception("cleanup failed")
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (``timeout``, a CI runner giving up) stop the run as Ctrl-C does, so cleanups
+    run; Python's default for SIGTERM exits without them and would leave the private servers up."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+        signal.SIG_DFL,
+        None,
+    ):
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def as_user(user: str) -> list[str]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from inference_server.devtools.faults.common import forget, log, on_exit
+from inference_server.devtools.faults.common import forget, interrupt_on_sigterm, log, on_exit
 from inference_server.devtools.faults.postgres import PrivatePostgres
 from inference_server.devtools.faults.procs import Proc, start_moto
 from inference_server.devtools.faults.rabbitmq import PrivateRabbit
@@ -43,6 +43,7 @@ class Lab:
 
     @classmethod
     def open(cls, root: Path | None = None) -> Lab:
+        interrupt_on_sigterm()
         owns_root = root is None
         root = root or Path(tempfile.mkdtemp(prefix="faults-lab-"))
         (root / "logs").mkdir(parents=True, exist_ok=True)
