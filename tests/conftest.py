@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inference_server.devtools import services
 from tests.support.receiver import Behaviour, Receiver, accept
 from tests.support.seed import truncate_all
-from tests.support.system import Proc, base_env, start_worker
+from tests.support.system import Proc, base_env, start_api, start_worker
 from tests.support.waiting import wait_for
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -238,19 +238,7 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def api_server(system_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
     """The base URL of a running `inference-server api`."""
-    port = services.free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = Proc("api", ["api", "--port", str(port)], dict(system_env, API_URL=url), logs_dir)
-
-    def ready() -> bool:
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"API exited:\n{proc.tail()}")
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    wait_for(ready, 60, what="the API")
+    proc, url = start_api(system_env, logs_dir)
     yield url
     proc.kill(15)
 

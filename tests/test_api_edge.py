@@ -13,9 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from inference_server.devtools.services import free_port
-from tests.support.system import Proc
-from tests.support.waiting import wait_for
+from tests.support.system import start_api
 
 LIMIT = 100_000
 PER_MINUTE = 5
@@ -24,20 +22,8 @@ OK = {"family": "sd15", "prompt": "a lighthouse", "width": 64, "height": 64, "st
 
 @pytest.fixture(scope="module")
 def edge_api(system_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(system_env, API_URL=url, MAX_REQUEST_BYTES=str(LIMIT), RATE_LIMIT_PER_MINUTE=str(PER_MINUTE))
-    proc = Proc("api-edge", ["api", "--port", str(port)], env, logs_dir)
-
-    def ready() -> bool:
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"API exited:\n{proc.tail()}")
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    wait_for(ready, 60, what="the edge API")
+    env = dict(system_env, MAX_REQUEST_BYTES=str(LIMIT), RATE_LIMIT_PER_MINUTE=str(PER_MINUTE))
+    proc, url = start_api(env, logs_dir, name="api-edge")
     yield url
     proc.kill(15)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from inference_server.devtools.services import free_port, private_vhost
+from inference_server.devtools.services import private_vhost
 from tests.conftest import fresh_database
 from tests.support.jobs import submit, wait_done
-from tests.support.system import Proc, base_env, start_worker
+from tests.support.system import Proc, base_env, start_api, start_worker
 from tests.support.waiting import wait_for
 
 QUEUE = "custom.sd15"  # not jobs.sd15: the name the worker would derive from the family
@@ -66,17 +66,7 @@ def http(env: dict[str, str], logs_dir: Path) -> Iterator[requests.Session]:
     with make_session_factory(database)() as session:
         _, key = create_tenant_key(session, f"start-{uuid.uuid4().hex[:6]}")
     database.dispose()
-    url = f"http://127.0.0.1:{free_port()}"
-    api = Proc("api", ["api", "--port", url.rsplit(":", 1)[1]], dict(env, API_URL=url), logs_dir)
-
-    def ready() -> bool:
-        assert api.proc.poll() is None, api.tail()
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    wait_for(ready, 60, what="the API")
+    api, url = start_api(env, logs_dir)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {key}"
     session.base_url = url  # type: ignore[attr-defined]

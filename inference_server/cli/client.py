@@ -14,23 +14,6 @@ from inference_server.client import Client, ClientError, Job
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
-def run_generate(
-    api_url: str,
-    api_key: str,
-    body: dict[str, Any],
-    output: Path | None,
-    *,
-    image: Path | None = None,
-    mask: Path | None = None,
-    show_progress: bool = True,
-    timeout: float = 3600.0,
-) -> Path:
-    """Submit ``body``, wait for the job, save its outputs; returns the first file written."""
-    return generate_files(
-        api_url, api_key, body, output, image=image, mask=mask, show_progress=show_progress, timeout=timeout
-    )[0]
-
-
 def generate_files(
     api_url: str,
     api_key: str,

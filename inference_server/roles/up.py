@@ -125,10 +125,11 @@ def _wait_ready(api_url: str, timeout: float = 30.0) -> None:
 def _once(
     settings: Settings, api_key: str, prompt: str, family: str, output: Path, result: dict[str, Any]
 ) -> None:
-    from inference_server.cli.client import run_generate
+    from inference_server.cli.client import generate_files
 
     try:
-        result["path"] = run_generate(settings.api_url, api_key, {"family": family, "prompt": prompt}, output)
+        body = {"family": family, "prompt": prompt}
+        result["path"] = generate_files(settings.api_url, api_key, body, output)[0]
     except Exception as exc:  # reported by the main thread after the worker stops
         result["error"] = exc
     finally:

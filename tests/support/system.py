@@ -10,6 +10,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import requests
+
 from inference_server.devtools.services import free_port
 from tests.support.waiting import wait_for
 
@@ -55,6 +57,25 @@ class Proc:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, 9)
             self.proc.wait(10)
+
+
+def start_api(env: dict[str, str], logs_dir: Path, name: str = "api") -> tuple[Proc, str]:
+    """An `inference-server api` on a free port, with ``API_URL`` set to it, returned with its base
+    URL once it answers ``/healthz``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = Proc(name, ["api", "--port", str(port)], dict(env, API_URL=url), logs_dir)
+
+    def ready() -> bool:
+        if proc.proc.poll() is not None:
+            raise AssertionError(f"API exited:\n{proc.tail()}")
+        try:
+            return requests.get(f"{url}/healthz", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    wait_for(ready, 60, what=f"the API ({name})")
+    return proc, url
 
 
 def start_worker(
