@@ -22,11 +22,10 @@ from typing import Any
 from sqlalchemy import and_, exists, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference_server.db import Job, JobEvent, OutboxMessage
+from inference_server.db import Job, OutboxMessage
 from inference_server.db.base import utcnow
-from inference_server.events import JOB_FINISHED_CHANNEL, event_values, finished_notice
-from inference_server.jobs.enums import EventType, JobStatus
-from inference_server.jobs.persist import update_with_rows
+from inference_server.jobs import transitions
+from inference_server.jobs.enums import JobStatus
 from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 
@@ -69,39 +68,11 @@ def expired_leases(session: Session, *, max_attempts: int, batch: int = 100) -> 
     done = Pass()
     for found in rows:
         row = {k: v for k, v in found.items() if k != "last_queue"}
-        owner = {"id": row["id"], "status": JobStatus.RUNNING.value, "attempts": row["attempts"]}
         if row["attempts"] >= max_attempts:
-            changes: dict[str, Any] = {
-                "status": JobStatus.FAILED.value,
-                "error_code": "too_many_attempts",
-                "error_message": f"the job was started {row['attempts']} times without finishing",
-                "finished_at": now,
-                "eta_seconds": None,
-                "lease_expires_at": None,
-                "updated_at": now,
-            }
-            job = {**row, **changes}
-            event = event_values(job, EventType.FAILED)
-            notify = (JOB_FINISHED_CHANNEL, finished_notice(event["payload"]["data"]))
-            update_with_rows(session, Job, owner, changes, [(JobEvent, event)], notify=notify)
+            transitions.fail_exhausted(session, row, owned=True)
             done.failed += 1
             continue
-        changes = {
-            "status": JobStatus.QUEUED.value,
-            "progress_step": 0,
-            "eta_seconds": None,
-            "lease_expires_at": None,
-            "worker": None,
-            "updated_at": now,
-        }
-        message = {
-            "job_id": row["id"],
-            "queue": found["last_queue"] or default_queue(row["family"]),
-            "created_at": now,
-            "publish_attempts": 0,
-        }
-        event = event_values({**row, **changes}, EventType.QUEUED)
-        update_with_rows(session, Job, owner, changes, [(OutboxMessage, message), (JobEvent, event)])
+        transitions.requeue(session, row, queue=found["last_queue"] or default_queue(row["family"]))
         holder = row["worker"] or "unknown worker"
         log.warning("job %s: attempt %d lost its lease (%s)", row["id"], row["attempts"], holder)
         done.requeued += 1

@@ -74,8 +74,8 @@ def claim(
     if row["status"] == JobStatus.RUNNING and lease is not None and lease > now:
         return ClaimRefusal.OWNED  # a duplicate message while its owner still runs it
     if row["attempts"] >= max_attempts:
-        message = f"the job was started {row['attempts']} times without finishing"
-        _fail_unclaimed(session, row, "too_many_attempts", message)
+        fail_exhausted(session, row)
+        session.commit()
         return ClaimRefusal.EXHAUSTED
     try:
         # Validated again on this side of the queue: a row written by hand or by an incompatible
@@ -83,7 +83,8 @@ def claim(
         spec = JobSpec.model_validate(row["params"])
     except ValidationError as exc:
         message = f"the stored job cannot be run: {exc.errors()[0]['msg']}"
-        _fail_unclaimed(session, row, "invalid_job_spec", message)
+        _fail_row(session, row, "invalid_job_spec", message)
+        session.commit()
         return ClaimRefusal.INVALID
     changes = {
         "status": JobStatus.RUNNING.value,
@@ -98,7 +99,14 @@ def claim(
     return Claim({**row, **changes}, spec, unwritten=changes)
 
 
-def _fail_unclaimed(session: Session, row: dict[str, Any], code: str, message: str) -> None:
+def fail_exhausted(session: Session, row: dict[str, Any], *, owned: bool = False) -> bool:
+    """Fail the job ``row`` ``too_many_attempts``; the caller commits. ``owned``: only if its last
+    attempt still holds it (the reconciler's case), else whatever attempt it is at (the claim's)."""
+    message = f"the job was started {row['attempts']} times without finishing"
+    return _fail_row(session, row, "too_many_attempts", message, owned=owned)
+
+
+def _fail_row(session: Session, row: dict[str, Any], code: str, message: str, *, owned: bool = False) -> bool:
     now = utcnow()
     changes = {
         "status": JobStatus.FAILED.value,
@@ -106,10 +114,15 @@ def _fail_unclaimed(session: Session, row: dict[str, Any], code: str, message: s
         "error_message": message,
         "finished_at": now,
         "eta_seconds": None,
+        "lease_expires_at": None,
         "updated_at": now,
     }
-    _write(session, row, changes, EventType.FAILED)
-    session.commit()
+    return _write(session, row, changes, EventType.FAILED, where=_owner(row) if owned else None)
+
+
+def _owner(row: dict[str, Any]) -> dict[str, Any]:
+    """The condition that the attempt ``row`` records still runs the job."""
+    return {"id": row["id"], "status": JobStatus.RUNNING.value, "attempts": row["attempts"]}
 
 
 def record_claim(session: Session, claim: Claim) -> None:
@@ -164,9 +177,21 @@ def fail(session: Session, claim: Claim, code: str, message: str) -> bool:
 
 
 def release(session: Session, claim: Claim, *, queue: str, delay: float) -> bool:
-    """Put the job back in its queue after a transient failure of this attempt: queued again, its
-    message in the outbox, published after ``delay`` seconds. Return whether this attempt still
-    owned the job (a cancel or a newer attempt wins otherwise)."""
+    """Put the job back in its queue after a transient failure of this attempt (see ``requeue``)
+    and commit; return whether this attempt still owned the job (a cancel or a newer attempt wins
+    otherwise)."""
+    done = requeue(session, claim.row, queue=queue, delay=delay)
+    if done:
+        session.commit()
+    else:
+        session.rollback()
+    return done
+
+
+def requeue(session: Session, row: dict[str, Any], *, queue: str, delay: float = 0.0) -> bool:
+    """Queue the job again, if the attempt ``row`` records still runs it: its lease dropped, its
+    message in the outbox for ``queue``, published after ``delay`` seconds, and a ``job.queued``
+    event. The caller commits."""
     now = utcnow()
     changes = {
         "status": JobStatus.QUEUED.value,
@@ -176,21 +201,14 @@ def release(session: Session, claim: Claim, *, queue: str, delay: float) -> bool
         "lease_expires_at": None,
         "worker": None,
     }
-    later = now + timedelta(seconds=delay)
-    message = {"job_id": claim.job_id, "queue": queue, "created_at": now, "available_at": later}
+    later = now + timedelta(seconds=delay) if delay else None
+    message = {"job_id": row["id"], "queue": queue, "created_at": now, "available_at": later}
     message["publish_attempts"] = 0
-    owner = {"id": claim.job_id, "status": JobStatus.RUNNING.value, "attempts": claim.attempt}
-    job = {**claim.row, **changes}
     rows: list[tuple[type[Any], dict[str, Any]]] = [
         (OutboxMessage, message),
-        (JobEvent, event_values(job, EventType.QUEUED)),
+        (JobEvent, event_values({**row, **changes}, EventType.QUEUED)),
     ]
-    done = update_with_rows(session, Job, owner, changes, rows)
-    if done:
-        session.commit()
-    else:
-        session.rollback()
-    return done
+    return update_with_rows(session, Job, _owner(row), changes, rows)
 
 
 def renew(session: Session, job_id: str, attempt: int, *, lease_seconds: float) -> bool:
@@ -211,8 +229,7 @@ def _end(
     event_type: EventType,
     outputs: list[dict[str, Any]],
 ) -> bool:
-    owner = {"id": claim.job_id, "status": JobStatus.RUNNING.value, "attempts": claim.attempt}
-    done = _write(session, claim.row, changes, event_type, outputs, where=owner)
+    done = _write(session, claim.row, changes, event_type, outputs, where=_owner(claim.row))
     if done:
         session.commit()
     else:
