@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import requests
 
+from inference_server.devtools.faults.proxy import TcpProxy
 from inference_server.devtools.services import free_port
-from tests.blackhole import BlackholeProxy, minimal_registry, proxy_for, through
+from tests.blackhole import minimal_registry, proxy_for, through
 from tests.conftest import fresh_database
 from tests.support.system import Proc, base_env
 from tests.support.waiting import wait_for
@@ -112,7 +113,7 @@ def test_blackhole_proxy_really_holds_connections() -> None:
     import socket
 
     target = socket.create_server(("127.0.0.1", 0))
-    proxy = BlackholeProxy(target.getsockname())
+    proxy = TcpProxy(target.getsockname())
     try:
         proxy.blackhole()
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=2) as conn:

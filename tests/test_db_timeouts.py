@@ -16,7 +16,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from inference_server.db import DatabaseTimeouts, make_database
 from inference_server.db.base import listening_connection
-from tests.blackhole import BlackholeProxy, proxy_for, through
+from inference_server.devtools.faults.proxy import TcpProxy
+from tests.blackhole import proxy_for, through
 from tests.conftest import PG_ADMIN
 
 
@@ -35,7 +36,7 @@ def engine(url: str = PG_ADMIN, **kw: object) -> Iterator[Engine]:
 
 
 @contextmanager
-def proxied(**kw: object) -> Iterator[tuple[Engine, BlackholeProxy]]:
+def proxied(**kw: object) -> Iterator[tuple[Engine, TcpProxy]]:
     proxy = proxy_for(PG_ADMIN)
     try:
         with engine(through(PG_ADMIN, proxy), **kw) as db:

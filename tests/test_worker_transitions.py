@@ -3,12 +3,11 @@ and a database outage at the end of a job, which retries the job instead of stra
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import make_url
 
 from inference_server.db import Job, JobEvent, JobOutput, make_database, make_session_factory
+from inference_server.devtools.faults.proxy import TcpProxy
 from inference_server.jobs import transitions
 from inference_server.jobs.enums import ClaimRefusal, RunOutcome
 from inference_server.jobs.service import JobContext, submit
@@ -24,59 +24,6 @@ from inference_server.storage import open_storage
 from tests.support.waiting import wait_for
 
 BODY = {"family": "sd15", "prompt": "a mill by a river", "width": 64, "height": 64, "steps": 3, "seed": 5}
-
-
-class TcpProxy:
-    """A TCP proxy to PostgreSQL that can be cut: an outage as the worker sees it (connections
-    reset, new ones refused) while the database itself stays up for the test's own checks."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.up = True
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            if not self.up:
-                client.close()
-                continue
-            upstream = socket.create_connection(self.target)
-            self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self.up = False
-        for s in self._conns:
-            with suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        self._conns.clear()
-
-    def restore(self) -> None:
-        self.up = True
-
-    def close(self) -> None:
-        self.cut()
-        self.server.close()
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +158,7 @@ def test_a_short_database_outage_at_the_end_is_waited_out(db) -> None:  # type: 
         def put_then_cut(*args: Any, **kwargs: Any) -> str:
             uri = put(*args, **kwargs)  # the image is stored; the database goes away for a moment
             proxy.cut()
-            threading.Timer(1.5, proxy.restore).start()
+            threading.Timer(1.5, proxy.heal).start()
             return uri
 
         runner.storage.put = put_then_cut  # type: ignore[method-assign]
@@ -236,7 +183,7 @@ def test_a_long_outage_at_the_end_leaves_the_job_to_the_reconciler(db) -> None: 
         runner.storage.put = put_then_cut  # type: ignore[method-assign]
         assert runner.run(job_id) == RunOutcome.ABANDONED
         assert _state(db["sf"], job_id) == ("running", 1)
-        proxy.restore()
+        proxy.heal()
         runner.storage.put = put  # type: ignore[method-assign]
 
         def requeued() -> bool:
@@ -263,7 +210,7 @@ def test_database_outage_at_claim_leaves_the_job_queued(db) -> None:  # type: ig
         with pytest.raises(ClaimUnavailable):
             runner.run(job_id)
         assert _state(db["sf"], job_id) == ("queued", 0)
-        proxy.restore()
+        proxy.heal()
         assert runner.run(job_id) == RunOutcome.SUCCEEDED
 
 

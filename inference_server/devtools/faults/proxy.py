@@ -40,6 +40,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._generation = 0  # mode changes asked for
         self._applied = 0  # mode changes the accept loop has carried out
+        self.accepted = 0  # connections accepted, in any mode
         self.port = self._listen(port)
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
         self._acceptor.start()
@@ -117,6 +118,7 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except (TimeoutError, OSError):
                 continue
+            self.accepted += 1
             if self._mode is Mode.RESET:
                 _close(client, rst=True)
                 continue
