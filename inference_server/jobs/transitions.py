@@ -83,7 +83,7 @@ def claim(
         spec = JobSpec.model_validate(row["params"])
     except ValidationError as exc:
         message = f"the stored job cannot be run: {exc.errors()[0]['msg']}"
-        _fail_row(session, row, "invalid_job_spec", message)
+        _fail_row(session, row, code="invalid_job_spec", message=message)
         session.commit()
         return ClaimRefusal.INVALID
     changes = {
@@ -103,10 +103,10 @@ def fail_exhausted(session: Session, row: dict[str, Any], *, owned: bool = False
     """Fail the job ``row`` ``too_many_attempts``; the caller commits. ``owned``: only if its last
     attempt still holds it (the reconciler's case), else whatever attempt it is at (the claim's)."""
     message = f"the job was started {row['attempts']} times without finishing"
-    return _fail_row(session, row, "too_many_attempts", message, owned=owned)
+    return _fail_row(session, row, code="too_many_attempts", message=message, owned=owned)
 
 
-def _fail_row(session: Session, row: dict[str, Any], code: str, message: str, *, owned: bool = False) -> bool:
+def _fail_row(session: Session, row: dict[str, Any], *, code: str, message: str, owned: bool = False) -> bool:
     now = utcnow()
     changes = {
         "status": JobStatus.FAILED.value,
