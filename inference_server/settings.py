@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     job_time_limit: int = 0  # hard per-job time limit in seconds (0: none)
     worker_metrics_port: int = 0  # Prometheus endpoint of a worker (`workers`: this port + GPU n); 0: none
     warm_models: str = ""  # "family[/model],..." loaded when a worker child starts
+    # Runtime registry (models and LoRAs added through the API) and warm placement.
+    registry_poll_interval: float = Field(default=1.0, gt=0)  # seconds between registry version reads
+    placement_timeout: float = Field(default=30.0, gt=0)  # default wait of .../load and .../unload
+    max_lora_bytes: int = Field(default=512 * 1024 * 1024, gt=0)  # largest LoRA upload
+    lora_hotswap: bool = True  # switch LoRAs by swapping weights into resident adapter slots
+    engine_max_loras: int = Field(default=8, ge=1)  # LoRAs kept resident per loaded model
     # Leases and reconciliation: the database, not the broker's redelivery, decides what runs.
     job_lease_seconds: float = 30.0  # a running attempt's lease; its worker renews it while it runs
     job_retry_delays: Annotated[list[float], NoDecode] = Field(default_factory=lambda: [5.0, 30.0, 120.0])
