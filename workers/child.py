@@ -120,7 +120,7 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
         max_edit_pixels=settings.engine_max_edit_pixels,
         cache_dir=settings.model_cache_dir,
         fetch=lambda uri, dest: fetch_from_bucket(settings, uri, dest),
-        lora_hotswap=settings.lora_hotswap,
+        lora_hotswap={"on": True, "off": False}.get(settings.lora_hotswap, "auto"),
         max_loras=settings.engine_max_loras,
     )
     timeouts = DatabaseTimeouts.from_settings(settings)

@@ -35,6 +35,7 @@ class CachedModel:
     # and the resident LoRAs' weights in host memory, by source key (most recently used last).
     slots: list[str] = field(default_factory=list)
     resident: dict[str, Any] = field(default_factory=dict)
+    lora_layers: list[Any] | None = None  # peft's LoRA layers of the pipeline, found once per change
 
 
 class PipelineCache:

@@ -138,11 +138,11 @@ def apply(
                 log.error("loading LoRA %s into %s failed", lo.key, where, exc_info=exc)
                 raise ModelError(f"could not load LoRA {lo.key} into {where} ({type(exc).__name__})") from exc
             entry.adapters[lo.key] = adapter
+            entry.lora_layers = None
             metrics.LORA_LOADS.labels(entry.family).inc()
             log.info("loaded LoRA %s as %s on %s/%s", lo.key, adapter, entry.family, entry.model)
         names.append(adapter)
-    pipe.enable_lora()
-    pipe.set_adapters(names, [lo.scale for lo in loras])
+    _activate(entry, names, [lo.scale for lo in loras])
 
 
 def _load_into_denoiser(pipe: Any, lo: ResolvedLora, adapter: str) -> None:
@@ -172,13 +172,16 @@ def _apply_hotswap(entry: CachedModel, loras: list[ResolvedLora], max_loras: int
         try:
             weights = _resident(entry, lo, max_loras)
             if i >= len(entry.slots):
+                if not entry.slots:
+                    _prepare_hotswap(pipe, max_rank=64)
                 # Copies: peft may keep the given tensors as the slot's parameters, which later
                 # swaps overwrite, and the resident weights must stay as read.
                 pipe.load_lora_weights({k: v.clone() for k, v in weights.items()}, adapter_name=slot)
                 entry.slots.append(lo.key)
+                entry.lora_layers = None
                 metrics.LORA_LOADS.labels(entry.family).inc()
             elif entry.slots[i] != lo.key:
-                _swap(pipe, slot, weights)
+                _swap(entry, slot, weights)
                 entry.slots[i] = lo.key
         except Exception as exc:
             where = f"{entry.family}/{entry.model}"
@@ -188,21 +191,36 @@ def _apply_hotswap(entry: CachedModel, loras: list[ResolvedLora], max_loras: int
                 with contextlib.suppress(Exception):
                     pipe.delete_adapters([f"slot{j}" for j in range(i, len(entry.slots))])
                 del entry.slots[i:]
+                entry.lora_layers = None
             raise ModelError(f"could not load LoRA {lo.key} into {where} ({type(exc).__name__})") from exc
         names.append(slot)
-    pipe.enable_lora()
-    pipe.set_adapters(names, [lo.scale for lo in loras])
+    _activate(entry, names, [lo.scale for lo in loras])
 
 
-def _swap(pipe: Any, slot: str, weights: dict[str, Any]) -> None:
+def _prepare_hotswap(pipe: Any, max_rank: int) -> None:
+    """Pad the adapters' rank so LoRAs of other ranks (up to ``max_rank``) swap in without new
+    layers, which would make a compiled denoiser compile again. Only on compiled denoisers: the
+    padding costs compute on every step."""
+    denoiser = _denoiser(pipe)
+    if not hasattr(denoiser, "_orig_mod") and not getattr(denoiser, "_compiled_call_impl", None):
+        return
+    try:
+        pipe.enable_lora_hotswap(target_rank=max_rank, check_compiled="ignore")
+    except Exception as exc:  # an older diffusers: LoRAs of another rank then load afresh
+        log.warning("enable_lora_hotswap unavailable: %s", type(exc).__name__)
+
+
+def _swap(entry: CachedModel, slot: str, weights: dict[str, Any]) -> None:
     """Copy ``weights`` into the adapter ``slot`` in place, or reload the slot where its layers or
     rank differ (hotswap refuses those)."""
+    pipe = entry.pipe
     try:
         pipe.load_lora_weights(dict(weights), adapter_name=slot, hotswap=True)
     except Exception as exc:
         log.info("LoRA does not fit %s for a hotswap (%s); loading it afresh", slot, type(exc).__name__)
         pipe.delete_adapters(slot)
         pipe.load_lora_weights({k: v.clone() for k, v in weights.items()}, adapter_name=slot)
+        entry.lora_layers = None
 
 
 def _resident(entry: CachedModel, lo: ResolvedLora, max_loras: int) -> dict[str, Any]:
@@ -226,6 +244,7 @@ def forget(entry: CachedModel, keys: set[str]) -> None:
         entry.resident.pop(key, None)
         name = entry.adapters.pop(key, None)
         if name is not None:
+            entry.lora_layers = None
             with contextlib.suppress(Exception):
                 entry.pipe.delete_adapters(name)
 
@@ -236,14 +255,57 @@ def _evict(entry: CachedModel, keep: set[str], limit: int = MAX_ADAPTERS) -> Non
         if victim is None:
             return
         name = entry.adapters.pop(victim)
+        entry.lora_layers = None
         entry.pipe.delete_adapters(name)
         log.info("deleted LoRA %s (%s) from %s/%s", victim, name, entry.family, entry.model)
 
 
 def reset(entry: CachedModel) -> None:
     """Turn every adapter off: the pipeline computes with its base weights again."""
-    if entry.adapters or entry.slots:
+    if not (entry.adapters or entry.slots):
+        return
+    layers = _layers(entry)
+    if layers is None:
         entry.pipe.disable_lora()
+        return
+    for layer in layers:
+        layer._disable_adapters = True  # what enable_adapters(False) sets, without gradient flags
+
+
+def _activate(entry: CachedModel, names: list[str], scales: list[float]) -> None:
+    """Make exactly ``names`` active at ``scales``. Straight on peft's LoRA layers, found once:
+    diffusers' ``set_adapters`` and ``enable_lora`` walk every module of every component and
+    toggle gradients on each call, which on a small model costs more than the denoising does."""
+    layers = _layers(entry)
+    if layers is None:
+        entry.pipe.enable_lora()
+        entry.pipe.set_adapters(names, scales)
+        return
+    for layer in layers:
+        # What peft's set_adapter and enable_adapters set, without their gradient flags.
+        layer._active_adapter = names
+        for name, scale in zip(names, scales, strict=True):
+            layer.set_scale(name, scale)
+        layer._disable_adapters = False
+
+
+def _layers(entry: CachedModel) -> list[Any] | None:
+    """peft's LoRA layers in the pipeline's LoRA-loadable components, or None where this peft's
+    layers lack the attributes :func:`_activate` sets (the pipeline's own calls are used then)."""
+    if entry.lora_layers is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        found: list[Any] = []
+        for name in getattr(entry.pipe, "_lora_loadable_modules", []):
+            component = getattr(entry.pipe, name, None)
+            if component is not None and hasattr(component, "modules"):
+                found += [m for m in component.modules() if isinstance(m, BaseTunerLayer)]
+        entry.lora_layers = found
+    ok = all(
+        hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") and hasattr(m, "set_scale")
+        for m in entry.lora_layers
+    )
+    return entry.lora_layers if ok else None
 
 
 def _denoiser(pipe: Any) -> Any:

@@ -84,11 +84,11 @@ class Engine:
         max_edit_pixels: int = 0,
         cache_dir: Path | None = None,
         fetch: Callable[[str, Path], Path] | None = None,
-        lora_hotswap: bool = False,
+        lora_hotswap: bool | str = "auto",
         max_loras: int = loras.MAX_ADAPTERS,
     ) -> None:
         self.registry = registry
-        self.lora_hotswap = lora_hotswap
+        self.lora_hotswap = lora_hotswap  # True, False, or "auto": for models compiled on GPU
         self.max_loras = max_loras
         # The last job's LoRA switch (loading or swapping its LoRAs in, turning them off after) and
         # pipeline call, in seconds; the worker reports the first as a metric. None: no LoRA.
@@ -125,7 +125,7 @@ class Engine:
                     entry,
                     resolved,
                     self._placeholders(spec),
-                    hotswap=self.lora_hotswap,
+                    hotswap=self._hotswap(spec),
                     max_loras=self.max_loras,
                 )
                 switch = time.perf_counter() - started
@@ -138,6 +138,13 @@ class Engine:
             loras.reset(entry)
             if resolved:
                 self.last_lora_seconds = switch + time.perf_counter() - started
+
+    def _hotswap(self, spec: ModelSpec) -> bool:
+        if self.lora_hotswap == "auto":
+            # Where swapping in place pays: a compiled denoiser keeps its compiled graph. Elsewhere
+            # activating resident adapters is cheaper (docs/runtime.md has the figures).
+            return spec.compile and self.device.startswith("cuda")
+        return bool(self.lora_hotswap)
 
     def set_registry(self, registry: Registry) -> list[tuple[str, str]]:
         """Serve ``registry`` from now on (the runtime registry changed). Cached models it no longer
