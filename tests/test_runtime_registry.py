@@ -194,6 +194,9 @@ def test_an_uploaded_lora_is_used_then_refused_once_deleted(
     styled = wait_done(api_client, submit(api_client, _job(loras=[{"name": name, "scale": 1.0}]))["id"])
     assert styled["status"] == "succeeded", styled
     assert styled["outputs"][0]["sha256"] != plain["outputs"][0]["sha256"]  # the LoRA changed the image
+    assert worker.metrics_url is not None
+    metrics = requests.get(worker.metrics_url, timeout=10).text
+    assert 'inference_lora_switch_seconds_count{family="sd15"}' in metrics  # the switch is reported
 
     # Another tenant cannot see, use or delete it.
     for method in ("get", "delete"):
