@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.auth import create_tenant_key
 from inference_server.db.registry_tables import WorkerModel
 from tests.support.jobs import submit, wait_done
-from tests.support.system import ROOT, Proc
+from tests.support.system import ROOT, Proc, start_api
 from tests.support.waiting import wait_for
 
 
@@ -270,3 +270,26 @@ def test_admin_keys_manage_shared_entries_and_placement(
     )
     assert admin.get(f"{admin.base_url}{url}", timeout=30).json()["workers"] == []  # type: ignore[attr-defined]
     assert admin.delete(f"{admin.base_url}{url}", timeout=30).status_code == 200  # type: ignore[attr-defined]
+
+
+def test_another_api_process_accepts_a_model_added_a_moment_ago(
+    api_client: requests.Session,
+    system_env: dict[str, str],
+    logs_dir: Path,
+    tiny_models: Path,
+    tenant: Any,
+    worker: Proc,
+) -> None:
+    """An API replica that read the registry a moment ago, and would not read it again for a
+    minute, reads it again when a submit names a model it does not know."""
+    proc, url = start_api(dict(system_env, REGISTRY_POLL_INTERVAL="60"), logs_dir, name="api-replica")
+    try:
+        replica = _client(url, tenant.api_key)
+        assert replica.get(f"{url}/v1/models", timeout=30).status_code == 200  # its registry is read now
+        model_id = f"rt-{uuid.uuid4().hex[:6]}"
+        _add_model(api_client, model_id, f"file://{tiny_models.parent / 'sd15'}")
+        resp = replica.post(f"{url}/v1/jobs", json=_job(model_id), timeout=30)
+        assert resp.status_code == 202, resp.text
+        wait_done(api_client, resp.json()["id"])  # whoever runs it, it does not linger for later tests
+    finally:
+        proc.kill(15)

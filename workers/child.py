@@ -142,9 +142,12 @@ def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:
     from inference_server.storage.s3 import S3Storage
 
     parsed = urlparse(uri)
+    endpoint = settings.s3_endpoint_url
+    if parsed.scheme == "gs":  # GCS through its S3-compatible API, as open_storage reaches it
+        endpoint = endpoint or "https://storage.googleapis.com"
     store = S3Storage(
         f"{parsed.scheme}://{parsed.netloc}",
-        endpoint_url=settings.s3_endpoint_url,
+        endpoint_url=endpoint,
         region=settings.s3_region,
         scheme=parsed.scheme,
         connect_timeout=settings.storage_connect_timeout,

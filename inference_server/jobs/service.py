@@ -154,7 +154,14 @@ def submit(
         existing = _by_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
             return _replay(existing, digest)
-    family, model = _check_family(ctx.registry_for(session, tenant.id), req)
+    try:
+        family, model = _check_family(ctx.registry_for(session, tenant.id), req)
+    except InvalidRequest as exc:
+        if ctx.runtime is None or exc.code not in ("unknown_model", "unknown_lora"):
+            raise
+        # Perhaps added a moment ago through another API process: read the registry again first.
+        ctx.runtime.invalidate()
+        family, model = _check_family(ctx.registry_for(session, tenant.id), req)
     _check_inputs(req)
     if req.output.metadata:
         from inference_server import imaging
