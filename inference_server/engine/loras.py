@@ -2,9 +2,9 @@
 
 Two ways to keep LoRAs resident on a cached pipeline (loading from disk is the slow part):
 - adapters (``hotswap=False``): each LoRA is its own peft adapter, keyed by its source; a job
-  activates the ones it names with ``set_adapters``. Every resident adapter wraps the same layers,
-  so each costs memory and a little time in every forward, even disabled.
-- hotswap (``hotswap=True``, the default through LORA_HOTSWAP): the pipeline holds one adapter
+  activates the ones it names, straight on peft's layers (:func:`_activate`). Every resident
+  adapter wraps the same layers, so each costs memory and a little time in every forward.
+- hotswap (``hotswap=True``; LORA_HOTSWAP=auto picks it for compiled models): the pipeline holds one adapter
   slot per LoRA a job uses at once; a job's i-th LoRA is copied into slot i with diffusers'
   ``load_lora_weights(..., hotswap=True)``, from weights kept in host memory. The layers stay as
   they are, so a compiled denoiser stays compiled. A LoRA whose layers or rank differ from the
