@@ -17,6 +17,7 @@ from api.waiter import JobWaiter
 from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
 from inference_server.jobs.service import JobContext
 from inference_server.registry import Registry, load_registry
+from inference_server.registry.runtime import RuntimeRegistry
 from inference_server.settings import Settings
 from inference_server.storage import open_storage
 
@@ -41,7 +42,11 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
 
         relay = Relay.from_settings(sf, settings)
     ctx = JobContext(
-        settings, registry, open_storage(settings), on_published=relay.wake.set if relay else None
+        settings,
+        registry,
+        open_storage(settings),
+        on_published=relay.wake.set if relay else None,
+        runtime=RuntimeRegistry(registry, poll=settings.registry_poll_interval),
     )
     metrics = ApiMetrics()
     metrics.registry.register(JobsCollector(sf))
@@ -85,10 +90,16 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     install_error_handlers(app)
     install_docs(app)
 
-    app.add_middleware(LimitsAndTiming, max_bytes=settings.max_request_bytes, metrics=metrics)
+    app.add_middleware(
+        LimitsAndTiming,
+        max_bytes=settings.max_request_bytes,
+        metrics=metrics,
+        # A LoRA upload is one file, often larger than any job request.
+        path_limits={"/v1/loras": settings.max_lora_bytes + 64 * 1024},
+    )
 
-    from api.routes import jobs, system, uploads, webhooks
+    from api.routes import jobs, models, system, uploads, webhooks
 
-    for module in (jobs, system, uploads, webhooks):
+    for module in (jobs, models, system, uploads, webhooks):
         app.include_router(module.router)
     return app

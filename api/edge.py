@@ -82,10 +82,13 @@ class LimitsAndTiming:
     """Plain ASGI middleware (cheaper than BaseHTTPMiddleware on the submit hot path): the edge's
     refusals above, and the timing of every request for /metrics."""
 
-    def __init__(self, app: Any, *, max_bytes: int, metrics: ApiMetrics) -> None:
+    def __init__(
+        self, app: Any, *, max_bytes: int, metrics: ApiMetrics, path_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.path_limits = path_limits or {}  # exact paths allowed a larger body (uploads)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -111,20 +114,25 @@ class LimitsAndTiming:
                 scope["method"], getattr(route, "path", "unmatched"), str(status[0])
             ).observe(time.perf_counter() - start)
 
+    def _limit(self, scope: Any) -> int:
+        return self.path_limits.get(scope.get("path", ""), self.max_bytes)
+
     def _refuse_early(self, scope: Any) -> Any:
+        limit = self._limit(scope)
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return error_response("request_too_large", self._limit_message())
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return error_response("request_too_large", self._limit_message(limit))
         problem = _bad_text(scope)
         return error_response("invalid_characters", problem) if problem else None
 
-    def _limit_message(self) -> str:
-        return f"requests are limited to {self.max_bytes} bytes"
+    def _limit_message(self, limit: int) -> str:
+        return f"requests are limited to {limit} bytes"
 
     def _counting(self, scope: Any, receive: Any) -> Any:
         """``receive``, refusing once more than the limit has arrived and checking a JSON body's
         text when its last chunk is in."""
         received = 0
+        limit = self._limit(scope)
         keep: list[bytes] | None = [] if _is_json(scope) else None
 
         async def wrapped() -> Any:
@@ -134,8 +142,8 @@ class LimitsAndTiming:
                 return message
             chunk = message.get("body", b"")
             received += len(chunk)
-            if received > self.max_bytes:
-                raise EdgeRefusal("request_too_large", self._limit_message(), 413)
+            if received > limit:
+                raise EdgeRefusal("request_too_large", self._limit_message(limit), 413)
             if keep is not None:
                 keep.append(chunk)
                 if not message.get("more_body", False):

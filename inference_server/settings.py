@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     job_time_limit: int = 0  # hard per-job time limit in seconds (0: none)
     worker_metrics_port: int = 0  # Prometheus endpoint of a worker (`workers`: this port + GPU n); 0: none
     warm_models: str = ""  # "family[/model],..." loaded when a worker child starts
+    # Runtime registry (models and LoRAs added through the API) and warm placement.
+    registry_poll_interval: float = Field(default=1.0, gt=0)  # seconds between registry version reads
+    placement_timeout: float = Field(default=30.0, gt=0)  # default wait of .../load and .../unload
+    max_lora_bytes: int = Field(default=512 * 1024 * 1024, gt=0)  # largest LoRA upload
+    # How LoRAs switch: swapped into resident adapter slots (on), one resident adapter each (off),
+    # or swapped only on models compiled on a GPU (auto)
+    lora_hotswap: Literal["auto", "on", "off"] = "auto"
+    engine_max_loras: int = Field(default=8, ge=1)  # LoRAs kept resident per loaded model
     # Leases and reconciliation: the database, not the broker's redelivery, decides what runs.
     job_lease_seconds: float = 30.0  # a running attempt's lease; its worker renews it while it runs
     job_retry_delays: Annotated[list[float], NoDecode] = Field(default_factory=lambda: [5.0, 30.0, 120.0])

@@ -1,8 +1,6 @@
-"""Probes, metrics and the model catalog."""
+"""Probes and metrics (the model catalog is in routes/models.py)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
@@ -10,9 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from api.deps import AppState, current_tenant, get_session, state
+from api.deps import AppState, get_session, state
 from api.errors import error_response
-from inference_server.db import Tenant
 
 router = APIRouter()
 
@@ -40,13 +37,3 @@ def readyz(session: Session = Depends(get_session), st: AppState = Depends(state
 @router.get("/metrics", tags=["system"])
 def metrics(st: AppState = Depends(state)) -> Response:
     return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-@router.get("/v1/models", tags=["models"])
-def models(_: Tenant = Depends(current_tenant), st: AppState = Depends(state)) -> dict[str, Any]:
-    catalog = st.ctx.registry.catalog()
-    queues = {f["name"]: st.ctx.registry.families[f["name"]].queue for f in catalog["families"]}
-    online = st.broker.consumers(list(queues.values())) if st.broker is not None else {}
-    for family in catalog["families"]:
-        family["online_workers"] = online.get(queues[family["name"]])
-    return catalog
