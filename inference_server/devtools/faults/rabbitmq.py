@@ -38,6 +38,7 @@ class PrivateRabbit:
             config.append(f"consumer_timeout = {consumer_timeout_ms}")
         if self.management_port:
             config += [f"management.tcp.port = {self.management_port}", "management.tcp.ip = 127.0.0.1"]
+            config.append("collect_statistics_interval = 1000")  # queue counts a second old, not five
         (self.root / "rabbitmq.conf").write_text("\n".join(config) + "\n")
         # Without management by default: fewer ports, faster boot.
         (self.root / "enabled_plugins").write_text("[rabbitmq_management].\n" if management else "[].\n")
