@@ -91,6 +91,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         openapi_url=None,  # api.docs serves it, behind a key when DOCS_REQUIRE_KEY says so
         redoc_url=None,  # ReDoc, too, would load from a CDN
         swagger_ui_oauth2_redirect_url=None,
+        # Operation ids are the route functions' names (submit_job, get_job): what generated
+        # clients call their methods. A duplicate name fails the OpenAPI validation test.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.inference = app_state
     app.state.relay = relay

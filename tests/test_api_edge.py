@@ -196,6 +196,8 @@ def test_the_openapi_document_is_valid_openapi(edge_api: str) -> None:
     doc = requests.get(f"{edge_api}/openapi.json", timeout=10).json()
     assert doc["openapi"].startswith("3.1")
     validate(doc)  # raises on a document a standard client generator would refuse
+    ids = [op["operationId"] for item in doc["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
 def test_docs_serve_swagger_ui_from_local_assets(edge_api: str) -> None:
