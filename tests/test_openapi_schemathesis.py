@@ -8,6 +8,7 @@ submits (any size the schema allows) never reach the suite's workers."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from inference_server.devtools import services
-from tests.conftest import BROKER
 from tests.support.system import start_api
 
 CHECKS = ",".join(
@@ -47,7 +47,8 @@ def fuzzed_api(system_env: dict[str, str], scratch_db_url: str, logs_dir: Path) 
     with make_session_factory(engine)() as session:
         _, key = create_tenant_key(session, "schemathesis")
     engine.dispose()
-    with services.private_vhost("is_st", BROKER) as vhost:
+    broker = os.environ.get("TEST_BROKER_URL", services.DEFAULT_BROKER)  # as tests/conftest.py
+    with services.private_vhost("is_st", broker) as vhost:
         env = dict(system_env, DATABASE_URL=scratch_db_url, BROKER_URL=vhost)
         proc, url = start_api(env, logs_dir, name="api-schemathesis")
         yield url, key
