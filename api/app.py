@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import threading
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from api.deps import AppState
 from api.docs import install_docs
 from api.edge import LimitsAndTiming
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, JobsCollector
-from api.ratelimit import RateLimiter
+from api.ratelimit import LimitStore, RateLimiter
 from api.waiter import JobWaiter
 from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
 from inference_server.jobs.service import JobContext
@@ -54,6 +56,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
 
     metrics.registry.register(DeliveryBacklogCollector(sf))
     waiter = JobWaiter(db)
+    limits = LimitStore(
+        settings.rate_limit_storage_url, key_prefix=settings.rate_limit_key_prefix, metrics=metrics.registry
+    )
     app_state = AppState(
         settings=settings,
         session_factory=sf,
@@ -61,8 +66,10 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         broker=broker,
         metrics=metrics,
         waiter=waiter,
-        limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
-        auth_failures=RateLimiter(settings.auth_failures_per_minute)
+        limiter=RateLimiter(settings.rate_limit_per_minute, limits, name="key")
+        if settings.rate_limit_per_minute
+        else None,
+        auth_failures=RateLimiter(settings.auth_failures_per_minute, limits, name="auth-failures")
         if settings.auth_failures_per_minute
         else None,
     )
@@ -72,9 +79,13 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         if relay is not None:
             relay.start(stop)
         waiter.start()
+        metrics_server = serve_metrics(settings, metrics.registry)
         yield
         stop.set()
         waiter.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         db.dispose()
 
     app = FastAPI(
@@ -82,13 +93,17 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         version="0.1.0",
         lifespan=lifespan,
         docs_url=None,  # api.docs serves it without a CDN
+        openapi_url=None,  # api.docs serves it, behind a key when DOCS_REQUIRE_KEY says so
         redoc_url=None,  # ReDoc, too, would load from a CDN
         swagger_ui_oauth2_redirect_url=None,
+        # Operation ids are the route functions' names (submit_job, get_job): what generated
+        # clients call their methods. A duplicate name fails the OpenAPI validation test.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.inference = app_state
     app.state.relay = relay
     install_error_handlers(app)
-    install_docs(app)
+    install_docs(app, require_key=bool(settings.docs_require_key))
 
     app.add_middleware(
         LimitsAndTiming,
@@ -103,3 +118,14 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     for module in (jobs, models, system, uploads, webhooks):
         app.include_router(module.router)
     return app
+
+
+def serve_metrics(settings: Settings, registry: CollectorRegistry) -> Any:
+    """With ``API_METRICS_PORT``, /metrics on a listener of its own (returned, to be shut down);
+    the API's own port then answers it 404, so metrics need not be reachable where clients are."""
+    if not settings.api_metrics_port:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(settings.api_metrics_port, settings.api_metrics_host, registry=registry)
+    return server

@@ -59,7 +59,7 @@ async def current_caller(
     if caller is None:
         caller = await _authenticate_counting_failures(request, st, header)
     if st.limiter is not None:
-        st.limiter.check(caller.tenant.id)
+        await st.limiter.check(caller.tenant.id)
     return caller
 
 
@@ -80,16 +80,16 @@ async def require_admin(caller: Caller = Depends(current_caller)) -> Caller:
 
 async def _authenticate_counting_failures(request: Request, st: AppState, header: str | None) -> Caller:
     """Look the key up, unless the caller's address has failed too often lately: guessing keys costs
-    a database round trip each, and a 429 from memory costs nothing."""
+    a database round trip each, and a 429 from the limiter costs none."""
     if st.auth_failures is None or not header:
         return await run_in_threadpool(_authenticate, st, header)
     address = request.client.host if request.client else "unknown"
-    st.auth_failures.check(address, spend=False)
+    await st.auth_failures.check(address, spend=False)
     try:
         return await run_in_threadpool(_authenticate, st, header)
     except Unauthorized as exc:
         if exc.code == "invalid_api_key":  # a guess; a missing key guesses nothing
-            st.auth_failures.check(address)
+            await st.auth_failures.check(address)
         raise
 
 

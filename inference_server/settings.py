@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     api_url: str = ""  # where clients (the CLI) reach the API; default http://api_host:api_port
     rate_limit_per_minute: int = 0  # per API key; 0 disables
     auth_failures_per_minute: int = 0  # per client address, wrong API keys; 0 disables
+    # Where both limits count: memory:// (per process) or redis://host:port/db (shared by replicas).
+    rate_limit_storage_url: str = "memory://"
+    rate_limit_key_prefix: str = Field(default="inference-server", min_length=1)
+    # /docs and /openapi.json need an API key; unset: only when ENVIRONMENT=production.
+    docs_require_key: bool | None = None
+    # Serve /metrics on this port only (a listener of its own, for Prometheus); 0: on API_PORT.
+    api_metrics_port: int = Field(default=0, ge=0, le=65535)
+    api_metrics_host: str = "0.0.0.0"
     max_request_bytes: int = 30 * 1024 * 1024
     api_statement_timeout: float = 3.0  # the API's statements are short: a stuck database is a fast 503
 
@@ -135,9 +143,21 @@ class Settings(BaseSettings):
             self.model_cache_dir = self.home / "model-cache"
         if not self.api_url:
             self.api_url = f"http://{self.api_host}:{self.api_port}"
+        if self.docs_require_key is None:
+            self.docs_require_key = self.environment == "production"
+        if not is_supported_limit_storage(self.rate_limit_storage_url):
+            raise ValueError(
+                "RATE_LIMIT_STORAGE_URL must be memory:// or a redis:// (rediss://, redis+sentinel://) URL"
+            )
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("DATABASE_URL must point at PostgreSQL when ENVIRONMENT=production")
         return self
+
+
+def is_supported_limit_storage(url: str) -> bool:
+    """Whether the rate limiter (``api.ratelimit``) can count in the storage ``url`` names."""
+    scheme, sep, _ = url.partition("://")
+    return bool(sep) and scheme in ("memory", "redis", "rediss", "redis+unix", "redis+sentinel")
 
 
 @lru_cache(maxsize=1)

@@ -12,12 +12,14 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Caller
 from api.deps import AppState, current_caller, get_session, state
+from api.openapi import answers
 from inference_server.errors import InputTooLarge, InvalidRequest
 from inference_server.registry import loras_service as loras
 from inference_server.registry import models_service as models
 from inference_server.registry import placement
 from inference_server.registry.access import Who
 from inference_server.registry.runtime import RuntimeRegistry
+from inference_server.schemas import Catalogue
 
 router = APIRouter(tags=["models"])
 
@@ -31,7 +33,7 @@ def _who(caller: Caller) -> Who:
     return Who(caller.tenant.id, caller.admin)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=None, responses=answers(Catalogue))
 def catalog(
     caller: Caller = Depends(current_caller),
     st: AppState = Depends(state),

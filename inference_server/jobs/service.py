@@ -148,6 +148,8 @@ def submit(
 ) -> Submitted:
     """Validate, store and enqueue one job in a single transaction. ``job_id`` lets a caller know the
     new job's id before it exists (to wait for its end without a gap); a replay keeps its own id."""
+    # An empty key names nothing: stored, it would make every later keyless-looking submit a conflict.
+    idempotency_key = idempotency_key or None
     # The body's hash only matters to tell a replay from a conflict, so only with a key.
     digest = request_hash(req) if idempotency_key else None
     if idempotency_key:
