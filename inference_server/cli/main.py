@@ -103,6 +103,14 @@ def dispatcher() -> None:
     run_dispatcher(_settings())
 
 
+@cli.command()
+def ingress() -> None:
+    """Consume job requests from RabbitMQ (INGRESS_QUEUE) and create their jobs."""
+    from inference_server.roles.ingress import run_ingress
+
+    run_ingress(_settings())
+
+
 @cli.group()
 def keys() -> None:
     """API keys and webhook secrets."""
