@@ -149,11 +149,13 @@ def keys_rotate(tenant: str) -> None:
 def _register_commands() -> None:
     from inference_server.cli.generate import generate
     from inference_server.cli.models_cmd import models
+    from inference_server.cli.tenants_cmd import tenants
     from inference_server.cli.up import up
 
     cli.add_command(models)
     cli.add_command(generate)
     cli.add_command(up)
+    cli.add_command(tenants)
 
 
 _register_commands()
