@@ -47,7 +47,9 @@ def _replies(amqp: Amqp, queue: str, until: str, timeout: float = 60) -> list:  
 
 def _jobs_with_key(system_db, key: str) -> int:  # type: ignore[no-untyped-def]
     with system_db() as session:
-        return int(session.scalar(select(func.count()).select_from(Job).where(Job.idempotency_key == key)) or 0)
+        return int(
+            session.scalar(select(func.count()).select_from(Job).where(Job.idempotency_key == key)) or 0
+        )
 
 
 def _dead_letter(amqp: Amqp, message_id: str) -> tuple:  # type: ignore[type-arg]
@@ -61,7 +63,9 @@ def _dead_letter(amqp: Amqp, message_id: str) -> tuple:  # type: ignore[type-arg
     return found[0]
 
 
-def test_a_published_job_runs_and_every_event_comes_back_signed_on_reply_to(ingress, amqp, tenant, system_db):  # type: ignore[no-untyped-def]
+def test_a_published_job_runs_and_every_event_comes_back_signed_on_reply_to(  # type: ignore[no-untyped-def]
+    ingress, amqp, tenant, system_db
+):
     queue = amqp.reply_queue()
     message_id = f"gen-{uuid.uuid4().hex}"
     amqp.submit(BODY, api_key=tenant.api_key, message_id=message_id, reply_to=queue, correlation_id="corr-1")
@@ -108,11 +112,17 @@ def test_the_same_message_id_twice_gives_one_job(ingress, amqp, tenant, system_d
     assert _jobs_with_key(system_db, message_id) == 1
 
 
-def test_an_invalid_message_is_dead_lettered_with_its_reason_and_an_error_reply(ingress, amqp, tenant, system_db):  # type: ignore[no-untyped-def]
+def test_an_invalid_message_is_dead_lettered_with_its_reason_and_an_error_reply(
+    ingress, amqp, tenant, system_db
+):  # type: ignore[no-untyped-def]
     queue = amqp.reply_queue()
     message_id = uuid.uuid4().hex
     amqp.submit(
-        {**BODY, "steps": 9999}, api_key=tenant.api_key, message_id=message_id, reply_to=queue, correlation_id="c-9"
+        {**BODY, "steps": 9999},
+        api_key=tenant.api_key,
+        message_id=message_id,
+        reply_to=queue,
+        correlation_id="c-9",
     )
     properties, body = _dead_letter(amqp, message_id)
     assert properties.headers["x-error-code"] == "validation_error"
@@ -143,7 +153,9 @@ def test_a_refused_message_carries_its_code_in_the_dead_letter_and_the_reply(  #
     key = tenant.api_key if api_key == "valid" else api_key
     mid = f"{message_id}-{correlation}" if message_id else None
     routing = "nope" if isinstance(body, dict) and body["family"] == "nope" else "sd15"
-    amqp.submit(body, api_key=key, message_id=mid, reply_to=queue, correlation_id=correlation, routing_key=routing)
+    amqp.submit(
+        body, api_key=key, message_id=mid, reply_to=queue, correlation_id=correlation, routing_key=routing
+    )
     [(reply, raw)] = _replies(amqp, queue, "error", timeout=20)
     assert reply.correlation_id == correlation
     assert json.loads(raw)["error"]["code"] == code
