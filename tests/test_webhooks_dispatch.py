@@ -122,7 +122,9 @@ def test_410_stops_delivering_to_that_url(scratch_db, scratch_db_url, make_recei
 
 def test_redirect_to_a_private_address_is_not_followed(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
     inner = make_receiver()
-    rx = make_receiver(lambda n, req: (302, {"Location": inner.url.replace("127.0.0.1", "10.0.0.1")}, 0.0))
+    rx = make_receiver(
+        lambda n, req: (302, {"Location": inner.url.replace("127.0.0.1", "10.0.0.1")}, 0.0)
+    )
     rx2 = make_receiver(lambda n, req: (307, {"Location": inner.url}, 0.0))
     with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
