@@ -6,6 +6,9 @@ error reply."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -14,6 +17,7 @@ from sqlalchemy import func, select
 
 from inference_server.db import Job
 from tests.support.amqp import DEAD_QUEUE, Amqp, counter, start_ingress
+from tests.support.system import ROOT
 from tests.support.waiting import wait_for
 from webhooks import verify
 
@@ -168,3 +172,26 @@ def test_a_refused_message_carries_its_code_in_the_dead_letter_and_the_reply(  #
     wait_for(dead, 20, what="the dead letter")
     assert found[0][0].headers["x-error-code"] == code
     assert counter(ingress, "inference_ingress_rejected_total", code=code) >= 1
+
+
+def test_the_example_client_submits_and_waits_for_its_job(ingress, broker_url, tenant):  # type: ignore[no-untyped-def]
+    env = dict(os.environ, BROKER_URL=broker_url, INFERENCE_SERVER_API_KEY=tenant.api_key)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "amqp_client.py"),
+            "a lighthouse",
+            "--steps",
+            "2",
+            "--size",
+            "64",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("job.queued") and lines[-1].startswith("job.succeeded"), lines
+    assert "http" in lines[-1]  # the output URL
