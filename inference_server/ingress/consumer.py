@@ -43,7 +43,7 @@ from inference_server.ingress.health import Health
 from inference_server.ingress.messages import Request, parse, reply_of
 from inference_server.ingress.replies import ReplyFailed, error_reply, publish_confirmed
 from inference_server.jobs import service
-from inference_server.jobs.persist import insert_new_rows
+from inference_server.jobs.persist import insert_many
 from inference_server.jobs.service import JobContext, request_hash
 from inference_server.settings import Settings
 
@@ -226,6 +226,7 @@ class Ingress:
                     refused.append(Refusal(d, exc.code, exc.message))
             existing = service.by_idempotency_keys(session, [(t.id, r.message_id) for _, r, t in authed])
             planned: dict[tuple[str, str], str] = {}  # this batch's new keys -> their body's hash
+            rows = []
             for d, r, tenant in authed:
                 key, digest = (tenant.id, r.message_id), request_hash(r.job)
                 try:
@@ -247,9 +248,11 @@ class Ingress:
                         raise Unavailable(f"{exc.code}: {exc.message}") from exc
                     refused.append(Refusal(d, exc.code, exc.message))
                     continue
-                insert_new_rows(session, job.rows)
+                rows.append(job.rows)
                 planned[key] = digest
                 written.created += 1
+            if rows:
+                insert_many(session, rows)
             session.commit()
         metrics.BATCH_SIZE.observe(len(requests))
         refusals.extend(refused)
