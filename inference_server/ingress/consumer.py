@@ -176,6 +176,9 @@ class Ingress:
                 requests.append((d, parse(d.properties, d.body, d.routing_key)))
             except InferenceError as exc:
                 refusals.append(Refusal(d, exc.code, exc.message))
+            except Exception:  # a bug on one message must not stall the queue behind it
+                log.exception("ingress: reading message %s failed", d.properties.message_id)
+                refusals.append(Refusal(d, "internal_error", "the ingress could not read this message"))
         written = self._write(requests, refusals)
         self.health.database_ok = True
         for refusal in refusals:
@@ -192,26 +195,41 @@ class Ingress:
         try:
             try:
                 written = self._transaction(requests, refusals)
-            except IntegrityError:
-                # A replica committed one of these message_ids meanwhile: one at a time, each retried
-                # once, so the job service's replay answers the loser with the winner's job.
+            except DBAPIError as exc:
+                if _unavailable(exc):
+                    raise
+                # A unique key (a replica committed one of these message_ids meanwhile) or a row the
+                # database refused: one message at a time, so the job service's replay answers a
+                # race's loser with the winner's job, and only a message the database refuses is.
                 written = Written()
                 for item in requests:
-                    try:
-                        one = self._transaction([item], refusals)
-                    except IntegrityError:
-                        one = self._transaction([item], refusals)
+                    one = self._one(item, refusals)
                     written.created += one.created
                     written.replayed += one.replayed
-        except (OperationalError, InterfaceError, PoolTimeout) as exc:
-            raise Unavailable(f"database: {type(exc).__name__}") from exc
         except DBAPIError as exc:
-            if exc.connection_invalidated:
+            if _unavailable(exc):
                 raise Unavailable(f"database: {type(exc).__name__}") from exc
             raise
+        except PoolTimeout as exc:
+            raise Unavailable("database: no connection in time") from exc
         if written.created and self.ctx.on_published:
             self.ctx.on_published()
         return written
+
+    def _one(self, item: tuple[Delivery, Request], refusals: list[Refusal]) -> Written:
+        for last in (False, True):
+            try:
+                return self._transaction([item], refusals)
+            except IntegrityError:
+                if last:  # still a conflict after the winner committed: not a race
+                    break
+            except DBAPIError as exc:
+                if _unavailable(exc):
+                    raise
+                break
+        log.error("ingress: the database refused message %s", item[0].properties.message_id)
+        refusals.append(Refusal(item[0], "internal_error", "the job could not be stored"))
+        return Written()
 
     def _transaction(self, requests: list[tuple[Delivery, Request]], refusals: list[Refusal]) -> Written:
         """One transaction for ``requests``; appends to ``refusals`` only once it committed."""
@@ -247,6 +265,10 @@ class Ingress:
                     if exc.status == 503:  # storage down: transient, not the message's fault
                         raise Unavailable(f"{exc.code}: {exc.message}") from exc
                     refused.append(Refusal(d, exc.code, exc.message))
+                    continue
+                except Exception:  # a bug on one message must not stall the queue behind it
+                    log.exception("ingress: planning message %s failed", r.message_id)
+                    refused.append(Refusal(d, "internal_error", "the ingress could not handle this request"))
                     continue
                 rows.append(job.rows)
                 planned[key] = digest
@@ -305,6 +327,11 @@ class Ingress:
                 publish_confirmed(publisher, "", reply_to, body, properties, mandatory=False)
             except ReplyFailed as exc:  # the dead letter is the record; the reply is a courtesy
                 log.warning("ingress: error reply to %s not taken: %s", reply_to, exc)
+
+
+def _unavailable(exc: DBAPIError) -> bool:
+    """A database that cannot be reached, rather than a statement it refused."""
+    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
 
 
 def _close(connection: BlockingConnection) -> None:
