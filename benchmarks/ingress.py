@@ -5,6 +5,7 @@ published to their family queue as they would be in production).
 
     python benchmarks/ingress.py [--backlog 5000] [--rate 100] [--latency-messages 300]
     python benchmarks/ingress.py --backlog 500 --latency-messages 50     # a quick run
+    INGRESS_RELAY=false python benchmarks/ingress.py                     # the ingress without its relay
 
 Throughput is counted from the first job's ``created_at`` to the last (process start-up excluded);
 latency compares each message's publish time with its ``job.queued`` event (one machine, one clock)."""
