@@ -76,6 +76,8 @@ def with_api_base(view: dict[str, Any], api_base: str) -> dict[str, Any]:
     job = view.get("data", view)
     if not api_base or not job.get("outputs"):
         return view
-    outputs = [{**o, "url": api_base + o["url"]} if o["url"].startswith("/") else o for o in job["outputs"]]
+    outputs = [
+        {**o, "url": api_base + o["url"]} if o["url"].startswith("/") else o for o in job["outputs"]
+    ]
     job = {**job, "outputs": outputs}
     return {**view, "data": job} if "data" in view else job
