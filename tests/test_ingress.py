@@ -195,3 +195,30 @@ def test_the_example_client_submits_and_waits_for_its_job(ingress, broker_url, t
     lines = run.stdout.splitlines()
     assert lines[0].startswith("job.queued") and lines[-1].startswith("job.succeeded"), lines
     assert "http" in lines[-1]  # the output URL
+
+
+def test_a_reply_queue_that_appears_late_gets_every_event_on_the_retry_schedule(  # type: ignore[no-untyped-def]
+    ingress, amqp, tenant, system_db, api_client
+):
+    from webhooks.tables import WebhookDelivery
+
+    queue = f"test.replies.late.{uuid.uuid4().hex[:8]}"  # not declared yet: replies are returned
+    message_id = uuid.uuid4().hex
+    amqp.submit(BODY, api_key=tenant.api_key, message_id=message_id, reply_to=queue)
+
+    def failed_attempt() -> bool:
+        with system_db() as session:
+            rows = session.scalars(
+                select(WebhookDelivery)
+                .join(Job, Job.id == WebhookDelivery.job_id)
+                .where(Job.idempotency_key == message_id, WebhookDelivery.kind == "amqp")
+            ).all()
+            return any(d.attempts >= 1 and "no queue" in (d.last_error or "") for d in rows)
+
+    wait_for(failed_attempt, 30, what="a returned reply recorded as a failed attempt")
+    amqp.channel.queue_declare(queue, durable=True)  # the receiver comes back before the retries run out
+    replies = _replies(amqp, queue, "job.succeeded")
+    assert [p.type for p, _ in replies][0] == "job.queued"  # the failed one, retried, first: in order
+    job_id = json.loads(replies[0][1])["data"]["id"]
+    log = api_client.get(f"{api_client.base_url}/v1/jobs/{job_id}/webhooks").json()
+    assert {(d["url"], d["kind"]) for d in log["deliveries"]} == {(f"amqp:{queue}", "amqp")}  # one log
