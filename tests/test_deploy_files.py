@@ -25,6 +25,7 @@ K8S = DEPLOY / "k8s"
 
 # `inference-server <command>` names from DESIGN.md (contract).
 CLI_COMMANDS = {"migrate", "api", "worker", "workers", "dispatcher", "keys", "models", "generate", "up"}
+CLI_COMMANDS |= {"ingress", "tenants"}  # Round 2 contracts
 # Variables our services set that a library reads rather than Settings (boto3's credentials).
 LIBRARY_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 REQUIRED_SERVICES = {

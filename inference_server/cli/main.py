@@ -103,6 +103,14 @@ def dispatcher() -> None:
     run_dispatcher(_settings())
 
 
+@cli.command()
+def ingress() -> None:
+    """Consume job requests from RabbitMQ (INGRESS_QUEUE) and create their jobs."""
+    from inference_server.roles.ingress import run_ingress
+
+    run_ingress(_settings())
+
+
 @cli.group()
 def keys() -> None:
     """API keys and webhook secrets."""
@@ -146,11 +154,13 @@ def keys_rotate(tenant: str) -> None:
 def _register_commands() -> None:
     from inference_server.cli.generate import generate
     from inference_server.cli.models_cmd import models
+    from inference_server.cli.tenants_cmd import tenants
     from inference_server.cli.up import up
 
     cli.add_command(models)
     cli.add_command(generate)
     cli.add_command(up)
+    cli.add_command(tenants)
 
 
 _register_commands()
