@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.access_log import AccessLog
 from api.deps import AppState
 from api.docs import install_docs
 from api.edge import LimitsAndTiming
@@ -86,6 +87,7 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     install_docs(app)
 
     app.add_middleware(LimitsAndTiming, max_bytes=settings.max_request_bytes, metrics=metrics)
+    app.add_middleware(AccessLog)  # added last: outermost, so it sees the edge's refusals too
 
     from api.routes import jobs, system, uploads, webhooks
 

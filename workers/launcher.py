@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery, signals
 
 from inference_server.errors import ConfigurationError, DependencyDown
+from inference_server.logs import json_logs
 from inference_server.registry import Registry
 from inference_server.settings import Settings
 from workers.device import pin_device
@@ -89,7 +90,9 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
         queues=queues,
         without_gossip=True,
         without_mingle=True,
+        quiet=json_logs(),  # Celery's banner is not a log line: a collector of JSON lines chokes on it
     )
+    log.info("worker %s consuming %s", host_format(name), ", ".join(queues))
     worker.start()
     if worker.exitcode:
         log.critical("worker stopped with status %s", worker.exitcode)
