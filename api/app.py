@@ -12,12 +12,13 @@ from api.deps import AppState
 from api.docs import install_docs
 from api.edge import LimitsAndTiming
 from api.errors import install_error_handlers
-from api.metrics import ApiMetrics, JobsCollector
+from api.metrics import ApiMetrics, JobsCollector, RegistryCollector
 from api.ratelimit import RateLimiter
+from api.registry_watch import RegistryWatch
 from api.waiter import JobWaiter
 from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
 from inference_server.jobs.service import JobContext
-from inference_server.registry import Registry, load_registry
+from inference_server.registry import Registry
 from inference_server.settings import Settings
 from inference_server.storage import open_storage
 
@@ -30,8 +31,12 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     timeouts = DatabaseTimeouts.from_settings(settings, statement=api_limit, connect=connect)
     db = make_database(settings.database_url, pool_size=20, pre_ping=False, timeouts=timeouts)
     sf = make_session_factory(db)
-    if registry is None:
-        registry = load_registry(settings.models_file) if settings.models_file else Registry(None, {})
+    watch = None
+    if registry is None and settings.models_file:
+        watch = RegistryWatch(settings.models_file)  # a missing file: started, not ready (/readyz)
+        registry = watch.registry
+    elif registry is None:
+        registry = Registry(None, {})
     stop = threading.Event()
     relay = None
     from inference_server.publish.probe import BrokerProbe
@@ -45,7 +50,12 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         settings, registry, open_storage(settings), on_published=relay.wake.set if relay else None
     )
     metrics = ApiMetrics()
-    metrics.registry.register(JobsCollector(sf))
+    metrics.registry.register(JobsCollector(sf, registry.families))
+    metrics.registry.register(RegistryCollector(registry.families))
+    if relay is not None:
+        from inference_server.publish import metrics as relay_metrics
+
+        relay_metrics.register(metrics.registry)
     from webhooks.service import DeliveryBacklogCollector
 
     metrics.registry.register(DeliveryBacklogCollector(sf))
@@ -57,6 +67,7 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         broker=broker,
         metrics=metrics,
         waiter=waiter,
+        registry_watch=watch,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
         auth_failures=RateLimiter(settings.auth_failures_per_minute)
         if settings.auth_failures_per_minute
@@ -68,6 +79,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         if relay is not None:
             relay.start(stop)
         waiter.start()
+        from inference_server.publish.broker_version import check_in_background
+
+        check_in_background(settings.broker_url, settings.consumer_timeout_ms)
         yield
         stop.set()
         waiter.stop()

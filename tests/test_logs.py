@@ -138,3 +138,21 @@ def test_a_worker_starts_without_celerys_delayed_delivery_warning(worker: Proc) 
     assert "Global QoS is disabled" not in out
     lines = json_lines(worker)
     assert lines and all(x["role"] == "worker" for x in lines)
+
+
+def test_a_worker_on_rabbitmq_before_3_12_warns_about_per_queue_consumer_timeouts(
+    worker: Proc, broker_url: str
+) -> None:
+    from inference_server.publish.broker_version import parse_version, server_version
+
+    version = server_version(broker_url)
+    parsed = parse_version(version or "")
+    assert parsed is not None, version  # the suite's broker is RabbitMQ over AMQP
+    warnings = [x for x in json_lines(worker) if x["logger"] == "inference_server.publish.broker_version"]
+    if parsed[:2] < (3, 12):
+        assert len(warnings) == 1 and warnings[0]["level"] == "WARNING", warnings
+        assert warnings[0]["broker_version"] == version and "3.12" in warnings[0]["message"]
+    else:
+        assert not warnings
+    assert parse_version("3.10.7") == (3, 10, 7) and parse_version("4.0") == (4, 0, 0)
+    assert parse_version("not a version") is None

@@ -30,7 +30,7 @@ from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.cancels import CancelListener
-from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED
+from workers.metrics import BUSY_SECONDS, JOB_DURATION, JOB_WAIT, JOBS_FINISHED
 from workers.progress import ProgressWatcher
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,9 @@ class JobRunner:
         log.info("job started: %s, attempt %d", claim.task, claim.attempt)
         started = time.perf_counter()
         outcome = self._run_claimed(claim, recorded, queue or default_queue(claim.family))
-        JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        JOB_DURATION.labels(claim.family, claim.task).observe(elapsed)
+        BUSY_SECONDS.inc(elapsed)
         if outcome.finished_job:
             JOBS_FINISHED.labels(claim.family, outcome.value).inc()
         return outcome
