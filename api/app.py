@@ -67,7 +67,8 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         broker=broker,
         metrics=metrics,
         waiter=waiter,
-        registry_watch=watch,
+        # In /readyz only for an API that started without its file (api/registry_watch.py).
+        registry_watch=watch if watch is not None and not watch.loaded else None,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
         auth_failures=RateLimiter(settings.auth_failures_per_minute)
         if settings.auth_failures_per_minute

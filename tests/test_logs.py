@@ -138,6 +138,13 @@ def test_a_worker_starts_without_celerys_delayed_delivery_warning(worker: Proc) 
     assert "Global QoS is disabled" not in out
     lines = json_lines(worker)
     assert lines and all(x["role"] == "worker" for x in lines)
+    # The engine's libraries (diffusers, transformers, torch) warn about their own future at import
+    # and load; the worker has run jobs by now, so its child has imported and loaded them.
+    warned = [
+        x["message"] for x in lines if x["logger"] == "py.warnings" and "SecurityWarning" not in x["message"]
+    ]
+    assert not warned, warned
+    assert not [x for x in lines if x["logger"].split(".")[0] in ("diffusers", "transformers", "torch")]
 
 
 def test_a_worker_on_rabbitmq_before_3_12_warns_about_per_queue_consumer_timeouts(
