@@ -102,7 +102,17 @@ def stack(system_env: dict[str, str], logs_dir: Path, worker: Proc) -> Iterator[
         "worker": str(worker.metrics_url),
         "dispatcher": f"http://127.0.0.1:{port}/metrics",
     }
+
+    def serving() -> bool:
+        if dispatcher.proc.poll() is not None:
+            raise AssertionError(f"dispatcher exited:\n{dispatcher.tail()}")
+        try:
+            return requests.get(targets["dispatcher"], timeout=2).ok
+        except requests.RequestException:
+            return False
+
     try:
+        wait_for(serving, 60, interval=0.2, what="the dispatcher's metrics endpoint")
         yield targets
     finally:
         dispatcher.kill(15)
