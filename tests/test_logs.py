@@ -138,6 +138,9 @@ def test_a_worker_starts_without_celerys_delayed_delivery_warning(worker: Proc) 
     assert "Global QoS is disabled" not in out
     lines = json_lines(worker)
     assert lines and all(x["role"] == "worker" for x in lines)
+    # Nothing else reaches the stream: no banner, no library writing past logging with its own format.
+    other = [line for line in out.splitlines() if line.strip() and not line.startswith("{")]
+    assert not other, other[:10]
     # The engine's libraries (diffusers, transformers, torch) warn about their own future at import
     # and load; the worker has run jobs by now, so its child has imported and loaded them.
     warned = [
