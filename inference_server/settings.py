@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = "development"
     home: Path = Field(default_factory=default_home, validation_alias="INFERENCE_SERVER_HOME")
 
+    # Logs: "text", "json", or "auto" (text on a terminal, JSON lines otherwise).
+    log_format: Literal["text", "json", "auto"] = "auto"
+    log_level: str = "INFO"
+
     # Where things live. Empty strings mean "the embedded default under home".
     database_url: str = ""
     broker_url: str = "amqp://guest:guest@localhost:5672//"
