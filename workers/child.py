@@ -99,6 +99,7 @@ def build_runner(settings: Settings) -> JobRunner:
     from inference_server.registry import load_registry
     from inference_server.storage import open_storage
     from workers.device import configure_torch
+    from workers.gate import GATE
     from workers.runner import JobRunner
 
     device = configure_torch(settings)
@@ -118,7 +119,12 @@ def build_runner(settings: Settings) -> JobRunner:
     timeouts = DatabaseTimeouts.from_settings(settings)
     db = make_database(settings.database_url, pool_size=2 + settings.finish_in_flight, timeouts=timeouts)
     return JobRunner(
-        settings, make_session_factory(db), storage, engine, finish_in_flight=settings.finish_in_flight
+        settings,
+        make_session_factory(db),
+        storage,
+        engine,
+        finish_in_flight=settings.finish_in_flight,
+        ending=GATE.ending,
     )
 
 

@@ -55,7 +55,8 @@ class JobRunner:
 
     ``finish_in_flight``: how many denoised jobs may be finished (encoded, uploaded, recorded) on a
     thread of their own while ``run`` returns to take the next job; 0 (the default) finishes each
-    job inside ``run``. ``close`` drains them."""
+    job inside ``run``. ``close`` drains them. ``ending``: called with a job's id as its last
+    denoising step begins (the worker's gate takes the next message then)."""
 
     def __init__(
         self,
@@ -66,6 +67,7 @@ class JobRunner:
         *,
         worker_name: str | None = None,
         finish_in_flight: int = 0,
+        ending: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.sf = session_factory
@@ -78,6 +80,7 @@ class JobRunner:
             CancelListener(bind) if bind is not None and bind.dialect.name == "postgresql" else None
         )
         self.finisher = Finisher(self.finish, finish_in_flight) if finish_in_flight > 0 else None
+        self._tell_ending = ending
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish every job handed to the finisher (the child is exiting); return whether all were
@@ -107,8 +110,15 @@ class JobRunner:
             return _observed(claim, started, finished)
         if self.finisher is None:
             return self.finish(finished)
+        took = time.perf_counter() - started
         held = self.finisher.submit(finished)
-        log.info("job %s: denoised; %d of %d in the finisher", job_id, held, self.finisher.limit)
+        log.info(
+            "job %s: denoised; %d of %d in the finisher (%.3f s from its claim)",
+            job_id,
+            held,
+            self.finisher.limit,
+            took,
+        )
         return RunOutcome.FINISHING
 
     def _claim(self, job_id: str) -> tuple[Claim, Future[None]] | ClaimRefusal:
@@ -168,6 +178,15 @@ class JobRunner:
         canceled or taken over meanwhile is not recorded (and not uploaded, if that was known
         before the upload). The finisher's thread calls this, or ``run`` does without one."""
         claim, watcher = run.claim, run.watcher
+        planned = claim.row.get("progress_total")
+        if run.steps and planned and run.steps != planned:
+            log.warning(
+                "job %s ran %d steps where %d were planned: check the registry's strength_steps for %s",
+                claim.job_id,
+                run.steps,
+                planned,
+                claim.family,
+            )
         outputs: list[dict[str, Any]] = []
         error: Exception | None = None
         try:
@@ -284,8 +303,12 @@ class JobRunner:
             after=recorded,
             cancels=self._cancels,
         ).start()
+        on_step: Callable[[int, int], bool] = watcher.on_step
+        tell = self._tell_ending
+        if tell is not None and self.finisher is not None:
+            on_step = _telling_last_step(watcher.on_step, lambda: tell(claim.job_id))
         try:
-            images = self.engine.generate(request, on_step=watcher.on_step)
+            images = self.engine.generate(request, on_step=on_step)
             if watcher.canceled:
                 raise JobCanceled("canceled during the run")
         except JobCanceled:
@@ -376,6 +399,22 @@ class JobRunner:
         # Encodes release the GIL in Pillow and uploads wait on the network: overlap them.
         with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
             return list(pool.map(finish, range(len(images)), images))
+
+
+def _telling_last_step(
+    on_step: Callable[[int, int], bool], ending: Callable[[], None]
+) -> Callable[[int, int], bool]:
+    """``on_step`` that also calls ``ending`` once, when the step before the last is done."""
+    told = False
+
+    def step(done: int, total: int) -> bool:
+        nonlocal told
+        if not told and done == total - 1:
+            told = True
+            ending()
+        return on_step(done, total)
+
+    return step
 
 
 def _observed(claim: Claim, started: float, outcome: RunOutcome) -> RunOutcome:
