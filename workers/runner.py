@@ -111,7 +111,11 @@ class JobRunner:
         if self.finisher is None:
             return self.finish(finished)
         took = time.perf_counter() - started
-        held = self.finisher.submit(finished)
+        try:
+            held = self.finisher.submit(finished)
+        except BaseException:
+            finished.watcher.stop()  # left to its lease, which the reconciler finds
+            raise
         log.info(
             "job %s: denoised; %d of %d in the finisher (%.3f s from its claim)",
             job_id,
@@ -304,9 +308,14 @@ class JobRunner:
             cancels=self._cancels,
         ).start()
         on_step: Callable[[int, int], bool] = watcher.on_step
-        tell = self._tell_ending
-        if tell is not None and self.finisher is not None:
-            on_step = _telling_last_step(watcher.on_step, lambda: tell(claim.job_id))
+        tell, finisher = self._tell_ending, self.finisher
+        if tell is not None and finisher is not None:
+            # Not while the finisher is full: the hand-off will wait, and so must the next message.
+            def ending() -> None:
+                if finisher.held < finisher.limit:
+                    tell(claim.job_id)
+
+            on_step = _telling_last_step(watcher.on_step, ending)
         try:
             images = self.engine.generate(request, on_step=on_step)
             if watcher.canceled:
