@@ -26,12 +26,13 @@ from inference_server.jobs import transitions
 from inference_server.jobs.enums import ClaimRefusal, RunOutcome, Task
 from inference_server.jobs.spec import JobSpec
 from inference_server.jobs.transitions import Claim
+from inference_server.logs import bind_job
 from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.cancels import CancelListener
 from workers.finisher import FinishedRun, Finisher
-from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED
+from workers.metrics import BUSY_SECONDS, JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
 from workers.progress import ProgressWatcher
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,13 @@ class JobRunner:
         engine: Any,
         *,
         worker_name: str | None = None,
+        watcher: Any = None,
         finish_in_flight: int = 0,
         ending: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        # workers.registry_watch.RegistryWatcher: the runtime registry, synced before each claim
+        self.watcher = watcher
         self.sf = session_factory
         self.storage = storage
         self.engine = engine
@@ -96,6 +100,22 @@ class JobRunner:
         back); return how the run ended (``FINISHING``: denoised and handed to the finisher, which
         records the end), or why it did not run. Raises ClaimUnavailable when the database cannot
         take the claim. Blocks while the finisher holds as many jobs as it may."""
+        if self.watcher is None:
+            return self._run(job_id, queue)
+        with self.watcher.lock:  # no placement load runs beside a job
+            try:
+                self.watcher.sync()
+            except Exception as exc:  # the claim below meets the same database, and says so
+                log.warning("runtime registry not synced before job %s: %s", job_id, type(exc).__name__)
+            try:
+                return self._run(job_id, queue)
+            finally:
+                try:
+                    self.watcher.report()
+                except Exception as exc:
+                    log.warning("loaded models not reported: %s", type(exc).__name__)
+
+    def _run(self, job_id: str, queue: str | None) -> RunOutcome | ClaimRefusal:
         try:
             claimed = self._claim(job_id)
         except DATABASE_DOWN as exc:
@@ -104,11 +124,14 @@ class JobRunner:
             log.info("job %s not run: %s", job_id, claimed.value)
             return claimed
         claim, recorded = claimed
+        bind_job(tenant=str(claim.row["tenant_id"]), family=claim.family, attempt=claim.attempt)
+        log.info("job started: %s, attempt %d", claim.task, claim.attempt)
         started = time.perf_counter()
         finished = self._run_claimed(claim, recorded, queue or default_queue(claim.family), started)
+        took = time.perf_counter() - started
+        BUSY_SECONDS.inc(took)  # the device's share: finishing goes on beside the next job
         if isinstance(finished, RunOutcome):
             return _observed(claim, started, finished)
-        took = time.perf_counter() - started
         if self.finisher is None:
             log.info("job %s: denoised; finishing it here (%.3f s from its claim)", job_id, took)
             return self.finish(finished)
@@ -319,6 +342,9 @@ class JobRunner:
             on_step = _telling_last_step(watcher.on_step, ending)
         try:
             images = self.engine.generate(request, on_step=on_step)
+            switch = getattr(self.engine, "last_lora_seconds", None)
+            if switch is not None:
+                LORA_SWITCH.labels(spec.family).observe(switch)
             if watcher.canceled:
                 raise JobCanceled("canceled during the run")
         except JobCanceled:
