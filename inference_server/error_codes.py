@@ -60,6 +60,8 @@ REQUESTS = (
     _c("idempotency_conflict", 409, (API,), "This Idempotency-Key was already used with a different body."),
     _c("job_finished", 409, (API,), "The job already ended, so it cannot be canceled."),
     _c("delivery_in_flight", 409, (API,), "The webhook delivery is being attempted now; replay it later."),
+    _c("priority_not_allowed", 403, (API,),
+       "The job asks for a priority above its tenant's maximum (`tenants set --max-priority`)."),
     _c("invalid_filter", 400, (API,), "A list filter names a value that does not exist."),
     _c("invalid_cursor", 400, (API,), "The pagination cursor is not one this API returned."),
     _c("unknown_family", 400, (API, CLI),
@@ -134,6 +136,7 @@ OPERATORS = (
     _c("invalid_settings", None, (CLI,), "An environment setting has a value the settings refuse."),
     _c("invalid_storage_url", None, (CLI,), "STORAGE_URL does not start with file://, s3:// or gs://."),
     _c("invalid_warm_models", None, (CLI,), "WARM_MODELS names a family or model the registry lacks."),
+    _c("unknown_tenant", None, (CLI,), "`tenants set` names no existing tenant (`keys create` makes one)."),
 )
 # fmt: on
 

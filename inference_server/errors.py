@@ -74,6 +74,12 @@ class Unauthorized(InferenceError):
     code = "unauthorized"
 
 
+class Forbidden(InferenceError):
+    """The key is valid, but its tenant may not do this."""
+
+    code = "priority_not_allowed"
+
+
 class Conflict(InferenceError):
     """The request conflicts with the current state (an idempotency key reused with another body)."""
 

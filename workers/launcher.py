@@ -47,6 +47,7 @@ def build_worker(settings: Settings, families: list[str]) -> tuple[Celery, list[
     """The Celery app of a worker serving ``families`` and the queues it consumes: each family's
     registry queue, the one the relay publishes its jobs to. The worker's child (or, with the solo
     pool, the worker itself) builds its runner and loads WARM_MODELS as it starts."""
+    from workers import heartbeat
     from workers.celery_app import create_celery_app
     from workers.child import ChildRunner, warm_models
 
@@ -56,6 +57,7 @@ def build_worker(settings: Settings, families: list[str]) -> tuple[Celery, list[
     # Sent in each prefork child after the fork (and once by the solo pool): CUDA is first touched
     # there, never in the parent that forks.
     signals.worker_process_init.connect(lambda **_: runner.start(), weak=False)
+    heartbeat.install(settings, families, queues)  # the scheduler counts this worker's slots
     return create_celery_app(settings, queues, runner), queues
 
 

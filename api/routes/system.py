@@ -43,10 +43,24 @@ def metrics(st: AppState = Depends(state)) -> Response:
 
 
 @router.get("/v1/models", tags=["models"])
-def models(_: Tenant = Depends(current_tenant), st: AppState = Depends(state)) -> dict[str, Any]:
+def models(
+    _: Tenant = Depends(current_tenant),
+    st: AppState = Depends(state),
+    session: Session = Depends(get_session),
+) -> dict[str, Any]:
+    """The registry's families with, per family, the consumers of its queue (``online_workers``)
+    and the workers' own heartbeats (``workers``: slots, busy, device, GPU memory in bytes, None on
+    a CPU). ``gpu_memory_free`` is the most any one of them has free."""
+    from inference_server.publish.scheduler import online_workers
+
     catalog = st.ctx.registry.catalog()
     queues = {f["name"]: st.ctx.registry.families[f["name"]].queue for f in catalog["families"]}
     online = st.broker.consumers(list(queues.values())) if st.broker is not None else {}
+    fleet = online_workers(session, timeout=st.settings.worker_heartbeat_timeout)
     for family in catalog["families"]:
         family["online_workers"] = online.get(queues[family["name"]])
+        workers = fleet.get(family["name"], [])
+        family["workers"] = workers
+        free = [w["gpu_memory_free"] for w in workers if w["gpu_memory_free"] is not None]
+        family["gpu_memory_free"] = max(free) if free else None
     return catalog

@@ -1,7 +1,15 @@
 """Database models and sessions (SQLAlchemy 2; PostgreSQL in production, SQLite embedded)."""
 
 from inference_server.db.base import Base, make_database, make_session_factory
-from inference_server.db.tables import ApiKey, Job, JobEvent, JobOutput, OutboxMessage, Tenant
+from inference_server.db.tables import (
+    ApiKey,
+    Job,
+    JobEvent,
+    JobOutput,
+    OutboxMessage,
+    Tenant,
+    WorkerHeartbeat,
+)
 from inference_server.db.timeouts import DatabaseTimeouts
 
 __all__ = [
@@ -13,6 +21,7 @@ __all__ = [
     "JobOutput",
     "OutboxMessage",
     "Tenant",
+    "WorkerHeartbeat",
     "make_database",
     "make_session_factory",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, SmallInteger, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from inference_server.db.base import Base, JSONType, new_id, utcnow
@@ -27,6 +27,10 @@ class Tenant(Base):
     previous_secret_expires_at: Mapped[datetime | None]
     default_webhook_url: Mapped[str | None] = mapped_column(Text)
     default_webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
+    # Scheduling limits (inference_server/publish/scheduler.py): the highest priority its jobs may
+    # ask for (None: normal) and how many may run (or be on their way to a worker) at once.
+    max_priority: Mapped[str | None] = mapped_column(String(8))
+    max_concurrent: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -51,6 +55,7 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_family_status", "family", "status", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -67,6 +72,10 @@ class Job(Base):
     progress_step: Mapped[int] = mapped_column(default=0)
     progress_total: Mapped[int] = mapped_column(default=0)
     eta_seconds: Mapped[float | None]
+    # 2 high, 1 normal, 0 low (jobs.enums.Priority): the scheduler runs higher numbers first.
+    priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
+    # While queued: jobs of its family that will start before it, as the scheduler last placed it.
+    queue_position: Mapped[int | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
@@ -125,7 +134,7 @@ class OutboxMessage(Base):
     """A queue message committed with its job; the relay publishes it and stamps ``published_at``."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_unpublished", "published_at", "id"),)
+    __table_args__ = (Index("ix_outbox_unpublished", "published_at", "id"), Index("ix_outbox_job", "job_id"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -134,3 +143,21 @@ class OutboxMessage(Base):
     published_at: Mapped[datetime | None]
     publish_attempts: Mapped[int] = mapped_column(default=0)
     available_at: Mapped[datetime | None]  # not published before then (a retry's backoff)
+
+
+class WorkerHeartbeat(Base):
+    """A worker as it last reported itself (workers/heartbeat.py), every few seconds: the scheduler
+    counts the free slots of the families it serves, ``GET /v1/models`` shows it."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    families: Mapped[list[str]] = mapped_column(JSONType)
+    queues: Mapped[list[str]] = mapped_column(JSONType)
+    slots: Mapped[int]  # jobs it runs at once
+    busy: Mapped[int]  # jobs it runs now
+    device: Mapped[str] = mapped_column(String(32))
+    gpu_memory_total: Mapped[int | None] = mapped_column(BigInteger)  # bytes; None on a CPU
+    gpu_memory_free: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
