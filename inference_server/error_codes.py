@@ -60,7 +60,7 @@ REQUESTS = (
     _c("idempotency_conflict", 409, (API,), "This Idempotency-Key was already used with a different body."),
     _c("job_finished", 409, (API,), "The job already ended, so it cannot be canceled."),
     _c("delivery_in_flight", 409, (API,), "The webhook delivery is being attempted now; replay it later."),
-    _c("priority_not_allowed", 403, (API,),
+    _c("priority_not_allowed", 400, (API,),
        "The job asks for a priority above its tenant's maximum (`tenants set --max-priority`)."),
     _c("invalid_filter", 400, (API,), "A list filter names a value that does not exist."),
     _c("invalid_cursor", 400, (API,), "The pagination cursor is not one this API returned."),

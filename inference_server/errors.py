@@ -75,7 +75,8 @@ class Unauthorized(InferenceError):
 
 
 class Forbidden(InferenceError):
-    """The key is valid, but its tenant may not do this."""
+    """The key is valid, but its tenant may not do this (a 400: the request asks for more than the
+    tenant may, like any other bad input; DESIGN.md lists no 403)."""
 
     code = "priority_not_allowed"
 

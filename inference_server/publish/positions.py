@@ -5,8 +5,8 @@ and ``eta_seconds`` (when it should be done), placed by the scheduler every
 - Jobs already handed to the broker come first, oldest first (the queue is a FIFO); the waiting
   ones follow in ``scheduler.fair_order``. Tenant limits are not simulated: a job of a tenant at its
   limit may start later than its place says.
-- ETA: with ``D`` the mean run time of the family's last successes (wall time from start to end,
-  last 30 minutes), ``S`` the online worker slots and ``R`` the jobs running now,
+- ETA: with ``D`` the median run time of the family's last 20 successes (wall time from start to
+  end, within 30 minutes), ``S`` the online worker slots and ``R`` the jobs running now,
   ``eta = (position * D + R * D / 2) / S + D``: the work ahead shared by the slots, the running
   jobs half done on average, then its own run. Unknown (None) until the family has a success or
   while no worker is online.
@@ -45,7 +45,7 @@ def material(old: int | None, new: int) -> bool:
 
 
 def run_time(session: Session, family: str) -> float | None:
-    """Mean seconds from start to end of the family's recent successes (None: none yet)."""
+    """Median seconds from start to end of the family's last 20 successes (None: none yet)."""
     since = utcnow() - RECENT
     rows = session.execute(
         select(JOBS.c.started_at, JOBS.c.finished_at)
@@ -55,8 +55,9 @@ def run_time(session: Session, family: str) -> float | None:
         .order_by(JOBS.c.finished_at.desc())
         .limit(20)
     ).all()
-    times = [(end - start).total_seconds() for start, end in rows if start and end]
-    return sum(times) / len(times) if times else None
+    times = sorted((end - start).total_seconds() for start, end in rows if start and end)
+    # The median: a run that loaded its model first, or waited out a retry, is not the norm.
+    return times[len(times) // 2] if times else None
 
 
 def eta(position: int, *, run: float | None, slots: int, running: int) -> float | None:
