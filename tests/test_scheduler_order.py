@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inference_server.db import Job, JobEvent, OutboxMessage, WorkerHeartbeat
 from inference_server.db.base import utcnow
 from inference_server.jobs.enums import Priority
-from inference_server.publish.positions import material
+from inference_server.publish.positions import band, worth_telling, worth_writing
 from inference_server.publish.relay import Relay
 from inference_server.publish.scheduler import SchedulerConfig
 from inference_server.publish.topology import message_app
@@ -254,13 +254,27 @@ def test_positions_follow_the_scheduler_order_with_an_event_per_material_change(
     with db() as s:
         place = dict(s.execute(select(Job.id, Job.queue_position)).all())
         assert place[high] == 2 and place[a_ids[1]] == 3 and place[b_ids[0]] == 1
-        # Everyone behind moved by one: only moves to or from below 10 are news (30 -> 31 is not).
+        # Everyone behind moved by one: news only for those crossing 5, 10 and 20 (4, 9 and 19).
         events = s.scalar(select(func.count()).where(JobEvent.type == "job.queued"))
-        assert events == 30 + 1 + 8  # the high job, and A's jobs that were at 2..9
+        assert events == 30 + 1 + 3
 
 
-def test_material_changes() -> None:
-    assert material(None, 0) and material(None, 500)
-    assert material(12, 9) and material(5, 4)  # below 10: every step
-    assert not material(400, 399) and not material(400, 201) and material(400, 200)
-    assert material(400, 600) and not material(400, 599)
+def test_places_are_stored_often_and_told_at_thresholds() -> None:
+    assert worth_writing(None, 0) and worth_writing(99, 98) and not worth_writing(7, 7)
+    assert not worth_writing(4000, 3700) and worth_writing(4000, 3600)
+    assert [band(p) for p in (0, 1, 3, 7, 10, 19, 20, 49, 50, 120, 4000)] == [
+        0,
+        1,
+        2,
+        5,
+        10,
+        10,
+        20,
+        20,
+        50,
+        100,
+        2000,
+    ]
+    assert worth_telling(None, 3) and not worth_telling(None, 0)  # next in line: job.started follows
+    assert worth_telling(5, 4) and not worth_telling(4, 3) and worth_telling(1, 0)
+    assert not worth_telling(400, 201) and worth_telling(400, 199) and worth_telling(400, 500)

@@ -11,10 +11,11 @@ and ``eta_seconds`` (when it should be done), placed by the scheduler every
   jobs half done on average, then its own run. Unknown (None) until the family has a success or
   while no worker is online.
 
-A place is written, with a ``job.queued`` event (so webhooks and streams see it), only when it
-changes materially: the first placement with anything ahead, every change below 10, and beyond
-that when the position halves or grows by half. A job waiting behind N others gets about
-``10 + log2(N)`` such events, not N."""
+A place is stored (what ``GET /v1/jobs/{id}`` shows) at every change in the first 100 places and
+at moves of a tenth further back. It is told, with a ``job.queued`` event that webhooks and streams
+carry, only when it changes materially: the first placement with anything ahead, then each time it
+crosses 1, 2, 5, 10, 20, 50, 100, ... So a job behind N others gets about three events per tenfold
+of N (10 from 1,000 places back), never one per job ahead."""
 
 from __future__ import annotations
 
@@ -35,13 +36,30 @@ RECENT = timedelta(minutes=30)
 MAX_WRITES = 500  # per family and pass: a big new backlog is placed over a few passes
 
 
-def material(old: int | None, new: int) -> bool:
-    """Whether a move from ``old`` to ``new`` is worth an event (see the module docstring)."""
+def worth_writing(old: int | None, new: int) -> bool:
+    """Whether the stored place moves from ``old`` to ``new``: every change in the first 100, by a
+    tenth further back (a backlog of thousands is not rewritten on every pass)."""
     if old is None:
         return True
-    if new == old:
-        return False
-    return new < EXACT_BELOW or old < EXACT_BELOW or 2 * new <= old or 2 * new >= 3 * old
+    return new != old and (new < 100 or 10 * abs(new - old) >= old)
+
+
+def band(position: int) -> int:
+    """The largest of 0, 1, 2, 5, 10, 20, 50, 100, ... at most ``position``."""
+    if position < 1:
+        return 0
+    scale = 1
+    while scale * 10 <= position:
+        scale *= 10
+    return max(step * scale for step in (1, 2, 5) if step * scale <= position)
+
+
+def worth_telling(old: int | None, new: int) -> bool:
+    """Whether a move is material, worth a ``job.queued`` event: the first placement with anything
+    ahead, then each crossing of 1, 2, 5, 10, 20, 50, 100, ... (about three events per tenfold)."""
+    if old is None:
+        return new >= 1
+    return band(new) != band(old)
 
 
 def run_time(session: Session, family: str) -> float | None:
@@ -91,9 +109,8 @@ def line(session: Session, family: str) -> list[tuple[str, int | None]]:
 def update_family(session: Session, family: str, slots: int) -> int:
     """Place ``family``'s queued jobs; return how many places were written."""
     order = line(session, family)
-    changes = [(job_id, old, new) for new, (job_id, old) in enumerate(order) if material(old, new)][
-        :MAX_WRITES
-    ]
+    changes = [(job_id, old, new) for new, (job_id, old) in enumerate(order) if worth_writing(old, new)]
+    changes = changes[:MAX_WRITES]
     if not changes:
         return 0
     run = run_time(session, family)
@@ -110,7 +127,7 @@ def update_family(session: Session, family: str, slots: int) -> int:
         ],
     )
     # A job first placed at the head of the line is about to start: its job.started says more.
-    told = [job_id for job_id, old, pos in changes if pos or old is not None]
+    told = [job_id for job_id, old, pos in changes if worth_telling(old, pos)]
     if told:
         rows = session.execute(select(JOBS).where(JOBS.c.id.in_(told), JOBS.c.status == QUEUED)).mappings()
         events = [event_values(dict(row), EventType.QUEUED) for row in rows]

@@ -47,6 +47,7 @@ class Relay:
         self.schedule = schedule or scheduler.SchedulerConfig()
         self.position_interval = position_interval
         self._placed = 0.0  # monotonic time of the last position update
+        self.saturated = False  # the last pass had waiting jobs and no free slot for any
         self.wake = threading.Event()
         self._queues: dict[str, object] = {}
         self.published = 0
@@ -84,7 +85,8 @@ class Relay:
             slots = scheduler.worker_slots(session, timeout=config.heartbeat_timeout)
             busy = scheduler.in_flight(session)
             try:
-                for family in scheduler.waiting_families(session):
+                families = scheduler.waiting_families(session)
+                for family in families:
                     budget = min(self.batch_size, config.budget(slots.get(family, 0), busy.get(family, 0)))
                     # Plain rows, not ORM objects: this runs many times a second inside the API.
                     rows = scheduler.choose(session, family, budget)
@@ -99,6 +101,8 @@ class Relay:
                 raise
             session.commit()
         self.published += total
+        # Jobs wait and none could go: only a slot freeing changes that, not another submit.
+        self.saturated = bool(families) and not total
         return total
 
     def update_positions(self) -> int:
@@ -183,8 +187,13 @@ class Relay:
                 continue
             if published >= self.batch_size:
                 continue
-            # Woken by a submit, or every interval: free slots appear as jobs start and end.
-            self.wake.wait(self.interval)
+            # Woken by a submit, or every interval: free slots appear as jobs start and end. While
+            # every waiting family is out of slots, a submit cannot be published either: a burst
+            # of them then costs one pass per interval, not one per linger.
+            if self.saturated:
+                stop.wait(self.interval)
+            else:
+                self.wake.wait(self.interval)
             self.wake.clear()
             # At most one pass per linger: during a burst every submit wakes the relay, and a pass
             # reads each waiting family's queue. A job arriving at an idle relay goes out at once.
