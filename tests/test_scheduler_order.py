@@ -172,6 +172,33 @@ def test_one_job_of_another_tenant_waits_behind_one_job_of_each(db: sessionmaker
         assert published(s) == [a_ids[0], c_ids[0], b_ids[0]]
 
 
+def test_a_slot_freed_with_nothing_in_flight_goes_to_the_tenant_served_longest_ago(
+    db: sessionmaker[Session],
+) -> None:
+    """No headroom: each slot is handed out as it frees, when no tenant has anything in flight, so
+    every backlog's next job is in round 1. Age alone would serve A's backlog to its end."""
+    with db() as s:
+        a, b = add_tenant(s), add_tenant(s)
+        a_ids = jobs(s, a, 10)
+        workers(s, 1)
+    r = relay(db, headroom=0)
+    for served in a_ids[:2]:
+        assert r.publish_pending() == 1
+        with db() as s:
+            start(s, [served])
+            finish(s, [served])
+    with db() as s:
+        b_ids = jobs(s, b, 2, at=30)
+    order = []
+    for _ in range(4):
+        r.publish_pending()
+        with db() as s:
+            order.append(published(s)[-1])
+            start(s, order[-1:])
+            finish(s, order[-1:])
+    assert order == [b_ids[0], a_ids[2], b_ids[1], a_ids[3]]
+
+
 def test_a_tenant_running_jobs_yields_the_next_slot(db: sessionmaker[Session]) -> None:
     with db() as s:
         a, b = add_tenant(s), add_tenant(s)

@@ -7,6 +7,7 @@ from inference_server.db.tables import (
     JobEvent,
     JobOutput,
     OutboxMessage,
+    SchedulerTurn,
     Tenant,
     WorkerHeartbeat,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "JobEvent",
     "JobOutput",
     "OutboxMessage",
+    "SchedulerTurn",
     "Tenant",
     "WorkerHeartbeat",
     "make_database",

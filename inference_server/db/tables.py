@@ -161,3 +161,14 @@ class WorkerHeartbeat(Base):
     gpu_memory_free: Mapped[int | None] = mapped_column(BigInteger)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SchedulerTurn(Base):
+    """When the scheduler last handed out a job of a tenant in a family: among tenants in the same
+    fair-share round, the one served longest ago goes first (publish.scheduler)."""
+
+    __tablename__ = "scheduler_turns"
+
+    family: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    served_at: Mapped[datetime]

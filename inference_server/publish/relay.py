@@ -94,7 +94,7 @@ class Relay:
                         continue
                     confirmed = set(self._publish(rows))
                     # Stamped before the next family is chosen: its tenants' limits see them.
-                    scheduler.stamp(session, [row for row in rows if row.id in confirmed])
+                    scheduler.stamp(session, family, [row for row in rows if row.id in confirmed])
                     total += len(confirmed)
             except Exception:
                 self._reset()

@@ -30,7 +30,7 @@ from typing import Any, cast
 from sqlalchemy import Table, and_, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from inference_server.db import Job, OutboxMessage, Tenant, WorkerHeartbeat
+from inference_server.db import Job, OutboxMessage, SchedulerTurn, Tenant, WorkerHeartbeat
 from inference_server.db.base import utcnow
 from inference_server.jobs.enums import JobStatus
 from inference_server.settings import Settings
@@ -39,6 +39,7 @@ JOBS = cast(Table, Job.__table__)
 OUTBOX = cast(Table, OutboxMessage.__table__)
 TENANTS = cast(Table, Tenant.__table__)
 BEATS = cast(Table, WorkerHeartbeat.__table__)
+TURNS = cast(Table, SchedulerTurn.__table__)
 
 # pg_try_advisory_xact_lock key of the scheduling pass ("sched" in ASCII).
 LOCK_KEY = 0x7363686564
@@ -158,12 +159,14 @@ def fair_order(family: str, *, available_only: bool = True) -> Any:
             round_.label("round"),
             load.label("load"),
             TENANTS.c.max_concurrent,
+            TURNS.c.served_at,
         )
         .select_from(
             OUTBOX.join(JOBS, JOBS.c.id == OUTBOX.c.job_id)
             .join(TENANTS, TENANTS.c.id == JOBS.c.tenant_id)
             .outerjoin(in_family, in_family.c.tenant_id == JOBS.c.tenant_id)
             .outerjoin(everywhere, everywhere.c.tenant_id == JOBS.c.tenant_id)
+            .outerjoin(TURNS, and_(TURNS.c.family == family, TURNS.c.tenant_id == JOBS.c.tenant_id))
         )
         .where(waiting, JOBS.c.family == family, JOBS.c.status == QUEUED)
         .subquery("waiting")
@@ -171,7 +174,16 @@ def fair_order(family: str, *, available_only: bool = True) -> Any:
 
 
 def order_by(pending: Any) -> tuple[Any, ...]:
-    return (pending.c.priority.desc(), pending.c.round, pending.c.created_at, pending.c.job_id)
+    """Priority, round, then the tenant served longest ago (never served: first), then age. The
+    turn matters when a slot frees with nothing in flight: every backlogged tenant's next job is
+    then in round 1, and age alone would always pick the oldest backlog."""
+    return (
+        pending.c.priority.desc(),
+        pending.c.round,
+        pending.c.served_at.asc().nulls_first(),
+        pending.c.created_at,
+        pending.c.job_id,
+    )
 
 
 def choose(session: Session, family: str, budget: int) -> list[Any]:
@@ -181,16 +193,27 @@ def choose(session: Session, family: str, budget: int) -> list[Any]:
         return []
     pending = fair_order(family)
     allowed = or_(pending.c.max_concurrent.is_(None), pending.c.load <= pending.c.max_concurrent)
-    query = select(pending.c.id, pending.c.job_id, pending.c.queue).where(allowed)
+    query = select(pending.c.id, pending.c.job_id, pending.c.queue, pending.c.tenant_id).where(allowed)
     return list(session.execute(query.order_by(*order_by(pending)).limit(budget)))
 
 
-def stamp(session: Session, rows: list[Any]) -> None:
-    """Mark ``rows`` published; their jobs' ``updated_at`` restarts the reconciler's lost-message
-    grace from now (a job may have waited here far longer than that grace)."""
+def stamp(session: Session, family: str, rows: list[Any]) -> None:
+    """Mark ``rows`` (from ``choose``) published and their tenants served now; their jobs'
+    ``updated_at`` restarts the reconciler's lost-message grace from now (a job may have waited
+    here far longer than that grace)."""
     if not rows:
         return
     now = utcnow()
+    for tenant_id in sorted({r.tenant_id for r in rows}):
+        # Under the scheduling lock (or SQLite's single writer): no other pass races this write.
+        turn = {"family": family, "tenant_id": tenant_id}
+        served = session.execute(
+            update(TURNS)
+            .where(TURNS.c.family == family, TURNS.c.tenant_id == tenant_id)
+            .values(served_at=now)
+        )
+        if not served.rowcount:  # type: ignore[attr-defined]
+            session.execute(TURNS.insert().values(**turn, served_at=now))
     session.execute(
         update(OutboxMessage).where(OutboxMessage.id.in_([r.id for r in rows])).values(published_at=now)
     )

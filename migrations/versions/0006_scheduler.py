@@ -45,9 +45,21 @@ def upgrade() -> None:
         sa.Column("started_at", UTCDateTime(timezone=True), nullable=False),
         sa.Column("last_seen", UTCDateTime(timezone=True), nullable=False),
     )
+    op.create_table(
+        "scheduler_turns",
+        sa.Column("family", sa.String(length=64), primary_key=True),
+        sa.Column(
+            "tenant_id",
+            sa.String(length=36),
+            sa.ForeignKey("tenants.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("served_at", UTCDateTime(timezone=True), nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("scheduler_turns")
     op.drop_table("worker_heartbeats")
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.drop_index("ix_outbox_job")
