@@ -8,7 +8,8 @@ headroom (a worker that finishes a job finds the next one already in its queue),
 1. priority: high, then normal, then low;
 2. fair share within a priority: a tenant's k-th waiting job goes in round k plus the number of its
    jobs the family already runs (or has handed out), so a tenant with one job waits behind at most
-   one job of each other tenant, never behind another tenant's backlog;
+   one job of each other tenant, never behind another tenant's backlog; within a round, the tenant
+   served longest ago in the family first (``scheduler_turns``);
 3. age.
 
 A tenant at its ``max_concurrent`` jobs (running, or published and not yet started, in every
