@@ -78,11 +78,12 @@ class ChildRunner:
 
 def build_runner(settings: Settings) -> JobRunner:
     """A JobRunner for this child: its device configured, storage opened, registry read, engine
-    ready to load pipelines, and a small database pool (one job runs at a time)."""
+    ready to load pipelines, and a small database pool (one job, or one batch, runs at a time)."""
     from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
     from inference_server.engine.runner import Engine
     from inference_server.registry import load_registry
     from inference_server.storage import open_storage
+    from workers.batching import largest_batch
     from workers.device import configure_torch
     from workers.runner import JobRunner
 
@@ -92,8 +93,9 @@ def build_runner(settings: Settings) -> JobRunner:
         raise ConfigurationError(
             "MODELS_FILE is not set: the worker has no models to serve", code="no_registry"
         )
+    registry = load_registry(settings.models_file)
     engine = Engine(
-        load_registry(settings.models_file),
+        registry,
         device=device,
         cache_bytes=settings.engine_cache_bytes,
         max_edit_pixels=settings.engine_max_edit_pixels,
@@ -101,7 +103,9 @@ def build_runner(settings: Settings) -> JobRunner:
         fetch=lambda uri, dest: fetch_from_bucket(settings, uri, dest),
     )
     timeouts = DatabaseTimeouts.from_settings(settings)
-    db = make_database(settings.database_url, pool_size=2, timeouts=timeouts)
+    # One job at a time needs two connections; a batch's members each have a side thread.
+    pool = max(2, largest_batch(registry))
+    db = make_database(settings.database_url, pool_size=pool, timeouts=timeouts)
     return JobRunner(settings, make_session_factory(db), storage, engine)
 
 

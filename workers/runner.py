@@ -28,6 +28,7 @@ from inference_server.jobs.transitions import Claim
 from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
+from workers.batching import Batcher, batching_on
 from workers.cancels import CancelListener
 from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED
 from workers.progress import ProgressWatcher
@@ -70,6 +71,8 @@ class JobRunner:
         self._cancels = (
             CancelListener(bind) if bind is not None and bind.dialect.name == "postgresql" else None
         )
+        registry = getattr(engine, "registry", None)
+        self._batcher = Batcher(self, registry) if registry is not None and batching_on(registry) else None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -85,12 +88,21 @@ class JobRunner:
             log.info("job %s not run: %s", job_id, claimed.value)
             return claimed
         claim, recorded = claimed
+        queue = queue or default_queue(claim.family)
         started = time.perf_counter()
-        outcome = self._run_claimed(claim, recorded, queue or default_queue(claim.family))
-        JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
-        if outcome.finished_job:
-            JOBS_FINISHED.labels(claim.family, outcome.value).inc()
-        return outcome
+        members = self._batcher.gather(claim, recorded) if self._batcher is not None else []
+        if members:
+            from workers.batching import run_batch
+
+            outcomes = run_batch(self, [(claim, recorded), *members], queue)
+        else:
+            outcomes = [self._run_claimed(claim, recorded, queue)]
+        elapsed = time.perf_counter() - started
+        for (member, _), outcome in zip([(claim, recorded), *members], outcomes, strict=True):
+            JOB_DURATION.labels(member.family, member.task).observe(elapsed)
+            if outcome.finished_job:
+                JOBS_FINISHED.labels(member.family, outcome.value).inc()
+        return outcomes[0]
 
     def _claim(self, job_id: str) -> tuple[Claim, Future[None]] | ClaimRefusal:
         """Lock and claim the job; its claim is written and committed beside the pipeline's start
@@ -120,10 +132,17 @@ class JobRunner:
         with session:
             transitions.record_claim(session, claim)
 
-    def _run_claimed(self, claim: Claim, recorded: Future[None], queue: str) -> RunOutcome:
+    def _run_claimed(
+        self,
+        claim: Claim,
+        recorded: Future[None],
+        queue: str,
+        produce: Callable[[], tuple[list[Image.Image], int]] | None = None,
+    ) -> RunOutcome:
+        """Generate (or take from ``produce``: a batch's share), store and record one job."""
         # Every end is written after the claim: each path waits for ``recorded`` first.
         try:
-            images, steps = self._generate(claim, recorded)
+            images, steps = produce() if produce is not None else self._generate(claim, recorded)
             outputs = self._store_outputs(claim, images)
         except Superseded:
             self._claim_written(recorded)
@@ -189,6 +208,40 @@ class JobRunner:
 
     def _generate(self, claim: Claim, recorded: Future[None]) -> tuple[list[Image.Image], int]:
         """The job's images, and the denoising steps the engine counted."""
+        request = self._request(claim)
+        with self._watcher(claim, recorded) as watcher:
+            images = self._watched(watcher, lambda: self.engine.generate(request, on_step=watcher.on_step))
+        return images, watcher.total
+
+    def _watcher(self, claim: Claim, recorded: Future[None], *, pushed: bool = True) -> ProgressWatcher:
+        """The side thread of ``claim``'s run: lease, progress, cancellation (``pushed``: woken by
+        the child's one cancel listener, which serves one watcher at a time; else polled)."""
+        return ProgressWatcher(
+            self.sf,
+            claim.job_id,
+            claim.attempt,
+            progress_interval=self.settings.progress_interval,
+            poll_interval=self.settings.cancel_poll_interval,
+            lease_seconds=self.settings.job_lease_seconds,
+            after=recorded,
+            cancels=self._cancels if pushed else None,
+        )
+
+    @staticmethod
+    def _watched(watcher: ProgressWatcher, call: Callable[[], list[Image.Image]]) -> list[Image.Image]:
+        """``call``'s images, unless the run was canceled or superseded meanwhile (raised)."""
+        try:
+            images = call()
+            if watcher.canceled:
+                raise JobCanceled("canceled during the run")
+        except JobCanceled:
+            if watcher.superseded:
+                raise Superseded("a newer attempt owns the job") from None
+            raise
+        return images
+
+    def _request(self, claim: Claim) -> Any:
+        """The engine's request for ``claim``: inputs read, decoded and fitted to the output size."""
         from inference_server.engine.runner import GenerationRequest, LoraRef
 
         spec = claim.spec
@@ -222,25 +275,7 @@ class JobRunner:
             request.image = imaging.fit_input(image, request.width, request.height)
             if mask is not None:
                 request.mask = imaging.fit_mask(mask, request.width, request.height)
-        with ProgressWatcher(
-            self.sf,
-            claim.job_id,
-            claim.attempt,
-            progress_interval=self.settings.progress_interval,
-            poll_interval=self.settings.cancel_poll_interval,
-            lease_seconds=self.settings.job_lease_seconds,
-            after=recorded,
-            cancels=self._cancels,
-        ) as watcher:
-            try:
-                images = self.engine.generate(request, on_step=watcher.on_step)
-                if watcher.canceled:
-                    raise JobCanceled("canceled during the run")
-            except JobCanceled:
-                if watcher.superseded:
-                    raise Superseded("a newer attempt owns the job") from None
-                raise
-        return images, watcher.total
+        return request
 
     def _load_inputs(self, spec: JobSpec) -> tuple[Image.Image | None, Image.Image | None]:
         # JPEG inputs decode at reduced scale when they are much larger than the output.
