@@ -39,6 +39,7 @@ from inference_server.registry import BatchPolicy, Registry
 from workers.metrics import BATCH_JOBS, BATCH_RETRIED
 
 if TYPE_CHECKING:
+    from workers.finisher import FinishedRun
     from workers.progress import ProgressWatcher
     from workers.runner import JobRunner
 
@@ -51,7 +52,7 @@ QUEUE_ORDER = (JOBS.c.created_at, JOBS.c.id)
 POLL_SECONDS = 0.005  # between looks for more jobs while a batch waits to fill
 
 Member = tuple[Claim, Future[None]]  # a claim and its recording (done for gathered members)
-Produced = tuple[list[Image.Image], int]
+Produced = tuple[list[Image.Image], "ProgressWatcher"]  # a member's images and running watcher
 
 
 def batching_on(registry: Registry) -> bool:
@@ -172,19 +173,22 @@ class Batcher:
         log.info("batch %s: %s", batch["batch_id"], ", ".join(c.job_id for c in everyone))
 
 
-def run_batch(runner: JobRunner, members: list[Member], queue: str) -> list[RunOutcome]:
-    """Run ``members`` (claimed and compatible) in one pipeline call, then store and record each
-    one as a job of its own; return their outcomes in order."""
+def run_batch(
+    runner: JobRunner, members: list[Member], queue: str, started: float
+) -> list[RunOutcome | FinishedRun]:
+    """Run ``members`` (claimed and compatible) in one pipeline call; return, in order, each
+    one's denoised run for the runner to finish as a job of its own, or how it ended."""
     produced = _generate_together(runner, members)
     return [
-        runner._run_claimed(claim, recorded, queue, produce)
+        runner._run_claimed(claim, recorded, queue, started, produce)
         for (claim, recorded), produce in zip(members, produced, strict=True)
     ]
 
 
 def _generate_together(runner: JobRunner, members: list[Member]) -> list[Callable[[], Produced]]:
-    """Each member's share of one call, as a callable that returns it or raises its member's end
-    (a canceled member's images are dropped; an input that cannot be read fails that member)."""
+    """Each member's share of one call, as a callable that returns it (images and the member's
+    watcher, still running) or raises its member's end (a canceled member's images are dropped;
+    an input that cannot be read fails that member alone)."""
     shares: list[Callable[[], Produced]] = [_raising(None)] * len(members)
     ready: list[int] = []
     requests: list[Any] = []
@@ -194,28 +198,25 @@ def _generate_together(runner: JobRunner, members: list[Member]) -> list[Callabl
             ready.append(i)
         except Exception as exc:
             shares[i] = _raising(exc)
-    with contextlib.ExitStack() as stack:
-        # The first member's cancels are pushed; the others' polled (one listener per child).
-        watchers = [
-            stack.enter_context(runner._watcher(*members[i], pushed=n == 0)) for n, i in enumerate(ready)
-        ]
+    # The first member's cancels are pushed; the others' polled (one listener per child).
+    watchers = [runner._watcher(*members[i], pushed=n == 0).start() for n, i in enumerate(ready)]
+    try:
+        images = runner.engine.generate_batch(requests, [w.on_step for w in watchers])
+    except JobCanceled:  # every member left
+        images = None
+    except Exception as exc:
+        log.warning("batch of %d jobs failed (%s); running each alone", len(ready), type(exc).__name__)
+        BATCH_RETRIED.inc()
+        for i, request, watcher in zip(ready, requests, watchers, strict=True):
+            shares[i] = _alone(runner, watcher, request)
+        return shares
+    for n, (i, watcher) in enumerate(zip(ready, watchers, strict=True)):
+        mine = images[n] if images is not None else None
         try:
-            images = runner.engine.generate_batch(requests, [w.on_step for w in watchers])
-        except JobCanceled:  # every member left
-            images = None
+            got = runner._watched(watcher, functools.partial(_or_canceled, mine))
+            shares[i] = _returning((got, watcher))
         except Exception as exc:
-            log.warning("batch of %d jobs failed (%s); running each alone", len(ready), type(exc).__name__)
-            BATCH_RETRIED.inc()
-            for i, request, watcher in zip(ready, requests, watchers, strict=True):
-                shares[i] = _alone(runner, watcher, request)
-            return shares
-        for n, (i, watcher) in enumerate(zip(ready, watchers, strict=True)):
-            mine = images[n] if images is not None else None
-            try:
-                got = runner._watched(watcher, functools.partial(_or_canceled, mine))
-                shares[i] = _returning((got, watcher.total))
-            except Exception as exc:
-                shares[i] = _raising(exc)
+            shares[i] = _raising(exc)
     return shares
 
 
@@ -223,7 +224,7 @@ def _alone(runner: JobRunner, watcher: ProgressWatcher, request: Any) -> Callabl
     """A member run on its own after its batch failed, under its batch's watcher."""
     try:
         got = runner._watched(watcher, lambda: runner.engine.generate(request, on_step=watcher.on_step))
-        return _returning((got, watcher.total))
+        return _returning((got, watcher))
     except Exception as exc:
         return _raising(exc)
 

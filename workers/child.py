@@ -1,7 +1,8 @@
 """The worker child's composition root: the one place its JobRunner (engine, storage, database) is
 built from Settings. The child builds it when it starts (Celery's ``worker_process_init``, after the
 launcher pinned the device, so CUDA is first touched here) and loads ``WARM_MODELS`` before it takes
-its first job."""
+its first job. When the child exits (``worker_process_shutdown``: a warm shutdown, or recycling after
+``WORKER_MAX_JOBS_PER_CHILD``), ``stop`` finishes the jobs its finisher still holds."""
 
 from __future__ import annotations
 
@@ -69,6 +70,19 @@ class ChildRunner:
         if self.warm:
             log.info("warm: %s", ", ".join(f"{f}/{m or 'default'}" for f, m in self.warm))
 
+    def stop(self) -> None:
+        """Finish what the runner's finisher holds (the child is exiting). Never builds a runner:
+        a process that never ran a job (the prefork parent) has nothing to finish."""
+        with self._lock:
+            runner = self._runner
+        if runner is None:
+            return
+        held = runner.finisher.held if runner.finisher is not None else 0
+        if held:
+            log.info("finishing %d job(s) before the child exits", held)
+        if not runner.close(timeout=self.settings.job_end_retry_seconds + self.settings.job_lease_seconds):
+            log.error("the child exits with jobs unfinished; their leases expire and they run again")
+
     def get(self) -> JobRunner:
         with self._lock:
             if self._runner is None:
@@ -78,7 +92,8 @@ class ChildRunner:
 
 def build_runner(settings: Settings) -> JobRunner:
     """A JobRunner for this child: its device configured, storage opened, registry read, engine
-    ready to load pipelines, and a small database pool (one job, or one batch, runs at a time)."""
+    ready to load pipelines, a finisher of ``FINISH_IN_FLIGHT`` jobs, and a small database pool
+    (one job, or one batch, denoises at a time; each job in the finisher has a watcher of its own)."""
     from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
     from inference_server.engine.runner import Engine
     from inference_server.registry import load_registry
@@ -103,10 +118,12 @@ def build_runner(settings: Settings) -> JobRunner:
         fetch=lambda uri, dest: fetch_from_bucket(settings, uri, dest),
     )
     timeouts = DatabaseTimeouts.from_settings(settings)
-    # One job at a time needs two connections; a batch's members each have a side thread.
-    pool = max(2, largest_batch(registry))
+    # A side thread per job denoising (a batch's members each have one) or in the finisher.
+    pool = 1 + largest_batch(registry) + settings.finish_in_flight
     db = make_database(settings.database_url, pool_size=pool, timeouts=timeouts)
-    return JobRunner(settings, make_session_factory(db), storage, engine)
+    return JobRunner(
+        settings, make_session_factory(db), storage, engine, finish_in_flight=settings.finish_in_flight
+    )
 
 
 def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:

@@ -56,6 +56,10 @@ def build_worker(settings: Settings, families: list[str]) -> tuple[Celery, list[
     # Sent in each prefork child after the fork (and once by the solo pool): CUDA is first touched
     # there, never in the parent that forks.
     signals.worker_process_init.connect(lambda **_: runner.start(), weak=False)
+    # A child finishes the jobs its finisher holds before it exits: prefork children on
+    # worker_process_shutdown, the solo pool (`up`) on worker_shutdown.
+    signals.worker_process_shutdown.connect(lambda **_: runner.stop(), weak=False)
+    signals.worker_shutdown.connect(lambda **_: runner.stop(), weak=False)
     return create_celery_app(settings, queues, runner), queues
 
 

@@ -1,5 +1,6 @@
 """Running one job: claim it under a lease, run the pipeline with progress, lease renewal and
-cancellation, post-process, upload, and record outputs and success together.
+cancellation, then finish it: post-process, upload, and record outputs and success together. With a
+``Finisher`` (workers/finisher.py) the finishing happens on its thread while the next job denoises.
 
 The database decides what runs: the job's message is acknowledged as the run starts, and from then
 on the lease carries the job. A run that dies is found by the reconciler once its lease expires; a
@@ -30,6 +31,7 @@ from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.batching import Batcher, batching_on
 from workers.cancels import CancelListener
+from workers.finisher import FinishedRun, Finisher
 from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED
 from workers.progress import ProgressWatcher
 
@@ -50,7 +52,11 @@ class Superseded(JobCanceled):
 
 
 class JobRunner:
-    """Runs jobs in a worker child. Holds the engine (and its pipeline cache) for the child's life."""
+    """Runs jobs in a worker child. Holds the engine (and its pipeline cache) for the child's life.
+
+    ``finish_in_flight``: how many denoised jobs may be finished (encoded, uploaded, recorded) on a
+    thread of their own while ``run`` returns to take the next job; 0 (the default) finishes each
+    job inside ``run``. ``close`` drains them."""
 
     def __init__(
         self,
@@ -60,6 +66,7 @@ class JobRunner:
         engine: Any,
         *,
         worker_name: str | None = None,
+        finish_in_flight: int = 0,
     ) -> None:
         self.settings = settings
         self.sf = session_factory
@@ -71,15 +78,24 @@ class JobRunner:
         self._cancels = (
             CancelListener(bind) if bind is not None and bind.dialect.name == "postgresql" else None
         )
+        self.finisher = Finisher(self.finish, finish_in_flight) if finish_in_flight > 0 else None
         registry = getattr(engine, "registry", None)
         self._batcher = Batcher(self, registry) if registry is not None and batching_on(registry) else None
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish every job handed to the finisher (the child is exiting); return whether all were
+        recorded within ``timeout``. Those that were not are left to their leases."""
+        if self.finisher is None:
+            return True
+        return self.finisher.close(timeout)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def run(self, job_id: str, *, queue: str | None = None) -> RunOutcome | ClaimRefusal:
         """Run ``job_id``, whose message came from ``queue`` (where a transient failure sends it
-        back); return how the run ended, or why it did not run. Raises ClaimUnavailable when the
-        database cannot take the claim."""
+        back); return how the run ended (``FINISHING``: denoised and handed to the finisher, which
+        records the end), or why it did not run. Raises ClaimUnavailable when the database cannot
+        take the claim. Blocks while the finisher holds as many jobs as it may."""
         try:
             claimed = self._claim(job_id)
         except DATABASE_DOWN as exc:
@@ -91,18 +107,23 @@ class JobRunner:
         queue = queue or default_queue(claim.family)
         started = time.perf_counter()
         members = self._batcher.gather(claim, recorded) if self._batcher is not None else []
-        if members:
-            from workers.batching import run_batch
+        if not members:
+            return self._hand_off(claim, started, self._run_claimed(claim, recorded, queue, started))
+        from workers.batching import run_batch
 
-            outcomes = run_batch(self, [(claim, recorded), *members], queue)
-        else:
-            outcomes = [self._run_claimed(claim, recorded, queue)]
-        elapsed = time.perf_counter() - started
-        for (member, _), outcome in zip([(claim, recorded), *members], outcomes, strict=True):
-            JOB_DURATION.labels(member.family, member.task).observe(elapsed)
-            if outcome.finished_job:
-                JOBS_FINISHED.labels(member.family, outcome.value).inc()
-        return outcomes[0]
+        batch = [(claim, recorded), *members]
+        runs = run_batch(self, batch, queue, started)
+        return [self._hand_off(c, started, run) for (c, _), run in zip(batch, runs, strict=True)][0]
+
+    def _hand_off(self, claim: Claim, started: float, finished: RunOutcome | FinishedRun) -> RunOutcome:
+        """Finish a denoised run here or in the finisher (``FINISHING``), or count how it ended."""
+        if isinstance(finished, RunOutcome):
+            return _observed(claim, started, finished)
+        if self.finisher is None:
+            return self.finish(finished)
+        held = self.finisher.submit(finished)
+        log.info("job %s: denoised; %d of %d in the finisher", claim.job_id, held, self.finisher.limit)
+        return RunOutcome.FINISHING
 
     def _claim(self, job_id: str) -> tuple[Claim, Future[None]] | ClaimRefusal:
         """Lock and claim the job; its claim is written and committed beside the pipeline's start
@@ -137,13 +158,15 @@ class JobRunner:
         claim: Claim,
         recorded: Future[None],
         queue: str,
-        produce: Callable[[], tuple[list[Image.Image], int]] | None = None,
-    ) -> RunOutcome:
-        """Generate (or take from ``produce``: a batch's share), store and record one job."""
-        # Every end is written after the claim: each path waits for ``recorded`` first.
+        started: float,
+        produce: Callable[[], tuple[list[Image.Image], ProgressWatcher]] | None = None,
+    ) -> RunOutcome | FinishedRun:
+        """Denoise the job (or take its share of a batch from ``produce``), ready to finish, or
+        its end if it ended there."""
+        # Every end is written after the claim: each path waits for ``recorded`` first, and a job
+        # goes to the finisher only once its claim is committed.
         try:
-            images, steps = produce() if produce is not None else self._generate(claim, recorded)
-            outputs = self._store_outputs(claim, images)
+            images, watcher = produce() if produce is not None else self._generate(claim, recorded)
         except Superseded:
             self._claim_written(recorded)
             return RunOutcome.SUPERSEDED
@@ -153,9 +176,40 @@ class JobRunner:
         except Exception as exc:
             self._claim_written(recorded)
             return self._failed(claim, exc, queue)
-        self._claim_written(recorded)
-        owned = self._ending(lambda session: transitions.succeed(session, claim, outputs, steps=steps), claim)
-        return _outcome(owned, RunOutcome.SUCCEEDED)
+        try:
+            self._claim_written(recorded)
+        except BaseException:
+            watcher.stop()
+            raise
+        return FinishedRun(claim, images, watcher.total, queue, watcher, started)
+
+    def finish(self, run: FinishedRun) -> RunOutcome:
+        """Encode, sign and upload a denoised job's images, then record its success (or release it
+        after a transient failure); stops the run's watcher just before the end is written. A job
+        canceled or taken over meanwhile is not recorded (and not uploaded, if that was known
+        before the upload). The finisher's thread calls this, or ``run`` does without one."""
+        claim, watcher = run.claim, run.watcher
+        outputs: list[dict[str, Any]] = []
+        error: Exception | None = None
+        try:
+            if not watcher.canceled:
+                outputs = self._store_outputs(claim, run.images)
+        except Exception as exc:
+            error = exc
+        finally:
+            watcher.stop()  # its last lease renewal and progress write are in before the end
+        if watcher.superseded:
+            outcome = RunOutcome.SUPERSEDED
+        elif watcher.canceled:
+            outcome = RunOutcome.CANCELED
+        elif error is not None:
+            outcome = self._failed(claim, error, run.queue)
+        else:
+            owned = self._ending(
+                lambda session: transitions.succeed(session, claim, outputs, steps=run.steps), claim
+            )
+            outcome = _outcome(owned, RunOutcome.SUCCEEDED)
+        return _observed(claim, run.started, outcome)
 
     @staticmethod
     def _claim_written(recorded: Future[None]) -> None:
@@ -205,17 +259,18 @@ class JobRunner:
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
 
-
-    def _generate(self, claim: Claim, recorded: Future[None]) -> tuple[list[Image.Image], int]:
-        """The job's images, and the denoising steps the engine counted."""
+    def _generate(self, claim: Claim, recorded: Future[None]) -> tuple[list[Image.Image], ProgressWatcher]:
+        """The job's images, and its watcher, still running: it holds the job's lease until the
+        job's end is written (the engine's step count is its ``total``)."""
         request = self._request(claim)
-        with self._watcher(claim, recorded) as watcher:
-            images = self._watched(watcher, lambda: self.engine.generate(request, on_step=watcher.on_step))
-        return images, watcher.total
+        watcher = self._watcher(claim, recorded).start()
+        images = self._watched(watcher, lambda: self.engine.generate(request, on_step=watcher.on_step))
+        return images, watcher
 
     def _watcher(self, claim: Claim, recorded: Future[None], *, pushed: bool = True) -> ProgressWatcher:
-        """The side thread of ``claim``'s run: lease, progress, cancellation (``pushed``: woken by
-        the child's one cancel listener, which serves one watcher at a time; else polled)."""
+        """The side thread of ``claim``'s run (not started): lease, progress, cancellation
+        (``pushed``: woken by the child's one cancel listener, which serves one watcher at a time;
+        else polled)."""
         return ProgressWatcher(
             self.sf,
             claim.job_id,
@@ -229,15 +284,21 @@ class JobRunner:
 
     @staticmethod
     def _watched(watcher: ProgressWatcher, call: Callable[[], list[Image.Image]]) -> list[Image.Image]:
-        """``call``'s images, unless the run was canceled or superseded meanwhile (raised)."""
+        """``call``'s images, unless the run was canceled or superseded meanwhile (raised, the
+        watcher stopped). The watcher keeps running otherwise, polling for cancels from now."""
         try:
             images = call()
             if watcher.canceled:
                 raise JobCanceled("canceled during the run")
         except JobCanceled:
+            watcher.stop()
             if watcher.superseded:
                 raise Superseded("a newer attempt owns the job") from None
             raise
+        except BaseException:
+            watcher.stop()
+            raise
+        watcher.poll_only()  # the next job's watcher takes the cancel listener
         return images
 
     def _request(self, claim: Claim) -> Any:
@@ -354,6 +415,13 @@ class JobRunner:
         # Encodes release the GIL in Pillow and uploads wait on the network: overlap them.
         with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
             return list(pool.map(finish, range(len(images)), images))
+
+
+def _observed(claim: Claim, started: float, outcome: RunOutcome) -> RunOutcome:
+    JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
+    if outcome.finished_job:
+        JOBS_FINISHED.labels(claim.family, outcome.value).inc()
+    return outcome
 
 
 def _outcome(owned: bool | None, done: RunOutcome) -> RunOutcome:
