@@ -4,7 +4,7 @@ size, against the same batches run in-process (``Engine.generate_batch``, the ra
 reach at best); and the latency of a lone job with batching on and off (goal: the difference at
 most ``batch_wait_ms``).
 
-    python benchmarks/batching.py [--jobs 16] [--sizes 64,256] [--max-batch 4] [--wait-ms 50] [--steps 6]
+    python benchmarks/batching.py [--jobs 32] [--sizes 64,256] [--max-batch 4] [--wait-ms 50] [--steps 6]
 
 Goals (issue 11): batching on >= 2.5x off at 64x64; on >= 0.9 of the in-process batched rate at
 both sizes. Throughput counts from the first job's start to the last job's end (job timestamps),
@@ -99,39 +99,53 @@ def lone_latency(http: requests.Session, api: str, size: int, steps: int, runs: 
     return statistics.median(times)
 
 
-def in_process(models: Path, size: int, steps: int, max_batch: int, runs: int = 3) -> tuple[float, float]:
-    """Jobs per second in this process: one image per call, and ``max_batch`` jobs per call."""
-    import torch
+class InProcess:
+    """The same jobs in this process, on a warm engine: one image per call, and ``max_batch`` jobs
+    per call (``Engine.generate_batch``). Calls alternate, so both rates come from the same
+    minutes of a host whose speed drifts; ``measure`` runs before and after the system's runs."""
 
-    torch.set_num_threads(1)
-    from inference_server.engine.runner import Engine, GenerationRequest
-    from inference_server.registry import load_registry
+    def __init__(self, models: Path, sizes: list[int], steps: int, max_batch: int) -> None:
+        import torch
 
-    engine = Engine(load_registry(models), device="cpu")
+        torch.set_num_threads(1)
+        from inference_server.engine.runner import Engine
+        from inference_server.registry import load_registry
 
-    def req(i: int) -> GenerationRequest:
-        b = body(size, steps, i)
+        self.engine = Engine(load_registry(models), device="cpu")
+        self.steps, self.max_batch = steps, max_batch
+        self.times: dict[int, tuple[list[float], list[float]]] = {size: ([], []) for size in sizes}
+
+    def request(self, size: int, i: int) -> Any:
+        from inference_server.engine.runner import GenerationRequest
+
+        b = body(size, self.steps, i)
         return GenerationRequest(
             family="sd15", model=None, task="txt2img", prompt=b["prompt"], negative_prompt=None,
-            width=size, height=size, steps=steps, guidance_scale=None, seeds=[b["seed"]],
-        )
+            width=size, height=size, steps=self.steps, guidance_scale=None, seeds=[b["seed"]],
+        )  # fmt: skip
 
-    batch = [req(i) for i in range(max_batch)]
-    engine.generate(batch[0])  # load and warm
-    alone, together = [], []
-    for _ in range(runs):
-        t = time.perf_counter()
-        engine.generate(batch[0])
-        alone.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        engine.generate_batch(batch, [None] * max_batch)
-        together.append(time.perf_counter() - t)
-    return 1 / statistics.median(alone), max_batch / statistics.median(together)
+    def measure(self, rounds: int) -> None:
+        for size, (alone, together) in self.times.items():
+            batch = [self.request(size, i) for i in range(self.max_batch)]
+            self.engine.generate(batch[0])  # loaded and warm
+            for _ in range(rounds):
+                t = time.perf_counter()
+                self.engine.generate(batch[0])
+                alone.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                self.engine.generate_batch(batch, [None] * self.max_batch)
+                together.append(time.perf_counter() - t)
+
+    def rates(self, size: int) -> tuple[float, float]:
+        """Jobs per second alone and batched (medians)."""
+        alone, together = self.times[size]
+        return 1 / statistics.median(alone), self.max_batch / statistics.median(together)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--jobs", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="in-process calls of each kind, twice")
     parser.add_argument("--sizes", default="64,256")
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--wait-ms", type=int, default=50)
@@ -150,7 +164,8 @@ def main() -> None:
             batch_max_pixels=max(sizes) ** 2,
         ),
     }
-    local = {size: in_process(modes["on"], size, args.steps, args.max_batch) for size in sizes}
+    local = InProcess(modes["on"], sizes, args.steps, args.max_batch)
+    local.measure(args.rounds)
     rates: dict[tuple[str, int], tuple[float, float]] = {}
     lone: dict[tuple[str, int], float] = {}
     logs = Path(tempfile.mkdtemp(prefix="bench-batching-"))
@@ -168,6 +183,7 @@ def main() -> None:
                 for size in sizes:
                     lone[mode, size] = lone_latency(http, api, size, args.steps)
                     rates[mode, size] = throughput(http, api, size, args.steps, args.jobs)
+    local.measure(args.rounds)
     print(
         f"{args.jobs} jobs of tiny sd15, {args.steps} steps; "
         f"max_batch {args.max_batch}, batch_wait_ms {args.wait_ms}"
@@ -175,7 +191,7 @@ def main() -> None:
     print(f"{'size':>7} {'in-process 1':>13} {'in-process B':>13} {'system off':>11} {'system on':>10} "
           f"{'mean batch':>10} {'on/off':>7} {'on/in-proc B':>12} {'lone on-off':>12}")  # fmt: skip
     for size in sizes:
-        one, batched = local[size]
+        one, batched = local.rates(size)
         off, _ = rates["off", size]
         on, mean = rates["on", size]
         extra = (lone["on", size] - lone["off", size]) * 1000

@@ -175,14 +175,21 @@ class Batcher:
 
 def run_batch(
     runner: JobRunner, members: list[Member], queue: str, started: float
-) -> list[RunOutcome | FinishedRun]:
+) -> list[RunOutcome | FinishedRun | Exception]:
     """Run ``members`` (claimed and compatible) in one pipeline call; return, in order, each
-    one's denoised run for the runner to finish as a job of its own, or how it ended."""
+    one's denoised run for the runner to finish as a job of its own, or how it ended, or the
+    ClaimUnavailable its run raised (only the first member's claim can still be unwritten): the
+    others go on either way, so none is left holding a lease its run no longer renews."""
+    from workers.runner import ClaimUnavailable
+
     produced = _generate_together(runner, members)
-    return [
-        runner._run_claimed(claim, recorded, queue, started, produce)
-        for (claim, recorded), produce in zip(members, produced, strict=True)
-    ]
+    runs: list[RunOutcome | FinishedRun | Exception] = []
+    for (claim, recorded), produce in zip(members, produced, strict=True):
+        try:
+            runs.append(runner._run_claimed(claim, recorded, queue, started, produce))
+        except ClaimUnavailable as exc:
+            runs.append(exc)
+    return runs
 
 
 def _generate_together(runner: JobRunner, members: list[Member]) -> list[Callable[[], Produced]]:

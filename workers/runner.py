@@ -113,7 +113,13 @@ class JobRunner:
 
         batch = [(claim, recorded), *members]
         runs = run_batch(self, batch, queue, started)
-        return [self._hand_off(c, started, run) for (c, _), run in zip(batch, runs, strict=True)][0]
+        lead = runs[0] if isinstance(runs[0], Exception) else self._hand_off(claim, started, runs[0])
+        for (member, _), run in zip(batch[1:], runs[1:], strict=True):
+            if not isinstance(run, Exception):  # members' claims are written: they never raise
+                self._hand_off(member, started, run)
+        if isinstance(lead, Exception):
+            raise lead
+        return lead
 
     def _hand_off(self, claim: Claim, started: float, finished: RunOutcome | FinishedRun) -> RunOutcome:
         """Finish a denoised run here or in the finisher (``FINISHING``), or count how it ended."""
