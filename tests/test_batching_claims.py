@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from inference_server.db import Job, JobEvent
+from inference_server.db import Job, JobEvent, OutboxMessage
 from inference_server.db.base import utcnow
 from inference_server.jobs import transitions
 from inference_server.jobs.batch_key import batch_key
@@ -96,9 +96,19 @@ def test_a_batch_takes_compatible_jobs_oldest_first(scratch_db, scratch_db_url):
             spec(prompt="e"),
         ],
     )
+    with scratch_db() as session:  # queue messages: the relay has published the first member's
+        for i, job_id in enumerate(ids):
+            sent = utcnow() if i == 2 else None
+            session.add(OutboxMessage(job_id=job_id, queue="jobs.sd15", published_at=sent))
+        session.commit()
     lead = lead_claim(scratch_db, settings, ids[0])
     members = batcher(scratch_db, settings, "w1").gather(lead, done())
     assert [m.job_id for m, _ in members] == [ids[2], ids[4]]
+    with scratch_db() as session:
+        messages = set(session.scalars(select(OutboxMessage.job_id)))
+    # A member's unsent message is gone with its claim (no delivery for its claim to refuse); a sent
+    # one stays, and so do the messages of every job not taken.
+    assert messages == set(ids) - {ids[4]}
     with scratch_db() as session:
         rows = {j.id: j for j in session.scalars(select(Job))}
         started = set(session.scalars(select(JobEvent.job_id).where(JobEvent.type == "job.started")))

@@ -7,7 +7,8 @@ LOCKED`` (two workers never take the same job, and neither waits for the other) 
 the same ``transitions.claim`` as a delivered job: each member gets its own attempt, lease,
 ``job.started`` event and side thread (progress, lease renewal, cancellation). Their queue
 messages, delivered later, find the job running or finished and are refused like any duplicate
-(``ClaimRefusal.OWNED`` / ``FINISHED``). A worker that dies with a batch in flight leaves every
+(``ClaimRefusal.OWNED`` / ``FINISHED``); messages not yet published are deleted with the claims,
+so they cost no delivery at all. A worker that dies with a batch in flight leaves every
 member with a lease that expires: the reconciler queues each again, like any job.
 
 A batch fills up to the model's ``max_batch`` images, waiting at most ``batch_wait_ms`` for jobs
@@ -27,9 +28,9 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
-from inference_server.db import Job
+from inference_server.db import Job, OutboxMessage
 from inference_server.errors import JobCanceled
 from inference_server.jobs import transitions
 from inference_server.jobs.batch_key import batch_key
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOBS = Job.__table__
+OUTBOX = OutboxMessage.__table__
 # The order queued jobs join a batch in, kept in this one place (the scheduler's priority goes first
 # here once jobs have one).
 QUEUE_ORDER = (JOBS.c.created_at, JOBS.c.id)
@@ -150,6 +152,7 @@ class Batcher:
                     claims.append(claim)
                     room -= images
             if claims:
+                _drop_unsent_messages(session, [c.job_id for c in claims])
                 transitions.record_claims(session, claims)
             return claims
 
@@ -171,6 +174,19 @@ class Batcher:
             log.warning("recording batch %s failed: %s", batch["batch_id"], exc)
         BATCH_JOBS.observe(len(everyone))
         log.info("batch %s: %s", batch["batch_id"], ", ".join(c.job_id for c in everyone))
+
+
+def _drop_unsent_messages(session: Any, job_ids: list[str]) -> None:
+    """Delete the not yet published queue messages of jobs claimed here, in their claims'
+    transaction: such a job needs no message any more (a release or the reconciler writes a new
+    one if it must run again), and each message published would cost a worker a delivery that
+    its claim refuses. One the relay is publishing right now (locked) is left to be refused."""
+    unsent = (
+        select(OUTBOX.c.id)
+        .where(OUTBOX.c.published_at.is_(None), OUTBOX.c.job_id.in_(job_ids))
+        .with_for_update(skip_locked=True)
+    )
+    session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(unsent.scalar_subquery())))
 
 
 def run_batch(

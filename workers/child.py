@@ -118,12 +118,13 @@ def build_runner(settings: Settings) -> JobRunner:
         fetch=lambda uri, dest: fetch_from_bucket(settings, uri, dest),
     )
     timeouts = DatabaseTimeouts.from_settings(settings)
+    # A batch's members go to the finisher one by one: with room for a whole batch, the next
+    # batch denoises while this one is finished.
+    in_flight = max(settings.finish_in_flight, largest_batch(registry)) if settings.finish_in_flight else 0
     # A side thread per job denoising (a batch's members each have one) or in the finisher.
-    pool = 1 + largest_batch(registry) + settings.finish_in_flight
+    pool = 1 + largest_batch(registry) + in_flight
     db = make_database(settings.database_url, pool_size=pool, timeouts=timeouts)
-    return JobRunner(
-        settings, make_session_factory(db), storage, engine, finish_in_flight=settings.finish_in_flight
-    )
+    return JobRunner(settings, make_session_factory(db), storage, engine, finish_in_flight=in_flight)
 
 
 def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:
