@@ -160,10 +160,10 @@ class Batcher:
         """Record the batch on every member (GET shows it; their end events carry it)."""
         batch = {"batch_id": str(uuid.uuid4()), "batch_size": len(members) + 1}
         everyone = [lead, *members]
-        for claim in everyone:
-            claim.row.update(batch)
         with contextlib.suppress(Exception):
             recorded.result()  # the lead's row is written (or its run fails on that anyway)
+        for claim in everyone:  # after: the lead's claim was written from its row
+            claim.row.update(batch)
         try:
             with self.runner.sf() as session:
                 for claim in everyone:
