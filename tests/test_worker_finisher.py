@@ -30,7 +30,7 @@ from tests.support.waiting import wait_for
 
 BOUND = 2
 BODY = {"family": "sd15", "prompt": "a quay at dawn", "width": 64, "height": 64, "steps": 2}
-DENOISED = re.compile(r"workers\.runner: job ([0-9a-f-]{36}): denoised; (\d+) of (\d+) in the finisher")
+DENOISED = re.compile(r"workers\.runner: job ([0-9a-f-]{36}): denoised; (\d+) of (\d+) in the finisher \(")
 RECORDED = re.compile(r"workers\.finisher: job ([0-9a-f-]{36}): (\w+)")
 
 

@@ -223,8 +223,12 @@ def _generate_together(runner: JobRunner, members: list[Member]) -> list[Callabl
             shares[i] = _raising(exc)
     # The first member's cancels are pushed; the others' polled (one listener per child).
     watchers = [runner._watcher(*members[i], pushed=n == 0).start() for n, i in enumerate(ready)]
+    # Every member sees every step: the first one's callback also tells the gate of the last step.
+    callbacks: list[Callable[[int, int], bool]] = [w.on_step for w in watchers]
+    if watchers:
+        callbacks[0] = runner._step_callback(watchers[0], members[0][0])
     try:
-        images = runner.engine.generate_batch(requests, [w.on_step for w in watchers])
+        images = runner.engine.generate_batch(requests, callbacks)
     except JobCanceled:  # every member left
         images = None
     except Exception as exc:

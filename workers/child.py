@@ -100,6 +100,7 @@ def build_runner(settings: Settings) -> JobRunner:
     from inference_server.storage import open_storage
     from workers.batching import largest_batch
     from workers.device import configure_torch
+    from workers.gate import GATE
     from workers.runner import JobRunner
 
     device = configure_torch(settings)
@@ -124,7 +125,14 @@ def build_runner(settings: Settings) -> JobRunner:
     # A side thread per job denoising (a batch's members each have one) or in the finisher.
     pool = 1 + largest_batch(registry) + in_flight
     db = make_database(settings.database_url, pool_size=pool, timeouts=timeouts)
-    return JobRunner(settings, make_session_factory(db), storage, engine, finish_in_flight=in_flight)
+    return JobRunner(
+        settings,
+        make_session_factory(db),
+        storage,
+        engine,
+        finish_in_flight=in_flight,
+        ending=GATE.ending,
+    )
 
 
 def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:

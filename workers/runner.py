@@ -56,7 +56,8 @@ class JobRunner:
 
     ``finish_in_flight``: how many denoised jobs may be finished (encoded, uploaded, recorded) on a
     thread of their own while ``run`` returns to take the next job; 0 (the default) finishes each
-    job inside ``run``. ``close`` drains them."""
+    job inside ``run``. ``close`` drains them. ``ending``: called with a job's id as its last
+    denoising step begins (the worker's gate takes the next message then)."""
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class JobRunner:
         *,
         worker_name: str | None = None,
         finish_in_flight: int = 0,
+        ending: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.sf = session_factory
@@ -79,6 +81,7 @@ class JobRunner:
             CancelListener(bind) if bind is not None and bind.dialect.name == "postgresql" else None
         )
         self.finisher = Finisher(self.finish, finish_in_flight) if finish_in_flight > 0 else None
+        self._tell_ending = ending
         registry = getattr(engine, "registry", None)
         self._batcher = Batcher(self, registry) if registry is not None and batching_on(registry) else None
 
@@ -127,8 +130,15 @@ class JobRunner:
             return _observed(claim, started, finished)
         if self.finisher is None:
             return self.finish(finished)
+        took = time.perf_counter() - started
         held = self.finisher.submit(finished)
-        log.info("job %s: denoised; %d of %d in the finisher", claim.job_id, held, self.finisher.limit)
+        log.info(
+            "job %s: denoised; %d of %d in the finisher (%.3f s from its claim)",
+            claim.job_id,
+            held,
+            self.finisher.limit,
+            took,
+        )
         return RunOutcome.FINISHING
 
     def _claim(self, job_id: str) -> tuple[Claim, Future[None]] | ClaimRefusal:
@@ -195,6 +205,15 @@ class JobRunner:
         canceled or taken over meanwhile is not recorded (and not uploaded, if that was known
         before the upload). The finisher's thread calls this, or ``run`` does without one."""
         claim, watcher = run.claim, run.watcher
+        planned = claim.row.get("progress_total")
+        if run.steps and planned and run.steps != planned:
+            log.warning(
+                "job %s ran %d steps where %d were planned: check the registry's strength_steps for %s",
+                claim.job_id,
+                run.steps,
+                planned,
+                claim.family,
+            )
         outputs: list[dict[str, Any]] = []
         error: Exception | None = None
         try:
@@ -270,7 +289,8 @@ class JobRunner:
         job's end is written (the engine's step count is its ``total``)."""
         request = self._request(claim)
         watcher = self._watcher(claim, recorded).start()
-        images = self._watched(watcher, lambda: self.engine.generate(request, on_step=watcher.on_step))
+        on_step = self._step_callback(watcher, claim)
+        images = self._watched(watcher, lambda: self.engine.generate(request, on_step=on_step))
         return images, watcher
 
     def _watcher(self, claim: Claim, recorded: Future[None], *, pushed: bool = True) -> ProgressWatcher:
@@ -287,6 +307,14 @@ class JobRunner:
             after=recorded,
             cancels=self._cancels if pushed else None,
         )
+
+    def _step_callback(self, watcher: ProgressWatcher, holder: Claim) -> Callable[[int, int], bool]:
+        """``watcher``'s step callback; with a finisher, it also tells the gate as the last step
+        begins, so the next message (the job ``holder``'s delivery paused it) is on its way."""
+        tell = self._tell_ending
+        if tell is None or self.finisher is None:
+            return watcher.on_step
+        return _telling_last_step(watcher.on_step, lambda: tell(holder.job_id))
 
     @staticmethod
     def _watched(watcher: ProgressWatcher, call: Callable[[], list[Image.Image]]) -> list[Image.Image]:
@@ -421,6 +449,22 @@ class JobRunner:
         # Encodes release the GIL in Pillow and uploads wait on the network: overlap them.
         with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
             return list(pool.map(finish, range(len(images)), images))
+
+
+def _telling_last_step(
+    on_step: Callable[[int, int], bool], ending: Callable[[], None]
+) -> Callable[[int, int], bool]:
+    """``on_step`` that also calls ``ending`` once, when the step before the last is done."""
+    told = False
+
+    def step(done: int, total: int) -> bool:
+        nonlocal told
+        if not told and done == total - 1:
+            told = True
+            ending()
+        return on_step(done, total)
+
+    return step
 
 
 def _observed(claim: Claim, started: float, outcome: RunOutcome) -> RunOutcome:

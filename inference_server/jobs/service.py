@@ -186,7 +186,7 @@ def submit(
         "idempotency_key": idempotency_key,
         "request_hash": digest,
         "progress_step": 0,
-        "progress_total": spec.planned_steps,
+        "progress_total": spec.planned_steps(family.strength_steps),
         "eta_seconds": None,
         "error_code": None,
         "error_message": None,
