@@ -302,7 +302,8 @@ def test_manifest_containers_run_contract_commands_with_known_settings(
     ]
     assert len(pods) >= 4
     for name, pod in pods:
-        for container in pod["containers"]:
+        # Third-party images (Flower's) run their own commands: tests/test_deploy_flower.py checks it.
+        for container in (c for c in pod["containers"] if c["image"].startswith("inference-server")):
             assert_contract_command(container["command"], f"{name}/{container['name']}")
             for env in container.get("env", []):
                 assert env["name"] in known, f"{name}: {env['name']}"

@@ -57,13 +57,6 @@ Member = tuple[Claim, Future[None]]  # a claim and its recording (done for gathe
 Produced = tuple[list[Image.Image], "ProgressWatcher"]  # a member's images and running watcher
 
 
-def batching_on(registry: Registry) -> bool:
-    """Whether any model of ``registry`` batches."""
-    return any(
-        family.batching(model.id).enabled for family in registry.families.values() for model in family.models
-    )
-
-
 def largest_batch(registry: Registry) -> int:
     """The most jobs one batch of ``registry`` can hold (database connections a worker may need)."""
     return max(
@@ -74,13 +67,16 @@ def largest_batch(registry: Registry) -> int:
 class Batcher:
     """Finds and claims the other members of a batch for a job a worker has claimed."""
 
-    def __init__(self, runner: JobRunner, registry: Registry) -> None:
+    def __init__(self, runner: JobRunner, registry: Registry | None = None) -> None:
+        """``registry``: the one to follow; by default the runner's engine's, read at each claim
+        (the runtime registry replaces it)."""
         self.runner = runner
         self.registry = registry
 
     def policy(self, claim: Claim) -> BatchPolicy | None:
         """The batching policy for ``claim``'s job, or None when it runs alone."""
-        family = self.registry.families.get(claim.family)
+        registry = self.registry if self.registry is not None else self.runner.engine.registry
+        family = registry.families.get(claim.family)
         if family is None:
             return None
         policy = family.batching(claim.spec.model)
@@ -237,6 +233,8 @@ def _generate_together(runner: JobRunner, members: list[Member]) -> list[Callabl
         for i, request, watcher in zip(ready, requests, watchers, strict=True):
             shares[i] = _alone(runner, watcher, request)
         return shares
+    if images is not None:
+        runner._observe_lora_switch(members[ready[0]][0])
     for n, (i, watcher) in enumerate(zip(ready, watchers, strict=True)):
         mine = images[n] if images is not None else None
         try:

@@ -48,11 +48,13 @@ class ChildRunner:
     ``start`` runs when the child starts; ``get`` builds on first use where that did not happen or
     failed (the job task then puts its job back rather than dropping it)."""
 
-    def __init__(self, settings: Settings, warm: WarmList) -> None:
+    def __init__(self, settings: Settings, warm: WarmList, families: list[str] | None = None) -> None:
         self.settings = settings
         self.warm = warm
+        self.families = families or []  # with families, the child follows the runtime registry
         self._runner: JobRunner | None = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def start(self) -> None:
         """Build the runner and load the warm models. Never raises: a child that cannot build its
@@ -69,6 +71,12 @@ class ChildRunner:
                 log.error("WARM_MODELS %s/%s: %s", family, model or "default", exc)
         if self.warm:
             log.info("warm: %s", ", ".join(f"{f}/{m or 'default'}" for f, m in self.warm))
+        if runner.watcher is not None:
+            try:
+                runner.watcher.start(self._stop)
+                runner.watcher.sync()  # now, rather than at the first poll
+            except Exception as exc:  # the runner syncs again before each job
+                log.error("runtime registry not read at start: %s", exc)
 
     def stop(self) -> None:
         """Finish what the runner's finisher holds (the child is exiting). Never builds a runner:
@@ -86,14 +94,26 @@ class ChildRunner:
     def get(self) -> JobRunner:
         with self._lock:
             if self._runner is None:
-                self._runner = build_runner(self.settings)
+                self._runner = build_runner(self.settings, self.families)
             return self._runner
 
 
-def build_runner(settings: Settings) -> JobRunner:
+def worker_name(settings: Settings, families: list[str]) -> str:
+    """How this child names itself in placement answers and ``worker_models``: its families,
+    device (and pinned GPU) and host, as the Celery node name does."""
+    import os
+    import socket
+
+    device = settings.device.replace(":", "")
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") if device == "cuda" else ""
+    return f"{'-'.join(families)}.{device}{gpu}@{socket.gethostname()}"
+
+
+def build_runner(settings: Settings, families: list[str] | None = None) -> JobRunner:
     """A JobRunner for this child: its device configured, storage opened, registry read, engine
     ready to load pipelines, a finisher of ``FINISH_IN_FLIGHT`` jobs, and a small database pool
-    (one job, or one batch, denoises at a time; each job in the finisher has a watcher of its own)."""
+    (one job, or one batch, denoises at a time; each job in the finisher has a watcher of its
+    own). With ``families``, it follows the runtime registry and answers placement requests."""
     from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
     from inference_server.engine.runner import Engine
     from inference_server.registry import load_registry
@@ -109,29 +129,34 @@ def build_runner(settings: Settings) -> JobRunner:
         raise ConfigurationError(
             "MODELS_FILE is not set: the worker has no models to serve", code="no_registry"
         )
-    registry = load_registry(settings.models_file)
+    seed = load_registry(settings.models_file)
     engine = Engine(
-        registry,
+        seed,
         device=device,
         cache_bytes=settings.engine_cache_bytes,
         max_edit_pixels=settings.engine_max_edit_pixels,
         cache_dir=settings.model_cache_dir,
         fetch=lambda uri, dest: fetch_from_bucket(settings, uri, dest),
+        lora_hotswap={"on": True, "off": False}.get(settings.lora_hotswap, "auto"),
+        max_loras=settings.engine_max_loras,
     )
     timeouts = DatabaseTimeouts.from_settings(settings)
     # A batch's members go to the finisher one by one: with room for a whole batch, the next
     # batch denoises while this one is finished.
-    in_flight = max(settings.finish_in_flight, largest_batch(registry)) if settings.finish_in_flight else 0
-    # A side thread per job denoising (a batch's members each have one) or in the finisher.
-    pool = 1 + largest_batch(registry) + in_flight
-    db = make_database(settings.database_url, pool_size=pool, timeouts=timeouts)
+    largest = largest_batch(seed)
+    in_flight = max(settings.finish_in_flight, largest) if settings.finish_in_flight else 0
+    # A side thread per job denoising (a batch's members each have one) or in the finisher, and
+    # the registry watcher's reads.
+    db = make_database(settings.database_url, pool_size=2 + largest + in_flight, timeouts=timeouts)
+    sf = make_session_factory(db)
+    watcher = None
+    if families:
+        from workers.registry_watch import RegistryWatcher
+
+        name = worker_name(settings, families)
+        watcher = RegistryWatcher(sf, seed, engine, families, name, poll=settings.registry_poll_interval)
     return JobRunner(
-        settings,
-        make_session_factory(db),
-        storage,
-        engine,
-        finish_in_flight=in_flight,
-        ending=GATE.ending,
+        settings, sf, storage, engine, finish_in_flight=in_flight, ending=GATE.ending, watcher=watcher
     )
 
 
@@ -142,9 +167,12 @@ def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:
     from inference_server.storage.s3 import S3Storage
 
     parsed = urlparse(uri)
+    endpoint = settings.s3_endpoint_url
+    if parsed.scheme == "gs":  # GCS through its S3-compatible API, as open_storage reaches it
+        endpoint = endpoint or "https://storage.googleapis.com"
     store = S3Storage(
         f"{parsed.scheme}://{parsed.netloc}",
-        endpoint_url=settings.s3_endpoint_url,
+        endpoint_url=endpoint,
         region=settings.s3_region,
         scheme=parsed.scheme,
         connect_timeout=settings.storage_connect_timeout,

@@ -31,6 +31,12 @@ BATCH_RETRIED = Counter(
     "inference_batches_retried_total",
     "Batched pipeline calls that failed, whose jobs were then run one by one",
 )
+LORA_SWITCH = Histogram(
+    "inference_lora_switch_seconds",
+    "Time a job with LoRAs spent putting them in place and turning them off, outside the pipeline call",
+    ["family"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 
 DEAD_LETTERS = Counter(
     "inference_dead_letters_total",

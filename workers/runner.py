@@ -29,10 +29,10 @@ from inference_server.jobs.transitions import Claim
 from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
-from workers.batching import Batcher, batching_on
+from workers.batching import Batcher
 from workers.cancels import CancelListener
 from workers.finisher import FinishedRun, Finisher
-from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED
+from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
 from workers.progress import ProgressWatcher
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,11 @@ class JobRunner:
         worker_name: str | None = None,
         finish_in_flight: int = 0,
         ending: Callable[[str], None] | None = None,
+        watcher: Any = None,
     ) -> None:
         self.settings = settings
+        # workers.registry_watch.RegistryWatcher: the runtime registry, synced before each claim
+        self.watcher = watcher
         self.sf = session_factory
         self.storage = storage
         self.engine = engine
@@ -82,8 +85,8 @@ class JobRunner:
         )
         self.finisher = Finisher(self.finish, finish_in_flight) if finish_in_flight > 0 else None
         self._tell_ending = ending
-        registry = getattr(engine, "registry", None)
-        self._batcher = Batcher(self, registry) if registry is not None and batching_on(registry) else None
+        # Reads the engine's registry at each claim: the runtime registry may change it.
+        self._batcher = Batcher(self) if getattr(engine, "registry", None) is not None else None
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish every job handed to the finisher (the child is exiting); return whether all were
@@ -99,6 +102,22 @@ class JobRunner:
         back); return how the run ended (``FINISHING``: denoised and handed to the finisher, which
         records the end), or why it did not run. Raises ClaimUnavailable when the database cannot
         take the claim. Blocks while the finisher holds as many jobs as it may."""
+        if self.watcher is None:
+            return self._run(job_id, queue)
+        with self.watcher.lock:  # no placement load runs beside a job
+            try:
+                self.watcher.sync()
+            except Exception as exc:  # the claim below meets the same database, and says so
+                log.warning("runtime registry not synced before job %s: %s", job_id, type(exc).__name__)
+            try:
+                return self._run(job_id, queue)
+            finally:
+                try:
+                    self.watcher.report()
+                except Exception as exc:
+                    log.warning("loaded models not reported: %s", type(exc).__name__)
+
+    def _run(self, job_id: str, queue: str | None) -> RunOutcome | ClaimRefusal:
         try:
             claimed = self._claim(job_id)
         except DATABASE_DOWN as exc:
@@ -291,7 +310,13 @@ class JobRunner:
         watcher = self._watcher(claim, recorded).start()
         on_step = self._step_callback(watcher, claim)
         images = self._watched(watcher, lambda: self.engine.generate(request, on_step=on_step))
+        self._observe_lora_switch(claim)
         return images, watcher
+
+    def _observe_lora_switch(self, claim: Claim) -> None:
+        switch = getattr(self.engine, "last_lora_seconds", None)
+        if switch is not None:
+            LORA_SWITCH.labels(claim.family).observe(switch)
 
     def _watcher(self, claim: Claim, recorded: Future[None], *, pushed: bool = True) -> ProgressWatcher:
         """The side thread of ``claim``'s run (not started): lease, progress, cancellation

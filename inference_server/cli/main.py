@@ -110,7 +110,8 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--tenant", required=True)
-def keys_create(tenant: str) -> None:
+@click.option("--admin", is_flag=True, help="The key may manage shared models and LoRAs (operator scope).")
+def keys_create(tenant: str, admin: bool) -> None:
     """Create a tenant (if new) and an API key; prints JSON {"api_key", "webhook_secret"}."""
     from api.auth import create_tenant_key
     from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
@@ -118,8 +119,12 @@ def keys_create(tenant: str) -> None:
     settings = _settings()
     engine = make_database(settings.database_url, timeouts=DatabaseTimeouts.from_settings(settings))
     with make_session_factory(engine)() as session:
-        row, key = create_tenant_key(session, tenant)
-        click.echo(json.dumps({"tenant": row.name, "api_key": key, "webhook_secret": row.webhook_secret}))
+        row, key = create_tenant_key(session, tenant, admin=admin)
+        click.echo(
+            json.dumps(
+                {"tenant": row.name, "api_key": key, "webhook_secret": row.webhook_secret, "admin": admin}
+            )
+        )
     engine.dispose()
 
 

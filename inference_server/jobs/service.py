@@ -26,6 +26,7 @@ from inference_server.jobs.persist import insert_new_rows
 from inference_server.jobs.serialize import job_to_dict
 from inference_server.jobs.spec import MAX_SEED, JobRequest, JobSpec
 from inference_server.registry import FamilySpec, ModelSpec, Registry
+from inference_server.registry.runtime import RuntimeRegistry
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, input_key
 
@@ -45,14 +46,21 @@ class JobContext:
     registry: Registry
     storage: Storage
     on_published: Callable[[], None] | None = None  # wakes the relay after a commit
+    runtime: RuntimeRegistry | None = None  # models and LoRAs added through the API
+
+    def registry_for(self, session: Session, tenant_id: str) -> Registry:
+        """The registry ``tenant_id`` submits against: the seed plus the runtime entries it sees."""
+        if self.runtime is None:
+            return self.registry
+        return self.runtime.view(session, tenant_id)
 
 
 def request_hash(body: JobRequest) -> str:
     return hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()
 
 
-def _check_family(ctx: JobContext, req: JobRequest) -> tuple[FamilySpec, ModelSpec]:
-    family = ctx.registry.family(req.family)
+def _check_family(registry: Registry, req: JobRequest) -> tuple[FamilySpec, ModelSpec]:
+    family = registry.family(req.family)
     model = family.model(req.model, req.task)
     for lora in req.loras:
         if family.lora(lora.name) is None and lora.name.startswith(("s3://", "gs://")):
@@ -67,7 +75,8 @@ def _check_family(ctx: JobContext, req: JobRequest) -> tuple[FamilySpec, ModelSp
 
 def resolve(family: FamilySpec, model: ModelSpec, req: JobRequest) -> JobSpec:
     """The request with the family's defaults and limits applied and its seeds chosen."""
-    limits, defaults = family.limits, family.defaults
+    limits = {**family.limits, **(model.limits or {})}
+    defaults = {**family.defaults, **(model.defaults or {})}
     values = req.model_dump(exclude_none=True, exclude={"webhook", "seed", "num_images"})
     for key in ("width", "height", "steps", "guidance_scale"):
         if values.get(key) is None and defaults.get(key) is not None:
@@ -140,13 +149,22 @@ def submit(
 ) -> Submitted:
     """Validate, store and enqueue one job in a single transaction. ``job_id`` lets a caller know the
     new job's id before it exists (to wait for its end without a gap); a replay keeps its own id."""
+    # An empty key names nothing: stored, it would make every later keyless-looking submit a conflict.
+    idempotency_key = idempotency_key or None
     # The body's hash only matters to tell a replay from a conflict, so only with a key.
     digest = request_hash(req) if idempotency_key else None
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
             return _replay(existing, digest)
-    family, model = _check_family(ctx, req)
+    try:
+        family, model = _check_family(ctx.registry_for(session, tenant.id), req)
+    except InvalidRequest as exc:
+        if ctx.runtime is None or exc.code not in ("unknown_model", "unknown_lora"):
+            raise
+        # Perhaps added a moment ago through another API process: read the registry again first.
+        ctx.runtime.invalidate()
+        family, model = _check_family(ctx.registry_for(session, tenant.id), req)
     _check_inputs(req)
     if req.output.metadata:
         from inference_server import imaging

@@ -111,6 +111,9 @@ class ModelSpec(_Entry):
     max_batch: Annotated[StrictInt, Field(ge=1, le=MAX_BATCH_LIMIT)] | None = None
     batch_wait_ms: WaitMs | None = None
     batch_max_pixels: Positive | None = None
+    # Per-model request defaults and limits, over the family's (a runtime model may set them).
+    defaults: Defaults | None = None
+    limits: Limits | None = None
     _family: str = PrivateAttr("")
 
     @property
