@@ -80,9 +80,16 @@ def http(system: dict[str, Any], db: sessionmaker[Session]) -> Iterator[requests
     client.close()
 
 
-def run_all(http: requests.Session, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Submit ``bodies`` back to back, and return each finished job."""
-    ids = [submit(http, body)["id"] for body in bodies]
+def submit_together(http: requests.Session, bodies: list[dict[str, Any]]) -> list[str]:
+    """Submit ``bodies`` while the worker is busy with another job (of another batch key), so all
+    of them are queued when it takes the first: a slow submit cannot split them."""
+    submit(http, {**BODY, "prompt": "hold", "steps": 30, "seed": 1})
+    return [submit(http, body)["id"] for body in bodies]
+
+
+def run_all(http: requests.Session, bodies: list[dict[str, Any]], *, together: bool = True) -> list[Any]:
+    """Submit ``bodies`` (together, or back to back), and return each finished job."""
+    ids = submit_together(http, bodies) if together else [submit(http, body)["id"] for body in bodies]
     return [wait_done(http, job_id, timeout=120) for job_id in ids]
 
 
@@ -134,7 +141,7 @@ def test_compatible_jobs_share_one_call_and_keep_their_own_results(http, db, rec
     assert [o["sha256"] for j in again for o in j["outputs"]] == digests
     # A job alone (it waits batch_wait_ms for company that never comes) gives the same images
     # up to the rounding of batched kernels: under a colour level on average.
-    [alone] = run_all(http, THREE[:1])
+    [alone] = run_all(http, THREE[:1], together=False)
     assert alone["status"] == "succeeded" and alone["batch"] is None, alone
     gap = np.abs(pixels(http, alone["id"]) - pixels(http, first[0]["id"])).mean()
     assert gap < 1.0
@@ -142,8 +149,7 @@ def test_compatible_jobs_share_one_call_and_keep_their_own_results(http, db, rec
 
 
 def test_a_canceled_member_does_not_fail_the_others(http):
-    bodies = [{**b, "steps": 50} for b in THREE]
-    ids = [submit(http, body)["id"] for body in bodies]
+    ids = submit_together(http, [{**b, "steps": 50} for b in THREE])
 
     def batched() -> bool:
         jobs = [get(http, i) for i in ids]
@@ -196,8 +202,7 @@ def test_a_failing_batch_call_runs_its_members_alone(http, system):
 def test_a_worker_killed_mid_batch_loses_no_member(http, system, logs_dir):
     """Every member holds a lease of its own: when the worker dies, each lease expires and the
     reconciler queues each member again, and the next worker finishes them."""
-    bodies = [{**b, "steps": 50} for b in THREE]
-    ids = [submit(http, body)["id"] for body in bodies]
+    ids = submit_together(http, [{**b, "steps": 50} for b in THREE])
 
     def batched() -> bool:
         return all(get(http, i)["batch"] and get(http, i)["progress"]["step"] >= 1 for i in ids)
