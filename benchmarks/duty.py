@@ -8,6 +8,11 @@ then 0), and the same pipeline call timed in this process in the same run:
 Goal: at least 0.97 at both delays. ``--finish-in-flight 0`` shows the worker without overlapped
 finishing (each job encoded, uploaded and recorded before the next one starts).
 
+Also printed, ``duty`` = the worker's own claim-to-denoised times summed over the same wall: the
+share of the wall a GPU would be busy. Both sides are measured in the same minutes by the same
+process, so it holds on a loaded machine where the in-process call drifts; on a CPU, unlike a GPU,
+finishing the previous job takes CPU from the denoising beside it, which ``efficiency`` counts.
+
     python benchmarks/duty.py [--n 24] [--size 256] [--steps 6] [--storage-delay-ms 40 0]
 
 The in-process calls run while the system is idle, before and after each round, one torch thread
@@ -49,7 +54,10 @@ def _ts(value: str) -> float:
 
 def _wait(http: requests.Session, api: str, job_id: str) -> dict:
     while True:
-        job = http.get(f"{api}/v1/jobs/{job_id}", params={"wait": 30}, timeout=60).json()
+        try:
+            job = http.get(f"{api}/v1/jobs/{job_id}", params={"wait": 30}, timeout=60).json()
+        except requests.ConnectionError:  # a long poll's connection closed by the API: ask again
+            continue
         if job["status"] in TERMINAL:
             if job["status"] != "succeeded":
                 raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
@@ -87,6 +95,7 @@ def one_round(http: requests.Session, api: str, body: dict, n: int, call, calls:
         "last_finish": ends[-1] - starts[-1],
         "in_worker": statistics.median(denoise) if denoise else float("nan"),
         "efficiency": n * base / wall,
+        "duty": sum(denoise) / wall if len(denoise) == n else float("nan"),
     }
 
 
@@ -144,10 +153,12 @@ def main() -> None:
         f"FINISH_IN_FLIGHT={args.finish_in_flight}, one torch thread"
     )
     columns = ("storage delay", "in-process call", "claim->denoised", "start->start", "last finish")
-    print("  ".join(f"{c:>15}" for c in columns) + "  efficiency")
+    print("  ".join(f"{c:>15}" for c in columns) + "  efficiency  duty")
     for delay, r in results:
         cells = [delay / 1000, r["call"], r["in_worker"], r["start_to_start"], r["last_finish"]]
-        print("  ".join(f"{v * 1000:12.1f} ms" for v in cells) + f"  {r['efficiency']:10.3f}")
+        print(
+            "  ".join(f"{v * 1000:12.1f} ms" for v in cells) + f"  {r['efficiency']:10.3f}  {r['duty']:.3f}"
+        )
     print("goal: efficiency >= 0.97 at every delay")
 
 

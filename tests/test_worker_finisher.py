@@ -47,6 +47,8 @@ def world(system_env: dict[str, str], s3_endpoint: str, logs_dir: Path) -> Itera
     proxy = TcpProxy((host, int(port)), name="storage")
     with fresh_database("is_finish") as db_url, private_vhost("is_finish") as broker:
         env = dict(system_env, DATABASE_URL=db_url, BROKER_URL=broker, STORAGE_URL=f"s3://{bucket}/out")
+        # A cold child can take long to write its first claim here; its message is not lost.
+        env["LOST_MESSAGE_GRACE"] = "120"
         api, url = start_api(env, logs_dir, name="api-finish")
         dispatcher = Proc("dispatcher-finish", ["dispatcher"], dict(env, API_URL=url), logs_dir)
         engine = make_database(db_url)
@@ -97,7 +99,8 @@ def _denoised(proc: Proc) -> list[str]:
 
 
 def _wait_denoised(proc: Proc, job_ids: list[str]) -> None:
-    wait_for(lambda: set(job_ids) <= set(_denoised(proc)), 60, what=f"{job_ids} to be denoised")
+    # A recycled child loads the model again first.
+    wait_for(lambda: set(job_ids) <= set(_denoised(proc)), 120, what=f"{job_ids} to be denoised")
 
 
 def _rows(sf: sessionmaker[Session], ids: list[str]) -> dict[str, Job]:

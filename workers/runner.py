@@ -137,8 +137,12 @@ class JobRunner:
         runs = run_batch(self, batch, queue, started)
         lead = runs[0] if isinstance(runs[0], Exception) else self._hand_off(claim, started, runs[0])
         for (member, _), run in zip(batch[1:], runs[1:], strict=True):
-            if not isinstance(run, Exception):  # members' claims are written: they never raise
+            if isinstance(run, Exception):  # members' claims are written: they never raise
+                continue
+            try:
                 self._hand_off(member, started, run)
+            except Exception as exc:  # the finisher stopped: this member is left to its lease
+                log.error("job %s: not handed to the finisher: %s", member.job_id, exc)
         if isinstance(lead, Exception):
             raise lead
         return lead
@@ -147,10 +151,15 @@ class JobRunner:
         """Finish a denoised run here or in the finisher (``FINISHING``), or count how it ended."""
         if isinstance(finished, RunOutcome):
             return _observed(claim, started, finished)
-        if self.finisher is None:
-            return self.finish(finished)
         took = time.perf_counter() - started
-        held = self.finisher.submit(finished)
+        if self.finisher is None:
+            log.info("job %s: denoised; finishing it here (%.3f s from its claim)", claim.job_id, took)
+            return self.finish(finished)
+        try:
+            held = self.finisher.submit(finished)
+        except BaseException:
+            finished.watcher.stop()  # left to its lease, which the reconciler finds
+            raise
         log.info(
             "job %s: denoised; %d of %d in the finisher (%.3f s from its claim)",
             claim.job_id,
@@ -336,10 +345,16 @@ class JobRunner:
     def _step_callback(self, watcher: ProgressWatcher, holder: Claim) -> Callable[[int, int], bool]:
         """``watcher``'s step callback; with a finisher, it also tells the gate as the last step
         begins, so the next message (the job ``holder``'s delivery paused it) is on its way."""
-        tell = self._tell_ending
-        if tell is None or self.finisher is None:
+        tell, finisher = self._tell_ending, self.finisher
+        if tell is None or finisher is None:
             return watcher.on_step
-        return _telling_last_step(watcher.on_step, lambda: tell(holder.job_id))
+
+        # Not while the finisher is full: the hand-off will wait, and so must the next message.
+        def ending() -> None:
+            if finisher.held < finisher.limit:
+                tell(holder.job_id)
+
+        return _telling_last_step(watcher.on_step, ending)
 
     @staticmethod
     def _watched(watcher: ProgressWatcher, call: Callable[[], list[Image.Image]]) -> list[Image.Image]:
