@@ -31,6 +31,7 @@ class AppState:
     broker: Any = None  # inference_server.publish.probe.BrokerProbe
     metrics: Any = None  # api.metrics.ApiMetrics
     waiter: Any = None  # api.waiter.JobWaiter
+    registry_watch: Any = None  # api.registry_watch.RegistryWatch: MODELS_FILE may appear later
 
 
 async def state(request: Request) -> AppState:

@@ -26,6 +26,7 @@ ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 WHAT = {
     400: "Bad request",
     401: "No valid API key",
+    403: "The key lacks the scope this needs",
     404: "Not found",
     409: "Conflict",
     413: "Request too large",

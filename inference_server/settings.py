@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = "development"
     home: Path = Field(default_factory=default_home, validation_alias="INFERENCE_SERVER_HOME")
 
+    # Logs: "text", "json", or "auto" (text on a terminal, JSON lines otherwise).
+    log_format: Literal["text", "json", "auto"] = "auto"
+    log_level: str = "INFO"
+
     # Where things live. Empty strings mean "the embedded default under home".
     database_url: str = ""
     broker_url: str = "amqp://guest:guest@localhost:5672//"
@@ -116,6 +120,17 @@ class Settings(BaseSettings):
     webhook_secret_grace_hours: float = 24.0
     webhook_poll_interval: float = 0.2
     dispatcher_metrics_port: int = 9102  # Prometheus endpoint of `dispatcher` (0: none)
+    # AMQP ingress (`inference-server ingress`, docs/ingress.md).
+    ingress_queue: str = "inference.requests"  # durable queue of job requests
+    ingress_exchange: str = "inference.requests"  # topic exchange; routing key: the job's family
+    ingress_dead_queue: str = "inference.requests.dead"  # refused messages, with their reason headers
+    ingress_prefetch: int = Field(default=500, ge=1)  # unacknowledged messages held per ingress
+    ingress_batch_size: int = Field(default=200, ge=1)  # messages per database transaction and ack
+    ingress_batch_linger: float = Field(default=0.02, gt=0)  # seconds a partial batch waits for more
+    ingress_trust_user_id: bool = False  # no authorization header: the AMQP user_id names the tenant
+    ingress_relay: bool = True  # run an outbox relay in the ingress too (its jobs leave at once)
+    ingress_metrics_port: int = 9103  # /metrics, /healthz and /readyz of `ingress` (0: none)
+
     # Retention, pruned by the dispatcher in small batches (docs/configuration.md). 0 keeps forever;
     # for outputs, 0 means no time-to-live. An event is kept while a webhook delivery refers to it.
     event_retention_days: float = Field(default=7.0, ge=0)

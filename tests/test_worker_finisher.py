@@ -30,8 +30,8 @@ from tests.support.waiting import wait_for
 
 BOUND = 2
 BODY = {"family": "sd15", "prompt": "a quay at dawn", "width": 64, "height": 64, "steps": 2}
-DENOISED = re.compile(r"workers\.runner: job ([0-9a-f-]{36}): denoised; (\d+) of (\d+) in the finisher \(")
-RECORDED = re.compile(r"workers\.finisher: job ([0-9a-f-]{36}): (\w+)")
+DENOISED = re.compile(r"job ([0-9a-f-]{36}): denoised; (\d+) of (\d+) in the finisher \(")
+RECORDED = re.compile(r"job ([0-9a-f-]{36}): (\w+), recorded by the finisher")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,7 @@ def world(system_env: dict[str, str], s3_endpoint: str, logs_dir: Path) -> Itera
         env = dict(system_env, DATABASE_URL=db_url, BROKER_URL=broker, STORAGE_URL=f"s3://{bucket}/out")
         # A cold child can take long to write its first claim here; its message is not lost.
         env["LOST_MESSAGE_GRACE"] = "120"
+        env["LOG_FORMAT"] = "text"  # the tests read the workers' log lines
         api, url = start_api(env, logs_dir, name="api-finish")
         dispatcher = Proc("dispatcher-finish", ["dispatcher"], dict(env, API_URL=url), logs_dir)
         engine = make_database(db_url)

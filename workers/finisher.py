@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Gauge
 
 from inference_server.jobs.enums import RunOutcome
+from inference_server.logs import job_context
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -122,9 +123,16 @@ class Finisher:
 
     def _loop(self) -> None:
         while (run := self._queue.get()) is not None:
+            claim = run.claim
+            fields = {
+                "tenant": str(claim.row.get("tenant_id")),
+                "family": claim.family,
+                "attempt": claim.attempt,
+            }
             try:
-                outcome = self._finish(run)
-                log.info("job %s: %s", run.claim.job_id, outcome.value)
+                with job_context(job_id=claim.job_id, **fields):
+                    outcome = self._finish(run)
+                    log.info("job %s: %s, recorded by the finisher", claim.job_id, outcome.value)
             except Exception:  # a bug: the job's lease runs out and the reconciler re-runs it
                 log.exception("job %s: finishing failed", run.claim.job_id)
                 run.watcher.stop()

@@ -26,13 +26,14 @@ from inference_server.jobs import transitions
 from inference_server.jobs.enums import ClaimRefusal, RunOutcome, Task
 from inference_server.jobs.spec import JobSpec
 from inference_server.jobs.transitions import Claim
+from inference_server.logs import bind_job
 from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.batching import Batcher
 from workers.cancels import CancelListener
 from workers.finisher import FinishedRun, Finisher
-from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
+from workers.metrics import BUSY_SECONDS, JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
 from workers.progress import ProgressWatcher
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ class JobRunner:
         engine: Any,
         *,
         worker_name: str | None = None,
+        watcher: Any = None,
         finish_in_flight: int = 0,
         ending: Callable[[str], None] | None = None,
-        watcher: Any = None,
     ) -> None:
         self.settings = settings
         # workers.registry_watch.RegistryWatcher: the runtime registry, synced before each claim
@@ -126,15 +127,20 @@ class JobRunner:
             log.info("job %s not run: %s", job_id, claimed.value)
             return claimed
         claim, recorded = claimed
+        bind_job(tenant=str(claim.row["tenant_id"]), family=claim.family, attempt=claim.attempt)
+        log.info("job started: %s, attempt %d", claim.task, claim.attempt)
         queue = queue or default_queue(claim.family)
         started = time.perf_counter()
         members = self._batcher.gather(claim, recorded) if self._batcher is not None else []
         if not members:
-            return self._hand_off(claim, started, self._run_claimed(claim, recorded, queue, started))
+            finished = self._run_claimed(claim, recorded, queue, started)
+            BUSY_SECONDS.inc(time.perf_counter() - started)  # the device time (finishing runs beside)
+            return self._hand_off(claim, started, finished)
         from workers.batching import run_batch
 
         batch = [(claim, recorded), *members]
         runs = run_batch(self, batch, queue, started)
+        BUSY_SECONDS.inc(time.perf_counter() - started)  # one call's time, however many jobs shared it
         lead = runs[0] if isinstance(runs[0], Exception) else self._hand_off(claim, started, runs[0])
         for (member, _), run in zip(batch[1:], runs[1:], strict=True):
             if isinstance(run, Exception):  # members' claims are written: they never raise

@@ -66,6 +66,9 @@ class WebhookSpec(Strict):
     url: str = Field(min_length=1, max_length=2048)
     # Full names (``job.succeeded``) or the shorthand the dispatcher also accepts (``succeeded``).
     events: list[EventType] | None = None
+    # The shape of the deliveries (None: the tenant's default, else standard). ``split``: progress as
+    # PATCH {url}/progress, success as POST {url}/complete, failure as POST {url}/failed.
+    profile: Literal["standard", "split"] | None = None
 
     @field_validator("events", mode="before")
     @classmethod
