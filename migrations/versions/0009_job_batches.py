@@ -5,7 +5,7 @@ serves its query (queued jobs of one key, oldest first). ``batch_id`` and ``batc
 pipeline call a job shared, for GET /v1/jobs/{id} and its webhooks.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-02
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
