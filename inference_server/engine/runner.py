@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from inference_server.engine import loras, variants
+from inference_server.engine import batch, loras, variants
 from inference_server.engine.cache import CachedModel, PipelineCache
 from inference_server.engine.device import DTYPES, default_cache_bytes
 from inference_server.errors import InferenceError, InvalidRequest, JobCanceled, ModelError, public_reason
@@ -67,7 +67,7 @@ class GenerationRequest:
     loras: list[LoraRef] = field(default_factory=list)
 
 
-StepCallback = Callable[[int, int], bool]
+StepCallback = Callable[[int, int], bool]  # (steps done, steps in the loop) -> stop?
 
 
 class Engine:
@@ -105,9 +105,28 @@ class Engine:
     def generate(self, req: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
         """Run ``req`` in one pipeline call: one image per seed, in the order of the seeds. Raises
         InvalidRequest, JobCanceled or ModelError."""
+        return self._generate([req], on_step)
+
+    def generate_batch(
+        self, reqs: list[GenerationRequest], on_steps: list[StepCallback | None]
+    ) -> list[list[Image.Image]]:
+        """Run compatible requests (see :mod:`inference_server.engine.batch`) in one pipeline call;
+        return each one's images. Every ``on_steps[i]`` sees every step; a request whose callback
+        asks to stop leaves the batch (its images are still returned, for the caller to discard),
+        and the call stops (JobCanceled) only when all have. Raises InvalidRequest, JobCanceled
+        or ModelError for the whole call."""
+        if len(reqs) == 1:
+            return [self.generate(reqs[0], on_steps[0])]
+        batch.check_compatible(reqs)
+        shared = batch.SharedSteps(on_steps)
+        return batch.split(self._generate(reqs, shared), reqs)
+
+    def _generate(self, reqs: list[GenerationRequest], on_step: StepCallback | None) -> list[Image.Image]:
+        req = reqs[0]
         family = self.registry.family(req.family)
         spec = family.model(req.model, req.task)
-        _check(req)
+        for member in reqs:
+            _check(member)
         resolved = [
             loras.resolve(
                 self.registry, family, ref.name, ref.scale, fetch=self.fetch, cache_dir=self.cache_dir
@@ -130,7 +149,7 @@ class Engine:
                 )
                 switch = time.perf_counter() - started
             started = time.perf_counter()
-            images = self._run(pipe, req, on_step)
+            images = self._run(pipe, reqs, on_step)
             self.last_pipeline_seconds = time.perf_counter() - started
             return images
         finally:
@@ -184,7 +203,11 @@ class Engine:
         self._entry(spec)
 
     # --- running ----------------------------------------------------------------------------------
-    def _run(self, pipe: Any, req: GenerationRequest, on_step: StepCallback | None) -> list[Image.Image]:
+    def _run(
+        self, pipe: Any, reqs: list[GenerationRequest], on_step: StepCallback | None
+    ) -> list[Image.Image]:
+        req = batch.merged(reqs) if len(reqs) > 1 else reqs[0]
+
         def callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             # Pipelines set _num_timesteps before their loop: exact even when strength shortens it.
             total = int(getattr(p, "_num_timesteps", 0) or req.steps)
@@ -195,6 +218,8 @@ class Engine:
             return kwargs
 
         kwargs = variants.call_kwargs(pipe, req, req.seeds, callback)
+        if len(reqs) > 1:
+            kwargs = batch.batch_kwargs(kwargs, reqs)
         cap = self.max_edit_pixels if req.task == "edit" else 0
         try:
             with torch.inference_mode(), variants.edit_area(cap):
@@ -202,7 +227,7 @@ class Engine:
         except InferenceError:
             raise
         except Exception as exc:
-            log.error("%s/%s %s failed", req.family, req.model, req.task, exc_info=exc)
+            log.error("%s/%s %s failed (%d jobs)", req.family, req.model, req.task, len(reqs), exc_info=exc)
             why = type(exc).__name__
             raise ModelError(f"{req.family} {req.task} failed in the model ({why})") from exc
         images: list[Image.Image] = list(out.images)
