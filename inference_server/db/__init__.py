@@ -3,18 +3,29 @@
 # Registers the runtime registry's tables on the shared metadata (after tables: they refer to it).
 from inference_server.db import registry_tables  # noqa: E402,F401,I001
 from inference_server.db.base import Base, make_database, make_session_factory
-from inference_server.db.tables import ApiKey, Job, JobEvent, JobOutput, OutboxMessage, Tenant
+from inference_server.db.tables import (
+    ApiKey,
+    DeletedJob,
+    Job,
+    JobEvent,
+    JobOutput,
+    OutboxMessage,
+    Tenant,
+    TenantUsage,
+)
 from inference_server.db.timeouts import DatabaseTimeouts
 
 __all__ = [
     "ApiKey",
     "Base",
     "DatabaseTimeouts",
+    "DeletedJob",
     "Job",
     "JobEvent",
     "JobOutput",
     "OutboxMessage",
     "Tenant",
+    "TenantUsage",
     "make_database",
     "make_session_factory",
 ]
