@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.auth import KeyCache
 from api.deps import AppState
 from api.docs import install_docs
 from api.edge import LimitsAndTiming
@@ -61,7 +62,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         broker=broker,
         metrics=metrics,
         waiter=waiter,
-        limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
+        keys=KeyCache(ttl=settings.api_key_cache_seconds),
+        # Always there: a tenant may have a rate of its own with RATE_LIMIT_PER_MINUTE at 0.
+        limiter=RateLimiter(settings.rate_limit_per_minute),
         auth_failures=RateLimiter(settings.auth_failures_per_minute)
         if settings.auth_failures_per_minute
         else None,
@@ -98,8 +101,8 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         path_limits={"/v1/loras": settings.max_lora_bytes + 64 * 1024},
     )
 
-    from api.routes import jobs, models, system, uploads, webhooks
+    from api.routes import jobs, models, system, tenants, uploads, webhooks
 
-    for module in (jobs, models, system, uploads, webhooks):
+    for module in (jobs, models, system, tenants, uploads, webhooks):
         app.include_router(module.router)
     return app

@@ -113,7 +113,7 @@ class Dispatcher:
         self._next_prune = 0.0
 
     def _storage(self) -> Storage:
-        return open_storage(self.settings)  # only with OUTPUT_TTL_DAYS: the first expired output
+        return open_storage(self.settings)  # opened at the first expired output
 
     # -- the loop ---------------------------------------------------------------------------------
 

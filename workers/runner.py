@@ -20,6 +20,7 @@ from PIL import Image
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from inference_server.db import DeletedJob
 from inference_server.errors import DependencyDown, InferenceError, InvalidRequest, JobCanceled, StorageError
 from inference_server.jobs import transitions
 from inference_server.jobs.enums import ClaimRefusal, RunOutcome, Task
@@ -155,7 +156,22 @@ class JobRunner:
             return self._failed(claim, exc, queue)
         self._claim_written(recorded)
         owned = self._ending(lambda session: transitions.succeed(session, claim, outputs, steps=steps), claim)
+        if owned is False:
+            self._drop_if_deleted(claim, outputs)
         return _outcome(owned, RunOutcome.SUCCEEDED)
+
+    def _drop_if_deleted(self, claim: Claim, outputs: list[dict[str, Any]]) -> None:
+        """The job was deleted (``DELETE /v1/jobs/{id}``) while this attempt stored its outputs: no
+        row will ever list them, so they go now. (Any other refusal leaves them: a newer attempt of
+        the same job writes the same keys.)"""
+        try:
+            with self.sf() as session:
+                if session.get(DeletedJob, claim.job_id) is None:
+                    return
+            self.storage.delete([o["uri"] for o in outputs])
+            log.info("job %s was deleted while it ran: its %d outputs removed", claim.job_id, len(outputs))
+        except Exception as exc:  # noqa: BLE001 - a leftover object must not fail the worker
+            log.warning("job %s was deleted; its outputs could not be removed: %s", claim.job_id, exc)
 
     @staticmethod
     def _claim_written(recorded: Future[None]) -> None:
@@ -204,7 +220,6 @@ class JobRunner:
                     return None
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
-
 
     def _generate(self, claim: Claim, recorded: Future[None]) -> tuple[list[Image.Image], int]:
         """The job's images, and the denoising steps the engine counted."""
