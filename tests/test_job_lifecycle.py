@@ -4,6 +4,7 @@ keeping a tombstone; output retention deletes outputs and marks the job, downloa
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -121,3 +122,15 @@ def test_outputs_expire_after_the_tenants_retention(  # type: ignore[no-untyped-
     assert _objects(system_env, job["id"]) == []
     download = api_client.get(f"{api_client.base_url}/v1/jobs/{job['id']}/outputs/0", timeout=30)
     assert download.status_code == 410 and download.json()["error"]["code"] == "output_expired"
+
+
+def test_a_deleted_jobs_webhook_is_not_sent_again(  # type: ignore[no-untyped-def]
+    api_client, worker, dispatcher, receiver
+) -> None:
+    receiver.behaviour = lambda n, request: (500, {}, 0.0)  # every attempt fails: retries are due
+    job = submit(api_client, {**BODY, "webhook": {"url": receiver.url, "events": ["job.succeeded"]}})
+    wait_for(lambda: receiver.types(job["id"]), 60, what="the first webhook attempt")
+    assert api_client.delete(f"{api_client.base_url}/v1/jobs/{job['id']}", timeout=30).status_code == 204
+    sent = len(receiver.events(job["id"]))
+    time.sleep(3.0)  # six times WEBHOOK_RETRY_DELAYS' 0.5 s: retries would have come by now
+    assert len(receiver.events(job["id"])) <= sent + 1  # at most the attempt already in flight
