@@ -32,6 +32,7 @@ class AppState:
     broker: Any = None  # inference_server.publish.probe.BrokerProbe
     metrics: Any = None  # api.metrics.ApiMetrics
     waiter: Any = None  # api.waiter.JobWaiter
+    registry_watch: Any = None  # api.registry_watch.RegistryWatch: MODELS_FILE may appear later
 
 
 async def state(request: Request) -> AppState:
@@ -61,7 +62,7 @@ async def current_caller(
         caller = await _authenticate_counting_failures(request, st, header)
     rate = effective_rate(caller.tenant, st.settings)
     if st.limiter is not None and rate:
-        st.limiter.check(caller.tenant.id, per_minute=rate)
+        await st.limiter.check(caller.tenant.id, per_minute=rate)
     return caller
 
 
@@ -82,16 +83,16 @@ async def require_admin(caller: Caller = Depends(current_caller)) -> Caller:
 
 async def _authenticate_counting_failures(request: Request, st: AppState, header: str | None) -> Caller:
     """Look the key up, unless the caller's address has failed too often lately: guessing keys costs
-    a database round trip each, and a 429 from memory costs nothing."""
+    a database round trip each, and a 429 from the limiter costs none."""
     if st.auth_failures is None or not header:
         return await run_in_threadpool(_authenticate, st, header)
     address = request.client.host if request.client else "unknown"
-    st.auth_failures.check(address, spend=False)
+    await st.auth_failures.check(address, spend=False)
     try:
         return await run_in_threadpool(_authenticate, st, header)
     except Unauthorized as exc:
         if exc.code == "invalid_api_key":  # a guess; a missing key guesses nothing
-            st.auth_failures.check(address)
+            await st.auth_failures.check(address)
         raise
 
 

@@ -19,9 +19,10 @@ class Surface(StrEnum):
     JOB = "failed job"
     CLI = "command line"
     RECEIVER = "webhooks.verify"
+    INGRESS = "AMQP ingress"
 
 
-API, JOB, CLI, RECEIVER = Surface.API, Surface.JOB, Surface.CLI, Surface.RECEIVER
+API, JOB, CLI, RECEIVER, INGRESS = Surface.API, Surface.JOB, Surface.CLI, Surface.RECEIVER, Surface.INGRESS
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,13 @@ REQUESTS = (
     _c("invalid_output_quality", 400, (API, JOB), "`output.quality` is not between 1 and 100."),
     _c("webhook_verification_failed", 400, (RECEIVER,),
        "A received webhook's headers, timestamp or signature do not check out."),
+    _c("missing_message_id", None, (INGRESS,),
+       "An AMQP request has no `message_id` (its idempotency key), or one over 255 characters."),
+    _c("invalid_message", None, (INGRESS,),
+       "An AMQP request's body is not a JSON object, or its routing key, `reply_to`, `correlation_id` "
+       "or `events` header cannot be used."),
+    _c("unknown_tenant", None, (INGRESS,),
+       "With INGRESS_TRUST_USER_ID, the message's `user_id` names no tenant."),
 )
 
 INPUTS = (
@@ -148,7 +156,8 @@ JOBS = (
        "The job's model was deleted (`DELETE /v1/models/...?force=true`) while it was queued or running."),
     _c("poison_message", None, (JOB,),
        "The job's queue message failed every worker that took it, so it was set aside.", reserved=True),
-    _c("canceled", None, (), "Control flow, never shown: a canceled job has no error."),
+    _c("canceled", None, (),
+       "A canceled job has no error; only a `split` webhook profile reports a cancel, to /failed, with it."),
 )
 
 OPERATORS = (

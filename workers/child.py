@@ -58,6 +58,9 @@ class ChildRunner:
     def start(self) -> None:
         """Build the runner and load the warm models. Never raises: a child that cannot build its
         engine stays up, logs why, and hands every job back to the queue for a healthy worker."""
+        from workers.device_metrics import start_sampler
+
+        start_sampler(self.settings.device, threading.Event())
         try:
             runner = self.get()
         except Exception as exc:

@@ -26,11 +26,12 @@ from inference_server.jobs import transitions
 from inference_server.jobs.enums import ClaimRefusal, RunOutcome, Task
 from inference_server.jobs.spec import JobSpec
 from inference_server.jobs.transitions import Claim
+from inference_server.logs import bind_job
 from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.cancels import CancelListener
-from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
+from workers.metrics import BUSY_SECONDS, JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
 from workers.progress import ProgressWatcher
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,13 @@ class JobRunner:
             log.info("job %s not run: %s", job_id, claimed.value)
             return claimed
         claim, recorded = claimed
+        bind_job(tenant=str(claim.row["tenant_id"]), family=claim.family, attempt=claim.attempt)
+        log.info("job started: %s, attempt %d", claim.task, claim.attempt)
         started = time.perf_counter()
         outcome = self._run_claimed(claim, recorded, queue or default_queue(claim.family))
-        JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        JOB_DURATION.labels(claim.family, claim.task).observe(elapsed)
+        BUSY_SECONDS.inc(elapsed)
         if outcome.finished_job:
             JOBS_FINISHED.labels(claim.family, outcome.value).inc()
         return outcome

@@ -12,14 +12,37 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Caller
 from api.deps import AppState, current_caller, get_session, state
+from api.openapi import answers
 from inference_server.errors import InputTooLarge, InvalidRequest
 from inference_server.registry import loras_service as loras
 from inference_server.registry import models_service as models
 from inference_server.registry import placement
 from inference_server.registry.access import Who
 from inference_server.registry.runtime import RuntimeRegistry
+from inference_server.schemas import Catalogue
 
 router = APIRouter(tags=["models"])
+
+# The LoRA route reads its body itself (JSON or a multipart upload), so FastAPI cannot describe it.
+LORA_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": loras.NewLora.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "family", "file"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "family": {"type": "string"},
+                        "file": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
+        },
+    }
+}
 
 
 def _runtime(st: AppState) -> RuntimeRegistry:
@@ -31,7 +54,7 @@ def _who(caller: Caller) -> Who:
     return Who(caller.tenant.id, caller.admin)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=None, responses=answers(Catalogue))
 def catalog(
     caller: Caller = Depends(current_caller),
     st: AppState = Depends(state),
@@ -48,7 +71,9 @@ def catalog(
     return body
 
 
-@router.post("/v1/models", status_code=201)
+@router.post(
+    "/v1/models", status_code=201, response_model=None, responses=answers(None, 403, 409, status=201)
+)
 def add_model(
     body: models.NewModel,
     caller: Caller = Depends(current_caller),
@@ -59,7 +84,7 @@ def add_model(
     return models.add_model(session, _runtime(st), _who(caller), body)
 
 
-@router.get("/v1/models/{family}/{model_id}")
+@router.get("/v1/models/{family}/{model_id}", response_model=None, responses=answers(None, 404))
 def get_model(
     family: str,
     model_id: str,
@@ -71,7 +96,7 @@ def get_model(
     return models.get_model(session, _runtime(st), _who(caller), family, model_id)
 
 
-@router.delete("/v1/models/{family}/{model_id}")
+@router.delete("/v1/models/{family}/{model_id}", response_model=None, responses=answers(None, 403, 404, 409))
 def delete_model(
     family: str,
     model_id: str,
@@ -107,7 +132,7 @@ def _place(
     }
 
 
-@router.post("/v1/models/{family}/{model_id}/load")
+@router.post("/v1/models/{family}/{model_id}/load", response_model=None, responses=answers(None, 403, 404))
 def load_model(
     family: str,
     model_id: str,
@@ -122,7 +147,7 @@ def load_model(
     return _place(st, caller, session, family, model_id, placement.LOAD, wait)
 
 
-@router.post("/v1/models/{family}/{model_id}/unload")
+@router.post("/v1/models/{family}/{model_id}/unload", response_model=None, responses=answers(None, 403, 404))
 def unload_model(
     family: str,
     model_id: str,
@@ -139,7 +164,14 @@ def unload_model(
 # -- LoRAs ------------------------------------------------------------------------------------------
 
 
-@router.post("/v1/loras", status_code=201, tags=["loras"])
+@router.post(
+    "/v1/loras",
+    status_code=201,
+    tags=["loras"],
+    response_model=None,
+    responses=answers(None, 403, 409, 413, 422, status=201),
+    openapi_extra=LORA_BODY,
+)
 async def add_lora(
     request: Request, caller: Caller = Depends(current_caller), st: AppState = Depends(state)
 ) -> Any:
@@ -184,7 +216,7 @@ def _add_by_uri(st: AppState, who: Who, body: loras.NewLora) -> dict[str, Any]:
         return loras.add_lora(session, _runtime(st), who, body)
 
 
-@router.get("/v1/loras", tags=["loras"])
+@router.get("/v1/loras", tags=["loras"], response_model=None, responses=answers(None))
 def list_loras(
     family: str | None = None,
     caller: Caller = Depends(current_caller),
@@ -194,7 +226,7 @@ def list_loras(
     return {"loras": loras.list_loras(session, _runtime(st), _who(caller), family)}
 
 
-@router.get("/v1/loras/{name}", tags=["loras"])
+@router.get("/v1/loras/{name}", tags=["loras"], response_model=None, responses=answers(None, 404))
 def get_lora(
     name: str,
     caller: Caller = Depends(current_caller),
@@ -204,7 +236,9 @@ def get_lora(
     return loras.get_lora(session, _runtime(st), _who(caller), name)
 
 
-@router.delete("/v1/loras/{name}", tags=["loras"])
+@router.delete(
+    "/v1/loras/{name}", tags=["loras"], response_model=None, responses=answers(None, 403, 404, 409)
+)
 def delete_lora(
     name: str,
     caller: Caller = Depends(current_caller),

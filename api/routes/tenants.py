@@ -4,13 +4,16 @@ settings and API keys. The CLI's `tenants set` and `keys list|revoke` do the sam
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+from anyio import from_thread
 from fastapi import APIRouter, Depends
 from sqlalchemy.orm import Session
 
 from api.auth import Caller
 from api.deps import AppState, current_caller, get_session, require_admin, state
+from api.openapi import answers
 from inference_server.db import Tenant
 from inference_server.db.base import utcnow
 from inference_server.tenancy import keys as tenant_keys
@@ -38,7 +41,7 @@ def my_tenant(
     return _with_usage(session, st, tenant)
 
 
-@router.get("/v1/tenants/{name}")
+@router.get("/v1/tenants/{name}", responses=answers(None, 403))
 def get_tenant(
     name: str,
     _: Caller = Depends(require_admin),
@@ -48,7 +51,7 @@ def get_tenant(
     return _with_usage(session, st, find_tenant(session, name))
 
 
-@router.patch("/v1/tenants/{name}")
+@router.patch("/v1/tenants/{name}", responses=answers(None, 403))
 def patch_tenant(
     name: str,
     body: TenantChanges,
@@ -64,14 +67,14 @@ def patch_tenant(
     return _with_usage(session, st, tenant)
 
 
-@router.get("/v1/keys")
+@router.get("/v1/keys", responses=answers(None, 403))
 def list_keys(
     tenant: str | None = None, _: Caller = Depends(require_admin), session: Session = Depends(get_session)
 ) -> dict[str, Any]:
     return {"keys": tenant_keys.list_keys(session, tenant)}
 
 
-@router.post("/v1/keys/{ref}/revoke")
+@router.post("/v1/keys/{ref}/revoke", responses=answers(None, 403, 409))
 def revoke_key(
     ref: str, _: Caller = Depends(require_admin), session: Session = Depends(get_session)
 ) -> dict[str, Any]:
@@ -84,5 +87,7 @@ def _with_usage(session: Session, st: AppState, tenant: Tenant) -> dict[str, Any
     usage = usage_view(session, tenant, utcnow())
     rate = effective_rate(tenant, st.settings)
     if rate and st.limiter is not None:
-        usage["requests_left_this_minute"] = st.limiter.remaining(tenant.id, per_minute=rate)
+        # The limiter is async (it may ask Redis); these routes run in the thread pool.
+        left = from_thread.run(partial(st.limiter.remaining, tenant.id, per_minute=rate))
+        usage["requests_left_this_minute"] = left
     return {**view, "usage": usage}

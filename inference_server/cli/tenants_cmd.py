@@ -1,5 +1,6 @@
-"""`inference-server tenants set|show`: a tenant's default webhook and its limits, as the admin API's
-``PATCH /v1/tenants/{name}`` changes them (both through ``inference_server.tenancy.limits``)."""
+"""`inference-server tenants set|show`: a tenant's default webhook (URL, events, profile, the token
+of `split` callbacks) and its limits, as the admin API's ``PATCH /v1/tenants/{name}`` changes them
+(the limits through ``inference_server.tenancy.limits``, the profile through ``set_webhook_profile``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,35 @@ import json
 from typing import Any
 
 import click
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from inference_server.cli.keys_cmd import database_session
-from inference_server.jobs.enums import EventType
+from inference_server.db import Tenant
+from inference_server.errors import NotFound
+from inference_server.jobs.enums import EventType, WebhookProfile
+
+INHERITED = {
+    "rate-limit": "rate_limit_per_minute",
+    "monthly-images": "monthly_image_quota",
+    "output-retention-days": "output_retention_days",
+}
+
+
+def set_webhook_profile(
+    session: Session, name: str, *, profile: str | None, token: str | None, clear_token: bool = False
+) -> Tenant:
+    """Set the tenant's default webhook profile and/or its webhook token; the caller commits."""
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        raise NotFound(f"no tenant named {name!r}", code="not_found")
+    if profile is not None:
+        tenant.default_webhook_profile = WebhookProfile(profile).value
+    if token is not None:
+        tenant.webhook_token = token or None
+    if clear_token:
+        tenant.webhook_token = None
+    return tenant
 
 
 @click.group()
@@ -27,6 +54,14 @@ def tenants() -> None:
     default=None,
     help="Comma-separated events the default webhook gets (job.succeeded,job.failed,...; '' for all).",
 )
+@click.option(
+    "--webhook-profile",
+    type=click.Choice([p.value for p in WebhookProfile]),
+    default=None,
+    help="Default shape of the tenant's webhooks (a job's webhook.profile overrides it).",
+)
+@click.option("--webhook-token", default=None, help="Static bearer token sent by `split` callbacks.")
+@click.option("--clear-webhook-token", is_flag=True, help="Send `split` callbacks without a token.")
 @click.option("--rate-limit", type=click.IntRange(min=0), default=None, help="Requests per minute (0: none).")
 @click.option(
     "--monthly-images", type=click.IntRange(min=0), default=None, help="Images a month (0: no quota)."
@@ -40,33 +75,31 @@ def tenants() -> None:
 @click.option(
     "--inherit",
     multiple=True,
-    type=click.Choice(["rate-limit", "monthly-images", "output-retention-days"]),
+    type=click.Choice(sorted(INHERITED)),
     help="Go back to the API's setting for this limit (repeatable).",
 )
 def tenants_set(
     tenant: str,
     default_webhook: str | None,
     events: str | None,
+    webhook_profile: str | None,
+    webhook_token: str | None,
+    clear_webhook_token: bool,
     rate_limit: int | None,
     monthly_images: int | None,
     output_retention_days: float | None,
     inherit: tuple[str, ...],
 ) -> None:
-    """Change a tenant's settings; prints them as JSON. API processes apply a change within
-    API_KEY_CACHE_SECONDS."""
+    """Change a tenant's settings; prints what it has now as JSON (never the token itself). API
+    processes apply a change within API_KEY_CACHE_SECONDS."""
     from inference_server.cli.main import _settings
-    from inference_server.tenancy.limits import TenantChanges, apply_changes, find_tenant, tenant_view
+    from inference_server.tenancy.limits import TenantChanges, apply_changes, find_tenant
 
-    given: dict[str, Any] = {}
+    given: dict[str, Any] = {INHERITED[name]: None for name in inherit}
     if default_webhook is not None:
         given["default_webhook_url"] = default_webhook or None
     if events is not None:
-        names = [e.strip() for e in events.split(",") if e.strip()]
-        known = {e.value for e in EventType}
-        unknown = sorted(set(names) - known)
-        if unknown:
-            raise click.BadParameter(f"unknown event {unknown[0]!r} (events: {', '.join(sorted(known))})")
-        given["default_webhook_events"] = names or None
+        given["default_webhook_events"] = _events(events)
     for field, value in (
         ("rate_limit_per_minute", rate_limit),
         ("monthly_image_quota", monthly_images),
@@ -74,18 +107,15 @@ def tenants_set(
     ):
         if value is not None:
             given[field] = value
-    for name in inherit:
-        given[
-            {"rate-limit": "rate_limit_per_minute", "monthly-images": "monthly_image_quota"}.get(
-                name, "output_retention_days"
-            )
-        ] = None
     settings = _settings()
     with database_session() as session:
         row = find_tenant(session, tenant)
         apply_changes(row, TenantChanges(**given), allow_private=settings.allow_private_networks)
+        set_webhook_profile(
+            session, tenant, profile=webhook_profile, token=webhook_token, clear_token=clear_webhook_token
+        )
         session.commit()
-        click.echo(json.dumps(tenant_view(row, settings)))
+        click.echo(json.dumps(_shown(row, settings)))
 
 
 @tenants.command("show")
@@ -94,10 +124,31 @@ def tenants_show(tenant: str) -> None:
     """Print a tenant's settings, limits and usage this month as JSON."""
     from inference_server.cli.main import _settings
     from inference_server.db.base import utcnow
-    from inference_server.tenancy.limits import find_tenant, tenant_view
+    from inference_server.tenancy.limits import find_tenant
     from inference_server.tenancy.usage import usage_view
 
     settings = _settings()
     with database_session() as session:
         row = find_tenant(session, tenant)
-        click.echo(json.dumps({**tenant_view(row, settings), "usage": usage_view(session, row, utcnow())}))
+        click.echo(json.dumps({**_shown(row, settings), "usage": usage_view(session, row, utcnow())}))
+
+
+def _events(text: str) -> list[str] | None:
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    known = {e.value for e in EventType}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise click.BadParameter(f"unknown event {unknown[0]!r} (events: {', '.join(sorted(known))})")
+    return names or None
+
+
+def _shown(row: Tenant, settings: Any) -> dict[str, Any]:
+    from inference_server.tenancy.limits import tenant_view
+
+    view = tenant_view(row, settings)
+    return {
+        "tenant": view.pop("name"),
+        "webhook_profile": row.default_webhook_profile or WebhookProfile.STANDARD.value,
+        "webhook_token": "set" if row.webhook_token else None,
+        **view,
+    }

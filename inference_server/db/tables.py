@@ -32,6 +32,10 @@ class Tenant(Base):
     rate_limit_per_minute: Mapped[int | None]
     monthly_image_quota: Mapped[int | None]
     output_retention_days: Mapped[float | None]
+    # The shape of deliveries to the default webhook and of jobs naming none (None: standard), and
+    # the static bearer token `split` deliveries carry (docs/webhooks: profiles).
+    default_webhook_profile: Mapped[str | None] = mapped_column(String(16))
+    webhook_token: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -71,6 +75,11 @@ class Job(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSONType)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
+    webhook_profile: Mapped[str | None] = mapped_column(String(16))  # None: the tenant's default
+    # A job submitted over AMQP with ``reply_to``: its events are also published to that queue.
+    reply_to: Mapped[str | None] = mapped_column(String(255))
+    correlation_id: Mapped[str | None] = mapped_column(String(255))
+    reply_events: Mapped[list[str] | None] = mapped_column(JSONType)  # None: every event
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     progress_step: Mapped[int] = mapped_column(default=0)

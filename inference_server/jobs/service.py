@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +25,13 @@ from inference_server.jobs.enums import TERMINAL, EventType, JobStatus, Task
 from inference_server.jobs.persist import insert_new_rows
 from inference_server.jobs.serialize import job_to_dict
 from inference_server.jobs.spec import MAX_SEED, JobRequest, JobSpec
+from inference_server.logs import job_context
 from inference_server.registry import FamilySpec, ModelSpec, Registry
 from inference_server.registry.runtime import RuntimeRegistry
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, input_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +39,24 @@ class Submitted:
     job_id: str
     created: bool  # False when an Idempotency-Key replayed an earlier submit
     view: dict[str, Any]  # the job as the API shows it (relative output URLs)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Where a job's events are also published (the AMQP ingress's ``reply_to``)."""
+
+    queue: str
+    correlation_id: str | None = None
+    events: list[str] | None = None  # None: every event
+
+
+@dataclass
+class Planned:
+    """A new job's rows (job, outbox message, ``job.queued`` event), validated and ready to insert."""
+
+    job_id: str
+    rows: list[tuple[type[Any], dict[str, Any]]]
+    view: dict[str, Any]
 
 
 @dataclass
@@ -145,15 +167,51 @@ def submit(
     *,
     idempotency_key: str | None = None,
     job_id: str | None = None,
+    reply: Reply | None = None,
 ) -> Submitted:
     """Validate, store and enqueue one job in a single transaction. ``job_id`` lets a caller know the
     new job's id before it exists (to wait for its end without a gap); a replay keeps its own id."""
+    # An empty key names nothing: stored, it would make every later keyless-looking submit a conflict.
+    idempotency_key = idempotency_key or None
     # The body's hash only matters to tell a replay from a conflict, so only with a key.
     digest = request_hash(req) if idempotency_key else None
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
-            return _replay(existing, digest)
+            return replay(existing, digest)
+    planned = plan(session, ctx, tenant, req, idempotency_key=idempotency_key, job_id=job_id, reply=reply)
+    try:
+        insert_new_rows(session, planned.rows)
+        session.commit()
+    except IntegrityError:
+        # Two submits raced with one Idempotency-Key: the loser answers with the winner's job.
+        session.rollback()
+        if idempotency_key:
+            existing = _by_idempotency_key(session, tenant, idempotency_key)
+            if existing is not None:
+                return replay(existing, digest)
+        raise
+    if ctx.on_published:
+        ctx.on_published()
+    with job_context(job_id=planned.job_id, tenant=str(tenant.id), family=req.family, attempt=0):
+        log.info("job queued")
+    return Submitted(job_id=planned.job_id, created=True, view=planned.view)
+
+
+def plan(
+    session: Session,
+    ctx: JobContext,
+    tenant: Tenant,
+    req: JobRequest,
+    *,
+    idempotency_key: str | None = None,
+    job_id: str | None = None,
+    reply: Reply | None = None,
+) -> Planned:
+    """Everything ``submit`` does before its write: validate against the registry, store inline
+    inputs, build the rows. A front door that writes many jobs per transaction (the AMQP ingress)
+    inserts them with ``jobs.persist.insert_new_rows`` and commits them itself."""
+    digest = request_hash(req) if idempotency_key else None
     try:
         family, model = _check_family(ctx.registry_for(session, tenant.id), req)
     except InvalidRequest as exc:
@@ -198,6 +256,10 @@ def submit(
         "webhook_events": [e.value for e in req.webhook.events]
         if req.webhook and req.webhook.events is not None
         else None,
+        "webhook_profile": req.webhook.profile if req.webhook else None,
+        "reply_to": reply.queue if reply else None,
+        "correlation_id": reply.correlation_id if reply else None,
+        "reply_events": reply.events if reply else None,
         "idempotency_key": idempotency_key,
         "request_hash": digest,
         "progress_step": 0,
@@ -219,20 +281,8 @@ def submit(
         "published_at": None,
         "publish_attempts": 0,
     }
-    try:
-        insert_new_rows(session, [(Job, values), (OutboxMessage, outbox), (JobEvent, event)])
-        session.commit()
-    except IntegrityError:
-        # Two submits raced with one Idempotency-Key: the loser answers with the winner's job.
-        session.rollback()
-        if idempotency_key:
-            existing = _by_idempotency_key(session, tenant, idempotency_key)
-            if existing is not None:
-                return _replay(existing, digest)
-        raise
-    if ctx.on_published:
-        ctx.on_published()
-    return Submitted(job_id=job_id, created=True, view=event["payload"]["data"])
+    rows: list[tuple[type[Any], dict[str, Any]]] = [(Job, values), (OutboxMessage, outbox), (JobEvent, event)]
+    return Planned(job_id=job_id, rows=rows, view=event["payload"]["data"])
 
 
 def _charge(
@@ -255,7 +305,21 @@ def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Job | Non
     return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
 
 
-def _replay(existing: Job, digest: str | None) -> Submitted:
+def by_idempotency_keys(session: Session, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+    """The jobs already submitted under these (tenant id, idempotency key) pairs, in one query."""
+    if not keys:
+        return {}
+    wanted = set(keys)
+    query = select(Job).where(
+        Job.tenant_id.in_({t for t, _ in wanted}), Job.idempotency_key.in_({k for _, k in wanted})
+    )
+    found = {(job.tenant_id, job.idempotency_key or ""): job for job in session.scalars(query)}
+    return {key: job for key, job in found.items() if key in wanted}
+
+
+def replay(existing: Job, digest: str | None) -> Submitted:
+    """The answer to a submit that repeats ``existing``'s idempotency key: its job, or a conflict
+    when the body (``digest``, see ``request_hash``) differs."""
     if existing.request_hash != digest:
         raise Conflict(
             "this Idempotency-Key was already used with a different request body", code="idempotency_conflict"

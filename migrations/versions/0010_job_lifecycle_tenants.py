@@ -1,7 +1,7 @@
 """job lifecycle and tenants: deleted-job tombstones, output expiry, per-tenant limits and usage
 
 Revision ID: 0010
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-02
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 import inference_server.db.base
 
 revision: str = "0010"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
