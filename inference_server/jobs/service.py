@@ -289,13 +289,13 @@ def _charge(
     session: Session, ctx: JobContext, tenant: Tenant, images: int, now: datetime, stored: dict[str, Any]
 ) -> None:
     """Count the job's images for the tenant's month, late in the submit so the usage row's lock is
-    held only up to the commit; a refusal (429 past the monthly quota) takes back the inputs stored."""
+    held only up to the commit; a refusal (429 past the monthly quota) takes back the inputs stored.
+    A refused charge writes nothing, so the transaction stays usable (the ingress plans a batch in one)."""
     from inference_server.tenancy.usage import QuotaExceeded, charge
 
     try:
         charge(session, tenant, images, now)
     except QuotaExceeded:
-        session.rollback()
         uris = [v if isinstance(v, str) else v.image for v in stored.values()]
         ctx.storage.delete([u for u in uris if ctx.storage.owns(u) and "/inputs/" in u])
         raise
