@@ -49,7 +49,7 @@ def test_a_revoked_key_is_refused_within_the_cache_lifetime(  # type: ignore[no-
     try:
         name = f"rev-{uuid.uuid4().hex[:8]}"
         with system_db() as session:
-            create_tenant_key(session, name)
+            _, first = create_tenant_key(session, name)
             _, second = create_tenant_key(session, name)
         listed = cli("keys", "list", "--tenant", name, env=system_env)
         assert listed.returncode == 0, listed.stderr
@@ -68,6 +68,16 @@ def test_a_revoked_key_is_refused_within_the_cache_lifetime(  # type: ignore[no-
         assert _code(http.get(f"{url}/v1/tenant", timeout=10)) == "invalid_api_key"
         again = cli("keys", "revoke", "isk_nosuchkey", env=system_env)
         assert again.returncode != 0 and "key_not_found" in again.stderr
+
+        # A tenant's limit changes on the same clock: the tenant rides along with its cached key.
+        live = _client(url, first)
+        assert live.get(f"{url}/v1/tenant", timeout=10).status_code == 200
+        assert cli("tenants", "set", "--tenant", name, "--rate-limit", "1", env=system_env).returncode == 0
+
+        def limited() -> bool:
+            return any(live.get(f"{url}/v1/tenant", timeout=10).status_code == 429 for _ in range(2))
+
+        wait_for(limited, cache + 5, interval=0.2, what="the new rate limit to apply")
     finally:
         proc.kill(15)
 
