@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from api.access_log import AccessLog
+from api.auth import KeyCache
 from api.deps import AppState
 from api.docs import install_docs
 from api.edge import LimitsAndTiming
@@ -79,9 +80,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         waiter=waiter,
         # In /readyz only for an API that started without its file (api/registry_watch.py).
         registry_watch=watch if watch is not None and not watch.loaded else None,
-        limiter=RateLimiter(settings.rate_limit_per_minute, limits, name="key")
-        if settings.rate_limit_per_minute
-        else None,
+        keys=KeyCache(ttl=settings.api_key_cache_seconds),
+        # Always there: a tenant may have a rate of its own with RATE_LIMIT_PER_MINUTE at 0.
+        limiter=RateLimiter(settings.rate_limit_per_minute, limits, name="key"),
         auth_failures=RateLimiter(settings.auth_failures_per_minute, limits, name="auth-failures")
         if settings.auth_failures_per_minute
         else None,
@@ -130,9 +131,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     )
     app.add_middleware(AccessLog)  # added last: outermost, so it sees the edge's refusals too
 
-    from api.routes import jobs, models, system, uploads, webhooks
+    from api.routes import jobs, models, system, tenants, uploads, webhooks
 
-    for module in (jobs, models, system, uploads, webhooks):
+    for module in (jobs, models, system, tenants, uploads, webhooks):
         app.include_router(module.router)
     return app
 

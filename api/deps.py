@@ -18,6 +18,7 @@ from inference_server.db import Tenant
 from inference_server.errors import Forbidden, Unauthorized
 from inference_server.jobs.service import JobContext
 from inference_server.settings import Settings
+from inference_server.tenancy.limits import effective_rate
 
 
 @dataclass
@@ -59,8 +60,9 @@ async def current_caller(
     caller = st.keys.get(hash_key(header[7:].strip())) if header and header[:7].lower() == "bearer " else None
     if caller is None:
         caller = await _authenticate_counting_failures(request, st, header)
-    if st.limiter is not None:
-        await st.limiter.check(caller.tenant.id)
+    rate = effective_rate(caller.tenant, st.settings)
+    if st.limiter is not None and rate:
+        await st.limiter.check(caller.tenant.id, per_minute=rate)
     return caller
 
 

@@ -29,6 +29,7 @@ WHAT = {
     403: "The key lacks the scope this needs",
     404: "Not found",
     409: "Conflict",
+    410: "Gone: deleted on purpose (retention)",
     413: "Request too large",
     422: "Validation error",
     429: "Rate limited (see `Retry-After`)",

@@ -82,32 +82,51 @@ class LimitStore:
 
 
 class RateLimiter:
-    """``per_minute`` events per key in any minute, counted in ``store`` under ``name``."""
+    """``per_minute`` events per key in any minute (0: none), counted in ``store`` under ``name``; a
+    check may give a key its own rate (a tenant's ``rate_limit_per_minute``)."""
 
     def __init__(self, per_minute: int, store: LimitStore, *, name: str) -> None:
-        self.item = RateLimitItemPerMinute(per_minute)
+        self.item = RateLimitItemPerMinute(per_minute) if per_minute else None
         self.store = store
         self.name = name
 
-    async def check(self, key: str, *, spend: bool = True) -> None:
+    def _item(self, per_minute: int | None) -> RateLimitItemPerMinute | None:
+        return RateLimitItemPerMinute(per_minute) if per_minute else self.item
+
+    async def check(self, key: str, *, spend: bool = True, per_minute: int | None = None) -> None:
         """Count one event for ``key``, or raise ``RateLimitExceeded`` when the window is full; with
-        ``spend=False`` only the raising (the event is counted later, when it happens)."""
+        ``spend=False`` only the raising (the event is counted later, when it happens).
+        ``per_minute``: this key's own rate instead of the limiter's."""
+        item = self._item(per_minute)
+        if item is None:
+            return
         limiter = self.store.limiter()
         try:
-            allowed = await self._ask(limiter, key, spend)
+            allowed = await self._ask(limiter, item, key, spend)
         except (StorageError, OSError) as exc:
             limiter = self.store.failed(exc)
-            allowed = await self._ask(limiter, key, spend)
+            allowed = await self._ask(limiter, item, key, spend)
         if allowed:
             return
         try:
-            reset, _ = await limiter.get_window_stats(self.item, self.name, key)
+            reset, _ = await limiter.get_window_stats(item, self.name, key)
         except (StorageError, OSError):
-            reset = time.time() + self.item.get_expiry()
+            reset = time.time() + item.get_expiry()
         wait = max(0.0, reset - time.time())
         raise RateLimitExceeded(f"rate limit exceeded; retry in {wait:.1f}s", retry_after=wait)
 
-    async def _ask(self, limiter: Any, key: str, spend: bool) -> bool:
+    async def remaining(self, key: str, *, per_minute: int | None = None) -> int | None:
+        """Events ``key`` may still send in the current window (None: no limit, or the storage is down)."""
+        item = self._item(per_minute)
+        if item is None:
+            return None
+        try:
+            _, left = await self.store.limiter().get_window_stats(item, self.name, key)
+        except (StorageError, OSError):
+            return None
+        return int(left)
+
+    async def _ask(self, limiter: Any, item: RateLimitItemPerMinute, key: str, spend: bool) -> bool:
         if spend:
-            return bool(await limiter.hit(self.item, self.name, key))
-        return bool(await limiter.test(self.item, self.name, key))
+            return bool(await limiter.hit(item, self.name, key))
+        return bool(await limiter.test(item, self.name, key))

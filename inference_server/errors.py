@@ -68,6 +68,12 @@ class NotFound(InferenceError):
     code = "not_found"
 
 
+class Gone(InferenceError):
+    """The thing existed and was deleted on purpose (retention): asking again will not bring it back."""
+
+    code = "output_expired"
+
+
 class Unauthorized(InferenceError):
     """No API key, or one that is not valid."""
 

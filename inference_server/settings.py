@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The Standard Webhooks retry schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h.
@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_url: str = ""  # where clients (the CLI) reach the API; default http://api_host:api_port
-    rate_limit_per_minute: int = 0  # per API key; 0 disables
+    rate_limit_per_minute: int = 0  # per tenant, unless the tenant has its own; 0 disables
+    api_key_cache_seconds: float = Field(default=30.0, ge=0)  # a revoked key works this long at most
     auth_failures_per_minute: int = 0  # per client address, wrong API keys; 0 disables
     # Where both limits count: memory:// (per process) or redis://host:port/db (shared by replicas).
     rate_limit_storage_url: str = "memory://"
@@ -144,7 +145,11 @@ class Settings(BaseSettings):
     event_retention_days: float = Field(default=7.0, ge=0)
     outbox_retention_hours: float = Field(default=24.0, ge=0)  # published rows only
     delivery_retention_days: float = Field(default=7.0, ge=0)  # finished deliveries, with their attempts
-    output_ttl_days: float = Field(default=0.0, ge=0)
+    # Days outputs are kept after their job finished (a tenant may have its own); OUTPUT_TTL_DAYS
+    # is its earlier name.
+    output_retention_days: float = Field(
+        default=0.0, ge=0, validation_alias=AliasChoices("output_retention_days", "output_ttl_days")
+    )
     prune_interval: float = Field(default=60.0, gt=0)
     prune_batch_size: int = Field(default=500, ge=1)  # rows examined (and at most deleted) per statement
 

@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 from PIL import Image
 
 from inference_server.devtools.services import free_port
-from tests.support.system import ROOT, base_env
-
-
-def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "inference_server.cli.main", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.support.system import base_env, cli
 
 
 def test_worker_refuses_bad_setups_clearly(tiny_models, broker_url):

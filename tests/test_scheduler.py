@@ -295,8 +295,8 @@ def test_tenants_set_changes_the_limits(system: System, tmp_path: Path) -> None:
         check=True,
     )
     shown = json.loads(out.stdout)
-    assert {k: shown[k] for k in ("tenant", "max_priority", "max_concurrent")} == {
-        "tenant": name,
+    assert shown["tenant"] == name
+    assert {k: shown["limits"][k] for k in ("max_priority", "max_concurrent")} == {
         "max_priority": "high",
         "max_concurrent": 3,
     }
@@ -308,4 +308,4 @@ def test_tenants_set_changes_the_limits(system: System, tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert missing.returncode == 1 and "unknown_tenant" in missing.stderr
+    assert missing.returncode == 1 and "tenant_not_found" in missing.stderr

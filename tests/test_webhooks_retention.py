@@ -13,7 +13,15 @@ import boto3
 import pytest
 from sqlalchemy import event, func, insert, select, update
 
-from inference_server.db import JobEvent, JobOutput, OutboxMessage, make_database, make_session_factory
+from inference_server.db import (
+    Job,
+    JobEvent,
+    JobOutput,
+    OutboxMessage,
+    Tenant,
+    make_database,
+    make_session_factory,
+)
 from inference_server.db.base import utcnow
 from inference_server.errors import NotFound
 from inference_server.migrate import upgrade as migrate
@@ -277,16 +285,46 @@ def test_output_ttl_removes_files_then_rows(scratch_db, scratch_db_url, where) -
     old_job, old_uris = store_outputs(scratch_db, storage, OLD, 3)
     new_job, new_uris = store_outputs(scratch_db, storage, timedelta(days=1), 2)
 
-    pruner(scratch_db, scratch_db_url, **where).step(budget=60)  # OUTPUT_TTL_DAYS=0: off
+    pruner(scratch_db, scratch_db_url, **where).step(budget=60)  # OUTPUT_RETENTION_DAYS=0: off
     assert count(scratch_db, JobOutput) == 5 and storage.get(old_uris[0]) == b"png0"
 
-    pruner(scratch_db, scratch_db_url, output_ttl_days=7, **where).step(budget=60)
+    pruner(scratch_db, scratch_db_url, output_retention_days=7, **where).step(budget=60)
     for uri in old_uris:
         with pytest.raises(NotFound):
             storage.get(uri)
     assert [storage.get(u) for u in new_uris] == [b"png0", b"png1"]
     assert count(scratch_db, JobOutput, JobOutput.job_id == old_job) == 0
     assert count(scratch_db, JobOutput, JobOutput.job_id == new_job) == 2
+    with scratch_db() as s:
+        assert s.get(Job, old_job).outputs_expired_at is not None
+        assert s.get(Job, new_job).outputs_expired_at is None
+
+
+def _set_retention(scratch_db, job_id: str, days: float) -> None:  # type: ignore[no-untyped-def]
+    with scratch_db() as s, s.begin():
+        s.get(Tenant, s.get(Job, job_id).tenant_id).output_retention_days = days
+
+
+def test_a_tenants_own_retention_overrides_the_setting(scratch_db, scratch_db_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    where = {"storage_url": (tmp_path / "storage").as_uri()}
+    storage = open_storage(make_settings(scratch_db_url, **where))
+    short, short_uris = store_outputs(scratch_db, storage, timedelta(days=2), 1)  # its tenant: 1 day
+    forever, _ = store_outputs(scratch_db, storage, OLD, 1)  # its tenant: 0, kept forever
+    default, _ = store_outputs(scratch_db, storage, timedelta(days=2), 1)  # the setting: 7 days
+    _set_retention(scratch_db, short, 1)
+    _set_retention(scratch_db, forever, 0)
+
+    pruner(scratch_db, scratch_db_url, **where).step(budget=60)  # the setting off: only `short` goes
+    with pytest.raises(NotFound):
+        storage.get(short_uris[0])
+    assert count(scratch_db, JobOutput) == 2
+
+    pruner(scratch_db, scratch_db_url, output_retention_days=7, **where).step(budget=60)
+    assert count(scratch_db, JobOutput, JobOutput.job_id == forever) == 1
+    assert count(scratch_db, JobOutput, JobOutput.job_id == default) == 1
+    pruner(scratch_db, scratch_db_url, output_retention_days=1, **where).step(budget=60)
+    assert count(scratch_db, JobOutput, JobOutput.job_id == forever) == 1
+    assert count(scratch_db, JobOutput, JobOutput.job_id == default) == 0
 
 
 def test_the_dispatcher_prunes_on_its_interval(scratch_db, scratch_db_url) -> None:  # type: ignore[no-untyped-def]

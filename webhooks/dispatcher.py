@@ -118,7 +118,7 @@ class Dispatcher:
         self._amqp: AmqpReplies | None = None  # connected at the first AMQP reply
 
     def _storage(self) -> Storage:
-        return open_storage(self.settings)  # only with OUTPUT_TTL_DAYS: the first expired output
+        return open_storage(self.settings)  # opened at the first expired output
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -5,14 +5,17 @@
 - Finished webhook deliveries (succeeded, exhausted, gone) older than ``DELIVERY_RETENTION_DAYS``,
   with their attempts. Open deliveries are never pruned: their retry schedule ends first.
 - Published outbox rows older than ``OUTBOX_RETENTION_HOURS``; unpublished ones are never touched.
-- With ``OUTPUT_TTL_DAYS``: the output files of jobs finished longer ago, then their output rows.
+- With ``OUTPUT_RETENTION_DAYS`` or a tenant's own ``output_retention_days``: the output files of
+  succeeded jobs finished longer ago, then their output rows; the job stays, stamped
+  ``outputs_expired_at`` (shown as ``outputs_expired``; a download then answers 410).
 
 Each batch is one short transaction that examines at most ``PRUNE_BATCH_SIZE`` rows and deletes
 only rows it could lock (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so any number of dispatchers
 prune side by side without waiting on each other. Tables without an index on their age are walked
-in key order, which follows age, and a walk keeps its place between passes. The deliveries and
-outputs walks start over once they reach rows too young to delete, so rows they had to keep (a
-delivery still open) are looked at again. The events walk never goes back: the events it steps
+in key order, which follows age, and a walk keeps its place between passes. The deliveries walk
+starts over once it reaches rows too young to delete, so rows it had to keep (a delivery still
+open) are looked at again. Expired outputs are found by their jobs' index on (status, expiry,
+finished_at), oldest first. The events walk never goes back: the events it steps
 over are those a delivery keeps alive, and the batch that deletes that delivery deletes them.
 """
 
@@ -25,11 +28,12 @@ from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, false, select
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, false, or_, select, update
 from sqlalchemy.orm import Session
 
-from inference_server.db import Job, JobEvent, JobOutput, OutboxMessage
+from inference_server.db import Job, JobEvent, JobOutput, OutboxMessage, Tenant
 from inference_server.db.base import utcnow
+from inference_server.jobs.enums import JobStatus
 from inference_server.settings import Settings
 from inference_server.storage import Storage
 from webhooks.chain import affected
@@ -68,8 +72,11 @@ class Pruner:
             "job_events": _age(settings.event_retention_days, timedelta(days=1)),
             "webhook_deliveries": _age(settings.delivery_retention_days, timedelta(days=1)),
             "outbox": _age(settings.outbox_retention_hours, timedelta(hours=1)),
-            "job_outputs": _age(settings.output_ttl_days, timedelta(days=1)),
+            # Always looked at: a tenant may have a retention of its own. Its batch gets "now" and
+            # applies each tenant's age itself.
+            "job_outputs": timedelta(0),
         }
+        self.output_age = _age(settings.output_retention_days, timedelta(days=1))
         self._storage_factory = storage
         self._storage: Storage | None = None
         self._cursor: dict[str, Any] = {}  # where each walk stands
@@ -182,29 +189,48 @@ class Pruner:
         deleted = affected(session.execute(delete(o).where(o.id.in_(self._lock(doomed)))))
         return deleted, deleted >= self.batch
 
-    def _outputs(self, session: Session, cutoff: datetime) -> tuple[int, bool]:
-        out = JobOutput
-        window = select(out.id.label("key"), Job.finished_at.label("stamp"), false().label("hold"))
-        window = window.join(Job, Job.id == out.job_id)
-        walk = self._walk(session, "job_outputs", window, out.id, cutoff, restart=True)
-        if walk is None:
+    def _outputs(self, session: Session, now: datetime) -> tuple[int, bool]:
+        expired = self._expired_jobs(session, now)
+        if expired is None:
             return 0, False
-        bounds, more = walk
-        expired = select(out.id, out.uri).join(Job, Job.id == out.job_id)
-        expired = expired.where(*bounds, Job.finished_at < cutoff)
+        jobs = select(Job.id).where(
+            Job.status == JobStatus.SUCCEEDED, Job.outputs_expired_at.is_(None), expired
+        )
+        jobs = jobs.order_by(Job.finished_at).limit(self.batch)
         if self.skip_locked:
-            expired = expired.with_for_update(of=out, skip_locked=True)
-        rows = session.execute(expired).all()
-        if rows:
-            # Files first, rows after: a crash in between leaves rows whose files are gone (their
-            # download answers 404) and the next pass finishes the work; never files no row lists.
-            self.storage().delete([r.uri for r in rows])
-            session.execute(delete(out).where(out.id.in_([r.id for r in rows])))
-        return len(rows), more
+            jobs = jobs.with_for_update(skip_locked=True)
+        ids = list(session.scalars(jobs))
+        if not ids:
+            return 0, False
+        uris = list(session.scalars(select(JobOutput.uri).where(JobOutput.job_id.in_(ids))))
+        # Files first, rows after: a crash in between leaves rows whose files are gone and the next
+        # pass finishes the work; never files no row lists.
+        if uris:
+            self.storage().delete(uris)
+        session.execute(delete(JobOutput).where(JobOutput.job_id.in_(ids)))
+        session.execute(update(Job).where(Job.id.in_(ids)).values(outputs_expired_at=now))
+        return len(uris), len(ids) == self.batch
+
+    def _expired_jobs(self, session: Session, now: datetime) -> ColumnElement[bool] | None:
+        """Which jobs have outlived their tenant's retention (None: no tenant has one). Tenants with
+        a retention of their own are few (an operator sets each): one condition apiece."""
+        t = Tenant
+        has_own = t.output_retention_days.is_not(None)
+        rows = session.execute(select(t.id, t.output_retention_days).where(has_own))
+        own = {tenant_id: float(days or 0) for tenant_id, days in rows}
+        clauses = [
+            and_(Job.tenant_id == tenant_id, Job.finished_at < now - timedelta(days=days))
+            for tenant_id, days in own.items()
+            if days > 0  # 0: that tenant keeps its outputs
+        ]
+        if self.output_age is not None:
+            rest = Job.finished_at < now - self.output_age
+            clauses.append(and_(Job.tenant_id.not_in(own), rest) if own else rest)
+        return or_(*clauses) if clauses else None
 
     def storage(self) -> Storage:
         if self._storage is None:
             if self._storage_factory is None:
-                raise RuntimeError("OUTPUT_TTL_DAYS is set but the pruner was given no storage")
+                raise RuntimeError("output retention is on but the pruner was given no storage")
             self._storage = self._storage_factory()
         return self._storage

@@ -21,6 +21,7 @@ from PIL import Image
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from inference_server.db import DeletedJob
 from inference_server.errors import DependencyDown, InferenceError, InvalidRequest, JobCanceled, StorageError
 from inference_server.jobs import transitions
 from inference_server.jobs.enums import ClaimRefusal, RunOutcome, Task
@@ -267,8 +268,23 @@ class JobRunner:
             owned = self._ending(
                 lambda session: transitions.succeed(session, claim, outputs, steps=run.steps), claim
             )
+            if owned is False:
+                self._drop_if_deleted(claim, outputs)
             outcome = _outcome(owned, RunOutcome.SUCCEEDED)
         return _observed(claim, run.started, outcome)
+
+    def _drop_if_deleted(self, claim: Claim, outputs: list[dict[str, Any]]) -> None:
+        """The job was deleted (``DELETE /v1/jobs/{id}``) while this attempt stored its outputs: no
+        row will ever list them, so they go now. (Any other refusal leaves them: a newer attempt of
+        the same job writes the same keys.)"""
+        try:
+            with self.sf() as session:
+                if session.get(DeletedJob, claim.job_id) is None:
+                    return
+            self.storage.delete([o["uri"] for o in outputs])
+            log.info("job %s was deleted while it ran: its %d outputs removed", claim.job_id, len(outputs))
+        except Exception as exc:  # noqa: BLE001 - a leftover object must not fail the worker
+            log.warning("job %s was deleted; its outputs could not be removed: %s", claim.job_id, exc)
 
     @staticmethod
     def _claim_written(recorded: Future[None]) -> None:

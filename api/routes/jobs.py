@@ -16,8 +16,8 @@ from api.openapi import answers
 from api.waiter import Waiting
 from inference_server.db import Tenant
 from inference_server.db.base import new_id
-from inference_server.errors import InvalidRequest, NotFound
-from inference_server.jobs import service
+from inference_server.errors import Gone, InvalidRequest, NotFound
+from inference_server.jobs import deletion, service
 from inference_server.jobs.enums import TERMINAL
 from inference_server.jobs.serialize import job_to_dict, with_api_base
 from inference_server.jobs.spec import JobRequest
@@ -33,7 +33,9 @@ OUTPUT_ANSWERS: dict[int | str, Any] = {
         "content": {f"image/{f}": {"schema": BINARY} for f in ("png", "jpeg", "webp")},
     },
     307: {"description": "A redirect to a presigned URL of the output (with S3 or GCS storage)."},
+    410: {"description": "The output was deleted by retention (`output_expired`)."},
 }
+DELETE_ANSWERS: dict[int | str, Any] = {204: {"description": "Deleted (now, or before)."}}
 
 PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 MAX_WAIT = 60.0
@@ -165,6 +167,19 @@ def cancel_job(
     return job_to_dict(service.cancel(session, st.ctx, tenant, job_id), api_base=st.settings.api_url)
 
 
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses=DELETE_ANSWERS)
+def delete_job(
+    job_id: str,
+    session: Session = Depends(get_session),
+    tenant: Tenant = Depends(current_tenant),
+    st: AppState = Depends(state),
+) -> Response:
+    """Delete the job: canceled first if it still runs, then its outputs and inputs in storage and
+    its rows; its id answers 404 ``job_deleted`` from then on. Deleting it again answers 204."""
+    deletion.delete_job(session, st.ctx, tenant, job_id)
+    return Response(status_code=204)
+
+
 @router.get("/{job_id}/outputs/{index}", response_model=None, responses=OUTPUT_ANSWERS)
 def get_output(
     job_id: str,
@@ -175,6 +190,8 @@ def get_output(
 ) -> Response:
     job = service.get_job(session, tenant, job_id)
     output = next((o for o in job.outputs if o.index == index), None)
+    if output is None and job.outputs_expired_at is not None:
+        raise Gone(f"the outputs of job {job_id} were deleted by retention", code="output_expired")
     if output is None:
         raise NotFound(f"job {job_id} has no output {index}", code="output_not_found")
     url = st.ctx.storage.presigned_url(output.uri, st.settings.presign_expires_seconds)

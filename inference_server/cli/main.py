@@ -175,10 +175,13 @@ def keys_rotate(tenant: str) -> None:
 
 def _register_commands() -> None:
     from inference_server.cli.generate import generate
+    from inference_server.cli.keys_cmd import keys_list, keys_revoke
     from inference_server.cli.models_cmd import models
     from inference_server.cli.tenants_cmd import tenants
     from inference_server.cli.up import up
 
+    keys.add_command(keys_list)
+    keys.add_command(keys_revoke)
     cli.add_command(models)
     cli.add_command(tenants)
     cli.add_command(generate)

@@ -5,12 +5,14 @@ from inference_server.db import registry_tables  # noqa: E402,F401,I001
 from inference_server.db.base import Base, make_database, make_session_factory
 from inference_server.db.tables import (
     ApiKey,
+    DeletedJob,
     Job,
     JobEvent,
     JobOutput,
     OutboxMessage,
     SchedulerTurn,
     Tenant,
+    TenantUsage,
     WorkerHeartbeat,
 )
 from inference_server.db.timeouts import DatabaseTimeouts
@@ -19,12 +21,14 @@ __all__ = [
     "ApiKey",
     "Base",
     "DatabaseTimeouts",
+    "DeletedJob",
     "Job",
     "JobEvent",
     "JobOutput",
     "OutboxMessage",
     "SchedulerTurn",
     "Tenant",
+    "TenantUsage",
     "WorkerHeartbeat",
     "make_database",
     "make_session_factory",

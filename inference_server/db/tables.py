@@ -37,6 +37,11 @@ class Tenant(Base):
     previous_secret_expires_at: Mapped[datetime | None]
     default_webhook_url: Mapped[str | None] = mapped_column(Text)
     default_webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
+    # Limits (None: the API's settings; see inference_server/tenancy/). 0 means no limit, except for
+    # output_retention_days, where 0 keeps outputs forever whatever OUTPUT_RETENTION_DAYS says.
+    rate_limit_per_minute: Mapped[int | None]
+    monthly_image_quota: Mapped[int | None]
+    output_retention_days: Mapped[float | None]
     # The shape of deliveries to the default webhook and of jobs naming none (None: standard), and
     # the static bearer token `split` deliveries carry (docs/webhooks: profiles).
     default_webhook_profile: Mapped[str | None] = mapped_column(String(16))
@@ -73,6 +78,8 @@ class Job(Base):
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_family_status", "family", "status", "finished_at"),
         Index("ix_jobs_batch_key", "batch_key", "status", "created_at"),
+        # Output retention walks succeeded jobs not yet expired in the order they finished.
+        Index("ix_jobs_output_expiry", "status", "outputs_expired_at", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -113,6 +120,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # When retention deleted the job's outputs (their rows go with the files; the job stays).
+    outputs_expired_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     outputs: Mapped[list[JobOutput]] = relationship(
@@ -199,3 +208,25 @@ class SchedulerTurn(Base):
     family: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
     served_at: Mapped[datetime]
+
+
+class DeletedJob(Base):
+    """The tombstone of a job deleted through ``DELETE /v1/jobs/{id}``: its rows are gone, this says
+    it existed, whose it was, and keeps its id from being taken again."""
+
+    __tablename__ = "deleted_jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    deleted_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TenantUsage(Base):
+    """Images a tenant submitted in a calendar month (UTC), counted at submit: the monthly quota
+    compares against it, and deleting jobs does not give the images back."""
+
+    __tablename__ = "tenant_usage"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)  # "2026-12"
+    images: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -55,6 +55,8 @@ def job_view(job: Mapping[str, Any], outputs: Sequence[Mapping[str, Any]] = ()) 
             }
             for out in sorted(outputs, key=lambda o: o["index"])
         ],
+        # Retention deleted them (OUTPUT_RETENTION_DAYS): ``outputs`` is empty from then on.
+        "outputs_expired": job.get("outputs_expired_at") is not None,
         "error": {"code": job["error_code"], "message": job["error_message"]} if job["error_code"] else None,
         "created_at": iso(job["created_at"]),
         "started_at": iso(job["started_at"]),

@@ -17,7 +17,7 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from inference_server.db import Job, JobEvent, OutboxMessage, Tenant
+from inference_server.db import DeletedJob, Job, JobEvent, OutboxMessage, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.errors import Conflict, Forbidden, InvalidInput, InvalidRequest, NotFound
 from inference_server.events import emit, event_values
@@ -258,6 +258,7 @@ def plan(
         stored["signature"] = spec.signature.model_copy(update={"image": image})
     spec = spec.model_copy(update=stored)
     now = utcnow()
+    _charge(session, ctx, tenant, len(spec.seeds), now, stored)
     # Plain values, not ORM objects: this is the API's hot path (see jobs.persist).
     values = {
         "id": job_id,
@@ -303,6 +304,22 @@ def plan(
     return Planned(job_id=job_id, rows=rows, view=event["payload"]["data"])
 
 
+def _charge(
+    session: Session, ctx: JobContext, tenant: Tenant, images: int, now: datetime, stored: dict[str, Any]
+) -> None:
+    """Count the job's images for the tenant's month, late in the submit so the usage row's lock is
+    held only up to the commit; a refusal (429 past the monthly quota) takes back the inputs stored.
+    A refused charge writes nothing, so the transaction stays usable (the ingress plans a batch in one)."""
+    from inference_server.tenancy.usage import QuotaExceeded, charge
+
+    try:
+        charge(session, tenant, images, now)
+    except QuotaExceeded:
+        uris = [v if isinstance(v, str) else v.image for v in stored.values()]
+        ctx.storage.delete([u for u in uris if ctx.storage.owns(u) and "/inputs/" in u])
+        raise
+
+
 def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
 
@@ -332,6 +349,9 @@ def replay(existing: Job, digest: str | None) -> Submitted:
 def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.tenant_id != tenant.id:
+        tomb = session.get(DeletedJob, job_id) if job is None else None
+        if tomb is not None and tomb.tenant_id == tenant.id:
+            raise NotFound(f"job {job_id} was deleted", code="job_deleted")
         raise NotFound(f"job {job_id} not found", code="job_not_found")
     return job
 
@@ -379,10 +399,19 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 def cancel(session: Session, ctx: JobContext, tenant: Tenant, job_id: str) -> Job:
     """Cancel a queued or running job. A running job's worker sees the status at its next step."""
     job = get_job(session, tenant, job_id)
+    if cancel_in_transaction(session, job):
+        session.commit()
+    return job
+
+
+def cancel_in_transaction(session: Session, job: Job) -> bool:
+    """Cancel ``job`` if it is queued or running, its event added; the caller commits (the running
+    job's worker is told at that commit). Return whether this canceled it; 409 ``job_finished``
+    when it had already succeeded or failed."""
     if JobStatus(job.status) in TERMINAL:
         if job.status == JobStatus.CANCELED:
-            return job
-        raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
+            return False
+        raise Conflict(f"job {job.id} already {job.status}", code="job_finished")
     now = utcnow()
     # Conditional update: a worker finishing at the same moment wins or loses cleanly, never both.
     result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
@@ -394,9 +423,8 @@ def cancel(session: Session, ctx: JobContext, tenant: Tenant, job_id: str) -> Jo
         session.rollback()
         session.refresh(job)
         if job.status == JobStatus.CANCELED:
-            return job
-        raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
+            return False
+        raise Conflict(f"job {job.id} already {job.status}", code="job_finished")
     session.refresh(job)
     emit(session, job, EventType.CANCELED)
-    session.commit()
-    return job
+    return True

@@ -59,6 +59,18 @@ class Proc:
             self.proc.wait(10)
 
 
+def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`inference-server ARGS...` run to its end, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "inference_server.cli.main", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start_api(env: dict[str, str], logs_dir: Path, name: str = "api") -> tuple[Proc, str]:
     """An `inference-server api` on a free port, with ``API_URL`` set to it, returned with its base
     URL once it answers ``/healthz``."""

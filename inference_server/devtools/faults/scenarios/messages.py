@@ -43,7 +43,9 @@ def poison_message(lab: Lab, size: int) -> Tally:
             kind: sum(marker in line and any(p in line for p in PER_DELIVERY) for line in log)
             for kind, marker in markers.items()
         }
-        tally.check("no redelivery loop", all(n <= 2 for n in seen.values()), f"deliveries per poison: {seen}")
+        tally.check(
+            "no redelivery loop", all(n <= 2 for n in seen.values()), f"deliveries per poison: {seen}"
+        )
         expect_codes(tally)
         return tally
 
