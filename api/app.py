@@ -11,6 +11,7 @@ from api.deps import AppState
 from api.docs import install_docs
 from api.edge import LimitsAndTiming
 from api.errors import install_error_handlers
+from api.feed import EventFeed
 from api.metrics import ApiMetrics, JobsCollector
 from api.ratelimit import RateLimiter
 from api.waiter import JobWaiter
@@ -49,6 +50,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
 
     metrics.registry.register(DeliveryBacklogCollector(sf))
     waiter = JobWaiter(db)
+    # One LISTEN connection per process: the feed hears job ends for the waiter too.
+    poll = settings.events_poll_interval
+    feed = EventFeed(db, poll_interval=poll, on_finished=waiter.announce, on_reconnect=waiter.wake_all)
     app_state = AppState(
         settings=settings,
         session_factory=sf,
@@ -56,6 +60,7 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         broker=broker,
         metrics=metrics,
         waiter=waiter,
+        feed=feed,
         limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
         auth_failures=RateLimiter(settings.auth_failures_per_minute)
         if settings.auth_failures_per_minute
@@ -66,10 +71,10 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         if relay is not None:
             relay.start(stop)
-        waiter.start()
+        await feed.start()
         yield
         stop.set()
-        waiter.stop()
+        await feed.stop()
         db.dispose()
 
     app = FastAPI(
@@ -87,8 +92,8 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
 
     app.add_middleware(LimitsAndTiming, max_bytes=settings.max_request_bytes, metrics=metrics)
 
-    from api.routes import jobs, system, uploads, webhooks
+    from api.routes import events, jobs, system, uploads, webhooks
 
-    for module in (jobs, system, uploads, webhooks):
+    for module in (jobs, events, system, uploads, webhooks):
         app.include_router(module.router)
     return app

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 
 from api.auth import KeyCache, authenticate, hash_key
 from api.ratelimit import RateLimiter
@@ -31,6 +32,7 @@ class AppState:
     broker: Any = None  # inference_server.publish.probe.BrokerProbe
     metrics: Any = None  # api.metrics.ApiMetrics
     waiter: Any = None  # api.waiter.JobWaiter
+    feed: Any = None  # api.feed.EventFeed
 
 
 async def state(request: Request) -> AppState:
@@ -54,16 +56,23 @@ async def current_tenant(
     _scheme: HTTPAuthorizationCredentials | None = Depends(BEARER),
 ) -> Tenant:
     """The caller's tenant: from the key cache without a thread hop, else looked up in the pool."""
-    header = request.headers.get("authorization")
+    return await tenant_for(request, st, request.headers.get("authorization"))
+
+
+async def tenant_for(conn: HTTPConnection, st: AppState, header: str | None) -> Tenant:
+    """The tenant of ``header`` (``Bearer <key>``) for the request or WebSocket ``conn``, counted
+    against the rate limits like any request's."""
     tenant = st.keys.get(hash_key(header[7:].strip())) if header and header[:7].lower() == "bearer " else None
     if tenant is None:
-        tenant = await _authenticate_counting_failures(request, st, header)
+        tenant = await _authenticate_counting_failures(conn, st, header)
     if st.limiter is not None:
         st.limiter.check(tenant.id)
     return tenant
 
 
-async def _authenticate_counting_failures(request: Request, st: AppState, header: str | None) -> Tenant:
+async def _authenticate_counting_failures(
+    request: HTTPConnection, st: AppState, header: str | None
+) -> Tenant:
     """Look the key up, unless the caller's address has failed too often lately: guessing keys costs
     a database round trip each, and a 429 from memory costs nothing."""
     if st.auth_failures is None or not header:

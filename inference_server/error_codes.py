@@ -56,6 +56,8 @@ REQUESTS = (
     _c("not_found", 404, (API,), "The route, or the thing asked for, does not exist."),
     _c("job_not_found", 404, (API,), "No such job, or it belongs to another tenant."),
     _c("output_not_found", 404, (API,), "The job has no output with this index."),
+    _c("invalid_last_event_id", 400, (API,),
+       "`Last-Event-ID` (or `after`) is not an event's sequence number."),
     _c("conflict", 409, (API,), "The request conflicts with the current state."),
     _c("idempotency_conflict", 409, (API,), "This Idempotency-Key was already used with a different body."),
     _c("job_finished", 409, (API,), "The job already ended, so it cannot be canceled."),

@@ -26,6 +26,11 @@ from inference_server.jobs.serialize import columns, iso, job_view
 
 JOB_FINISHED_CHANNEL = "job_finished"
 JOB_CANCELED_CHANNEL = "job_canceled"  # payload: the job id; wakes the worker running it
+# payload: the job id. Wakes the API processes' event streams (api/feed.py) for an event that is not
+# terminal (terminal events already notify job_finished, which the streams hear too). A submit's
+# job.queued sends none: NOTIFY serializes committing transactions, and the ingest path commits
+# hundreds a second; streams pick those up by their periodic read (EVENTS_POLL_INTERVAL).
+JOB_EVENTS_CHANNEL = "job_events"
 COMPACT_PROGRESS_FIELDS = ("id", "status", "progress")
 
 
@@ -120,4 +125,6 @@ def emit_progress(session: Session, job: Job) -> JobEvent:
     session.flush()
     event = JobEvent(**progress_event_values(session, job))
     session.add(event)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(JOB_EVENTS_CHANNEL, job.id)))
     return event

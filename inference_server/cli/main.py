@@ -71,6 +71,8 @@ def api(host: str | None, port: int | None, processes: int) -> None:
         workers=processes,
         log_level="warning",
         access_log=False,
+        # Event streams stay open until their job ends: without a bound a stop would wait for them.
+        timeout_graceful_shutdown=int(settings.api_shutdown_grace) or None,
     )
 
 
