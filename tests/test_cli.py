@@ -66,6 +66,7 @@ def test_generate_saves_the_image(api_client, worker, tenant, system_env, tmp_pa
     )
     assert result.returncode == 0, result.stderr
     assert Image.open(target).size == (64, 64)
+    assert "4/4" in result.stderr and "succeeded" in result.stderr  # the bar, fed by the job's event stream
 
 
 def test_generate_sends_an_inpaint_job_with_every_option(api_client, worker, tenant, system_env, tmp_path):
