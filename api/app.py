@@ -92,8 +92,8 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
 
     app.add_middleware(LimitsAndTiming, max_bytes=settings.max_request_bytes, metrics=metrics)
 
-    from api.routes import events, jobs, system, uploads, webhooks
+    from api.routes import events, jobs, previews, system, uploads, webhooks
 
-    for module in (jobs, events, system, uploads, webhooks):
+    for module in (jobs, events, previews, system, uploads, webhooks):
         app.include_router(module.router)
     return app

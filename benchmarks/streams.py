@@ -81,8 +81,9 @@ async def idle_streams(api: str, key: str, pid: int, streams: int, submits: int)
     limits = httpx.Limits(max_connections=streams + 20, max_keepalive_connections=streams + 20)
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60) as http:
-        await submit_latencies(http, api, 30)  # warm-up
-        before = await submit_latencies(http, api, submits)
+        async with httpx.AsyncClient(headers=headers, timeout=60) as submitter:
+            await submit_latencies(submitter, api, 30)  # warm-up
+            before = await submit_latencies(submitter, api, submits)
         rss_before = api_proc.memory_info().rss / 2**20
         job_ids = [(await http.post(f"{api}/v1/jobs", json=BODY)).json()["id"] for _ in range(streams)]
         stop = asyncio.Event()
@@ -96,7 +97,9 @@ async def idle_streams(api: str, key: str, pid: int, streams: int, submits: int)
         open_s = time.perf_counter() - t
         await asyncio.sleep(2.0)
         rss_open = api_proc.memory_info().rss / 2**20
-        during = await submit_latencies(http, api, submits)
+        # Submits on a client of their own: httpx's pool walks all its connections per request.
+        async with httpx.AsyncClient(headers=headers, timeout=60) as submitter:
+            during = await submit_latencies(submitter, api, submits)
         rss_after = api_proc.memory_info().rss / 2**20
         threads = api_proc.num_threads()
         stop.set()

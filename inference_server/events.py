@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import utcnow
 from inference_server.jobs.enums import TERMINAL_EVENTS, EventType
-from inference_server.jobs.serialize import columns, iso, job_view
+from inference_server.jobs.serialize import PREVIEW_PATH, columns, iso, job_view
 
 JOB_FINISHED_CHANNEL = "job_finished"
 JOB_CANCELED_CHANNEL = "job_canceled"  # payload: the job id; wakes the worker running it
@@ -102,6 +102,19 @@ def wants_full_progress(session: Session, job: Any) -> bool:
         columns = (Tenant.default_webhook_url, Tenant.default_webhook_events)
         tenant = session.execute(select(*columns).where(Tenant.id == job.tenant_id)).first()
     return any(wants(filter_, EventType.PROGRESS) for _, filter_ in destinations(job, tenant))
+
+
+def emit_preview(session: Session, job: Job, step: int) -> JobEvent:
+    """Add a ``job.preview`` event for ``job`` (flushed state): the job, and in ``data.preview``
+    the preview's URL (relative, like output URLs) and the step it shows; the caller commits."""
+    session.flush()
+    values = event_values(columns(job), EventType.PREVIEW, [columns(o) for o in job.outputs])
+    values["payload"]["data"]["preview"] = {"url": PREVIEW_PATH.format(job_id=job.id), "step": step}
+    event = JobEvent(**values)
+    session.add(event)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(JOB_EVENTS_CHANNEL, job.id)))
+    return event
 
 
 def progress_event_values(session: Session, job: Job) -> dict[str, Any]:

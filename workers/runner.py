@@ -30,6 +30,7 @@ from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.cancels import CancelListener
 from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED
+from workers.previews import LatestPreview
 from workers.progress import ProgressWatcher
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,9 @@ class JobRunner:
             image=image,
             mask=mask,
             loras=[LoraRef(lo.name, lo.scale) for lo in spec.loras],
+            preview_every=spec.preview.every_steps if spec.preview else 0,
         )
+        previews = LatestPreview(self.storage, claim.job_id) if spec.preview else None
         if image is not None and spec.task != Task.EDIT:
             from inference_server import imaging
 
@@ -231,9 +234,11 @@ class JobRunner:
             lease_seconds=self.settings.job_lease_seconds,
             after=recorded,
             cancels=self._cancels,
+            previews=previews,
         ) as watcher:
             try:
-                images = self.engine.generate(request, on_step=watcher.on_step)
+                extra = {"on_preview": previews.offer} if previews else {}
+                images = self.engine.generate(request, on_step=watcher.on_step, **extra)
                 if watcher.canceled:
                     raise JobCanceled("canceled during the run")
             except JobCanceled:

@@ -3,6 +3,7 @@ progress, save the results."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ def _wait(client: Client, job: Job, show_progress: bool, timeout: float) -> Job:
             bar.n = progress.get("step") or 0
             bar.set_postfix_str(event.data.get("status", ""))
             bar.refresh()
+            if event.type == "job.preview":
+                preview = event.data.get("preview") or {}
+                tqdm.write(f"preview of step {preview.get('step')}: {preview.get('url')}", file=sys.stderr)
             if event.terminal or time.monotonic() > deadline:
                 break
         finished = client.get(job["id"])

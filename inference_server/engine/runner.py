@@ -22,6 +22,7 @@ from PIL import Image
 from inference_server.engine import loras, variants
 from inference_server.engine.cache import CachedModel, PipelineCache
 from inference_server.engine.device import DTYPES, default_cache_bytes
+from inference_server.engine.preview import latent_preview
 from inference_server.errors import InferenceError, InvalidRequest, JobCanceled, ModelError, public_reason
 from inference_server.registry import ModelSpec, Registry
 
@@ -64,9 +65,11 @@ class GenerationRequest:
     image: Image.Image | None = None  # decoded, RGB, sized by the caller
     mask: Image.Image | None = None  # "L"
     loras: list[LoraRef] = field(default_factory=list)
+    preview_every: int = 0  # a preview every N steps (0: none)
 
 
 StepCallback = Callable[[int, int], bool]
+PreviewCallback = Callable[[int, Any], None]  # (steps done, RGB uint8 array h x w x 3)
 
 
 class Engine:
@@ -93,9 +96,15 @@ class Engine:
         _quiet_loading()
 
     # --- public -----------------------------------------------------------------------------------
-    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+    def generate(
+        self,
+        req: GenerationRequest,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> list[Image.Image]:
         """Run ``req`` in one pipeline call: one image per seed, in the order of the seeds. Raises
-        InvalidRequest, JobCanceled or ModelError."""
+        InvalidRequest, JobCanceled or ModelError. ``on_preview`` gets the latents' RGB projection
+        every ``req.preview_every`` steps (``engine.preview``); it must return at once."""
         family = self.registry.family(req.family)
         spec = family.model(req.model, req.task)
         _check(req)
@@ -110,7 +119,7 @@ class Engine:
         try:
             if resolved:
                 loras.apply(entry, resolved, self._placeholders(spec))
-            return self._run(pipe, req, on_step)
+            return self._run(pipe, req, on_step, on_preview if req.preview_every else None)
         finally:
             loras.reset(entry)
 
@@ -127,10 +136,24 @@ class Engine:
         self._entry(spec)
 
     # --- running ----------------------------------------------------------------------------------
-    def _run(self, pipe: Any, req: GenerationRequest, on_step: StepCallback | None) -> list[Image.Image]:
+    def _run(
+        self,
+        pipe: Any,
+        req: GenerationRequest,
+        on_step: StepCallback | None,
+        on_preview: PreviewCallback | None,
+    ) -> list[Image.Image]:
+        previews = [on_preview] if on_preview is not None else []
+
         def callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             # Pipelines set _num_timesteps before their loop: exact even when strength shortens it.
             total = int(getattr(p, "_num_timesteps", 0) or req.steps)
+            if previews and (step + 1) % req.preview_every == 0 and "latents" in kwargs:
+                try:
+                    previews[0](step + 1, latent_preview(p, kwargs["latents"], req.width, req.height))
+                except Exception as exc:  # a side channel: the run goes on without previews
+                    log.warning("previews of %s stopped: %s", req.family, exc)
+                    previews.clear()
             if on_step is not None and on_step(step + 1, total):
                 # Raised, not the pipeline's interrupt flag: that one still runs the loop out and
                 # decodes the latents, GPU time nobody will look at.
