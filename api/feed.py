@@ -129,20 +129,32 @@ class EventFeed:
         with self.engine.connect() as conn:
             return history.scan(conn, self._high, list(self._missing), jobs=jobs, tenants=tenants)
 
+    def _late(self, found: history.Scan, jobs: list[str], tenants: list[str]) -> list[StoredEvent]:
+        with self.engine.connect() as conn:
+            return history.found_events(conn, found, jobs=jobs, tenants=tenants)
+
     async def _read_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
             self._wake.clear()
+            jobs, tenants = set(self._by_job), set(self._by_tenant)
             try:
-                found = await run_in_threadpool(self._scan, list(self._by_job), list(self._by_tenant))
+                found = await run_in_threadpool(self._scan, list(jobs), list(tenants))
+                self._advance(found)
+                for event in found.events:
+                    self._dispatch(event)
+                # Streams that subscribed while the scan ran may have read their history before
+                # an event this scan found committed: read those events again for them alone.
+                late_jobs, late_tenants = set(self._by_job) - jobs, set(self._by_tenant) - tenants
+                if found.found_any and (late_jobs or late_tenants):
+                    late = await run_in_threadpool(self._late, found, list(late_jobs), list(late_tenants))
+                    for event in late:
+                        self._dispatch(event, jobs=late_jobs, tenants=late_tenants)
             except Exception as exc:  # the database is away: streams stay open, the next read catches up
                 log.warning("event feed: %s", exc)
                 await asyncio.sleep(self.poll_interval)
                 continue
-            self._advance(found)
-            for event in found.events:
-                self._dispatch(event)
             if found.full:
                 self._wake.set()
 
@@ -156,11 +168,16 @@ class EventFeed:
             missing = dict(sorted(missing.items())[-MAX_MISSING:])
         self._missing = missing
 
-    def _dispatch(self, event: StoredEvent) -> None:
-        for sub in self._by_job.get(event.job_id, ()):
-            sub.push(event)
-        for sub in self._by_tenant.get(event.tenant_id, ()):
-            sub.push(event)
+    def _dispatch(
+        self, event: StoredEvent, *, jobs: set[str] | None = None, tenants: set[str] | None = None
+    ) -> None:
+        """To the streams of the event's job and tenant (only those in ``jobs``/``tenants`` if given)."""
+        if jobs is None or event.job_id in jobs:
+            for sub in self._by_job.get(event.job_id, ()):
+                sub.push(event)
+        if tenants is None or event.tenant_id in tenants:
+            for sub in self._by_tenant.get(event.tenant_id, ()):
+                sub.push(event)
 
     # -- listening ---------------------------------------------------------------------------
 

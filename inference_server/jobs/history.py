@@ -9,7 +9,7 @@ jobs it is not: a transaction may take a lower number and commit after one with 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, or_, select
@@ -91,6 +91,12 @@ class Scan:
     missing: list[int]
     events: list[StoredEvent]
     full: bool  # the batch limit was reached: scan again at once
+    low: int = 0  # the high-water mark the scan started from
+    appeared: list[int] = field(default_factory=list)  # numbers missing before, committed now
+
+    @property
+    def found_any(self) -> bool:
+        return self.high > self.low or bool(self.appeared)
 
 
 def scan(
@@ -117,13 +123,22 @@ def scan(
     seen = set(new)
     still_missing = [s for s in missing if s not in appeared]
     still_missing += [s for s in range(high + 1, top) if s not in seen]
-    events: list[StoredEvent] = []
-    if found and (jobs or tenants):
-        parts: list[ColumnElement[bool]] = [EVENTS.c.seq.between(high + 1, top)] if new else []
-        if appeared:
-            parts.append(EVENTS.c.seq.in_(sorted(appeared)))
-        visible = or_(*parts)
-        interest = or_(EVENTS.c.job_id.in_(list(jobs)), EVENTS.c.tenant_id.in_(list(tenants)))
-        query = select(*_COLUMNS).where(visible, interest).order_by(EVENTS.c.seq)
-        events = _events(conn.execute(query).all())
-    return Scan(top, still_missing, events, full=len(found) >= batch)
+    result = Scan(top, still_missing, [], full=len(found) >= batch, low=high, appeared=sorted(appeared))
+    result.events = found_events(conn, result, jobs=jobs, tenants=tenants)
+    return result
+
+
+def found_events(
+    conn: Connection, found: Scan, *, jobs: Collection[str], tenants: Collection[str]
+) -> list[StoredEvent]:
+    """The events of ``jobs`` and ``tenants`` among those ``found`` newly visible."""
+    if not found.found_any or not (jobs or tenants):
+        return []
+    parts: list[ColumnElement[bool]] = []
+    if found.high > found.low:
+        parts.append(EVENTS.c.seq.between(found.low + 1, found.high))
+    if found.appeared:
+        parts.append(EVENTS.c.seq.in_(found.appeared))
+    interest = or_(EVENTS.c.job_id.in_(list(jobs)), EVENTS.c.tenant_id.in_(list(tenants)))
+    query = select(*_COLUMNS).where(or_(*parts), interest).order_by(EVENTS.c.seq)
+    return _events(conn.execute(query).all())
