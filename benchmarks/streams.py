@@ -50,6 +50,11 @@ BODY = {"family": "sd15", "prompt": "a lighthouse at dusk", "width": 64, "height
 LONG = {"family": "sd15", "prompt": "a lighthouse at dusk", "width": 128, "height": 128, "steps": 40}
 
 
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -83,7 +88,9 @@ async def idle_streams(api: str, key: str, pid: int, streams: int, submits: int)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60) as http:
         async with httpx.AsyncClient(headers=headers, timeout=60) as submitter:
             await submit_latencies(submitter, api, 30)  # warm-up
+            cpu = cpu_seconds(api_proc)
             before = await submit_latencies(submitter, api, submits)
+            cpu_before = (cpu_seconds(api_proc) - cpu) / submits
         rss_before = api_proc.memory_info().rss / 2**20
         job_ids = [(await http.post(f"{api}/v1/jobs", json=BODY)).json()["id"] for _ in range(streams)]
         stop = asyncio.Event()
@@ -99,7 +106,12 @@ async def idle_streams(api: str, key: str, pid: int, streams: int, submits: int)
         rss_open = api_proc.memory_info().rss / 2**20
         # Submits on a client of their own: httpx's pool walks all its connections per request.
         async with httpx.AsyncClient(headers=headers, timeout=60) as submitter:
+            cpu = cpu_seconds(api_proc)
             during = await submit_latencies(submitter, api, submits)
+            cpu_during = (cpu_seconds(api_proc) - cpu) / submits
+        cpu = cpu_seconds(api_proc)
+        await asyncio.sleep(10.0)
+        idle_cpu = (cpu_seconds(api_proc) - cpu) / 10.0
         rss_after = api_proc.memory_info().rss / 2**20
         threads = api_proc.num_threads()
         stop.set()
@@ -107,8 +119,11 @@ async def idle_streams(api: str, key: str, pid: int, streams: int, submits: int)
     print(f"(a) {streams} idle SSE streams opened in {open_s:.1f} s; API process threads: {threads}")
     print(f"    API RSS: {rss_before:.0f} MB without streams, {rss_open:.0f} MB with them open, "
           f"{rss_after:.0f} MB after {submits} more submits  (goal <= 200 MB)")  # fmt: skip
-    for name, xs in (("without streams", before), (f"with {streams} streams", during)):
-        print(f"    submit latency {name}: p50 {pct(xs, 0.5):.1f} ms, p99 {pct(xs, 0.99):.1f} ms")
+    phases = (("without streams", before, cpu_before), (f"with {streams} streams", during, cpu_during))
+    for name, xs, cpu in phases:
+        print(f"    submit latency {name}: p50 {pct(xs, 0.5):.1f} ms, p99 {pct(xs, 0.99):.1f} ms; "
+              f"API CPU {cpu * 1000:.2f} ms per submit")  # fmt: skip
+    print(f"    API CPU while {streams} streams sit idle: {idle_cpu * 100:.1f} % of a core")
 
 
 async def event_latency(api: str, key: str, jobs: int) -> None:

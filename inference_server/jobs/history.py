@@ -131,7 +131,9 @@ def scan(
 def found_events(
     conn: Connection, found: Scan, *, jobs: Collection[str], tenants: Collection[str]
 ) -> list[StoredEvent]:
-    """The events of ``jobs`` and ``tenants`` among those ``found`` newly visible."""
+    """The events of ``jobs`` and ``tenants`` among those ``found`` newly visible. Matched here on
+    their ids, then read in full: a process may hold streams of a thousand jobs, and a query naming
+    them all would cost more than the few new rows it filters."""
     if not found.found_any or not (jobs or tenants):
         return []
     parts: list[ColumnElement[bool]] = []
@@ -139,6 +141,10 @@ def found_events(
         parts.append(EVENTS.c.seq.between(found.low + 1, found.high))
     if found.appeared:
         parts.append(EVENTS.c.seq.in_(found.appeared))
-    interest = or_(EVENTS.c.job_id.in_(list(jobs)), EVENTS.c.tenant_id.in_(list(tenants)))
-    query = select(*_COLUMNS).where(or_(*parts), interest).order_by(EVENTS.c.seq)
+    keys = select(EVENTS.c.seq, EVENTS.c.job_id, EVENTS.c.tenant_id).where(or_(*parts))
+    jobs, tenants = set(jobs), set(tenants)
+    wanted = [r.seq for r in conn.execute(keys) if r.job_id in jobs or r.tenant_id in tenants]
+    if not wanted:
+        return []
+    query = select(*_COLUMNS).where(EVENTS.c.seq.in_(wanted)).order_by(EVENTS.c.seq)
     return _events(conn.execute(query).all())
