@@ -19,7 +19,7 @@ from inference_server.client import Client
 from tests.support import jobs
 from tests.support.system import Proc, start_api
 
-BODY = {"family": "sd15", "prompt": "a tide", "width": 128, "height": 128, "steps": 12, "seed": 3}
+BODY = {"family": "sd15", "prompt": "a tide", "width": 128, "height": 128, "steps": 20, "seed": 3}
 
 
 @pytest.fixture(scope="module")
