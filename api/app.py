@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from api.deps import AppState
 from api.docs import install_docs
@@ -13,11 +15,12 @@ from api.edge import LimitsAndTiming
 from api.errors import install_error_handlers
 from api.feed import EventFeed
 from api.metrics import ApiMetrics, JobsCollector
-from api.ratelimit import RateLimiter
+from api.ratelimit import LimitStore, RateLimiter
 from api.waiter import JobWaiter
 from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
 from inference_server.jobs.service import JobContext
 from inference_server.registry import Registry, load_registry
+from inference_server.registry.runtime import RuntimeRegistry
 from inference_server.settings import Settings
 from inference_server.storage import open_storage
 
@@ -42,7 +45,11 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
 
         relay = Relay.from_settings(sf, settings)
     ctx = JobContext(
-        settings, registry, open_storage(settings), on_published=relay.wake.set if relay else None
+        settings,
+        registry,
+        open_storage(settings),
+        on_published=relay.wake.set if relay else None,
+        runtime=RuntimeRegistry(registry, poll=settings.registry_poll_interval),
     )
     metrics = ApiMetrics()
     metrics.registry.register(JobsCollector(sf))
@@ -53,6 +60,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     # One LISTEN connection per process: the feed hears job ends for the waiter too.
     poll = settings.events_poll_interval
     feed = EventFeed(db, poll_interval=poll, on_finished=waiter.announce, on_reconnect=waiter.wake_all)
+    limits = LimitStore(
+        settings.rate_limit_storage_url, key_prefix=settings.rate_limit_key_prefix, metrics=metrics.registry
+    )
     app_state = AppState(
         settings=settings,
         session_factory=sf,
@@ -61,8 +71,10 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         metrics=metrics,
         waiter=waiter,
         feed=feed,
-        limiter=RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None,
-        auth_failures=RateLimiter(settings.auth_failures_per_minute)
+        limiter=RateLimiter(settings.rate_limit_per_minute, limits, name="key")
+        if settings.rate_limit_per_minute
+        else None,
+        auth_failures=RateLimiter(settings.auth_failures_per_minute, limits, name="auth-failures")
         if settings.auth_failures_per_minute
         else None,
     )
@@ -72,9 +84,13 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         if relay is not None:
             relay.start(stop)
         await feed.start()
+        metrics_server = serve_metrics(settings, metrics.registry)
         yield
         stop.set()
         await feed.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         db.dispose()
 
     app = FastAPI(
@@ -82,18 +98,39 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         version="0.1.0",
         lifespan=lifespan,
         docs_url=None,  # api.docs serves it without a CDN
+        openapi_url=None,  # api.docs serves it, behind a key when DOCS_REQUIRE_KEY says so
         redoc_url=None,  # ReDoc, too, would load from a CDN
         swagger_ui_oauth2_redirect_url=None,
+        # Operation ids are the route functions' names (submit_job, get_job): what generated
+        # clients call their methods. A duplicate name fails the OpenAPI validation test.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.inference = app_state
     app.state.relay = relay
     install_error_handlers(app)
-    install_docs(app)
+    install_docs(app, require_key=bool(settings.docs_require_key))
 
-    app.add_middleware(LimitsAndTiming, max_bytes=settings.max_request_bytes, metrics=metrics)
+    app.add_middleware(
+        LimitsAndTiming,
+        max_bytes=settings.max_request_bytes,
+        metrics=metrics,
+        # A LoRA upload is one file, often larger than any job request.
+        path_limits={"/v1/loras": settings.max_lora_bytes + 64 * 1024},
+    )
 
-    from api.routes import events, jobs, previews, system, uploads, webhooks
+    from api.routes import events, jobs, models, previews, system, uploads, webhooks
 
-    for module in (jobs, events, previews, system, uploads, webhooks):
+    for module in (jobs, events, previews, models, system, uploads, webhooks):
         app.include_router(module.router)
     return app
+
+
+def serve_metrics(settings: Settings, registry: CollectorRegistry) -> Any:
+    """With ``API_METRICS_PORT``, /metrics on a listener of its own (returned, to be shut down);
+    the API's own port then answers it 404, so metrics need not be reachable where clients are."""
+    if not settings.api_metrics_port:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(settings.api_metrics_port, settings.api_metrics_host, registry=registry)
+    return server

@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 
-from api.auth import KeyCache, authenticate, hash_key
+from api.auth import Caller, KeyCache, authenticate, hash_key
 from api.ratelimit import RateLimiter
 from inference_server.db import Tenant
-from inference_server.errors import Unauthorized
+from inference_server.errors import Forbidden, Unauthorized
 from inference_server.jobs.service import JobContext
 from inference_server.settings import Settings
 
@@ -50,43 +50,58 @@ def get_session(st: AppState = Depends(state)) -> Iterator[Session]:
 BEARER = HTTPBearer(auto_error=False, description="An API key: `inference-server keys create`.")
 
 
-async def current_tenant(
+async def current_caller(
     request: Request,
     st: AppState = Depends(state),
     _scheme: HTTPAuthorizationCredentials | None = Depends(BEARER),
-) -> Tenant:
-    """The caller's tenant: from the key cache without a thread hop, else looked up in the pool."""
-    return await tenant_for(request, st, request.headers.get("authorization"))
+) -> Caller:
+    """The caller (tenant and scope): from the key cache without a thread hop, else looked up in the pool."""
+    return await caller_for(request, st, request.headers.get("authorization"))
 
 
-async def tenant_for(conn: HTTPConnection, st: AppState, header: str | None) -> Tenant:
-    """The tenant of ``header`` (``Bearer <key>``) for the request or WebSocket ``conn``, counted
+async def caller_for(conn: HTTPConnection, st: AppState, header: str | None) -> Caller:
+    """The caller of ``header`` (``Bearer <key>``) for the request or WebSocket ``conn``, counted
     against the rate limits like any request's."""
-    tenant = st.keys.get(hash_key(header[7:].strip())) if header and header[:7].lower() == "bearer " else None
-    if tenant is None:
-        tenant = await _authenticate_counting_failures(conn, st, header)
+    caller = st.keys.get(hash_key(header[7:].strip())) if header and header[:7].lower() == "bearer " else None
+    if caller is None:
+        caller = await _authenticate_counting_failures(conn, st, header)
     if st.limiter is not None:
-        st.limiter.check(tenant.id)
-    return tenant
+        await st.limiter.check(caller.tenant.id)
+    return caller
+
+
+async def current_tenant(caller: Caller = Depends(current_caller)) -> Tenant:
+    """The caller's tenant."""
+    return caller.tenant
+
+
+async def require_admin(caller: Caller = Depends(current_caller)) -> Caller:
+    """The caller, if its key has the admin scope (`keys create --admin`); 403 ``admin_required`` if not.
+    The one check of the operator scope: routes that need it depend on this."""
+    if not caller.admin:
+        raise Forbidden(
+            "this needs an admin key (inference-server keys create --admin)", code="admin_required"
+        )
+    return caller
 
 
 async def _authenticate_counting_failures(
     request: HTTPConnection, st: AppState, header: str | None
-) -> Tenant:
+) -> Caller:
     """Look the key up, unless the caller's address has failed too often lately: guessing keys costs
-    a database round trip each, and a 429 from memory costs nothing."""
+    a database round trip each, and a 429 from the limiter costs none."""
     if st.auth_failures is None or not header:
         return await run_in_threadpool(_authenticate, st, header)
     address = request.client.host if request.client else "unknown"
-    st.auth_failures.check(address, spend=False)
+    await st.auth_failures.check(address, spend=False)
     try:
         return await run_in_threadpool(_authenticate, st, header)
     except Unauthorized as exc:
         if exc.code == "invalid_api_key":  # a guess; a missing key guesses nothing
-            st.auth_failures.check(address)
+            await st.auth_failures.check(address)
         raise
 
 
-def _authenticate(st: AppState, header: str | None) -> Tenant:
+def _authenticate(st: AppState, header: str | None) -> Caller:
     with st.session_factory() as session:
         return authenticate(session, header, st.keys)

@@ -1,11 +1,32 @@
-"""A per-tenant token bucket (per API process; put a shared limiter in the gateway for global limits)."""
+"""Rate limits through the ``limits`` library: a moving window per key (an API key's tenant, or a
+client address for failed authentications), counted in ``RATE_LIMIT_STORAGE_URL``.
+
+``memory://`` counts per process (the embedded default); ``redis://…`` shares the counts between
+every API replica on that Redis. When Redis does not answer, each process falls back to counting in
+its own memory (so a fleet of N replicas lets through at most N times the limit) and logs it, rather
+than refusing every request: the limiter protects capacity, and an outage of a side store must not
+take the whole API down with it. ``inference_rate_limit_storage_errors_total`` counts those fallbacks."""
 
 from __future__ import annotations
 
-import threading
+import logging
 import time
+from typing import Any
+
+from limits import RateLimitItemPerMinute
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from limits.storage import storage_from_string
+from prometheus_client import CollectorRegistry, Counter
 
 from inference_server.errors import RateLimited
+
+log = logging.getLogger(__name__)
+
+# A Redis that is slow to answer costs every request this much at most; after a failure it is not
+# asked again for RETRY_AFTER seconds (the process counts locally meanwhile).
+SOCKET_TIMEOUT = 0.5
+RETRY_AFTER = 5.0
 
 
 class RateLimitExceeded(RateLimited):
@@ -16,25 +37,77 @@ class RateLimitExceeded(RateLimited):
         self.retry_after = retry_after
 
 
-class RateLimiter:
-    def __init__(self, per_minute: int, *, max_keys: int = 100_000) -> None:
-        self.max_keys = max_keys  # client addresses are unbounded: memory must not be
-        self.rate = per_minute / 60.0
-        self.capacity = float(per_minute)
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
+class LimitStore:
+    """Where the counts live: the configured storage, and this process's memory to fall back on."""
 
-    def check(self, key: str, *, spend: bool = True) -> None:
-        """Take a token for ``key``, or raise ``RateLimitExceeded`` when none is left; with
-        ``spend=False`` only the raising (a token is spent later, when the thing counted happens)."""
-        now = time.monotonic()
-        with self._lock:
-            if key not in self._buckets and len(self._buckets) >= self.max_keys:
-                self._buckets.clear()  # forgets recent spenders: briefly lenient, never unbounded
-            tokens, last = self._buckets.get(key, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - last) * self.rate)
-            if tokens < 1.0:
-                self._buckets[key] = (tokens, now)
-                wait = (1.0 - tokens) / self.rate
-                raise RateLimitExceeded(f"rate limit exceeded; retry in {wait:.1f}s", retry_after=wait)
-            self._buckets[key] = (tokens - 1.0 if spend else tokens, now)
+    def __init__(self, url: str, *, key_prefix: str, metrics: CollectorRegistry | None = None) -> None:
+        self.url = url
+        self.shared = not url.startswith("memory://")
+        self._local = MovingWindowRateLimiter(storage_from_string("async+memory://"))
+        self._primary = self._local
+        if self.shared:
+            storage = storage_from_string(
+                "async+" + url,
+                implementation="redispy",
+                key_prefix=key_prefix,
+                wrap_exceptions=True,
+                socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=SOCKET_TIMEOUT,
+            )
+            self._primary = MovingWindowRateLimiter(storage)
+        self._down_until = 0.0
+        self.errors = Counter(
+            "inference_rate_limit_storage_errors_total",
+            "Rate-limit checks counted in process memory because the shared storage failed",
+            registry=metrics if metrics is not None else CollectorRegistry(),
+        )
+
+    def limiter(self) -> MovingWindowRateLimiter:
+        """The limiter to count with now: the shared one unless it failed in the last seconds."""
+        if self.shared and time.monotonic() < self._down_until:
+            return self._local
+        return self._primary
+
+    def failed(self, exc: Exception) -> MovingWindowRateLimiter:
+        """Note a failure of the shared storage; returns the local limiter to count with instead."""
+        if time.monotonic() >= self._down_until:
+            log.warning("rate-limit storage %s failed (%s); counting per process for now", self._where(), exc)
+        self._down_until = time.monotonic() + RETRY_AFTER
+        self.errors.inc()
+        return self._local
+
+    def _where(self) -> str:
+        host = self.url.split("@")[-1]  # never log a password
+        return host.split("://")[-1] if "://" in host else host
+
+
+class RateLimiter:
+    """``per_minute`` events per key in any minute, counted in ``store`` under ``name``."""
+
+    def __init__(self, per_minute: int, store: LimitStore, *, name: str) -> None:
+        self.item = RateLimitItemPerMinute(per_minute)
+        self.store = store
+        self.name = name
+
+    async def check(self, key: str, *, spend: bool = True) -> None:
+        """Count one event for ``key``, or raise ``RateLimitExceeded`` when the window is full; with
+        ``spend=False`` only the raising (the event is counted later, when it happens)."""
+        limiter = self.store.limiter()
+        try:
+            allowed = await self._ask(limiter, key, spend)
+        except (StorageError, OSError) as exc:
+            limiter = self.store.failed(exc)
+            allowed = await self._ask(limiter, key, spend)
+        if allowed:
+            return
+        try:
+            reset, _ = await limiter.get_window_stats(self.item, self.name, key)
+        except (StorageError, OSError):
+            reset = time.time() + self.item.get_expiry()
+        wait = max(0.0, reset - time.time())
+        raise RateLimitExceeded(f"rate limit exceeded; retry in {wait:.1f}s", retry_after=wait)
+
+    async def _ask(self, limiter: Any, key: str, spend: bool) -> bool:
+        if spend:
+            return bool(await limiter.hit(self.item, self.name, key))
+        return bool(await limiter.test(self.item, self.name, key))

@@ -19,9 +19,10 @@ class Surface(StrEnum):
     JOB = "failed job"
     CLI = "command line"
     RECEIVER = "webhooks.verify"
+    INGRESS = "AMQP ingress"
 
 
-API, JOB, CLI, RECEIVER = Surface.API, Surface.JOB, Surface.CLI, Surface.RECEIVER
+API, JOB, CLI, RECEIVER, INGRESS = Surface.API, Surface.JOB, Surface.CLI, Surface.RECEIVER, Surface.INGRESS
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ REQUESTS = (
     _c("not_found", 404, (API,), "The route, or the thing asked for, does not exist."),
     _c("job_not_found", 404, (API,), "No such job, or it belongs to another tenant."),
     _c("output_not_found", 404, (API,), "The job has no output with this index."),
+    _c("forbidden", 403, (API,), "The API key is valid but lacks the scope this request needs."),
+    _c("admin_required", 403, (API,),
+       "Only an admin key (`keys create --admin`) may do this: shared models and LoRAs, the file's models."),
     _c("preview_not_found", 404, (API,),
        "The job has no preview (yet): it did not ask for previews, or its first one is not made."),
     _c("invalid_last_event_id", 400, (API,),
@@ -71,6 +75,23 @@ REQUESTS = (
     _c("unknown_model", 400, (API, JOB), "The model id is not registered in the family."),
     _c("unknown_lora", 400, (API, JOB), "The LoRA is not registered for the family, or absent at its URI."),
     _c("unsupported_task", 400, (API, JOB), "The family or model does not serve this task."),
+    _c("model_not_found", 404, (API,), "No such model in the family, or it belongs to another tenant."),
+    _c("model_exists", 409, (API,),
+       "The family already has a model with this id (in the file or added at runtime)."),
+    _c("model_in_registry_file", 409, (API,),
+       "The model or LoRA comes from MODELS_FILE: change it there, not through the API."),
+    _c("model_busy", 409, (API,),
+       "Jobs for the model are queued or running; wait, or delete with `?force=true` to fail them."),
+    _c("unsupported_model_source", 400, (API,),
+       "A model or LoRA source is not an s3://, gs:// or file:// URI (https:// sources are not supported)."),
+    _c("lora_not_found", 404, (API,), "No such LoRA, or it belongs to another tenant."),
+    _c("lora_exists", 409, (API,),
+       "A LoRA with this name already exists (names are shared by every family)."),
+    _c("invalid_lora", 400, (API,),
+       "The uploaded file is not a safetensors LoRA (header, offsets, or no LoRA weights in it)."),
+    _c("lora_family_mismatch", 400, (API,),
+       "The LoRA's layers do not match the family's denoiser (another architecture or other sizes)."),
+    _c("lora_too_large", 413, (API,), "The uploaded LoRA is over MAX_LORA_BYTES."),
     _c("invalid_size", 400, (API, JOB),
        "width or height is outside the family's limits, or not a multiple of its size step."),
     _c("invalid_steps", 400, (API,), "steps is over the family's limit."),
@@ -84,6 +105,13 @@ REQUESTS = (
     _c("invalid_output_quality", 400, (API, JOB), "`output.quality` is not between 1 and 100."),
     _c("webhook_verification_failed", 400, (RECEIVER,),
        "A received webhook's headers, timestamp or signature do not check out."),
+    _c("missing_message_id", None, (INGRESS,),
+       "An AMQP request has no `message_id` (its idempotency key), or one over 255 characters."),
+    _c("invalid_message", None, (INGRESS,),
+       "An AMQP request's body is not a JSON object, or its routing key, `reply_to`, `correlation_id` "
+       "or `events` header cannot be used."),
+    _c("unknown_tenant", None, (INGRESS,),
+       "With INGRESS_TRUST_USER_ID, the message's `user_id` names no tenant."),
 )
 
 INPUTS = (
@@ -121,11 +149,12 @@ JOBS = (
     _c("too_many_attempts", None, (JOB,), "The job was started JOB_MAX_ATTEMPTS times without finishing."),
     _c("invalid_job_spec", None, (JOB,),
        "The stored job does not validate as a JobSpec (written by hand or by another release)."),
-    _c("model_deleted", None, (JOB,), "The job's model was removed from the registry before the job ran.",
-       reserved=True),
+    _c("model_deleted", None, (JOB,),
+       "The job's model was deleted (`DELETE /v1/models/...?force=true`) while it was queued or running."),
     _c("poison_message", None, (JOB,),
        "The job's queue message failed every worker that took it, so it was set aside.", reserved=True),
-    _c("canceled", None, (), "Control flow, never shown: a canceled job has no error."),
+    _c("canceled", None, (),
+       "A canceled job has no error; only a `split` webhook profile reports a cancel, to /failed, with it."),
 )
 
 OPERATORS = (

@@ -74,6 +74,12 @@ class Unauthorized(InferenceError):
     code = "unauthorized"
 
 
+class Forbidden(InferenceError):
+    """The key is valid but lacks the scope the request needs."""
+
+    code = "forbidden"
+
+
 class Conflict(InferenceError):
     """The request conflicts with the current state (an idempotency key reused with another body)."""
 

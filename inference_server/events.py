@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import utcnow
-from inference_server.jobs.enums import TERMINAL_EVENTS, EventType
+from inference_server.jobs.enums import TERMINAL_EVENTS, DeliveryKind, EventType, WebhookProfile
 from inference_server.jobs.serialize import PREVIEW_PATH, columns, iso, job_view
 
 JOB_FINISHED_CHANNEL = "job_finished"
@@ -42,13 +42,43 @@ def wants(filter_: Sequence[str] | None, event_type: str) -> bool:
     return any(f in (event_type, short) for f in filter_)
 
 
-def destinations(job: Any, tenant: Any) -> list[tuple[str, Sequence[str] | None]]:
-    """(url, events filter) pairs for a job: its own webhook, or the tenant's default when it names none."""
+AMQP_PREFIX = "amqp:"  # a delivery's url for an AMQP reply: amqp:<reply_to queue>
+# The events a `split` receiver has an endpoint for: progress, complete, failed (a cancel is a failure).
+SPLIT_EVENTS = frozenset({EventType.PROGRESS, EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELED})
+
+
+class Destination(NamedTuple):
+    """Where a job's events go: a URL (or ``amqp:<queue>``), its events filter, how it is sent."""
+
+    url: str
+    events: Sequence[str] | None
+    kind: DeliveryKind = DeliveryKind.STANDARD
+
+    def takes(self, event_type: str) -> bool:
+        if self.kind == DeliveryKind.SPLIT and event_type not in SPLIT_EVENTS:
+            return False
+        return wants(self.events, event_type)
+
+
+def destinations(job: Any, tenant: Any) -> list[Destination]:
+    """A job's destinations: its own webhook, or the tenant's default when it names none, shaped by
+    the job's profile or else the tenant's; and its AMQP reply queue, if it was submitted with one."""
+    found = []
+    default_profile = getattr(tenant, "default_webhook_profile", None) if tenant is not None else None
     if job.webhook_url:
-        return [(job.webhook_url, job.webhook_events)]
-    if tenant is not None and tenant.default_webhook_url:
-        return [(tenant.default_webhook_url, tenant.default_webhook_events)]
-    return []
+        profile = job.webhook_profile or default_profile
+        found.append(Destination(job.webhook_url, job.webhook_events, _kind(profile)))
+    elif tenant is not None and tenant.default_webhook_url:
+        found.append(
+            Destination(tenant.default_webhook_url, tenant.default_webhook_events, _kind(default_profile))
+        )
+    if job.reply_to:
+        found.append(Destination(AMQP_PREFIX + job.reply_to, job.reply_events, DeliveryKind.AMQP))
+    return found
+
+
+def _kind(profile: str | None) -> DeliveryKind:
+    return DeliveryKind.SPLIT if profile == WebhookProfile.SPLIT else DeliveryKind.STANDARD
 
 
 def event_values(
@@ -99,9 +129,9 @@ def wants_full_progress(session: Session, job: Any) -> bool:
     is read only when the job names none: a primary-key lookup)."""
     tenant = None
     if not job.webhook_url:
-        columns = (Tenant.default_webhook_url, Tenant.default_webhook_events)
+        columns = (Tenant.default_webhook_url, Tenant.default_webhook_events, Tenant.default_webhook_profile)
         tenant = session.execute(select(*columns).where(Tenant.id == job.tenant_id)).first()
-    return any(wants(filter_, EventType.PROGRESS) for _, filter_ in destinations(job, tenant))
+    return any(d.takes(EventType.PROGRESS) for d in destinations(job, tenant))
 
 
 def emit_preview(session: Session, job: Job, step: int) -> JobEvent:

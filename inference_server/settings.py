@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     api_url: str = ""  # where clients (the CLI) reach the API; default http://api_host:api_port
     rate_limit_per_minute: int = 0  # per API key; 0 disables
     auth_failures_per_minute: int = 0  # per client address, wrong API keys; 0 disables
+    # Where both limits count: memory:// (per process) or redis://host:port/db (shared by replicas).
+    rate_limit_storage_url: str = "memory://"
+    rate_limit_key_prefix: str = Field(default="inference-server", min_length=1)
+    # /docs and /openapi.json need an API key; unset: only when ENVIRONMENT=production.
+    docs_require_key: bool | None = None
+    # Serve /metrics on this port only (a listener of its own, for Prometheus); 0: on API_PORT.
+    api_metrics_port: int = Field(default=0, ge=0, le=65535)
+    api_metrics_host: str = "0.0.0.0"
     max_request_bytes: int = 30 * 1024 * 1024
     api_statement_timeout: float = 3.0  # the API's statements are short: a stuck database is a fast 503
     events_poll_interval: float = Field(default=0.5, gt=0)  # event streams' read without a NOTIFY
@@ -77,6 +85,14 @@ class Settings(BaseSettings):
     job_time_limit: int = 0  # hard per-job time limit in seconds (0: none)
     worker_metrics_port: int = 0  # Prometheus endpoint of a worker (`workers`: this port + GPU n); 0: none
     warm_models: str = ""  # "family[/model],..." loaded when a worker child starts
+    # Runtime registry (models and LoRAs added through the API) and warm placement.
+    registry_poll_interval: float = Field(default=1.0, gt=0)  # seconds between registry version reads
+    placement_timeout: float = Field(default=30.0, gt=0)  # default wait of .../load and .../unload
+    max_lora_bytes: int = Field(default=512 * 1024 * 1024, gt=0)  # largest LoRA upload
+    # How LoRAs switch: swapped into resident adapter slots (on), one resident adapter each (off),
+    # or swapped only on models compiled on a GPU (auto)
+    lora_hotswap: Literal["auto", "on", "off"] = "auto"
+    engine_max_loras: int = Field(default=8, ge=1)  # LoRAs kept resident per loaded model
     # Leases and reconciliation: the database, not the broker's redelivery, decides what runs.
     job_lease_seconds: float = 30.0  # a running attempt's lease; its worker renews it while it runs
     job_retry_delays: Annotated[list[float], NoDecode] = Field(default_factory=lambda: [5.0, 30.0, 120.0])
@@ -100,6 +116,17 @@ class Settings(BaseSettings):
     webhook_secret_grace_hours: float = 24.0
     webhook_poll_interval: float = 0.2
     dispatcher_metrics_port: int = 9102  # Prometheus endpoint of `dispatcher` (0: none)
+    # AMQP ingress (`inference-server ingress`, docs/ingress.md).
+    ingress_queue: str = "inference.requests"  # durable queue of job requests
+    ingress_exchange: str = "inference.requests"  # topic exchange; routing key: the job's family
+    ingress_dead_queue: str = "inference.requests.dead"  # refused messages, with their reason headers
+    ingress_prefetch: int = Field(default=500, ge=1)  # unacknowledged messages held per ingress
+    ingress_batch_size: int = Field(default=200, ge=1)  # messages per database transaction and ack
+    ingress_batch_linger: float = Field(default=0.02, gt=0)  # seconds a partial batch waits for more
+    ingress_trust_user_id: bool = False  # no authorization header: the AMQP user_id names the tenant
+    ingress_relay: bool = True  # run an outbox relay in the ingress too (its jobs leave at once)
+    ingress_metrics_port: int = 9103  # /metrics, /healthz and /readyz of `ingress` (0: none)
+
     # Retention, pruned by the dispatcher in small batches (docs/configuration.md). 0 keeps forever;
     # for outputs, 0 means no time-to-live. An event is kept while a webhook delivery refers to it.
     event_retention_days: float = Field(default=7.0, ge=0)
@@ -130,9 +157,21 @@ class Settings(BaseSettings):
             self.model_cache_dir = self.home / "model-cache"
         if not self.api_url:
             self.api_url = f"http://{self.api_host}:{self.api_port}"
+        if self.docs_require_key is None:
+            self.docs_require_key = self.environment == "production"
+        if not is_supported_limit_storage(self.rate_limit_storage_url):
+            raise ValueError(
+                "RATE_LIMIT_STORAGE_URL must be memory:// or a redis:// (rediss://, redis+sentinel://) URL"
+            )
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("DATABASE_URL must point at PostgreSQL when ENVIRONMENT=production")
         return self
+
+
+def is_supported_limit_storage(url: str) -> bool:
+    """Whether the rate limiter (``api.ratelimit``) can count in the storage ``url`` names."""
+    scheme, sep, _ = url.partition("://")
+    return bool(sep) and scheme in ("memory", "redis", "rediss", "redis+unix", "redis+sentinel")
 
 
 @lru_cache(maxsize=1)

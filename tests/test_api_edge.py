@@ -170,7 +170,8 @@ def test_a_429_carries_retry_after(edge_api: str, http: requests.Session) -> Non
     assert limited.status_code == 429, limited.text
     assert code_of(limited) == "rate_limited"
     retry_after = int(limited.headers["Retry-After"])
-    assert 1 <= retry_after <= 60 / PER_MINUTE + 1  # about one token's refill time
+    # A moving window of a minute: the first of the requests above leaves it in under 61 s.
+    assert 50 <= retry_after <= 61
 
 
 def test_openapi_declares_the_bearer_scheme_on_authenticated_routes(edge_api: str) -> None:
@@ -195,6 +196,8 @@ def test_the_openapi_document_is_valid_openapi(edge_api: str) -> None:
     doc = requests.get(f"{edge_api}/openapi.json", timeout=10).json()
     assert doc["openapi"].startswith("3.1")
     validate(doc)  # raises on a document a standard client generator would refuse
+    ids = [op["operationId"] for item in doc["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
 def test_docs_serve_swagger_ui_from_local_assets(edge_api: str) -> None:
@@ -219,6 +222,28 @@ def test_wrong_keys_are_limited_per_address(settings, tenant) -> None:  # type: 
         wrong = [http.get("/v1/jobs", headers={"Authorization": "Bearer isk_guess"}) for _ in range(4)]
         assert [r.status_code for r in wrong] == [401, 401, 401, 429]
         assert wrong[-1].json()["error"]["code"] == "rate_limited"
-        assert 1 <= int(wrong[-1].headers["Retry-After"]) <= 21
+        assert 50 <= int(wrong[-1].headers["Retry-After"]) <= 61
         assert http.get("/v1/jobs").status_code == 401  # no key is no guess: still its own answer
         assert http.get("/v1/jobs", headers=good).status_code == 200  # a key that works keeps working
+
+
+def test_an_empty_idempotency_key_is_refused_not_stored(edge_api: str, http: requests.Session) -> None:
+    # Schemathesis found it: an empty key was stored, so the next empty-key submit hit the unique
+    # index without being seen as a replay, and answered 500.
+    answers = [
+        http.post(f"{edge_api}/v1/jobs", json=OK, headers={"Idempotency-Key": ""}, timeout=10)
+        for _ in range(2)
+    ]
+    assert [r.status_code for r in answers] == [422, 422], answers[-1].text
+    assert code_of(answers[-1]) == "validation_error"
+
+
+def test_a_form_body_with_a_nul_is_a_400(edge_api: str, http: requests.Session) -> None:
+    resp = http.post(
+        f"{edge_api}/v1/jobs",
+        data=b"family=sd15&prompt=a%00b",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=10,
+    )
+    assert resp.status_code == 400, resp.text
+    assert code_of(resp) == "invalid_characters"

@@ -84,13 +84,8 @@ def test_lora_of_another_family_is_refused(engine: Engine) -> None:
     assert exc.value.code == "unknown_lora" and "sd15" in exc.value.message
 
 
-def test_adapters_are_bounded_per_pipeline(
-    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from inference_server.engine import loras
-
-    monkeypatch.setattr(loras, "MAX_ADAPTERS", 2)
-    engine = Engine(load_registry(tiny_models))
+def test_adapters_are_bounded_per_pipeline(tiny_models: Path, tmp_path: Path) -> None:
+    engine = Engine(load_registry(tiny_models), max_loras=2)
     folder = tiny_models.parent / "loras" / "sd15-style"
     base = run(engine, "sd15", [])
     full = run(engine, "sd15", [LoraRef("tiny-style", 1.0)])
@@ -100,3 +95,26 @@ def test_adapters_are_bounded_per_pipeline(
         assert run(engine, "sd15", [LoraRef(f"file://{copy}", 1.0)]) == full
     assert len(cached(engine, "sd15", "tiny-sd15").adapters) == 2
     assert run(engine, "sd15", []) == base
+
+
+def test_hotswap_gives_the_bytes_of_separate_adapters(tiny_models: Path, tmp_path: Path) -> None:
+    """Swapping LoRAs into one adapter slot changes nothing in the images: alternating between
+    three LoRAs, back to one already seen, two at once, and none, on both engines."""
+    from inference_server.engine.tiny.loras import build_lora
+
+    uris = []
+    for i in range(3):
+        build_lora(tiny_models.parent / "sd15", tmp_path / f"style-{i}", seed=20 + i)
+        uris.append(f"file://{tmp_path / f'style-{i}'}")
+    jobs = [[], [uris[0]], [uris[1]], [uris[0]], [uris[2]], [uris[1], uris[0]], [], [uris[2]]]
+    registry = load_registry(tiny_models)
+    by_mode = {}
+    for hotswap in (False, True):
+        engine = Engine(registry, lora_hotswap=hotswap, max_loras=2)
+        by_mode[hotswap] = [run(engine, "sd15", [LoraRef(u, 0.8) for u in job]) for job in jobs]
+        entry = cached(engine, "sd15", "tiny-sd15")
+        if hotswap:  # two slots (the most a job used at once), at most two LoRAs' weights kept
+            assert len(entry.slots) == 2 and len(entry.resident) == 2 and not entry.adapters
+            assert engine.last_lora_seconds is not None and engine.last_lora_seconds > 0
+    assert by_mode[True] == by_mode[False]
+    assert len(set(by_mode[True][1:6])) == 4 and by_mode[True][0] == by_mode[True][6]

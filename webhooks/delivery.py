@@ -32,10 +32,11 @@ class AttemptResult:
     error: str | None = None
     retry_after: float | None = None
     unsafe: bool = False
+    delivered: bool = False  # taken without an HTTP status: an AMQP reply the broker confirmed
 
     @property
     def ok(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
+        return self.delivered or (self.status_code is not None and 200 <= self.status_code < 300)
 
 
 def encode_body(payload: dict[str, Any]) -> bytes:
@@ -52,8 +53,11 @@ def attempt(
     *,
     allow_private: bool,
     timeout: float,
+    method: str = "POST",
+    extra_headers: dict[str, str] | None = None,
 ) -> AttemptResult:
-    """POST one signed delivery. Never raises: every failure becomes an ``AttemptResult``.
+    """POST (or ``method``) one signed delivery. Never raises: every failure becomes an
+    ``AttemptResult``.
 
     Redirects are not followed (a 3xx is a failure). ``timeout`` bounds the whole attempt."""
     started_at = utcnow()
@@ -61,6 +65,7 @@ def attempt(
     headers = {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
+        **(extra_headers or {}),
         **webhook_headers(msg_id, body, secrets),
     }
     try:
@@ -71,6 +76,7 @@ def attempt(
             allow_private=allow_private,
             timeout=timeout,
             max_response_bytes=MAX_RESPONSE_BYTES,
+            method=method,
         )
     except UnsafeURL as exc:
         return AttemptResult(

@@ -21,14 +21,15 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server import netguard
-from inference_server.db import JobEvent, Tenant
+from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.jobs.serialize import with_api_base
 from inference_server.settings import Settings
@@ -36,10 +37,12 @@ from inference_server.storage import Storage, open_storage
 from webhooks.chain import sweep
 from webhooks.delivery import AttemptResult, attempt, encode_body
 from webhooks.fanout import fan_out
+from webhooks.profiles import split_attempt
 from webhooks.recording import Claimed, record_results
+from webhooks.replies import AmqpReplies
 from webhooks.retention import Pruner
 from webhooks.secrets import signing_secrets
-from webhooks.tables import DeliveryStatus, WebhookDelivery
+from webhooks.tables import DeliveryKind, DeliveryStatus, WebhookDelivery
 from webhooks.transport import PinnedPool
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,7 @@ class Dispatcher:
         self._next_fanout = 0.0
         self.pruner = Pruner(settings, self._transaction, skip_locked=self.skip_locked, storage=self._storage)
         self._next_prune = 0.0
+        self._amqp: AmqpReplies | None = None  # connected at the first AMQP reply
 
     def _storage(self) -> Storage:
         return open_storage(self.settings)  # only with OUTPUT_TTL_DAYS: the first expired output
@@ -185,9 +189,17 @@ class Dispatcher:
             self._conn.exec_driver_sql("SET synchronous_commit = off")
             self._conn.commit()
 
+    def _replies(self) -> AmqpReplies:
+        with self._lock:
+            if self._amqp is None:
+                self._amqp = AmqpReplies(self.settings.broker_url)
+            return self._amqp
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.http.close()
+        if self._amqp is not None:
+            self._amqp.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -272,13 +284,19 @@ class Dispatcher:
                     d.tenant_id,
                     d.job_id,
                     d.event_seq,
+                    d.kind,
+                    d.event_type,
                     JobEvent.payload,
                     Tenant.webhook_secret,
                     Tenant.previous_webhook_secret,
                     Tenant.previous_secret_expires_at,
+                    Tenant.webhook_token,
+                    Job.correlation_id,
+                    Job.idempotency_key,
                 )
                 .join(JobEvent, JobEvent.seq == d.event_seq)
                 .join(Tenant, Tenant.id == d.tenant_id)
+                .join(Job, Job.id == d.job_id)
                 .where(d.id.in_(ids))
             ).all()
             session.execute(
@@ -292,22 +310,30 @@ class Dispatcher:
                 ),
                 execution_options={"synchronize_session": False},
             )
-        return [
-            Claimed(
-                id=row.id,
-                token=token,
-                url=row.url,
-                event_id=row.event_id,
-                attempts=row.attempts,
-                retry_base=row.retry_base,
-                tenant_id=row.tenant_id,
-                job_id=row.job_id,
-                event_seq=row.event_seq,
-                body=encode_body(with_api_base(row.payload, self.settings.api_url)),
-                secrets=signing_secrets(row, now),
-            )
-            for row in rows
-        ]
+        return [self._claimed(row, token, now) for row in rows]
+
+    def _claimed(self, row: Any, token: str, now: datetime) -> Claimed:
+        payload = with_api_base(row.payload, self.settings.api_url)
+        kind = row.kind or DeliveryKind.STANDARD
+        return Claimed(
+            id=row.id,
+            token=token,
+            url=row.url,
+            event_id=row.event_id,
+            attempts=row.attempts,
+            retry_base=row.retry_base,
+            tenant_id=row.tenant_id,
+            job_id=row.job_id,
+            event_seq=row.event_seq,
+            body=b"" if kind == DeliveryKind.SPLIT else encode_body(payload),
+            secrets=signing_secrets(row, now),
+            kind=kind,
+            event_type=row.event_type,
+            payload=payload if kind == DeliveryKind.SPLIT else None,
+            bearer=row.webhook_token,
+            correlation_id=row.correlation_id,
+            request_key=row.idempotency_key,
+        )
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -317,15 +343,26 @@ class Dispatcher:
 
     def _send(self, c: Claimed) -> None:
         try:
-            result = attempt(
-                self.http,
-                c.url,
-                c.event_id,
-                c.body,
-                c.secrets,
-                allow_private=self.settings.allow_private_networks,
-                timeout=self.settings.webhook_timeout,
-            )
+            if c.kind == DeliveryKind.AMQP:
+                result = self._replies().send(c)
+            elif c.kind == DeliveryKind.SPLIT:
+                assert c.payload is not None
+                result = split_attempt(
+                    self.http,
+                    c,
+                    allow_private=self.settings.allow_private_networks,
+                    timeout=self.settings.webhook_timeout,
+                )
+            else:
+                result = attempt(
+                    self.http,
+                    c.url,
+                    c.event_id,
+                    c.body,
+                    c.secrets,
+                    allow_private=self.settings.allow_private_networks,
+                    timeout=self.settings.webhook_timeout,
+                )
         except Exception as exc:  # a bug must not leave the row leased until the lease expires
             log.exception("webhook attempt crashed")
             result = AttemptResult(utcnow(), 0.0, error=netguard.describe(exc))

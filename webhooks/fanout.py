@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
-from inference_server.events import destinations, wants
+from inference_server.events import destinations
 from inference_server.jobs.enums import EventType
 from webhooks import metrics
 from webhooks.chain import affected, release_times, repair
@@ -60,15 +60,25 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
     jobs = {
         row.id: row
         for row in session.execute(
-            select(Job.id, Job.webhook_url, Job.webhook_events).where(Job.id.in_(job_ids))
+            select(
+                Job.id,
+                Job.webhook_url,
+                Job.webhook_events,
+                Job.webhook_profile,
+                Job.reply_to,
+                Job.reply_events,
+            ).where(Job.id.in_(job_ids))
         )
     }
     tenants = {
         row.id: row
         for row in session.execute(
-            select(Tenant.id, Tenant.default_webhook_url, Tenant.default_webhook_events).where(
-                Tenant.id.in_(tenant_ids)
-            )
+            select(
+                Tenant.id,
+                Tenant.default_webhook_url,
+                Tenant.default_webhook_events,
+                Tenant.default_webhook_profile,
+            ).where(Tenant.id.in_(tenant_ids))
         )
     }
     gone = {
@@ -81,26 +91,27 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
     }
 
     # Only the newest progress event of this batch per (job, url) gets a row.
-    planned: list[tuple[Any, str]] = []
+    planned: list[tuple[Any, str, str]] = []
     latest_progress: dict[tuple[str, str], int] = {}
     for event in events:
         job = jobs.get(event.job_id)
         if job is None:
             continue
-        for url, filter_ in destinations(job, tenants.get(event.tenant_id)):
-            if not wants(filter_, event.type):
+        for destination in destinations(job, tenants.get(event.tenant_id)):
+            if not destination.takes(event.type):
                 continue
-            planned.append((event, url))
+            url = destination.url
+            planned.append((event, url, destination.kind))
             if event.type == PROGRESS:
                 latest_progress[(event.job_id, url)] = event.seq
 
     now = utcnow()
     inherited = _supersede_waiting_progress(session, latest_progress)
     # Chains with unfinished deliveries, and when a new event joining each is due (chain.py).
-    busy = release_times(session, {event.job_id for event, _ in planned})
+    busy = release_times(session, {event.job_id for event, _, _ in planned})
     rows: list[dict[str, Any]] = []
     coalesced = 0
-    for event, url in planned:
+    for event, url, kind in planned:
         if event.type == PROGRESS and latest_progress[(event.job_id, url)] != event.seq:
             coalesced += 1
             continue
@@ -112,6 +123,7 @@ def fan_out(session: Session, *, batch_size: int = 500, skip_locked: bool = True
             "job_id": event.job_id,
             "tenant_id": event.tenant_id,
             "url": url,
+            "kind": kind,
             "status": DeliveryStatus.PENDING,
             "attempts": 0,
             "retry_base": 0,

@@ -34,6 +34,12 @@ class Claimed:
     event_seq: int
     body: bytes
     secrets: list[str]
+    kind: str = "standard"  # DeliveryKind
+    event_type: str | None = None
+    payload: dict[str, Any] | None = None  # the event body as a dict (split and AMQP deliveries)
+    bearer: str | None = None  # the tenant's static token (split deliveries)
+    correlation_id: str | None = None  # the job's (AMQP replies)
+    request_key: str | None = None  # the job's idempotency key (the split profile's generation_id)
 
 
 def record_results(

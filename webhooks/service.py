@@ -77,6 +77,7 @@ def delivery_to_dict(d: WebhookDelivery) -> dict[str, Any]:
         "event_id": d.event_id,
         "event_type": d.event_type,
         "url": d.url,
+        "kind": d.kind,  # standard, split (the split profile) or amqp (a reply to url amqp:<queue>)
         "status": d.status,
         "attempts": d.attempts,
         "last_status_code": d.last_status_code,

@@ -11,6 +11,9 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from inference_server.db.base import Base, new_id, utcnow
 from inference_server.db.tables import BigId
+from inference_server.jobs.enums import DeliveryKind
+
+__all__ = ["DeliveryKind", "DeliveryStatus", "WebhookAttempt", "WebhookDelivery", "WebhookGoneURL"]
 
 
 class DeliveryStatus(StrEnum):
@@ -70,6 +73,9 @@ class WebhookDelivery(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     url: Mapped[str] = mapped_column(Text)
+    # How it is sent (DeliveryKind): a standard webhook, a `split` profile callback, or an AMQP reply
+    # (``url`` is then ``amqp:<queue>``).
+    kind: Mapped[str] = mapped_column(String(16), default=DeliveryKind.STANDARD, server_default="standard")
     status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Attempts counted against the retry schedule start here; a replay moves it to `attempts`.

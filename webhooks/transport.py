@@ -121,10 +121,11 @@ class PinnedPool:
         allow_private: bool,
         timeout: float,
         max_response_bytes: int = 64 * 1024,
+        method: str = "POST",
     ) -> Response:
-        """POST ``body``; no redirects followed. The whole attempt (connect, send, answer) is bounded by
-        ``timeout``. Raises ``UnsafeURL``, ``OSError`` (resolution, connection, timeout) or
-        ``http.client.HTTPException``."""
+        """POST (or ``method``) ``body``; no redirects followed. The whole attempt (connect, send,
+        answer) is bounded by ``timeout``. Raises ``UnsafeURL``, ``OSError`` (resolution, connection,
+        timeout) or ``http.client.HTTPException``."""
         deadline = time.monotonic() + timeout
         scheme, host, port = netguard.split_url(url)
         ip = self._resolve(host, port, allow_private)
@@ -136,13 +137,13 @@ class PinnedPool:
         key = (scheme, ip, port, host)
         conn, reused = self._checkout(key, timeout)
         try:
-            return self._exchange(conn, key, path, body, all_headers, deadline, max_response_bytes)
+            return self._exchange(conn, key, method, path, body, all_headers, deadline, max_response_bytes)
         except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
             if not reused or time.monotonic() >= deadline:
                 raise
             # The receiver closed an idle keep-alive connection: one retry on a fresh one.
             conn = self._new(key, timeout)
-            return self._exchange(conn, key, path, body, all_headers, deadline, max_response_bytes)
+            return self._exchange(conn, key, method, path, body, all_headers, deadline, max_response_bytes)
 
     def _resolve(self, host: str, port: int, allow_private: bool) -> str:
         """The checked address for a host, cached briefly: hundreds of deliveries a second to one
@@ -163,6 +164,7 @@ class PinnedPool:
         self,
         conn: http.client.HTTPConnection,
         key: tuple[str, str, int, str],
+        method: str,
         path: str,
         body: bytes,
         headers: dict[str, str],
@@ -175,7 +177,7 @@ class PinnedPool:
             conn.timeout = max(0.001, deadline - time.monotonic())
             if conn.sock is not None:
                 conn.sock.settimeout(conn.timeout)
-            conn.request("POST", path, body=body, headers=headers)
+            conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read(cap)
             keep = not resp.will_close and resp.isclosed()  # fully read, and the server keeps it open

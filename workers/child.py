@@ -47,11 +47,13 @@ class ChildRunner:
     ``start`` runs when the child starts; ``get`` builds on first use where that did not happen or
     failed (the job task then puts its job back rather than dropping it)."""
 
-    def __init__(self, settings: Settings, warm: WarmList) -> None:
+    def __init__(self, settings: Settings, warm: WarmList, families: list[str] | None = None) -> None:
         self.settings = settings
         self.warm = warm
+        self.families = families or []  # with families, the child follows the runtime registry
         self._runner: JobRunner | None = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def start(self) -> None:
         """Build the runner and load the warm models. Never raises: a child that cannot build its
@@ -68,17 +70,35 @@ class ChildRunner:
                 log.error("WARM_MODELS %s/%s: %s", family, model or "default", exc)
         if self.warm:
             log.info("warm: %s", ", ".join(f"{f}/{m or 'default'}" for f, m in self.warm))
+        if runner.watcher is not None:
+            try:
+                runner.watcher.start(self._stop)
+                runner.watcher.sync()  # now, rather than at the first poll
+            except Exception as exc:  # the runner syncs again before each job
+                log.error("runtime registry not read at start: %s", exc)
 
     def get(self) -> JobRunner:
         with self._lock:
             if self._runner is None:
-                self._runner = build_runner(self.settings)
+                self._runner = build_runner(self.settings, self.families)
             return self._runner
 
 
-def build_runner(settings: Settings) -> JobRunner:
+def worker_name(settings: Settings, families: list[str]) -> str:
+    """How this child names itself in placement answers and ``worker_models``: its families,
+    device (and pinned GPU) and host, as the Celery node name does."""
+    import os
+    import socket
+
+    device = settings.device.replace(":", "")
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") if device == "cuda" else ""
+    return f"{'-'.join(families)}.{device}{gpu}@{socket.gethostname()}"
+
+
+def build_runner(settings: Settings, families: list[str] | None = None) -> JobRunner:
     """A JobRunner for this child: its device configured, storage opened, registry read, engine
-    ready to load pipelines, and a small database pool (one job runs at a time)."""
+    ready to load pipelines, and a small database pool (one job runs at a time). With
+    ``families``, it follows the runtime registry and answers placement requests for them."""
     from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
     from inference_server.engine.runner import Engine
     from inference_server.registry import load_registry
@@ -92,17 +112,27 @@ def build_runner(settings: Settings) -> JobRunner:
         raise ConfigurationError(
             "MODELS_FILE is not set: the worker has no models to serve", code="no_registry"
         )
+    seed = load_registry(settings.models_file)
     engine = Engine(
-        load_registry(settings.models_file),
+        seed,
         device=device,
         cache_bytes=settings.engine_cache_bytes,
         max_edit_pixels=settings.engine_max_edit_pixels,
         cache_dir=settings.model_cache_dir,
         fetch=lambda uri, dest: fetch_from_bucket(settings, uri, dest),
+        lora_hotswap={"on": True, "off": False}.get(settings.lora_hotswap, "auto"),
+        max_loras=settings.engine_max_loras,
     )
     timeouts = DatabaseTimeouts.from_settings(settings)
-    db = make_database(settings.database_url, pool_size=2, timeouts=timeouts)
-    return JobRunner(settings, make_session_factory(db), storage, engine)
+    db = make_database(settings.database_url, pool_size=3, timeouts=timeouts)
+    sf = make_session_factory(db)
+    watcher = None
+    if families:
+        from workers.registry_watch import RegistryWatcher
+
+        name = worker_name(settings, families)
+        watcher = RegistryWatcher(sf, seed, engine, families, name, poll=settings.registry_poll_interval)
+    return JobRunner(settings, sf, storage, engine, watcher=watcher)
 
 
 def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:
@@ -112,9 +142,12 @@ def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:
     from inference_server.storage.s3 import S3Storage
 
     parsed = urlparse(uri)
+    endpoint = settings.s3_endpoint_url
+    if parsed.scheme == "gs":  # GCS through its S3-compatible API, as open_storage reaches it
+        endpoint = endpoint or "https://storage.googleapis.com"
     store = S3Storage(
         f"{parsed.scheme}://{parsed.netloc}",
-        endpoint_url=settings.s3_endpoint_url,
+        endpoint_url=endpoint,
         region=settings.s3_region,
         scheme=parsed.scheme,
         connect_timeout=settings.storage_connect_timeout,

@@ -52,7 +52,7 @@ def build_worker(settings: Settings, families: list[str]) -> tuple[Celery, list[
 
     registry = _registry(settings, families)
     queues = [registry.family(f).queue for f in families]
-    runner = ChildRunner(settings, warm_models(settings, registry, families))
+    runner = ChildRunner(settings, warm_models(settings, registry, families), families)
     # Sent in each prefork child after the fork (and once by the solo pool): CUDA is first touched
     # there, never in the parent that forks.
     signals.worker_process_init.connect(lambda **_: runner.start(), weak=False)

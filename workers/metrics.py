@@ -22,6 +22,12 @@ JOB_WAIT = Histogram(
     ["family"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
 )
+LORA_SWITCH = Histogram(
+    "inference_lora_switch_seconds",
+    "Time a job with LoRAs spent putting them in place and turning them off, outside the pipeline call",
+    ["family"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 
 DEAD_LETTERS = Counter(
     "inference_dead_letters_total",

@@ -29,7 +29,7 @@ from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.cancels import CancelListener
-from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED
+from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
 from workers.previews import LatestPreview
 from workers.progress import ProgressWatcher
 
@@ -60,8 +60,11 @@ class JobRunner:
         engine: Any,
         *,
         worker_name: str | None = None,
+        watcher: Any = None,
     ) -> None:
         self.settings = settings
+        # workers.registry_watch.RegistryWatcher: the runtime registry, synced before each claim
+        self.watcher = watcher
         self.sf = session_factory
         self.storage = storage
         self.engine = engine
@@ -78,6 +81,22 @@ class JobRunner:
         """Run ``job_id``, whose message came from ``queue`` (where a transient failure sends it
         back); return how the run ended, or why it did not run. Raises ClaimUnavailable when the
         database cannot take the claim."""
+        if self.watcher is None:
+            return self._run(job_id, queue)
+        with self.watcher.lock:  # no placement load runs beside a job
+            try:
+                self.watcher.sync()
+            except Exception as exc:  # the claim below meets the same database, and says so
+                log.warning("runtime registry not synced before job %s: %s", job_id, type(exc).__name__)
+            try:
+                return self._run(job_id, queue)
+            finally:
+                try:
+                    self.watcher.report()
+                except Exception as exc:
+                    log.warning("loaded models not reported: %s", type(exc).__name__)
+
+    def _run(self, job_id: str, queue: str | None) -> RunOutcome | ClaimRefusal:
         try:
             claimed = self._claim(job_id)
         except DATABASE_DOWN as exc:
@@ -239,6 +258,9 @@ class JobRunner:
             try:
                 extra = {"on_preview": previews.offer} if previews else {}
                 images = self.engine.generate(request, on_step=watcher.on_step, **extra)
+                switch = getattr(self.engine, "last_lora_seconds", None)
+                if switch is not None:
+                    LORA_SWITCH.labels(spec.family).observe(switch)
                 if watcher.canceled:
                     raise JobCanceled("canceled during the run")
             except JobCanceled:

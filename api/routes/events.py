@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket, WebSo
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AppState, current_tenant, state, tenant_for
+from api.deps import AppState, caller_for, current_tenant, state
 from inference_server.db import Tenant
 from inference_server.errors import InferenceError, InvalidRequest, NotFound
 from inference_server.jobs import history
@@ -213,7 +213,7 @@ async def job_socket(
     # Never echo the key: the server selects the plain protocol name, which the client also offers.
     await ws.accept(subprotocol=WS_PROTOCOL if as_protocol or WS_PROTOCOL in offered else None)
     try:
-        tenant = await tenant_for(ws, st, header)
+        tenant = (await caller_for(ws, st, header)).tenant
         start = _resume_point(ws.headers.get("last-event-id"), last_event_id)
         await run_in_threadpool(_check_job, st, tenant.id, job_id)
         sending = asyncio.create_task(_send_events(ws, st, _job_events(st, tenant.id, job_id, start)))

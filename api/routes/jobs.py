@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppState, current_tenant, get_session, state
+from api.openapi import answers
 from api.waiter import Waiting
 from inference_server.db import Tenant
 from inference_server.db.base import new_id
@@ -20,18 +21,28 @@ from inference_server.jobs import service
 from inference_server.jobs.enums import TERMINAL
 from inference_server.jobs.serialize import job_to_dict, with_api_base
 from inference_server.jobs.spec import JobRequest
+from inference_server.schemas import JobList, JobView
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+
+BINARY = {"type": "string", "format": "binary"}
+OUTPUT_ANSWERS: dict[int | str, Any] = {
+    200: {
+        "description": "The output's bytes (with file storage).",
+        "content": {f"image/{f}": {"schema": BINARY} for f in ("png", "jpeg", "webp")},
+    },
+    307: {"description": "A redirect to a presigned URL of the output (with S3 or GCS storage)."},
+}
 
 PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 MAX_WAIT = 60.0
 
 
-@router.post("", status_code=202, response_model=None)
+@router.post("", status_code=202, response_model=None, responses=answers(JobView, 409, status=202))
 async def submit_job(
     body: JobRequest,
-    idempotency_key: str | None = Header(default=None, max_length=255),
+    idempotency_key: str | None = Header(default=None, min_length=1, max_length=255),
     prefer: str | None = Header(default=None, max_length=200),
     tenant: Tenant = Depends(current_tenant),
     st: AppState = Depends(state),
@@ -73,7 +84,7 @@ def _submit(
 LIST_FILTERS = frozenset({"status", "family", "limit", "cursor"})
 
 
-@router.get("")
+@router.get("", response_model=None, responses=answers(JobList))
 def list_jobs(
     request: Request,
     status: str | None = None,
@@ -97,7 +108,7 @@ def list_jobs(
     return {"jobs": [job_to_dict(j, api_base=st.settings.api_url) for j in jobs], "next_cursor": next_cursor}
 
 
-@router.get("/{job_id}", response_model=None)
+@router.get("/{job_id}", response_model=None, responses=answers(JobView))
 async def get_job(
     job_id: str,
     wait: float = Query(default=0.0, ge=0.0, le=60.0, description="Seconds to wait for the job to finish"),
@@ -144,7 +155,7 @@ def _read(st: AppState, tenant: Tenant, job_id: str) -> dict[str, Any]:
         return job_to_dict(service.get_job(session, tenant, job_id), api_base=st.settings.api_url)
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", response_model=None, responses=answers(JobView, 409))
 def cancel_job(
     job_id: str,
     session: Session = Depends(get_session),
@@ -154,7 +165,7 @@ def cancel_job(
     return job_to_dict(service.cancel(session, st.ctx, tenant, job_id), api_base=st.settings.api_url)
 
 
-@router.get("/{job_id}/outputs/{index}")
+@router.get("/{job_id}/outputs/{index}", response_model=None, responses=OUTPUT_ANSWERS)
 def get_output(
     job_id: str,
     index: int,

@@ -1,4 +1,4 @@
-"""Probes, metrics and the model catalog."""
+"""Probes and metrics (the model catalog is in routes/models.py)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from api.deps import AppState, current_tenant, get_session, state
+from api.deps import AppState, get_session, state
 from api.errors import error_response
-from inference_server.db import Tenant
+from api.openapi import answers
+from inference_server.errors import NotFound
+from inference_server.schemas import Health, Readiness
 
 router = APIRouter()
+METRICS_ANSWER: dict[int | str, Any] = {
+    200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}
+}
 
 
-@router.get("/healthz", tags=["system"])
+@router.get("/healthz", tags=["system"], response_model=None, responses=answers(Health))
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["system"])
+@router.get("/readyz", tags=["system"], responses=answers(Readiness, 503))
 def readyz(session: Session = Depends(get_session), st: AppState = Depends(state)) -> Response:
     checks = {"database": True, "broker": True}
     try:
@@ -37,16 +42,9 @@ def readyz(session: Session = Depends(get_session), st: AppState = Depends(state
     return error_response("dependency_unavailable", f"not ready: {down} unreachable", checks=checks)
 
 
-@router.get("/metrics", tags=["system"])
+@router.get("/metrics", tags=["system"], responses=METRICS_ANSWER)
 def metrics(st: AppState = Depends(state)) -> Response:
+    """Prometheus metrics; with ``API_METRICS_PORT`` set, served on that port only."""
+    if st.settings.api_metrics_port:
+        raise NotFound("metrics are served on the metrics port (API_METRICS_PORT)", code="not_found")
     return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-@router.get("/v1/models", tags=["models"])
-def models(_: Tenant = Depends(current_tenant), st: AppState = Depends(state)) -> dict[str, Any]:
-    catalog = st.ctx.registry.catalog()
-    queues = {f["name"]: st.ctx.registry.families[f["name"]].queue for f in catalog["families"]}
-    online = st.broker.consumers(list(queues.values())) if st.broker is not None else {}
-    for family in catalog["families"]:
-        family["online_workers"] = online.get(queues[family["name"]])
-    return catalog

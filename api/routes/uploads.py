@@ -5,20 +5,35 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, UploadFile
+from fastapi import APIRouter, Depends, File, UploadFile
 
 from api.deps import AppState, current_tenant, state
+from api.openapi import answers
 from inference_server.db import Tenant
 from inference_server.errors import InputTooLarge
+from inference_server.schemas import Upload
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
+IMAGE_PART = {"contentType": "image/png, image/jpeg, image/webp"}
+FILE_RULES = (
+    "One PNG, JPEG or WebP image of at most MAX_INPUT_BYTES bytes (20 MiB by default) and "
+    "MAX_INPUT_PIXELS pixels; anything else is refused with a 4xx code."
+)
 FORMATS = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "WEBP": ("webp", "image/webp")}
 
 
-@router.post("", status_code=201)
+@router.post(
+    "",
+    status_code=201,
+    response_model=None,
+    responses=answers(Upload, status=201),
+    openapi_extra={"requestBody": {"content": {"multipart/form-data": {"encoding": {"file": IMAGE_PART}}}}},
+)
 def upload(
-    file: UploadFile, tenant: Tenant = Depends(current_tenant), st: AppState = Depends(state)
+    file: UploadFile = File(description=FILE_RULES),
+    tenant: Tenant = Depends(current_tenant),
+    st: AppState = Depends(state),
 ) -> dict[str, Any]:
     from inference_server import imaging
 

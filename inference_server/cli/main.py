@@ -105,6 +105,14 @@ def dispatcher() -> None:
     run_dispatcher(_settings())
 
 
+@cli.command()
+def ingress() -> None:
+    """Consume job requests from RabbitMQ (INGRESS_QUEUE) and create their jobs."""
+    from inference_server.roles.ingress import run_ingress
+
+    run_ingress(_settings())
+
+
 @cli.group()
 def keys() -> None:
     """API keys and webhook secrets."""
@@ -112,7 +120,8 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--tenant", required=True)
-def keys_create(tenant: str) -> None:
+@click.option("--admin", is_flag=True, help="The key may manage shared models and LoRAs (operator scope).")
+def keys_create(tenant: str, admin: bool) -> None:
     """Create a tenant (if new) and an API key; prints JSON {"api_key", "webhook_secret"}."""
     from api.auth import create_tenant_key
     from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
@@ -120,8 +129,12 @@ def keys_create(tenant: str) -> None:
     settings = _settings()
     engine = make_database(settings.database_url, timeouts=DatabaseTimeouts.from_settings(settings))
     with make_session_factory(engine)() as session:
-        row, key = create_tenant_key(session, tenant)
-        click.echo(json.dumps({"tenant": row.name, "api_key": key, "webhook_secret": row.webhook_secret}))
+        row, key = create_tenant_key(session, tenant, admin=admin)
+        click.echo(
+            json.dumps(
+                {"tenant": row.name, "api_key": key, "webhook_secret": row.webhook_secret, "admin": admin}
+            )
+        )
     engine.dispose()
 
 
@@ -143,11 +156,13 @@ def keys_rotate(tenant: str) -> None:
 def _register_commands() -> None:
     from inference_server.cli.generate import generate
     from inference_server.cli.models_cmd import models
+    from inference_server.cli.tenants_cmd import tenants
     from inference_server.cli.up import up
 
     cli.add_command(models)
     cli.add_command(generate)
     cli.add_command(up)
+    cli.add_command(tenants)
 
 
 _register_commands()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from inference_server.db.base import Base, JSONType, new_id, utcnow
@@ -27,6 +27,10 @@ class Tenant(Base):
     previous_secret_expires_at: Mapped[datetime | None]
     default_webhook_url: Mapped[str | None] = mapped_column(Text)
     default_webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
+    # The shape of deliveries to the default webhook and of jobs naming none (None: standard), and
+    # the static bearer token `split` deliveries carry (docs/webhooks: profiles).
+    default_webhook_profile: Mapped[str | None] = mapped_column(String(16))
+    webhook_token: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -38,6 +42,8 @@ class ApiKey(Base):
     # SHA-256 of the key: keys are long random tokens, so a fast hash is enough and lookups stay O(1).
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
+    # An admin key manages what every tenant shares (runtime models and LoRAs).
+    admin: Mapped[bool] = mapped_column(default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
 
@@ -62,6 +68,11 @@ class Job(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSONType)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
+    webhook_profile: Mapped[str | None] = mapped_column(String(16))  # None: the tenant's default
+    # A job submitted over AMQP with ``reply_to``: its events are also published to that queue.
+    reply_to: Mapped[str | None] = mapped_column(String(255))
+    correlation_id: Mapped[str | None] = mapped_column(String(255))
+    reply_events: Mapped[list[str] | None] = mapped_column(JSONType)  # None: every event
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     progress_step: Mapped[int] = mapped_column(default=0)

@@ -30,6 +30,12 @@ class CachedModel:
     size: int
     variants: dict[str, Any] = field(default_factory=dict)
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA source key -> adapter name
+    source: str = ""  # what it was loaded from: a registry change of source means a reload
+    # Hotswap mode: the adapter slots (slot i holds the job's i-th LoRA) and which LoRA each holds,
+    # and the resident LoRAs' weights in host memory, by source key (most recently used last).
+    slots: list[str] = field(default_factory=list)
+    resident: dict[str, Any] = field(default_factory=dict)
+    lora_layers: list[Any] | None = None  # peft's LoRA layers of the pipeline, found once per change
 
 
 class PipelineCache:
@@ -55,7 +61,9 @@ class PipelineCache:
         """Cached models, least recently used first; looking does not count as a use."""
         return list(self._entries.values())
 
-    def get(self, family: str, model: str, load: Callable[[], Any], estimate: int = 0) -> CachedModel:
+    def get(
+        self, family: str, model: str, load: Callable[[], Any], estimate: int = 0, source: str = ""
+    ) -> CachedModel:
         """The cached model, or ``load()`` it after making room for ``estimate`` bytes (0: unknown)."""
         key = (family, model)
         entry = self._entries.get(key)
@@ -71,7 +79,7 @@ class PipelineCache:
         elapsed = time.perf_counter() - started
         size = pipeline_bytes(pipe)
         self._make_room(size)
-        entry = CachedModel(family, model, pipe, size)
+        entry = CachedModel(family, model, pipe, size, source=source)
         self._entries[key] = entry
         self.loads += 1
         metrics.PIPELINE_LOADS.labels(family, model).inc()
@@ -79,6 +87,19 @@ class PipelineCache:
         metrics.CACHE_BYTES.set(self.used)
         log.info("loaded %s/%s: %.1f MB in %.2f s", family, model, size / 1e6, elapsed)
         return entry
+
+    def evict(self, family: str, model: str) -> bool:
+        """Drop one model (deleted from the registry, or unloaded on request); whether it was cached."""
+        old = self._entries.pop((family, model), None)
+        if old is None:
+            return False
+        self.evictions += 1
+        metrics.PIPELINE_EVICTIONS.labels(family, model).inc()
+        log.info("evicted %s/%s (%.1f MB) on request", family, model, old.size / 1e6)
+        del old
+        release_memory(self.device)
+        metrics.CACHE_BYTES.set(self.used)
+        return True
 
     def _make_room(self, size: int) -> None:
         while self._entries and self.used + size > self.budget:

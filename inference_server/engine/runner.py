@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,16 @@ class Engine:
         max_edit_pixels: int = 0,
         cache_dir: Path | None = None,
         fetch: Callable[[str, Path], Path] | None = None,
+        lora_hotswap: bool | str = "auto",
+        max_loras: int = loras.MAX_ADAPTERS,
     ) -> None:
         self.registry = registry
+        self.lora_hotswap = lora_hotswap  # True, False, or "auto": for models compiled on GPU
+        self.max_loras = max_loras
+        # The last job's LoRA switch (loading or swapping its LoRAs in, turning them off after) and
+        # pipeline call, in seconds; the worker reports the first as a metric. None: no LoRA.
+        self.last_lora_seconds: float | None = None
+        self.last_pipeline_seconds = 0.0
         self.device = device
         self.max_edit_pixels = max_edit_pixels
         self.cache_dir = cache_dir
@@ -116,12 +125,60 @@ class Engine:
         ]
         entry = self._entry(spec)
         pipe = self._variant(entry, req.task)
+        self.last_lora_seconds = None
+        switch = 0.0
         try:
             if resolved:
-                loras.apply(entry, resolved, self._placeholders(spec))
-            return self._run(pipe, req, on_step, on_preview if req.preview_every else None)
+                started = time.perf_counter()
+                loras.apply(
+                    entry,
+                    resolved,
+                    self._placeholders(spec),
+                    hotswap=self._hotswap(spec),
+                    max_loras=self.max_loras,
+                )
+                switch = time.perf_counter() - started
+            started = time.perf_counter()
+            images = self._run(pipe, req, on_step, on_preview if req.preview_every else None)
+            self.last_pipeline_seconds = time.perf_counter() - started
+            return images
         finally:
+            started = time.perf_counter()
             loras.reset(entry)
+            if resolved:
+                self.last_lora_seconds = switch + time.perf_counter() - started
+
+    def _hotswap(self, spec: ModelSpec) -> bool:
+        if self.lora_hotswap == "auto":
+            # Where swapping in place pays: a compiled denoiser keeps its compiled graph. Elsewhere
+            # activating resident adapters is cheaper (docs/runtime.md has the figures).
+            return spec.compile and self.device.startswith("cuda")
+        return bool(self.lora_hotswap)
+
+    def set_registry(self, registry: Registry) -> list[tuple[str, str]]:
+        """Serve ``registry`` from now on (the runtime registry changed). Cached models it no longer
+        has, or whose source changed, are evicted, and the named LoRAs it no longer has are dropped
+        from the models that hold them; returns the evicted (family, model) pairs."""
+        gone = _lora_sources(self.registry) - _lora_sources(registry)
+        self.registry = registry
+        evicted = []
+        for entry in self.cache.entries():
+            family = registry.families.get(entry.family)
+            spec = next((m for m in family.models if m.id == entry.model), None) if family else None
+            if spec is None or (entry.source and spec.source != entry.source):
+                self.cache.evict(entry.family, entry.model)
+                evicted.append((entry.family, entry.model))
+            elif gone:
+                loras.forget(entry, gone)
+        return evicted
+
+    def unload(self, family: str, model: str) -> bool:
+        """Drop a model from the cache; whether it was loaded."""
+        return self.cache.evict(family, model)
+
+    def loaded(self) -> set[tuple[str, str]]:
+        """The (family, model) pairs cached now."""
+        return {(e.family, e.model) for e in self.cache.entries()}
 
     def warm(self, family: str, model: str | None = None) -> None:
         """Load a model into the cache ahead of its first job."""
@@ -179,7 +236,7 @@ class Engine:
     # --- loading ----------------------------------------------------------------------------------
     def _entry(self, spec: ModelSpec) -> CachedModel:
         estimate = int(spec.memory_gb * 1024**3) if self.device.startswith("cuda") else 0
-        return self.cache.get(spec.family, spec.id, lambda: self._load(spec), estimate)
+        return self.cache.get(spec.family, spec.id, lambda: self._load(spec), estimate, source=spec.source)
 
     def _variant(self, entry: CachedModel, task: str) -> Any:
         pipe = entry.variants.get(task)
@@ -280,6 +337,10 @@ class Engine:
                 log.warning("attention backend %s unavailable for %s: %s", spec.attention, spec.id, exc)
         if spec.compile:
             denoiser.compile()
+
+
+def _lora_sources(registry: Registry) -> set[str]:
+    return {registry.resolve_source(lo.source) for f in registry.families.values() for lo in f.loras}
 
 
 def _quiet_loading() -> None:

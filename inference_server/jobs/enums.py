@@ -65,6 +65,21 @@ class EventType(StrEnum):
         return cls(name if name.startswith("job.") else f"job.{name}")
 
 
+class WebhookProfile(StrEnum):
+    """The shape of a job's webhook deliveries (``webhook.profile``, or the tenant's default)."""
+
+    STANDARD = "standard"  # Standard Webhooks: one signed POST per event
+    SPLIT = "split"  # PATCH {url}/progress, POST {url}/complete, POST {url}/failed
+
+
+class DeliveryKind(StrEnum):
+    """How one delivery is sent (``webhook_deliveries.kind``)."""
+
+    STANDARD = "standard"  # a Standard Webhooks POST to the URL
+    SPLIT = "split"  # a `split` profile callback (webhooks/profiles.py)
+    AMQP = "amqp"  # published to the job's reply_to queue; the url is ``amqp:<queue>``
+
+
 TERMINAL_EVENT = {
     JobStatus.SUCCEEDED: EventType.SUCCEEDED,
     JobStatus.FAILED: EventType.FAILED,

@@ -25,6 +25,7 @@ from inference_server.jobs.persist import insert_new_rows
 from inference_server.jobs.serialize import job_to_dict
 from inference_server.jobs.spec import MAX_SEED, JobRequest, JobSpec
 from inference_server.registry import FamilySpec, ModelSpec, Registry
+from inference_server.registry.runtime import RuntimeRegistry
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, input_key
 
@@ -36,6 +37,24 @@ class Submitted:
     view: dict[str, Any]  # the job as the API shows it (relative output URLs)
 
 
+@dataclass(frozen=True)
+class Reply:
+    """Where a job's events are also published (the AMQP ingress's ``reply_to``)."""
+
+    queue: str
+    correlation_id: str | None = None
+    events: list[str] | None = None  # None: every event
+
+
+@dataclass
+class Planned:
+    """A new job's rows (job, outbox message, ``job.queued`` event), validated and ready to insert."""
+
+    job_id: str
+    rows: list[tuple[type[Any], dict[str, Any]]]
+    view: dict[str, Any]
+
+
 @dataclass
 class JobContext:
     """What a job operation needs from the process: passed down, never global."""
@@ -44,14 +63,21 @@ class JobContext:
     registry: Registry
     storage: Storage
     on_published: Callable[[], None] | None = None  # wakes the relay after a commit
+    runtime: RuntimeRegistry | None = None  # models and LoRAs added through the API
+
+    def registry_for(self, session: Session, tenant_id: str) -> Registry:
+        """The registry ``tenant_id`` submits against: the seed plus the runtime entries it sees."""
+        if self.runtime is None:
+            return self.registry
+        return self.runtime.view(session, tenant_id)
 
 
 def request_hash(body: JobRequest) -> str:
     return hashlib.sha256(body.model_dump_json(exclude_none=True).encode()).hexdigest()
 
 
-def _check_family(ctx: JobContext, req: JobRequest) -> tuple[FamilySpec, ModelSpec]:
-    family = ctx.registry.family(req.family)
+def _check_family(registry: Registry, req: JobRequest) -> tuple[FamilySpec, ModelSpec]:
+    family = registry.family(req.family)
     model = family.model(req.model, req.task)
     for lora in req.loras:
         if family.lora(lora.name) is None and lora.name.startswith(("s3://", "gs://")):
@@ -66,7 +92,8 @@ def _check_family(ctx: JobContext, req: JobRequest) -> tuple[FamilySpec, ModelSp
 
 def resolve(family: FamilySpec, model: ModelSpec, req: JobRequest) -> JobSpec:
     """The request with the family's defaults and limits applied and its seeds chosen."""
-    limits, defaults = family.limits, family.defaults
+    limits = {**family.limits, **(model.limits or {})}
+    defaults = {**family.defaults, **(model.defaults or {})}
     values = req.model_dump(exclude_none=True, exclude={"webhook", "seed", "num_images"})
     for key in ("width", "height", "steps", "guidance_scale"):
         if values.get(key) is None and defaults.get(key) is not None:
@@ -141,16 +168,57 @@ def submit(
     *,
     idempotency_key: str | None = None,
     job_id: str | None = None,
+    reply: Reply | None = None,
 ) -> Submitted:
     """Validate, store and enqueue one job in a single transaction. ``job_id`` lets a caller know the
     new job's id before it exists (to wait for its end without a gap); a replay keeps its own id."""
+    # An empty key names nothing: stored, it would make every later keyless-looking submit a conflict.
+    idempotency_key = idempotency_key or None
     # The body's hash only matters to tell a replay from a conflict, so only with a key.
     digest = request_hash(req) if idempotency_key else None
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
-            return _replay(existing, digest)
-    family, model = _check_family(ctx, req)
+            return replay(existing, digest)
+    planned = plan(session, ctx, tenant, req, idempotency_key=idempotency_key, job_id=job_id, reply=reply)
+    try:
+        insert_new_rows(session, planned.rows)
+        session.commit()
+    except IntegrityError:
+        # Two submits raced with one Idempotency-Key: the loser answers with the winner's job.
+        session.rollback()
+        if idempotency_key:
+            existing = _by_idempotency_key(session, tenant, idempotency_key)
+            if existing is not None:
+                return replay(existing, digest)
+        raise
+    if ctx.on_published:
+        ctx.on_published()
+    return Submitted(job_id=planned.job_id, created=True, view=planned.view)
+
+
+def plan(
+    session: Session,
+    ctx: JobContext,
+    tenant: Tenant,
+    req: JobRequest,
+    *,
+    idempotency_key: str | None = None,
+    job_id: str | None = None,
+    reply: Reply | None = None,
+) -> Planned:
+    """Everything ``submit`` does before its write: validate against the registry, store inline
+    inputs, build the rows. A front door that writes many jobs per transaction (the AMQP ingress)
+    inserts them with ``jobs.persist.insert_new_rows`` and commits them itself."""
+    digest = request_hash(req) if idempotency_key else None
+    try:
+        family, model = _check_family(ctx.registry_for(session, tenant.id), req)
+    except InvalidRequest as exc:
+        if ctx.runtime is None or exc.code not in ("unknown_model", "unknown_lora"):
+            raise
+        # Perhaps added a moment ago through another API process: read the registry again first.
+        ctx.runtime.invalidate()
+        family, model = _check_family(ctx.registry_for(session, tenant.id), req)
     _check_inputs(req)
     if req.output.metadata:
         from inference_server import imaging
@@ -186,6 +254,10 @@ def submit(
         "webhook_events": [e.value for e in req.webhook.events]
         if req.webhook and req.webhook.events is not None
         else None,
+        "webhook_profile": req.webhook.profile if req.webhook else None,
+        "reply_to": reply.queue if reply else None,
+        "correlation_id": reply.correlation_id if reply else None,
+        "reply_events": reply.events if reply else None,
         "idempotency_key": idempotency_key,
         "request_hash": digest,
         "progress_step": 0,
@@ -207,27 +279,29 @@ def submit(
         "published_at": None,
         "publish_attempts": 0,
     }
-    try:
-        insert_new_rows(session, [(Job, values), (OutboxMessage, outbox), (JobEvent, event)])
-        session.commit()
-    except IntegrityError:
-        # Two submits raced with one Idempotency-Key: the loser answers with the winner's job.
-        session.rollback()
-        if idempotency_key:
-            existing = _by_idempotency_key(session, tenant, idempotency_key)
-            if existing is not None:
-                return _replay(existing, digest)
-        raise
-    if ctx.on_published:
-        ctx.on_published()
-    return Submitted(job_id=job_id, created=True, view=event["payload"]["data"])
+    rows: list[tuple[type[Any], dict[str, Any]]] = [(Job, values), (OutboxMessage, outbox), (JobEvent, event)]
+    return Planned(job_id=job_id, rows=rows, view=event["payload"]["data"])
 
 
 def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
 
 
-def _replay(existing: Job, digest: str | None) -> Submitted:
+def by_idempotency_keys(session: Session, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+    """The jobs already submitted under these (tenant id, idempotency key) pairs, in one query."""
+    if not keys:
+        return {}
+    wanted = set(keys)
+    query = select(Job).where(
+        Job.tenant_id.in_({t for t, _ in wanted}), Job.idempotency_key.in_({k for _, k in wanted})
+    )
+    found = {(job.tenant_id, job.idempotency_key or ""): job for job in session.scalars(query)}
+    return {key: job for key, job in found.items() if key in wanted}
+
+
+def replay(existing: Job, digest: str | None) -> Submitted:
+    """The answer to a submit that repeats ``existing``'s idempotency key: its job, or a conflict
+    when the body (``digest``, see ``request_hash``) differs."""
     if existing.request_hash != digest:
         raise Conflict(
             "this Idempotency-Key was already used with a different request body", code="idempotency_conflict"

@@ -48,26 +48,24 @@ class SignatureSpec(Strict):
     size: Literal["small", "medium", "large"] = "small"
 
 
+MetadataKey = Annotated[str, Field(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=2000)]
+
+
 class OutputSpec(Strict):
     format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(default=90, ge=1, le=100)
-    metadata: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("metadata")
-    @classmethod
-    def _bounded(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > 32:
-            raise ValueError("at most 32 metadata keys")
-        for key, val in value.items():
-            if not key or len(key) > 64 or len(val) > 2000:
-                raise ValueError("metadata keys are 1-64 characters and values at most 2000")
-        return value
+    # The bounds are the Field's, so the OpenAPI document states exactly what is refused.
+    metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict, max_length=32)
 
 
 class WebhookSpec(Strict):
     url: str = Field(min_length=1, max_length=2048)
     # Full names (``job.succeeded``) or the shorthand the dispatcher also accepts (``succeeded``).
     events: list[EventType] | None = None
+    # The shape of the deliveries (None: the tenant's default, else standard). ``split``: progress as
+    # PATCH {url}/progress, success as POST {url}/complete, failure as POST {url}/failed.
+    profile: Literal["standard", "split"] | None = None
 
     @field_validator("events", mode="before")
     @classmethod
@@ -84,6 +82,9 @@ class WebhookSpec(Strict):
         return parsed
 
 
+INPUT = "An image: a `data:` URI, an `https://` URL, or the `uri` of `POST /v1/uploads`."
+
+
 class PreviewSpec(Strict):
     """Live previews: every ``every_steps`` denoising steps the worker projects the latents to a
     small RGB image (no VAE), stores it as the job's latest preview and emits ``job.preview``."""
@@ -92,32 +93,26 @@ class PreviewSpec(Strict):
 
 
 class JobRequest(Strict):
-    family: str = Field(min_length=1, max_length=64)
+    family: str = Field(min_length=1, max_length=64, description="A family of GET /v1/models.")
     model: str | None = Field(default=None, max_length=200)
     task: Task = Task.TXT2IMG
     prompt: str = Field(default="", max_length=2000)
     negative_prompt: str | None = Field(default=None, max_length=2000)
-    width: int | None = Field(default=None, ge=8, le=8192)
-    height: int | None = Field(default=None, ge=8, le=8192)
+    # Static bounds; each family's own limits (GET /v1/models) are checked against the registry.
+    width: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
+    height: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
     steps: int | None = Field(default=None, ge=1, le=150)
     guidance_scale: Annotated[float | None, Finite] = Field(default=None, ge=0.0, le=30.0)
     seed: int | None = Field(default=None, ge=-1, le=MAX_SEED)
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
     strength: Annotated[float | None, Finite] = Field(default=None, gt=0.0, le=1.0)
-    image: str | None = None
-    mask: str | None = None
+    image: str | None = Field(default=None, description=INPUT)
+    mask: str | None = Field(default=None, description=INPUT)
     loras: list[LoraSpec] = Field(default_factory=list, max_length=8)
     signature: SignatureSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
     webhook: WebhookSpec | None = None
     preview: PreviewSpec | None = None  # off unless asked
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_8(cls, value: int | None) -> int | None:
-        if value is not None and value % 8:
-            raise ValueError("must be a multiple of 8")
-        return value
 
 
 class JobSpec(Strict):

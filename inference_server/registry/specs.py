@@ -104,6 +104,9 @@ class ModelSpec(_Entry):
     compile: StrictBool = False
     tasks: Annotated[tuple[Task, ...], Field(min_length=1)] = ()  # left out: the family's tasks
     df11: Text | None = None
+    # Per-model request defaults and limits, over the family's (a runtime model may set them).
+    defaults: Defaults | None = None
+    limits: Limits | None = None
     _family: str = PrivateAttr("")
 
     @property

@@ -6,5 +6,6 @@ else.
   task) and :mod:`workers.child` in its child (engine, storage, database of the JobRunner).
 - ``dispatcher``: :func:`inference_server.roles.dispatcher.start_dispatcher` (relay and webhook
   delivery).
+- ``ingress``: :func:`inference_server.roles.ingress.run_ingress` (AMQP consumer, relay, probes).
 - ``up``: :mod:`inference_server.roles.up`, the three above in one process on embedded defaults.
 """

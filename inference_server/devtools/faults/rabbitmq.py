@@ -1,6 +1,7 @@
 """A RabbitMQ node of the harness's own, beside the machine's shared node: its own node name, AMQP
 and distribution ports, data and log folders and configuration (for example a short
-``consumer_timeout``). Scenarios stop, restart and kill it; the shared node never notices."""
+``consumer_timeout``). Scenarios stop, restart and kill it; the shared node never notices. With
+``management=True`` it also serves the management API (and UI) on ``management_port``."""
 
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ class PrivateRabbit:
     """``start()`` boots the node (with ``rabbitmq-server -detached``); ``close()`` stops it and
     deletes its files. ``consumer_timeout_ms`` is the node-wide delivery acknowledgement timeout."""
 
-    def __init__(self, *, consumer_timeout_ms: int | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, *, consumer_timeout_ms: int | None = None, port: int | None = None, management: bool = False
+    ) -> None:
         self.port = port or free_port()
+        self.management_port = free_port() if management else None
         self.dist_port = free_port()
         self.node = f"faults_{os.getpid()}_{uuid.uuid4().hex[:6]}@localhost"
         self.root = Path(tempfile.mkdtemp(prefix="faults-rabbit-"))
@@ -32,8 +36,12 @@ class PrivateRabbit:
         config = [f"listeners.tcp.default = 127.0.0.1:{self.port}", "log.file.level = info"]
         if consumer_timeout_ms is not None:
             config.append(f"consumer_timeout = {consumer_timeout_ms}")
+        if self.management_port:
+            config += [f"management.tcp.port = {self.management_port}", "management.tcp.ip = 127.0.0.1"]
+            config.append("collect_statistics_interval = 1000")  # queue counts a second old, not five
         (self.root / "rabbitmq.conf").write_text("\n".join(config) + "\n")
-        (self.root / "enabled_plugins").write_text("[].\n")  # no management: fewer ports, faster boot
+        # Without management by default: fewer ports, faster boot.
+        (self.root / "enabled_plugins").write_text("[rabbitmq_management].\n" if management else "[].\n")
         # The broker checks consumer timeouts on each channel's tick (a minute by default), so a short
         # timeout needs a short tick to be enforced near the time it says.
         tick = min(1000, consumer_timeout_ms // 4) if consumer_timeout_ms else 60_000

@@ -1,0 +1,145 @@
+"""The API's answers as pydantic models: the schemas of the OpenAPI document, and types a client
+can parse answers with (``JobView.model_validate(client.get(job_id))``).
+
+The routes build their answers as plain dicts (``jobs.serialize``, ``webhooks.service``) and send
+them without validating them again (the submit path is hot); these models describe those dicts,
+and the schemathesis test checks every answer against them. Extra fields are allowed, so a newer
+server's additions never break an older client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from inference_server.jobs.enums import JobStatus, Task
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(Answer):
+    code: str = Field(description="A stable code from the catalogue (docs/errors.md).")
+    message: str = Field(description="What went wrong, in plain words.")
+
+
+class ErrorResponse(Answer):
+    """Every error answer: 4xx and 503 alike."""
+
+    error: ErrorDetail
+
+
+class Progress(Answer):
+    step: int = Field(ge=0)
+    total_steps: int = Field(ge=0)
+    percent: float = Field(ge=0, le=100)
+    eta_seconds: float | None = Field(default=None, ge=0)
+
+
+class Output(Answer):
+    url: str = Field(description="Absolute URL of the output (GET it with the API key).")
+    content_type: str
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    seed: int | None = Field(default=None, ge=0)
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+
+
+class JobError(Answer):
+    code: str
+    message: str | None = None
+
+
+class JobView(Answer):
+    """A job, as ``GET /v1/jobs/{id}`` returns it and webhooks carry it in ``data``."""
+
+    id: str
+    status: JobStatus
+    family: str
+    model: str | None
+    task: Task
+    params: dict[str, Any] = Field(description="The request as resolved: defaults applied, inputs as URIs.")
+    progress: Progress
+    outputs: list[Output]
+    error: JobError | None
+    created_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    started_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    finished_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    attempts: int = Field(ge=0)
+
+
+class JobList(Answer):
+    jobs: list[JobView]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
+
+
+class Upload(Answer):
+    uri: str = Field(description="A storage URI to pass as a job's `image` or `mask`.")
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    content_type: str
+
+
+class CatalogueModel(Answer):
+    id: str
+    default: bool
+    df11: bool
+    tasks: list[Task]
+
+
+class CatalogueLora(Answer):
+    name: str
+
+
+class CatalogueFamily(Answer):
+    name: str
+    tasks: list[Task]
+    defaults: dict[str, Any]
+    limits: dict[str, int] = Field(description="min_size, max_size, max_steps, size_multiple.")
+    online_workers: int | None = Field(default=None, description="Consumers of its queue; null: unknown.")
+    models: list[CatalogueModel]
+    loras: list[CatalogueLora]
+
+
+class Catalogue(Answer):
+    """``GET /v1/models``: the families this deployment serves."""
+
+    families: list[CatalogueFamily]
+
+
+class DeliveryAttempt(Answer):
+    number: int
+    started_at: str | None
+    duration_ms: int | None
+    status_code: int | None
+    error: str | None
+
+
+class Delivery(Answer):
+    id: str
+    event_id: str
+    event_type: str
+    url: str
+    status: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: str | None
+    created_at: str | None
+    delivered_at: str | None
+    attempt_log: list[DeliveryAttempt]
+
+
+class JobDeliveries(Answer):
+    job_id: str
+    deliveries: list[Delivery]
+
+
+class Health(Answer):
+    status: str
+
+
+class Readiness(Answer):
+    status: str
+    checks: dict[str, bool]
