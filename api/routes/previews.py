@@ -7,6 +7,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import AppState, current_tenant, get_session, state
+from api.openapi import answers
+from api.routes.jobs import BINARY
 from inference_server.db import JobEvent, Tenant
 from inference_server.errors import NotFound
 from inference_server.jobs import service
@@ -18,8 +20,11 @@ router = APIRouter(tags=["jobs"])
 
 @router.get(
     "/v1/jobs/{job_id}/preview",
-    response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "The latest preview (PNG)."}},
+    response_model=None,
+    responses={
+        **answers(None, 404),
+        200: {"content": {"image/png": {"schema": BINARY}}, "description": "The latest preview (PNG)."},
+    },
 )
 def get_preview(
     job_id: str,
