@@ -9,17 +9,19 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from api.access_log import AccessLog
 from api.deps import AppState
 from api.docs import install_docs
 from api.edge import LimitsAndTiming
 from api.errors import install_error_handlers
 from api.feed import EventFeed
-from api.metrics import ApiMetrics, JobsCollector
+from api.metrics import ApiMetrics, JobsCollector, RegistryCollector
 from api.ratelimit import LimitStore, RateLimiter
+from api.registry_watch import RegistryWatch
 from api.waiter import JobWaiter
 from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
 from inference_server.jobs.service import JobContext
-from inference_server.registry import Registry, load_registry
+from inference_server.registry import Registry
 from inference_server.registry.runtime import RuntimeRegistry
 from inference_server.settings import Settings
 from inference_server.storage import open_storage
@@ -33,8 +35,12 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     timeouts = DatabaseTimeouts.from_settings(settings, statement=api_limit, connect=connect)
     db = make_database(settings.database_url, pool_size=20, pre_ping=False, timeouts=timeouts)
     sf = make_session_factory(db)
-    if registry is None:
-        registry = load_registry(settings.models_file) if settings.models_file else Registry(None, {})
+    watch = None
+    if registry is None and settings.models_file:
+        watch = RegistryWatch(settings.models_file)  # a missing file: started, not ready (/readyz)
+        registry = watch.registry
+    elif registry is None:
+        registry = Registry(None, {})
     stop = threading.Event()
     relay = None
     from inference_server.publish.probe import BrokerProbe
@@ -52,7 +58,12 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         runtime=RuntimeRegistry(registry, poll=settings.registry_poll_interval),
     )
     metrics = ApiMetrics()
-    metrics.registry.register(JobsCollector(sf))
+    metrics.registry.register(JobsCollector(sf, registry.families))
+    metrics.registry.register(RegistryCollector(registry.families))
+    if relay is not None:
+        from inference_server.publish import metrics as relay_metrics
+
+        relay_metrics.register(metrics.registry)
     from webhooks.service import DeliveryBacklogCollector
 
     metrics.registry.register(DeliveryBacklogCollector(sf))
@@ -71,6 +82,8 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         metrics=metrics,
         waiter=waiter,
         feed=feed,
+        # In /readyz only for an API that started without its file (api/registry_watch.py).
+        registry_watch=watch if watch is not None and not watch.loaded else None,
         limiter=RateLimiter(settings.rate_limit_per_minute, limits, name="key")
         if settings.rate_limit_per_minute
         else None,
@@ -85,6 +98,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
             relay.start(stop)
         await feed.start()
         metrics_server = serve_metrics(settings, metrics.registry)
+        from inference_server.publish.broker_version import check_in_background
+
+        check_in_background(settings.broker_url, settings.consumer_timeout_ms)
         yield
         stop.set()
         await feed.stop()
@@ -117,6 +133,7 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         # A LoRA upload is one file, often larger than any job request.
         path_limits={"/v1/loras": settings.max_lora_bytes + 64 * 1024},
     )
+    app.add_middleware(AccessLog)  # added last: outermost, so it sees the edge's refusals too
 
     from api.routes import events, jobs, models, previews, system, uploads, webhooks
 

@@ -33,6 +33,7 @@ class AppState:
     metrics: Any = None  # api.metrics.ApiMetrics
     waiter: Any = None  # api.waiter.JobWaiter
     feed: Any = None  # api.feed.EventFeed
+    registry_watch: Any = None  # api.registry_watch.RegistryWatch: MODELS_FILE may appear later
 
 
 async def state(request: Request) -> AppState:

@@ -11,9 +11,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -87,6 +88,34 @@ def tiny_models() -> Path:
     from inference_server.engine.tiny import build_tiny_models
 
     return build_tiny_models(Path(tempfile.mkdtemp(prefix="bench-tiny-")), families=["sd15"])
+
+
+def pipeline_call(models_file: Path, params: dict[str, Any]) -> Callable[[], Any]:
+    """A function running in this process the pipeline call of a txt2img job with ``params`` (its
+    ``params`` as ``GET /v1/jobs/{id}`` shows them, or a request body with every value the engine
+    needs), on one torch thread, the model loaded and warm."""
+    import torch
+
+    torch.set_num_threads(1)
+    from inference_server.engine.runner import Engine, GenerationRequest
+    from inference_server.registry import load_registry
+
+    engine = Engine(load_registry(models_file), device="cpu")
+    seed = int(params.get("seed", 0))
+    req = GenerationRequest(
+        family=params["family"],
+        model=params.get("model"),
+        task="txt2img",
+        prompt=params["prompt"],
+        negative_prompt=params.get("negative_prompt"),
+        width=params["width"],
+        height=params["height"],
+        steps=params["steps"],
+        guidance_scale=params.get("guidance_scale"),
+        seeds=[seed + i for i in range(int(params.get("num_images", 1)))],
+    )
+    engine.generate(req)
+    return lambda: engine.generate(req)
 
 
 def system_env(db: str, broker_url: str, api: str, logs: Path, models: Path, **extra: str) -> dict[str, str]:

@@ -27,36 +27,12 @@ from benchmarks._system import (  # noqa: E402
     database,
     free_port,
     moto_s3,
+    pipeline_call,
     system_env,
     tiny_models,
 )
 
 BODY = {"family": "sd15", "prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 4, "seed": 1}
-
-
-def pipeline_call(models_file: Path):  # type: ignore[no-untyped-def]
-    """A function running the job's pipeline call in this process, the model loaded and warm."""
-    import torch
-
-    torch.set_num_threads(1)
-    from inference_server.engine.runner import Engine, GenerationRequest
-    from inference_server.registry import load_registry
-
-    engine = Engine(load_registry(models_file), device="cpu")
-    req = GenerationRequest(
-        family="sd15",
-        model=None,
-        task="txt2img",
-        prompt=BODY["prompt"],
-        negative_prompt=None,
-        width=64,
-        height=64,
-        steps=4,
-        guidance_scale=7.5,
-        seeds=[1],
-    )
-    engine.generate(req)
-    return lambda: engine.generate(req)
 
 
 def _ts(value: str) -> float:
@@ -88,7 +64,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     models = tiny_models()
-    call = pipeline_call(models)
+    call = pipeline_call(models, dict(BODY, guidance_scale=7.5))
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
     base, e2e = [], []
     phases: dict[str, list[float]] = {"submit->started": [], "started->finished": [], "finished->seen": []}

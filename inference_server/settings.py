@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = "development"
     home: Path = Field(default_factory=default_home, validation_alias="INFERENCE_SERVER_HOME")
 
+    # Logs: "text", "json", or "auto" (text on a terminal, JSON lines otherwise).
+    log_format: Literal["text", "json", "auto"] = "auto"
+    log_level: str = "INFO"
+
     # Where things live. Empty strings mean "the embedded default under home".
     database_url: str = ""
     broker_url: str = "amqp://guest:guest@localhost:5672//"
@@ -82,6 +86,9 @@ class Settings(BaseSettings):
     engine_max_edit_pixels: int = 0  # cap on the working area of edit pipelines; 0: the pipeline's own
     device: str = "cpu"  # set by `worker --device`; "cuda" after the launcher pins one GPU
     worker_max_jobs_per_child: int = 0  # recycle the child after N jobs (0: never)
+    # Denoised jobs a worker child encodes, uploads and records while the next job denoises; a
+    # hand-off beyond it waits (0: finish each job before the next starts).
+    finish_in_flight: int = Field(default=2, ge=0)
     job_time_limit: int = 0  # hard per-job time limit in seconds (0: none)
     worker_metrics_port: int = 0  # Prometheus endpoint of a worker (`workers`: this port + GPU n); 0: none
     warm_models: str = ""  # "family[/model],..." loaded when a worker child starts

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,10 @@ DASHBOARD_METRICS = {
     "inference_jobs_finished_total",
     "inference_job_duration_seconds",
     "inference_webhook_deliveries_total",
-    "rabbitmq_queue_messages_ready",
+    "inference_queue_oldest_job_age_seconds",
+    "inference_worker_busy_seconds_total",
+    "inference_gpu_memory_allocated_bytes",
+    "engine_pipeline_cache_bytes",
 }
 RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_MS = 30 * 60 * 1000
 FAMILY = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -232,16 +237,31 @@ def test_dockerfile_is_multi_stage_and_installs_gpu_extra_only_for_cuda() -> Non
         assert re.search(rf"^COPY (\S+ )*{re.escape(path)} ", text, re.M), f"the image needs {path}"
 
 
-def test_prometheus_scrapes_api_rabbitmq_and_flower() -> None:
+def scrape_targets() -> dict[str, str]:
+    """``host:port`` → metrics path for every target of prometheus.yml (static or DNS-discovered)."""
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    jobs = {}
+    paths = {}
     for job in config["scrape_configs"]:
-        targets = [t for sc in job["static_configs"] for t in sc["targets"]]
-        jobs[job["job_name"]] = (job.get("metrics_path", "/metrics"), targets)
-    paths_by_target = {t: path for path, targets in jobs.values() for t in targets}
-    assert paths_by_target["api:8000"] == "/metrics"
-    assert paths_by_target["rabbitmq:15692"].startswith("/metrics")
-    assert paths_by_target["flower:5555"] == "/metrics"
+        targets = [t for sc in job.get("static_configs", []) for t in sc["targets"]]
+        targets += [f"{n}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for n in sd["names"]]
+        for target in targets:
+            paths[target] = job.get("metrics_path", "/metrics")
+    return paths
+
+
+def test_prometheus_scrapes_every_process_where_it_serves_metrics(compose: dict[str, Any]) -> None:
+    paths = scrape_targets()
+    env = compose["x-app-env"]
+    assert paths["api:8000"] == "/metrics"
+    assert paths["dispatcher:" + env["DISPATCHER_METRICS_PORT"]] == "/metrics"
+    workers = [n for n in compose["services"] if n.startswith("worker-")]
+    assert len(workers) >= 3
+    for name in workers:
+        assert paths[f"{name}:{env['WORKER_METRICS_PORT']}"] == "/metrics", name
+    assert paths["rabbitmq:15692"].startswith("/metrics")
+    assert paths["flower:5555"] == "/metrics"
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
 
 
 def test_grafana_dashboard_plots_the_agreed_metrics() -> None:
@@ -331,13 +351,21 @@ def test_keda_scales_each_worker_on_the_queues_of_its_families(k8s_docs: Docs) -
         target = deployments[obj["spec"]["scaleTargetRef"]["name"]]
         command = target["spec"]["template"]["spec"]["containers"][0]["command"]
         families = set(option(command, "--families").split(","))
-        queues = set()
+        modes: dict[str, set[str]] = {}
+        ages = []
         for trigger in obj["spec"]["triggers"]:
+            if trigger["type"] == "prometheus":  # queue age: not something the RabbitMQ scaler reads
+                ages.append(trigger["metadata"]["query"])
+                continue
             assert trigger["type"] == "rabbitmq"
-            assert trigger["metadata"]["mode"] == "QueueLength"
+            assert trigger["metadata"]["protocol"] == "http", "MessageRate needs the management API"
             assert trigger["authenticationRef"]["name"] in auths
-            queues.add(trigger["metadata"]["queueName"])
-        assert queues == {f"jobs.{f}" for f in families}
+            modes.setdefault(trigger["metadata"]["queueName"], set()).add(trigger["metadata"]["mode"])
+        assert set(modes) == {f"jobs.{f}" for f in families}
+        assert all(m == {"QueueLength", "MessageRate"} for m in modes.values()), modes
+        (age,) = ages
+        assert "inference_queue_oldest_job_age_seconds" in age
+        assert set(re.search(r'family=~"([^"]+)"', age).group(1).split("|")) == families
 
 
 def test_api_scales_on_cpu_and_probes_health_and_readiness(k8s_docs: Docs) -> None:
@@ -376,3 +404,101 @@ def test_deploy_doc_covers_the_operator_topics() -> None:
         "models_file",
     ):
         assert topic in text, topic
+
+
+# --- Kubernetes, as kustomize renders it ---------------------------------------------------
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is required to render deploy/k8s (kubectl kustomize works offline)"
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        f"{d['kind']}/{d['metadata']['name']}": d["spec"]["template"]["spec"]
+        for d in docs
+        if d["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet")
+    }
+
+
+def test_kustomize_images_rewrite_every_image_the_migrate_job_included(tmp_path: Path) -> None:
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    kustomization = yaml.safe_load((copy / "kustomization.yaml").read_text())
+    # What `kustomize edit set image inference-server=... inference-server-cuda=...` writes.
+    kustomization["images"] = [
+        {"name": "inference-server", "newName": "registry.example/inference-server", "newTag": "1.2.3"},
+        {
+            "name": "inference-server-cuda",
+            "newName": "registry.example/inference-server",
+            "newTag": "1.2.3-cuda",
+        },
+    ]
+    (copy / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    pods = pod_specs(kustomize(copy))
+    assert "Job/inference-server-migrate" in pods
+    for name, pod in pods.items():
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            image = container["image"]
+            if not image.startswith("inference-server") and "/inference-server" not in image:
+                continue  # a third-party image (Flower's) keeps its own name
+            assert image.startswith("registry.example/inference-server:1.2.3"), (name, container)
+    workers = [p for n, p in pods.items() if "worker" in n]
+    assert workers and all(p["containers"][0]["image"].endswith("-cuda") for p in workers)
+
+
+def test_every_rendered_container_gets_the_public_api_url() -> None:
+    docs = kustomize(K8S)
+    config = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    for name, pod in pod_specs(docs).items():
+        for container in pod["containers"]:
+            if "inference-server" not in container["image"]:
+                continue  # Flower's own image builds no URL
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    env = {**config[source["configMapRef"]["name"]], **env}
+            assert re.match(r"https?://", env.get("API_URL") or ""), f"{name}: no API_URL"
+            assert "0.0.0.0" not in env["API_URL"], name
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert "API_URL" in compose["x-app-env"]
+
+
+def test_every_family_group_has_a_worker_deployment_and_a_scaled_object(
+    tiny_registry_families: set[str],
+) -> None:
+    docs = kustomize(K8S)
+    deployments = {
+        d["metadata"]["name"]: d
+        for d in docs
+        if d["kind"] == "Deployment" and "worker" in d["metadata"]["name"]
+    }
+    scaled = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "ScaledObject"}
+    assert set(deployments) == scaled
+    served = set()
+    for deployment in deployments.values():
+        served |= set(
+            option(deployment["spec"]["template"]["spec"]["containers"][0]["command"], "--families").split(
+                ","
+            )
+        )
+    assert served == tiny_registry_families, "every family of the registry has workers"
+
+
+@pytest.fixture(scope="module")
+def tiny_registry_families() -> set[str]:
+    """The families `inference-server models tiny` writes: every family the engine knows."""
+    from inference_server.engine.tiny.build import FAMILIES
+
+    return set(FAMILIES)
+
+
+def test_docs_state_the_rabbitmq_version_the_code_requires() -> None:
+    from inference_server.publish.broker_version import PER_QUEUE_CONSUMER_TIMEOUT
+
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert "3.13+" not in text
+    assert "3.10" in text and "{}.{}".format(*PER_QUEUE_CONSUMER_TIMEOUT) in text

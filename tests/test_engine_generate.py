@@ -121,6 +121,28 @@ def test_img2img_strength_shortens_the_run(engine: Engine) -> None:
     assert steps[-1] == (5, 5)
 
 
+@pytest.mark.parametrize(("family", "model", "task"), CASES)
+@pytest.mark.parametrize(("steps", "strength"), [(5, 0.5), (7, 0.3), (5, None)])
+def test_the_planned_steps_are_the_steps_that_run(
+    engine: Engine, family: str, model: str | None, task: str, steps: int, strength: float | None
+) -> None:
+    """What submit stores as the job's total (JobSpec.planned_steps, rounded as the registry says
+    the family's pipelines round steps x strength) is what the pipeline's callback counts."""
+    from inference_server.jobs.enums import Task
+    from inference_server.jobs.spec import JobSpec
+
+    spec = JobSpec(
+        family=family, model=model or "m", task=Task(task), steps=steps, strength=strength, seeds=[1]
+    )
+    planned = spec.planned_steps(engine.registry.family(family).strength_steps)
+    counted: list[int] = []
+    engine.generate(
+        request(family, model, task, [1], steps=steps, strength=strength),
+        on_step=lambda d, t: counted.append(t) and False,
+    )
+    assert counted and set(counted) == {planned} and len(counted) == planned
+
+
 @pytest.mark.parametrize(
     ("kw", "code"),
     [

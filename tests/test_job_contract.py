@@ -44,7 +44,7 @@ def test_the_api_stores_a_job_spec_and_shows_the_request(api_client, system_db) 
         stored = session.scalar(select(Job.params).where(Job.id == job["id"]))
     spec = JobSpec.model_validate(stored)
     assert spec.seeds == [40, 41, 42] and spec.model == job["model"] and spec.task is Task.TXT2IMG
-    assert spec.steps == 4 and spec.planned_steps == 4
+    assert spec.steps == 4 and spec.planned_steps() == 4
     # The public view keeps the request's own words: one seed and a count.
     assert job["params"]["seed"] == 40 and job["params"]["num_images"] == 3
     assert "seeds" not in job["params"] and public_params(stored) == job["params"]
@@ -52,7 +52,7 @@ def test_the_api_stores_a_job_spec_and_shows_the_request(api_client, system_db) 
 
 def test_strength_plans_the_steps_that_run() -> None:
     spec = JobSpec(family="sd15", model="m", task=Task.IMG2IMG, steps=10, strength=0.5, seeds=[1])
-    assert spec.planned_steps == 5
+    assert spec.planned_steps() == spec.planned_steps("ceil") == 5
 
 
 def test_a_spec_stored_before_seed_lists_still_runs() -> None:

@@ -32,6 +32,7 @@ from inference_server import netguard
 from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.jobs.serialize import with_api_base
+from inference_server.logs import job_context
 from inference_server.settings import Settings
 from inference_server.storage import Storage, open_storage
 from webhooks.chain import sweep
@@ -364,7 +365,8 @@ class Dispatcher:
                     timeout=self.settings.webhook_timeout,
                 )
         except Exception as exc:  # a bug must not leave the row leased until the lease expires
-            log.exception("webhook attempt crashed")
+            with job_context(job_id=c.job_id, tenant=c.tenant_id):
+                log.exception("webhook attempt crashed")
             result = AttemptResult(utcnow(), 0.0, error=netguard.describe(exc))
         with self._lock:
             self._done.append((c, result))

@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+OUTCOMES = ("succeeded", "retry", "exhausted", "gone", "superseded", "replayed")
 DELIVERIES = Counter(
     "inference_webhook_deliveries",
     "Webhook delivery outcomes: one per attempt result, coalesced progress event or replay.",

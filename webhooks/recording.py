@@ -3,6 +3,7 @@ move of each chain's cursor (``chain.advance``). One transaction per batch of re
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -12,11 +13,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from inference_server.db.base import UTCDateTime, utcnow
+from inference_server.logs import job_context
 from webhooks import metrics
 from webhooks.chain import Ended, advance, affected
-from webhooks.delivery import AttemptResult, plan_next
+from webhooks.delivery import AttemptResult, NextState, plan_next
 from webhooks.fanout import url_hash
 from webhooks.tables import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookGoneURL
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ def record_results(
         ended[c.id] = Ended(c.job_id, c.url, c.event_seq, failed, pause)
         metrics.DELIVERIES.labels(outcome=nxt.outcome).inc()
         metrics.ATTEMPT_SECONDS.observe(r.duration)
+        if nxt.outcome != "succeeded":
+            _log_failure(c, r, n, nxt)
 
     if session.get_bind().dialect.name == "postgresql":
         applied = _apply_postgresql(session, rows, attempts, now)
@@ -100,6 +106,25 @@ def record_results(
         mark_gone(session, tenant_id, url)
     # Only results recorded under their claim move a chain: a zombie's late answer changes nothing.
     advance(session, [e for delivery_id, e in ended.items() if delivery_id in applied], now)
+
+
+def _log_failure(c: Claimed, r: AttemptResult, number: int, nxt: NextState) -> None:
+    """One line per failed attempt: INFO while it will be retried, WARNING when it never will."""
+    answer = f"HTTP {r.status_code}" if r.status_code is not None else (r.error or "no answer")
+    fields = {"event_id": c.event_id, "url": c.url, "delivery_attempt": number, "outcome": nxt.outcome}
+    with job_context(job_id=c.job_id, tenant=c.tenant_id):
+        if nxt.outcome == "retry":
+            log.info(
+                "webhook delivery failed (%s), attempt %d; retried at %s",
+                answer,
+                number,
+                nxt.next_attempt_at.isoformat() if nxt.next_attempt_at else "?",
+                extra=fields,
+            )
+        elif nxt.outcome == "gone":
+            log.warning("webhook URL answered 410 Gone: its deliveries stop", extra=fields)
+        else:
+            log.warning("webhook delivery given up after %d attempts (%s)", number, answer, extra=fields)
 
 
 # PostgreSQL: the whole batch in two statements whose text never changes (arrays, not a VALUES list
@@ -215,3 +240,5 @@ def mark_gone(session: Session, tenant_id: str, url: str) -> None:
     )
     if count:
         metrics.DELIVERIES.labels(outcome=DeliveryStatus.GONE).inc(count)
+        with job_context(tenant=tenant_id):
+            log.warning("%d unsent webhook deliveries to %s stopped: it answered 410 Gone", count, url)

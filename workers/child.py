@@ -1,7 +1,8 @@
 """The worker child's composition root: the one place its JobRunner (engine, storage, database) is
 built from Settings. The child builds it when it starts (Celery's ``worker_process_init``, after the
 launcher pinned the device, so CUDA is first touched here) and loads ``WARM_MODELS`` before it takes
-its first job."""
+its first job. When the child exits (``worker_process_shutdown``: a warm shutdown, or recycling after
+``WORKER_MAX_JOBS_PER_CHILD``), ``stop`` finishes the jobs its finisher still holds."""
 
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ class ChildRunner:
     def start(self) -> None:
         """Build the runner and load the warm models. Never raises: a child that cannot build its
         engine stays up, logs why, and hands every job back to the queue for a healthy worker."""
+        from workers.device_metrics import start_sampler
+
+        start_sampler(self.settings.device, threading.Event())
         try:
             runner = self.get()
         except Exception as exc:
@@ -76,6 +80,19 @@ class ChildRunner:
                 runner.watcher.sync()  # now, rather than at the first poll
             except Exception as exc:  # the runner syncs again before each job
                 log.error("runtime registry not read at start: %s", exc)
+
+    def stop(self) -> None:
+        """Finish what the runner's finisher holds (the child is exiting). Never builds a runner:
+        a process that never ran a job (the prefork parent) has nothing to finish."""
+        with self._lock:
+            runner = self._runner
+        if runner is None:
+            return
+        held = runner.finisher.held if runner.finisher is not None else 0
+        if held:
+            log.info("finishing %d job(s) before the child exits", held)
+        if not runner.close(timeout=self.settings.job_end_retry_seconds + self.settings.job_lease_seconds):
+            log.error("the child exits with jobs unfinished; their leases expire and they run again")
 
     def get(self) -> JobRunner:
         with self._lock:
@@ -97,13 +114,15 @@ def worker_name(settings: Settings, families: list[str]) -> str:
 
 def build_runner(settings: Settings, families: list[str] | None = None) -> JobRunner:
     """A JobRunner for this child: its device configured, storage opened, registry read, engine
-    ready to load pipelines, and a small database pool (one job runs at a time). With
+    ready to load pipelines, a finisher of ``FINISH_IN_FLIGHT`` jobs, and a small database pool
+    (one job denoises at a time; each job in the finisher has a progress watcher of its own). With
     ``families``, it follows the runtime registry and answers placement requests for them."""
     from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
     from inference_server.engine.runner import Engine
     from inference_server.registry import load_registry
     from inference_server.storage import open_storage
     from workers.device import configure_torch
+    from workers.gate import GATE
     from workers.runner import JobRunner
 
     device = configure_torch(settings)
@@ -124,7 +143,7 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
         max_loras=settings.engine_max_loras,
     )
     timeouts = DatabaseTimeouts.from_settings(settings)
-    db = make_database(settings.database_url, pool_size=3, timeouts=timeouts)
+    db = make_database(settings.database_url, pool_size=3 + settings.finish_in_flight, timeouts=timeouts)
     sf = make_session_factory(db)
     watcher = None
     if families:
@@ -132,7 +151,15 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
 
         name = worker_name(settings, families)
         watcher = RegistryWatcher(sf, seed, engine, families, name, poll=settings.registry_poll_interval)
-    return JobRunner(settings, sf, storage, engine, watcher=watcher)
+    return JobRunner(
+        settings,
+        sf,
+        storage,
+        engine,
+        watcher=watcher,
+        finish_in_flight=settings.finish_in_flight,
+        ending=GATE.ending,
+    )
 
 
 def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:

@@ -8,7 +8,14 @@ connection error like a dropped one and reconnects several times a second withou
 worker then looks alive to its supervisor and never takes a job again. A refusal that lasts
 ``BROKER_REFUSED_TIMEOUT`` is not a blip of a restarting broker: exiting lets the supervisor
 restart the worker (with the configuration it may have fixed meanwhile) and makes the outage
-visible. A broker that is merely unreachable is still retried as Celery always does."""
+visible. A broker that is merely unreachable is still retried as Celery always does.
+
+Celery's native delayed delivery (a step it adds whenever a queue is a quorum queue) is left out:
+it binds every queue to its ``celery_delayed_*`` topic exchanges so that ETA/countdown tasks can
+wait in the broker, and warns, once per queue at every start, that our direct ``jobs`` exchange
+cannot take part. Nothing here publishes ETA tasks: a delayed retry waits in the outbox
+(``available_at``) and the relay publishes it when due, so the step would only declare unused
+exchanges and print that warning."""
 
 from __future__ import annotations
 
@@ -28,8 +35,15 @@ REFUSED_TIMEOUT_KEY = "inference_broker_refused_timeout"  # Celery conf key the 
 EX_FAILURE = 1
 
 
+DELAYED_DELIVERY_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+
+
 class BoundedConsumer(Consumer):  # type: ignore[misc]  # Celery is untyped
-    """Celery's consumer with a limit on how long the broker may refuse it."""
+    """Celery's consumer with a limit on how long the broker may refuse it, without the delayed
+    delivery step."""
+
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        default_steps = [s for s in Consumer.Blueprint.default_steps if s != DELAYED_DELIVERY_STEP]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

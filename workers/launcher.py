@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery, signals
 
 from inference_server.errors import ConfigurationError, DependencyDown
+from inference_server.logs import json_logs
 from inference_server.registry import Registry
 from inference_server.settings import Settings
 from workers.device import pin_device
@@ -49,13 +50,22 @@ def build_worker(settings: Settings, families: list[str]) -> tuple[Celery, list[
     pool, the worker itself) builds its runner and loads WARM_MODELS as it starts."""
     from workers.celery_app import create_celery_app
     from workers.child import ChildRunner, warm_models
+    from workers.metrics import JOBS_FINISHED, WORKER_FAMILIES
 
     registry = _registry(settings, families)
     queues = [registry.family(f).queue for f in families]
+    for family in families:
+        WORKER_FAMILIES.labels(family).set(1)
+        for status in ("succeeded", "failed", "canceled"):  # series from the start: rate() sees the first
+            JOBS_FINISHED.labels(family, status)
     runner = ChildRunner(settings, warm_models(settings, registry, families), families)
     # Sent in each prefork child after the fork (and once by the solo pool): CUDA is first touched
     # there, never in the parent that forks.
     signals.worker_process_init.connect(lambda **_: runner.start(), weak=False)
+    # A child finishes the jobs its finisher holds before it exits: prefork children on
+    # worker_process_shutdown, the solo pool (`up`) on worker_shutdown.
+    signals.worker_process_shutdown.connect(lambda **_: runner.stop(), weak=False)
+    signals.worker_shutdown.connect(lambda **_: runner.stop(), weak=False)
     return create_celery_app(settings, queues, runner), queues
 
 
@@ -76,6 +86,9 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
         serve(settings.worker_metrics_port)
     name = f"{'-'.join(families)}.{device.replace(':', '')}@%h"
     if settings.broker_url.startswith(("amqp", "pyamqp")):
+        from inference_server.publish.broker_version import check_broker_version
+
+        check_broker_version(settings.broker_url, settings.consumer_timeout_ms)
         _check_name_free(app, name)
     # app.Worker rather than app.worker_main, which drops the worker's exit status: a worker
     # stopped by an unrecoverable error must exit non-zero for its supervisor to restart it.
@@ -89,7 +102,9 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
         queues=queues,
         without_gossip=True,
         without_mingle=True,
+        quiet=json_logs(),  # Celery's banner is not a log line: a collector of JSON lines chokes on it
     )
+    log.info("worker %s consuming %s", host_format(name), ", ".join(queues))
     worker.start()
     if worker.exitcode:
         log.critical("worker stopped with status %s", worker.exitcode)

@@ -3,7 +3,7 @@ worker's main process serves every child's values (prometheus-client's multiproc
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 JOBS_FINISHED = Counter(
     "inference_jobs_finished_total",
@@ -38,6 +38,42 @@ REQUEUED_MESSAGES = Counter(
     "inference_messages_requeued_total",
     "Job messages this worker sent back to their queue (database or engine unavailable)",
     ["reason"],
+)
+
+# Duty: busy-fraction = rate(inference_worker_busy_seconds_total[5m]). Added when a run ends, so a
+# window shorter than the longest job sees that job's time all at once.
+BUSY_SECONDS = Counter("inference_worker_busy_seconds", "Seconds this worker spent running jobs")
+# One series per family the worker consumes; `sum by (family)` counts the workers of a family.
+WORKER_FAMILIES = Gauge(
+    "inference_worker_families",
+    "1 for each family this worker consumes",
+    ["family"],
+    multiprocess_mode="livemax",
+)
+# Device figures, sampled by the worker child (workers/device_metrics.py).
+GPU_ALLOCATED = Gauge(
+    "inference_gpu_memory_allocated_bytes",
+    "GPU memory held by this worker's tensors (torch.cuda.memory_allocated); 0 on a CPU worker",
+    ["device"],
+    multiprocess_mode="livemax",
+)
+GPU_RESERVED = Gauge(
+    "inference_gpu_memory_reserved_bytes",
+    "GPU memory reserved by this worker's PyTorch allocator (torch.cuda.memory_reserved); 0 on CPU",
+    ["device"],
+    multiprocess_mode="livemax",
+)
+GPU_CAPACITY = Gauge(
+    "inference_gpu_memory_capacity_bytes",
+    "Total memory of the GPU; 0 on a CPU worker",
+    ["device"],
+    multiprocess_mode="livemax",
+)
+GPU_UTILIZATION = Gauge(
+    "inference_gpu_utilization_ratio",
+    "GPU busy share over NVML's last sample period (0-1); only where NVML is present",
+    ["device"],
+    multiprocess_mode="livemax",
 )
 
 

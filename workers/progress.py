@@ -67,22 +67,44 @@ class ProgressWatcher:
         self._thread = threading.Thread(target=self._loop, name=f"progress-{job_id[:8]}", daemon=True)
 
     def __enter__(self) -> ProgressWatcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> ProgressWatcher:
+        """Start watching (the lease is renewed, progress saved, cancels seen) until ``stop``."""
         if self._cancels is not None:
             self._cancels.listen()
         self._thread.start()
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
+    def stop(self) -> None:
+        """Stop watching; returns once the watcher has made its last write. Idempotent."""
         self._stop.set()
-        if self._cancels is not None:
-            self._cancels.wake()
-        self._thread.join(timeout=10)
-        if exc_type is None and not self.canceled and not self._thread.is_alive():
-            # A run quicker than the throttle still shows its last preview before its end is written.
-            try:
-                self._preview_tick(force=True)
-            except Exception as err:
-                log.warning("preview of job %s failed: %s", self.job_id, err)
+        cancels = self._cancels
+        if cancels is not None:
+            cancels.wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def poll_only(self) -> None:
+        """Leave the child's cancel listener to the next job's watcher: from now on this watcher
+        sees a cancel at its next poll. Called when the job's denoising is over (a cancel no longer
+        has a step to stop), so the one listener has one waiter."""
+        cancels, self._cancels = self._cancels, None
+        if cancels is not None:
+            cancels.wake()  # ends a wait in progress on the listener
+
+    def flush_preview(self) -> None:
+        """Store and announce the run's last preview now (its denoising is over), so a run quicker
+        than the throttle still shows it before its end is written. Never raises."""
+        if self._previews is None or self.canceled:
+            return
+        try:
+            self._preview_tick(force=True)
+        except Exception as err:
+            log.warning("preview of job %s failed: %s", self.job_id, err)
 
     @property
     def total(self) -> int:
@@ -115,9 +137,10 @@ class ProgressWatcher:
     def _pause(self) -> bool:
         """Wait for the next tick: a poll interval, or less when a cancel of this job is pushed.
         Return whether the watcher is to stop."""
-        if self._cancels is None:
+        cancels = self._cancels
+        if cancels is None:
             return self._stop.wait(self.poll_interval)
-        self._cancels.wait(self.job_id, self.poll_interval)
+        cancels.wait(self.job_id, self.poll_interval)
         return self._stop.is_set()
 
     def _preview_tick(self, *, force: bool = False) -> None:

@@ -1,5 +1,6 @@
 """Running one job: claim it under a lease, run the pipeline with progress, lease renewal and
-cancellation, post-process, upload, and record outputs and success together.
+cancellation, then finish it: post-process, upload, and record outputs and success together. With a
+``Finisher`` (workers/finisher.py) the finishing happens on its thread while the next job denoises.
 
 The database decides what runs: the job's message is acknowledged as the run starts, and from then
 on the lease carries the job. A run that dies is found by the reconciler once its lease expires; a
@@ -25,11 +26,13 @@ from inference_server.jobs import transitions
 from inference_server.jobs.enums import ClaimRefusal, RunOutcome, Task
 from inference_server.jobs.spec import JobSpec
 from inference_server.jobs.transitions import Claim
+from inference_server.logs import bind_job
 from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
 from workers.cancels import CancelListener
-from workers.metrics import JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
+from workers.finisher import FinishedRun, Finisher
+from workers.metrics import BUSY_SECONDS, JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
 from workers.previews import LatestPreview
 from workers.progress import ProgressWatcher
 
@@ -50,7 +53,12 @@ class Superseded(JobCanceled):
 
 
 class JobRunner:
-    """Runs jobs in a worker child. Holds the engine (and its pipeline cache) for the child's life."""
+    """Runs jobs in a worker child. Holds the engine (and its pipeline cache) for the child's life.
+
+    ``finish_in_flight``: how many denoised jobs may be finished (encoded, uploaded, recorded) on a
+    thread of their own while ``run`` returns to take the next job; 0 (the default) finishes each
+    job inside ``run``. ``close`` drains them. ``ending``: called with a job's id as its last
+    denoising step begins (the worker's gate takes the next message then)."""
 
     def __init__(
         self,
@@ -61,6 +69,8 @@ class JobRunner:
         *,
         worker_name: str | None = None,
         watcher: Any = None,
+        finish_in_flight: int = 0,
+        ending: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         # workers.registry_watch.RegistryWatcher: the runtime registry, synced before each claim
@@ -74,13 +84,23 @@ class JobRunner:
         self._cancels = (
             CancelListener(bind) if bind is not None and bind.dialect.name == "postgresql" else None
         )
+        self.finisher = Finisher(self.finish, finish_in_flight) if finish_in_flight > 0 else None
+        self._tell_ending = ending
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish every job handed to the finisher (the child is exiting); return whether all were
+        recorded within ``timeout``. Those that were not are left to their leases."""
+        if self.finisher is None:
+            return True
+        return self.finisher.close(timeout)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def run(self, job_id: str, *, queue: str | None = None) -> RunOutcome | ClaimRefusal:
         """Run ``job_id``, whose message came from ``queue`` (where a transient failure sends it
-        back); return how the run ended, or why it did not run. Raises ClaimUnavailable when the
-        database cannot take the claim."""
+        back); return how the run ended (``FINISHING``: denoised and handed to the finisher, which
+        records the end), or why it did not run. Raises ClaimUnavailable when the database cannot
+        take the claim. Blocks while the finisher holds as many jobs as it may."""
         if self.watcher is None:
             return self._run(job_id, queue)
         with self.watcher.lock:  # no placement load runs beside a job
@@ -105,12 +125,30 @@ class JobRunner:
             log.info("job %s not run: %s", job_id, claimed.value)
             return claimed
         claim, recorded = claimed
+        bind_job(tenant=str(claim.row["tenant_id"]), family=claim.family, attempt=claim.attempt)
+        log.info("job started: %s, attempt %d", claim.task, claim.attempt)
         started = time.perf_counter()
-        outcome = self._run_claimed(claim, recorded, queue or default_queue(claim.family))
-        JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
-        if outcome.finished_job:
-            JOBS_FINISHED.labels(claim.family, outcome.value).inc()
-        return outcome
+        finished = self._run_claimed(claim, recorded, queue or default_queue(claim.family), started)
+        took = time.perf_counter() - started
+        BUSY_SECONDS.inc(took)  # the device's share: finishing goes on beside the next job
+        if isinstance(finished, RunOutcome):
+            return _observed(claim, started, finished)
+        if self.finisher is None:
+            log.info("job %s: denoised; finishing it here (%.3f s from its claim)", job_id, took)
+            return self.finish(finished)
+        try:
+            held = self.finisher.submit(finished)
+        except BaseException:
+            finished.watcher.stop()  # left to its lease, which the reconciler finds
+            raise
+        log.info(
+            "job %s: denoised; %d of %d in the finisher (%.3f s from its claim)",
+            job_id,
+            held,
+            self.finisher.limit,
+            took,
+        )
+        return RunOutcome.FINISHING
 
     def _claim(self, job_id: str) -> tuple[Claim, Future[None]] | ClaimRefusal:
         """Lock and claim the job; its claim is written and committed beside the pipeline's start
@@ -140,11 +178,13 @@ class JobRunner:
         with session:
             transitions.record_claim(session, claim)
 
-    def _run_claimed(self, claim: Claim, recorded: Future[None], queue: str) -> RunOutcome:
-        # Every end is written after the claim: each path waits for ``recorded`` first.
+    def _run_claimed(
+        self, claim: Claim, recorded: Future[None], queue: str, started: float
+    ) -> RunOutcome | FinishedRun:
+        # Every end is written after the claim: each path waits for ``recorded`` first, and a job
+        # goes to the finisher only once its claim is committed.
         try:
-            images, steps = self._generate(claim, recorded)
-            outputs = self._store_outputs(claim, images)
+            images, watcher = self._generate(claim, recorded)
         except Superseded:
             self._claim_written(recorded)
             return RunOutcome.SUPERSEDED
@@ -154,9 +194,49 @@ class JobRunner:
         except Exception as exc:
             self._claim_written(recorded)
             return self._failed(claim, exc, queue)
-        self._claim_written(recorded)
-        owned = self._ending(lambda session: transitions.succeed(session, claim, outputs, steps=steps), claim)
-        return _outcome(owned, RunOutcome.SUCCEEDED)
+        try:
+            self._claim_written(recorded)
+        except BaseException:
+            watcher.stop()
+            raise
+        return FinishedRun(claim, images, watcher.total, queue, watcher, started)
+
+    def finish(self, run: FinishedRun) -> RunOutcome:
+        """Encode, sign and upload a denoised job's images, then record its success (or release it
+        after a transient failure); stops the run's watcher just before the end is written. A job
+        canceled or taken over meanwhile is not recorded (and not uploaded, if that was known
+        before the upload). The finisher's thread calls this, or ``run`` does without one."""
+        claim, watcher = run.claim, run.watcher
+        planned = claim.row.get("progress_total")
+        if run.steps and planned and run.steps != planned:
+            log.warning(
+                "job %s ran %d steps where %d were planned: check the registry's strength_steps for %s",
+                claim.job_id,
+                run.steps,
+                planned,
+                claim.family,
+            )
+        outputs: list[dict[str, Any]] = []
+        error: Exception | None = None
+        try:
+            if not watcher.canceled:
+                outputs = self._store_outputs(claim, run.images)
+        except Exception as exc:
+            error = exc
+        finally:
+            watcher.stop()  # its last lease renewal and progress write are in before the end
+        if watcher.superseded:
+            outcome = RunOutcome.SUPERSEDED
+        elif watcher.canceled:
+            outcome = RunOutcome.CANCELED
+        elif error is not None:
+            outcome = self._failed(claim, error, run.queue)
+        else:
+            owned = self._ending(
+                lambda session: transitions.succeed(session, claim, outputs, steps=run.steps), claim
+            )
+            outcome = _outcome(owned, RunOutcome.SUCCEEDED)
+        return _observed(claim, run.started, outcome)
 
     @staticmethod
     def _claim_written(recorded: Future[None]) -> None:
@@ -206,9 +286,9 @@ class JobRunner:
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
 
-
-    def _generate(self, claim: Claim, recorded: Future[None]) -> tuple[list[Image.Image], int]:
-        """The job's images, and the denoising steps the engine counted."""
+    def _generate(self, claim: Claim, recorded: Future[None]) -> tuple[list[Image.Image], ProgressWatcher]:
+        """The job's images, and its watcher, still running: it holds the job's lease until the
+        job's end is written (the engine's step count is its ``total``)."""
         from inference_server.engine.runner import GenerationRequest, LoraRef
 
         spec = claim.spec
@@ -244,7 +324,7 @@ class JobRunner:
             request.image = imaging.fit_input(image, request.width, request.height)
             if mask is not None:
                 request.mask = imaging.fit_mask(mask, request.width, request.height)
-        with ProgressWatcher(
+        watcher = ProgressWatcher(
             self.sf,
             claim.job_id,
             claim.attempt,
@@ -254,20 +334,35 @@ class JobRunner:
             after=recorded,
             cancels=self._cancels,
             previews=previews,
-        ) as watcher:
-            try:
-                extra = {"on_preview": previews.offer} if previews else {}
-                images = self.engine.generate(request, on_step=watcher.on_step, **extra)
-                switch = getattr(self.engine, "last_lora_seconds", None)
-                if switch is not None:
-                    LORA_SWITCH.labels(spec.family).observe(switch)
-                if watcher.canceled:
-                    raise JobCanceled("canceled during the run")
-            except JobCanceled:
-                if watcher.superseded:
-                    raise Superseded("a newer attempt owns the job") from None
-                raise
-        return images, watcher.total
+        ).start()
+        on_step: Callable[[int, int], bool] = watcher.on_step
+        tell, finisher = self._tell_ending, self.finisher
+        if tell is not None and finisher is not None:
+            # Not while the finisher is full: the hand-off will wait, and so must the next message.
+            def ending() -> None:
+                if finisher.held < finisher.limit:
+                    tell(claim.job_id)
+
+            on_step = _telling_last_step(watcher.on_step, ending)
+        try:
+            extra = {"on_preview": previews.offer} if previews else {}
+            images = self.engine.generate(request, on_step=on_step, **extra)
+            switch = getattr(self.engine, "last_lora_seconds", None)
+            if switch is not None:
+                LORA_SWITCH.labels(spec.family).observe(switch)
+            if watcher.canceled:
+                raise JobCanceled("canceled during the run")
+        except JobCanceled:
+            watcher.stop()
+            if watcher.superseded:
+                raise Superseded("a newer attempt owns the job") from None
+            raise
+        except BaseException:
+            watcher.stop()
+            raise
+        watcher.flush_preview()
+        watcher.poll_only()  # the next job's watcher takes the cancel listener
+        return images, watcher
 
     def _load_inputs(self, spec: JobSpec) -> tuple[Image.Image | None, Image.Image | None]:
         # JPEG inputs decode at reduced scale when they are much larger than the output.
@@ -346,6 +441,29 @@ class JobRunner:
         # Encodes release the GIL in Pillow and uploads wait on the network: overlap them.
         with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
             return list(pool.map(finish, range(len(images)), images))
+
+
+def _telling_last_step(
+    on_step: Callable[[int, int], bool], ending: Callable[[], None]
+) -> Callable[[int, int], bool]:
+    """``on_step`` that also calls ``ending`` once, when the step before the last is done."""
+    told = False
+
+    def step(done: int, total: int) -> bool:
+        nonlocal told
+        if not told and done == total - 1:
+            told = True
+            ending()
+        return on_step(done, total)
+
+    return step
+
+
+def _observed(claim: Claim, started: float, outcome: RunOutcome) -> RunOutcome:
+    JOB_DURATION.labels(claim.family, claim.task).observe(time.perf_counter() - started)
+    if outcome.finished_job:
+        JOBS_FINISHED.labels(claim.family, outcome.value).inc()
+    return outcome
 
 
 def _outcome(owned: bool | None, done: RunOutcome) -> RunOutcome:

@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery, Task
 
 from inference_server.jobs.enums import ClaimRefusal
+from inference_server.logs import job_context
 from inference_server.publish.topology import RUN_JOB
 from workers import messages
 from workers.child import ChildRunner
@@ -25,6 +26,12 @@ def register_tasks(app: Celery, lazy: ChildRunner) -> None:
 
     @app.task(name=RUN_JOB, bind=True, acks_late=True, shared=False, Request="workers.gate:LeasedRequest")
     def run_job(self: Task, job_id: Any) -> str:
+        # Every line logged while this message is handled names its job (the runner adds tenant,
+        # family and attempt once its claim has read them).
+        with job_context(job_id=job_id if isinstance(job_id, str) else repr(job_id)):
+            return _run(self, job_id)
+
+    def _run(self: Task, job_id: Any) -> str:
         # The message was acknowledged as this run started (workers.gate): from here the job's
         # lease carries it, and nothing may leave the job without a way back to its queue.
         queue = (self.request.delivery_info or {}).get("routing_key") or ""

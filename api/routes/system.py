@@ -36,6 +36,8 @@ def readyz(session: Session = Depends(get_session), st: AppState = Depends(state
         checks["database"] = False
     if st.broker is not None:
         checks["broker"] = st.broker.reachable()
+    if st.registry_watch is not None:  # MODELS_FILE not there yet (api/registry_watch.py)
+        checks["registry"] = st.registry_watch.ready()
     if all(checks.values()):
         return JSONResponse({"status": "ready", "checks": checks})
     down = ", ".join(k for k, ok in checks.items() if not ok)

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import click
 from pydantic import ValidationError
 
 from inference_server.errors import ConfigurationError, InferenceError
+from inference_server.logs import configure_logging
 from inference_server.settings import Settings, get_settings
 
 
@@ -38,10 +38,23 @@ class Group(click.Group):
 
 
 @click.group(cls=Group)
-@click.option("--log-level", default="INFO", show_default=True)
-def cli(log_level: str) -> None:
+@click.option("--log-level", default=None, help="Default: LOG_LEVEL (INFO).")
+@click.option(
+    "--log-format",
+    default=None,
+    type=click.Choice(["text", "json", "auto"]),
+    help="Default: LOG_FORMAT (auto).",
+)
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None, log_format: str | None) -> None:
     """A distributed diffusion job system: API, GPU workers, webhook dispatcher."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+        fmt, level = settings.log_format, settings.log_level
+    except ValidationError:  # the command itself reports the invalid settings, in one line
+        fmt, level = "auto", "INFO"
+    role = ctx.invoked_subcommand or "cli"
+    configure_logging(log_format or fmt, log_level or level, role=role)
 
 
 @cli.command()
@@ -70,7 +83,8 @@ def api(host: str | None, port: int | None, processes: int) -> None:
         port=port or settings.api_port,
         workers=processes,
         log_level="warning",
-        access_log=False,
+        log_config=None,  # our handler and format (inference_server.logs), not uvicorn's own
+        access_log=False,  # api.access_log writes one line per request, with its id
         # Event streams stay open until their job ends: without a bound a stop would wait for them.
         timeout_graceful_shutdown=int(settings.api_shutdown_grace) or None,
     )

@@ -48,6 +48,7 @@ class PipelineCache:
         self.hits = 0
         self.loads = 0
         self.evictions = 0
+        metrics.CACHE_BYTES.set(0)  # an empty cache is a value too: the series exists from the start
 
     @property
     def used(self) -> int:

@@ -23,5 +23,9 @@ PIPELINE_LOAD_SECONDS = Histogram(
     ["family", "model"],
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )
-CACHE_BYTES = Gauge("engine_pipeline_cache_bytes", "Bytes of parameters and buffers held by cached pipelines")
+CACHE_BYTES = Gauge(
+    "engine_pipeline_cache_bytes",
+    "Bytes of parameters and buffers held by cached pipelines",
+    multiprocess_mode="livesum",  # a worker's children, summed (one child per GPU worker)
+)
 LORA_LOADS = Counter("engine_lora_loads_total", "LoRA adapters loaded into a pipeline", ["family"])

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from inference_server.errors import InvalidRequest
+from inference_server.jobs.spec import DEFAULT_STRENGTH
 
 _EDIT_CLASSES = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 
@@ -71,7 +72,7 @@ def call_kwargs(pipe: Any, req: Any, seeds: list[int], callback: Any) -> dict[st
         # only, and image i would then draw its noise from a generator in another state than when
         # its seed runs alone.
         kwargs["image"] = [req.image] * len(seeds)
-        kwargs["strength"] = req.strength if req.strength is not None else 0.75
+        kwargs["strength"] = req.strength if req.strength is not None else DEFAULT_STRENGTH
     if req.task == "inpaint":
         kwargs["mask_image"] = [req.mask] * len(seeds)
     if name.startswith("Flux"):

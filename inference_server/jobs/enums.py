@@ -97,6 +97,7 @@ class RunOutcome(StrEnum):
     SUPERSEDED = "superseded"  # a cancel or a newer attempt took the job while this run went on
     REQUEUED = "requeued"  # a transient failure: the job goes back to its queue for another attempt
     ABANDONED = "abandoned"  # its end could not be recorded: the lease expires, the reconciler acts
+    FINISHING = "finishing"  # denoised and handed to the worker's finisher, which records the end
 
     @property
     def finished_job(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +25,13 @@ from inference_server.jobs.enums import TERMINAL, EventType, JobStatus, Task
 from inference_server.jobs.persist import insert_new_rows
 from inference_server.jobs.serialize import job_to_dict
 from inference_server.jobs.spec import MAX_SEED, JobRequest, JobSpec
+from inference_server.logs import job_context
 from inference_server.registry import FamilySpec, ModelSpec, Registry
 from inference_server.registry.runtime import RuntimeRegistry
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, input_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -194,6 +198,8 @@ def submit(
         raise
     if ctx.on_published:
         ctx.on_published()
+    with job_context(job_id=planned.job_id, tenant=str(tenant.id), family=req.family, attempt=0):
+        log.info("job queued")
     return Submitted(job_id=planned.job_id, created=True, view=planned.view)
 
 
@@ -261,7 +267,7 @@ def plan(
         "idempotency_key": idempotency_key,
         "request_hash": digest,
         "progress_step": 0,
-        "progress_total": spec.planned_steps,
+        "progress_total": spec.planned_steps(family.strength_steps),
         "eta_seconds": None,
         "error_code": None,
         "error_message": None,

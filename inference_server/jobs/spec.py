@@ -32,6 +32,9 @@ def _finite(value: Any) -> Any:
 Finite = BeforeValidator(_finite)
 
 
+DEFAULT_STRENGTH = 0.75  # img2img and inpaint without a strength (engine and plan alike)
+StrengthSteps = Literal["floor", "ceil"]  # how a family's pipelines round steps x strength
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -150,13 +153,20 @@ class JobSpec(Strict):
             data["seeds"] = [first + i for i in range(count)]
         return data
 
-    @property
-    def planned_steps(self) -> int:
+    def planned_steps(self, rounding: StrengthSteps = "floor") -> int:
         """Denoising steps the job runs: its images share one loop, so the count does not grow with
-        them; img2img and inpaint run ``steps * strength``."""
-        if self.task.has_strength and self.strength is not None:
-            return max(1, int(self.steps * self.strength))
-        return self.steps
+        them; img2img and inpaint run ``steps * strength``, rounded as the family's pipelines do
+        (``rounding``: the registry's ``strength_steps``). Mirrors diffusers' ``get_timesteps``:
+        SD and SDXL keep ``int(steps * strength)``, FLUX and the other flow-matching pipelines
+        ``steps - int(steps - steps * strength)``."""
+        if not self.task.has_strength:
+            return self.steps
+        strength = self.strength if self.strength is not None else DEFAULT_STRENGTH
+        if rounding == "ceil":
+            runs = self.steps - int(max(self.steps - min(self.steps * strength, self.steps), 0))
+        else:
+            runs = min(int(self.steps * strength), self.steps)
+        return max(1, runs)
 
     def stored(self) -> dict[str, Any]:
         """The form kept in ``jobs.params`` (JSON)."""

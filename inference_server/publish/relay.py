@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import Celery
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inference_server.db import OutboxMessage
 from inference_server.db.base import utcnow
 from inference_server.publish.confirms import ConfirmingChannel
+from inference_server.publish.metrics import BATCH_SECONDS, FAILURES, PUBLISHED
 from inference_server.publish.topology import DEAD_QUEUE, RUN_JOB, job_queue, message_app
 from inference_server.settings import Settings
 
@@ -83,11 +85,14 @@ class Relay:
             )
             if not rows:
                 return 0
+            started = time.perf_counter()
             try:
                 done = self._publish(rows)
             except Exception:
                 self._reset()
                 raise
+            BATCH_SECONDS.observe(time.perf_counter() - started)
+            PUBLISHED.inc(len(done))
             if done:
                 session.execute(
                     update(OutboxMessage).where(OutboxMessage.id.in_(done)).values(published_at=utcnow())
@@ -157,6 +162,7 @@ class Relay:
                 published = self.publish_pending()
                 backoff = self.interval
             except Exception as exc:
+                FAILURES.inc()
                 log.warning("outbox relay: %s; retrying in %.1fs", exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)

@@ -10,6 +10,7 @@ File format (TOML; paths are relative to the file)::
     tasks = ["txt2img", "img2img", "inpaint"]
     limits = { min_size = 64, max_size = 1024, max_steps = 150, size_multiple = 8 }
     defaults = { width = 512, height = 512, steps = 30, guidance_scale = 7.5, strength = 0.75 }
+    strength_steps = "floor"            # steps x strength rounded: floor (SD, SDXL) | ceil (FLUX)
 
     [[families.sd15.models]]
     id = "tiny-sd15"

@@ -23,6 +23,7 @@ from typing_extensions import TypedDict
 
 from inference_server.errors import InvalidRequest
 from inference_server.jobs.enums import Task
+from inference_server.jobs.spec import StrengthSteps
 from inference_server.registry.messages import key_error, rule_error
 
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -142,6 +143,9 @@ class FamilySpec(BaseModel):
     defaults: Defaults = Field(default_factory=lambda: Defaults())
     models: Annotated[list[ModelSpec], Field(min_length=1)]
     loras: list[LoraSpec] = Field(default_factory=list)
+    # How the family's img2img and inpaint pipelines turn steps x strength into steps (see
+    # JobSpec.planned_steps): "floor" for SD and SDXL, "ceil" for FLUX and flow-matching ones.
+    strength_steps: StrengthSteps = "floor"
     _name: str = PrivateAttr("")
 
     @property

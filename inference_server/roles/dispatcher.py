@@ -53,7 +53,15 @@ def run_dispatcher(settings: Settings) -> None:
     if settings.dispatcher_metrics_port:
         from prometheus_client import start_http_server
 
-        # Delivery outcomes are counted in this process; Prometheus scrapes them here.
+        from inference_server.publish import metrics as relay_metrics
+
+        # Delivery outcomes, the relay's publishes and the reconciler's passes are counted in this
+        # process; Prometheus scrapes them here.
+        from webhooks.metrics import DELIVERIES, OUTCOMES
+
+        relay_metrics.register()
+        for outcome in OUTCOMES:  # every outcome's series exists from the start: rate() sees the first
+            DELIVERIES.labels(outcome=outcome)
         start_http_server(settings.dispatcher_metrics_port)
     threads = start_dispatcher(settings, stop)
     log.info("dispatcher running (relay, reconciler, webhook delivery)")

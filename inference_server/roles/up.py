@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def run_up(settings: Settings, *, prompt: str | None, output: Path, family: str)
     from workers.launcher import build_worker
 
     assert settings.models_file is not None
+    _quiet_for_a_first_try()
     _ensure_models(settings.models_file)
     upgrade(settings.database_url)
     db = make_database(settings.database_url)
@@ -61,7 +63,12 @@ def run_up(settings: Settings, *, prompt: str | None, output: Path, family: str)
     stop = threading.Event()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings), host=settings.api_host, port=settings.api_port, log_level="warning"
+            create_app(settings),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level="warning",
+            log_config=None,  # the process's own handler (inference_server.logs)
+            access_log=False,
         )
     )
     threading.Thread(target=server.run, name="api", daemon=True).start()
@@ -85,6 +92,7 @@ def run_up(settings: Settings, *, prompt: str | None, output: Path, family: str)
         without_mingle=True,
         without_heartbeat=True,
         hostname="up@%h",
+        quiet=True,  # no banner: `up` says what it runs in two lines of its own
     ).start()
     stop.set()
     server.should_exit = True
@@ -93,6 +101,36 @@ def run_up(settings: Settings, *, prompt: str | None, output: Path, family: str)
     if "path" not in result:
         raise click.ClickException(str(result.get("error", "stopped before the image was made")))
     return Path(result["path"])
+
+
+def describe_result(settings: Settings, saved: Path) -> str:
+    """One line on what `up --once` made: its size, and whether it came from random weights."""
+    from PIL import Image
+
+    with Image.open(saved) as image:
+        width, height = image.size
+    assert settings.models_file is not None
+    if settings.models_file == settings.home / "tiny-models" / "models.toml":
+        return (
+            f"made a {width}x{height} image from random weights (the tiny test models: noise, not a "
+            "picture; set MODELS_FILE to a registry of real models for real images)"
+        )
+    return f"made a {width}x{height} image with the models of {settings.models_file}"
+
+
+def _quiet_for_a_first_try() -> None:
+    """`up` is run by a person at a terminal: keep its output to what they need. Unless the log
+    level was chosen (LOG_LEVEL, --log-level), only warnings and errors are shown; messages that
+    are expected here (the in-process broker has no hostname; a laptop's root shell) are not."""
+    import warnings
+
+    from celery.exceptions import SecurityWarning
+
+    root = logging.getLogger()
+    if "LOG_LEVEL" not in os.environ and root.level == logging.INFO:
+        root.setLevel(logging.WARNING)
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)  # memory:// has no hostname
+    warnings.filterwarnings("ignore", category=SecurityWarning)  # one user's machine, not a server
 
 
 def _families(models_file: Path) -> list[str]:
@@ -104,9 +142,14 @@ def _families(models_file: Path) -> list[str]:
 def _ensure_models(models_file: Path) -> None:
     if models_file.exists():
         return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from inference_server.engine.tiny import build_tiny_models
 
     click.echo(f"building tiny random-weight models in {models_file.parent} (first run only) ...", err=True)
+    diffusers_logging.disable_progress_bar()  # a bar per component of every family otherwise
+    transformers_logging.disable_progress_bar()
     build_tiny_models(models_file.parent)
 
 
@@ -129,7 +172,9 @@ def _once(
 
     try:
         body = {"family": family, "prompt": prompt}
-        result["path"] = generate_files(settings.api_url, api_key, body, output)[0]
+        # A bar for a person at a terminal; none in a pipe, where it would be a line per update.
+        shown = sys.stderr.isatty()
+        result["path"] = generate_files(settings.api_url, api_key, body, output, show_progress=shown)[0]
     except Exception as exc:  # reported by the main thread after the worker stops
         result["error"] = exc
     finally:

@@ -91,6 +91,28 @@ def test_proxy_passes_blackholes_cuts_resets_and_heals(echo):
         proxy.close()
 
 
+def test_a_slow_proxy_adds_its_round_trip_to_every_exchange_and_keeps_the_bytes(echo):
+    proxy = TcpProxy(echo)
+    try:
+        sock = socket.create_connection(proxy.address, timeout=2)
+        assert _talk(sock, b"warm") == b"warm"  # the upstream connection is made
+        proxy.slow(0.3)
+        for word in (b"one", b"two"):
+            t = time.monotonic()
+            assert _talk(sock, word) == word
+            assert time.monotonic() - t >= 0.3  # held half each way, never sent early
+        payload = bytes(range(256)) * 2000  # many chunks: order and content kept
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += sock.recv(65536)
+        assert got == payload
+        proxy.heal()
+        assert proxy.one_way == 0 and _talk(sock, b"healed") == b"healed"
+    finally:
+        proxy.close()
+
+
 def _shared_postmaster_started() -> str:
     out = subprocess.run(
         [

@@ -5,6 +5,8 @@ and healed: a network fault as the process behind it sees it, without touching t
 - ``blackhole()``: connections stay open and new ones are accepted, but nothing is forwarded until
   ``heal()``; what was sent meanwhile is held, as TCP retransmits through a partition.
 - ``reset()``: every connection, and every new one until ``heal()``, is reset (RST).
+- ``slow(rtt)``: everything is forwarded, ``rtt / 2`` late in each direction, so a request and its
+  answer take ``rtt`` longer, as from a server that far away (``heal()`` or ``slow(0)`` ends it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 
 TICK = 0.05  # how often a link notices a change of mode
 
@@ -41,6 +44,7 @@ class TcpProxy:
         self._generation = 0  # mode changes asked for
         self._applied = 0  # mode changes the accept loop has carried out
         self.accepted = 0  # connections accepted, in any mode
+        self.one_way = 0.0  # seconds every chunk is held, each direction (``slow``)
         self.port = self._listen(port)
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
         self._acceptor.start()
@@ -63,6 +67,12 @@ class TcpProxy:
         self._set(Mode.RESET)
 
     def heal(self) -> None:
+        self.one_way = 0.0
+        self._set(Mode.PASS)
+
+    def slow(self, rtt: float) -> None:
+        """Forward everything, adding ``rtt`` seconds to each round trip (half each way)."""
+        self.one_way = max(0.0, rtt) / 2
         self._set(Mode.PASS)
 
     def close(self) -> None:
@@ -158,6 +168,9 @@ class _Link:
 
     def _pump(self) -> None:
         open_from = {self.client}
+        # What was read and is due to be forwarded (``slow``): (when, to, data or None for EOF),
+        # in the order it was read; each is due one fixed delay after it was read, so in order too.
+        held: deque[tuple[float, socket.socket, bytes | None]] = deque()
         while self._end is None:
             if self.proxy.mode is Mode.BLACKHOLE:
                 time.sleep(TICK)  # hold everything: the kernel buffers what the peers send
@@ -166,16 +179,22 @@ class _Link:
                 self.upstream = socket.create_connection(self.proxy.upstream, timeout=5)
                 open_from.add(self.upstream)
             peer = {self.client: self.upstream, self.upstream: self.client}
-            readable, _, _ = select.select(list(open_from), [], [], TICK)
+            wait = TICK if not held else min(TICK, max(0.0, held[0][0] - time.monotonic()))
+            readable, _, _ = select.select(list(open_from), [], [], wait)
+            due = time.monotonic() + self.proxy.one_way
             for sock in readable:
                 data = sock.recv(65536)
                 if not data:
                     open_from.discard(sock)
+                held.append((due, peer[sock], data or None))
+            while held and held[0][0] <= time.monotonic() and self._end is None:
+                _, to, chunk = held.popleft()
+                if chunk is None:
                     with contextlib.suppress(OSError):
-                        peer[sock].shutdown(socket.SHUT_WR)
-                    continue
-                self._send(peer[sock], data)
-            if not open_from:
+                        to.shutdown(socket.SHUT_WR)
+                else:
+                    self._send(to, chunk)
+            if not open_from and not held:
                 return
 
     def _send(self, sock: socket.socket, data: bytes) -> None:

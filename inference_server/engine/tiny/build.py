@@ -32,6 +32,7 @@ _FAMILY_TOML: dict[str, dict[str, Any]] = {
         tasks=["txt2img", "img2img"],
         size_multiple=16,
         defaults="{ width = 64, height = 64, steps = 4, guidance_scale = 3.5, strength = 0.75 }",
+        strength_steps="ceil",
     ),
     "qwen-image-edit": dict(
         tasks=["edit"],
@@ -148,6 +149,8 @@ def _family_toml(family: str, models: list[dict], lora_names: list[str]) -> str:
         f"size_multiple = {spec['size_multiple']} }}",
         f"defaults = {spec['defaults']}",
     ]
+    if "strength_steps" in spec:
+        lines.append(f'strength_steps = "{spec["strength_steps"]}"')
     for m in models:
         lines.append(f"\n[[families.{_key(family)}.models]]")
         for k, v in m.items():

@@ -1,0 +1,144 @@
+"""Finishing a job while the next one denoises.
+
+When a job's denoising ends, its run hands the images to the worker child's ``Finisher`` and the
+job task returns, so the worker takes its next job at once; the finisher's thread encodes, signs,
+uploads and records the finished run meanwhile. The GPU does not wait for storage.
+
+Bounded: at most ``in_flight`` finished runs are held (queued or being finished). A hand-off beyond
+that waits in the job task, so the worker takes no further job until a run is recorded: a slow store
+slows intake instead of piling up images in memory.
+
+Nothing is lost when the child dies with runs in flight: each run's job is still ``running`` in the
+database under a lease its watcher renews until the end is recorded, so the reconciler re-queues it
+once the lease expires. A child that exits on purpose (warm shutdown, recycling) drains first.
+
+The interface other modules use: build a ``FinishedRun`` (a claimed job, its images and the watcher
+that holds its lease) and ``submit`` it. The images are in the order of the job's seeds."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import Gauge
+
+from inference_server.jobs.enums import RunOutcome
+from inference_server.logs import job_context
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from inference_server.jobs.transitions import Claim
+    from workers.progress import ProgressWatcher
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT = Gauge(
+    "inference_finishing_jobs",
+    "Denoised jobs this worker is encoding, uploading or recording, or holds to do so",
+    multiprocess_mode="livesum",
+)
+
+
+@dataclass
+class FinishedRun:
+    """A job whose denoising is over, with everything needed to finish it.
+
+    ``claim``: the job as this attempt claimed it (its claim already committed). ``images``: one per
+    seed of ``claim.spec.seeds``, in that order. ``steps``: the denoising steps the engine counted.
+    ``queue``: where a transient failure sends the job back. ``watcher``: the job's running
+    ProgressWatcher; it keeps the lease alive and sees a cancel until the finisher stops it, just
+    before the end is written."""
+
+    claim: Claim
+    images: list[Image.Image]
+    steps: int
+    queue: str
+    watcher: ProgressWatcher
+    started: float = field(default_factory=time.perf_counter)  # when the run began (metrics)
+
+
+Finish = Callable[[FinishedRun], RunOutcome]
+
+
+class Finisher:
+    """One thread finishing handed-off runs in order, at most ``in_flight`` held at a time.
+
+    ``finish`` encodes, uploads and records one run and returns its outcome (JobRunner.finish); it
+    must stop the run's watcher whatever happens. ``in_flight`` must be at least 1."""
+
+    def __init__(self, finish: Finish, in_flight: int) -> None:
+        if in_flight < 1:
+            raise ValueError("a finisher holds at least one run")
+        self.limit = in_flight
+        self._finish = finish
+        self._slots = threading.Semaphore(in_flight)
+        self._queue: queue.SimpleQueue[FinishedRun | None] = queue.SimpleQueue()
+        self._held = 0
+        self._lock = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="finisher", daemon=True)
+        self._thread.start()
+
+    @property
+    def held(self) -> int:
+        """Runs handed off and not yet recorded."""
+        return self._held
+
+    def submit(self, run: FinishedRun) -> int:
+        """Hand ``run`` over; blocks while ``in_flight`` runs are held. Returns how many runs are
+        held with this one (at most ``in_flight``)."""
+        self._slots.acquire()
+        with self._lock:
+            if not self._thread.is_alive():
+                self._slots.release()
+                raise RuntimeError("the finisher has stopped")
+            self._held += 1
+            held = self._held
+        IN_FLIGHT.inc()
+        self._queue.put(run)
+        return held
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every run handed over is recorded; return whether that happened in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._held:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Drain, then stop the thread. Return whether every run was recorded in time."""
+        drained = self.drain(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout if drained else 0)
+        return drained
+
+    def _loop(self) -> None:
+        while (run := self._queue.get()) is not None:
+            claim = run.claim
+            fields = {
+                "tenant": str(claim.row.get("tenant_id")),
+                "family": claim.family,
+                "attempt": claim.attempt,
+            }
+            try:
+                with job_context(job_id=claim.job_id, **fields):
+                    outcome = self._finish(run)
+                    log.info("job %s: %s, recorded by the finisher", claim.job_id, outcome.value)
+            except Exception:  # a bug: the job's lease runs out and the reconciler re-runs it
+                log.exception("job %s: finishing failed", run.claim.job_id)
+                run.watcher.stop()
+            finally:
+                with self._lock:
+                    self._held -= 1
+                    self._lock.notify_all()
+                IN_FLIGHT.dec()
+                self._slots.release()
