@@ -68,6 +68,8 @@ REQUESTS = (
     _c("idempotency_conflict", 409, (API,), "This Idempotency-Key was already used with a different body."),
     _c("job_finished", 409, (API,), "The job already ended, so it cannot be canceled."),
     _c("delivery_in_flight", 409, (API,), "The webhook delivery is being attempted now; replay it later."),
+    _c("priority_not_allowed", 400, (API,),
+       "The job asks for a priority above its tenant's maximum (`tenants set --max-priority`)."),
     _c("invalid_filter", 400, (API,), "A list filter names a value that does not exist."),
     _c("invalid_cursor", 400, (API,), "The pagination cursor is not one this API returned."),
     _c("unknown_family", 400, (API, CLI),
@@ -110,8 +112,9 @@ REQUESTS = (
     _c("invalid_message", None, (INGRESS,),
        "An AMQP request's body is not a JSON object, or its routing key, `reply_to`, `correlation_id` "
        "or `events` header cannot be used."),
-    _c("unknown_tenant", None, (INGRESS,),
-       "With INGRESS_TRUST_USER_ID, the message's `user_id` names no tenant."),
+    _c("unknown_tenant", None, (INGRESS, CLI),
+       "No tenant has this name: `tenants set` names none (`keys create` makes one), or, with "
+       "INGRESS_TRUST_USER_ID, an AMQP message's `user_id` names none."),
 )
 
 INPUTS = (

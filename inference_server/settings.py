@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     relay_batch_size: int = 200
     relay_interval: float = 0.2
     relay_linger: float = 0.05  # while busy, let a batch gather this long between publishes
+    # The scheduler in the relay (docs/scheduling.md): a family gets as many messages as its online
+    # workers have slots, plus this headroom, so a worker finishing a job finds the next one queued.
+    scheduler_headroom: int = Field(default=1, ge=0)  # messages beyond the free slots, per family
+    scheduler_headroom_per_slot: float = Field(default=0.1, ge=0)  # ... or this many per slot, if more
+    scheduler_idle_window: int = Field(default=2, ge=0)  # messages for a family no worker reported
+    queue_position_interval: float = Field(default=1.0, gt=0)  # seconds between position updates
+    worker_heartbeat_interval: float = Field(default=3.0, gt=0)
+    worker_heartbeat_timeout: float = Field(default=15.0, gt=0)  # unheard this long: offline
 
     # Webhooks.
     webhook_retry_delays: Annotated[list[float], NoDecode] = Field(

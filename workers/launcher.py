@@ -48,6 +48,7 @@ def build_worker(settings: Settings, families: list[str]) -> tuple[Celery, list[
     """The Celery app of a worker serving ``families`` and the queues it consumes: each family's
     registry queue, the one the relay publishes its jobs to. The worker's child (or, with the solo
     pool, the worker itself) builds its runner and loads WARM_MODELS as it starts."""
+    from workers import heartbeat
     from workers.celery_app import create_celery_app
     from workers.child import ChildRunner, warm_models
     from workers.metrics import JOBS_FINISHED, WORKER_FAMILIES
@@ -66,6 +67,7 @@ def build_worker(settings: Settings, families: list[str]) -> tuple[Celery, list[
     # worker_process_shutdown, the solo pool (`up`) on worker_shutdown.
     signals.worker_process_shutdown.connect(lambda **_: runner.stop(), weak=False)
     signals.worker_shutdown.connect(lambda **_: runner.stop(), weak=False)
+    heartbeat.install(settings, families, queues)  # the scheduler counts this worker's slots
     return create_celery_app(settings, queues, runner), queues
 
 

@@ -61,13 +61,22 @@ def catalog(
     session: Session = Depends(get_session),
 ) -> dict[str, Any]:
     """Every family with its models and LoRAs: the registry file's and those added at runtime that
-    the caller sees, and how many workers consume each family's queue."""
+    the caller sees; per family the consumers of its queue (``online_workers``) and the workers' own
+    heartbeats (``workers``: slots, busy, device, GPU memory in bytes, None on a CPU);
+    ``gpu_memory_free`` is the most any one of them has free."""
+    from inference_server.publish.scheduler import online_workers
+
     registry = _runtime(st).view(session, caller.tenant.id)
     body = registry.catalog()
     queues = {f["name"]: registry.families[f["name"]].queue for f in body["families"]}
     online = st.broker.consumers(list(queues.values())) if st.broker is not None else {}
+    fleet = online_workers(session, timeout=st.settings.worker_heartbeat_timeout)
     for family in body["families"]:
         family["online_workers"] = online.get(queues[family["name"]])
+        workers = fleet.get(family["name"], [])
+        family["workers"] = workers
+        free = [w["gpu_memory_free"] for w in workers if w["gpu_memory_free"] is not None]
+        family["gpu_memory_free"] = max(free) if free else None
     return body
 
 

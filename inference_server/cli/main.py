@@ -9,6 +9,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
+from inference_server.cli.tenants_cmd import max_concurrent_option, max_priority_option
 from inference_server.errors import ConfigurationError, InferenceError
 from inference_server.logs import configure_logging
 from inference_server.settings import Settings, get_settings
@@ -135,15 +136,22 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--tenant", required=True)
 @click.option("--admin", is_flag=True, help="The key may manage shared models and LoRAs (operator scope).")
-def keys_create(tenant: str, admin: bool) -> None:
-    """Create a tenant (if new) and an API key; prints JSON {"api_key", "webhook_secret"}."""
+@max_priority_option
+@max_concurrent_option
+def keys_create(tenant: str, admin: bool, max_priority: str | None, max_concurrent: int | None) -> None:
+    """Create a tenant (if new) and an API key; prints JSON {"api_key", "webhook_secret"}. The
+    limits, when given, are set on the tenant (as `tenants set` does)."""
     from api.auth import create_tenant_key
+    from inference_server.cli.tenants_cmd import apply_limits
     from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
 
     settings = _settings()
     engine = make_database(settings.database_url, timeouts=DatabaseTimeouts.from_settings(settings))
     with make_session_factory(engine)() as session:
         row, key = create_tenant_key(session, tenant, admin=admin)
+        if max_priority is not None or max_concurrent is not None:
+            apply_limits(row, max_priority=max_priority, max_concurrent=max_concurrent)
+            session.commit()
         click.echo(
             json.dumps(
                 {"tenant": row.name, "api_key": key, "webhook_secret": row.webhook_secret, "admin": admin}
@@ -174,9 +182,9 @@ def _register_commands() -> None:
     from inference_server.cli.up import up
 
     cli.add_command(models)
+    cli.add_command(tenants)
     cli.add_command(generate)
     cli.add_command(up)
-    cli.add_command(tenants)
 
 
 _register_commands()

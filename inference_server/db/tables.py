@@ -7,7 +7,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from inference_server.db.base import Base, JSONType, new_id, utcnow
@@ -31,6 +41,10 @@ class Tenant(Base):
     # the static bearer token `split` deliveries carry (docs/webhooks: profiles).
     default_webhook_profile: Mapped[str | None] = mapped_column(String(16))
     webhook_token: Mapped[str | None] = mapped_column(String(500))
+    # Scheduling limits (inference_server/publish/scheduler.py): the highest priority its jobs may
+    # ask for (None: normal) and how many may run (or be on their way to a worker) at once.
+    max_priority: Mapped[str | None] = mapped_column(String(8))
+    max_concurrent: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -57,6 +71,7 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_family_status", "family", "status", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -78,6 +93,10 @@ class Job(Base):
     progress_step: Mapped[int] = mapped_column(default=0)
     progress_total: Mapped[int] = mapped_column(default=0)
     eta_seconds: Mapped[float | None]
+    # 2 high, 1 normal, 0 low (jobs.enums.Priority): the scheduler runs higher numbers first.
+    priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
+    # While queued: jobs of its family that will start before it, as the scheduler last placed it.
+    queue_position: Mapped[int | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
@@ -136,7 +155,7 @@ class OutboxMessage(Base):
     """A queue message committed with its job; the relay publishes it and stamps ``published_at``."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_unpublished", "published_at", "id"),)
+    __table_args__ = (Index("ix_outbox_unpublished", "published_at", "id"), Index("ix_outbox_job", "job_id"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -145,3 +164,32 @@ class OutboxMessage(Base):
     published_at: Mapped[datetime | None]
     publish_attempts: Mapped[int] = mapped_column(default=0)
     available_at: Mapped[datetime | None]  # not published before then (a retry's backoff)
+
+
+class WorkerHeartbeat(Base):
+    """A worker as it last reported itself (workers/heartbeat.py), every few seconds: the scheduler
+    counts the free slots of the families it serves, ``GET /v1/models`` shows it."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    families: Mapped[list[str]] = mapped_column(JSONType)
+    queues: Mapped[list[str]] = mapped_column(JSONType)
+    slots: Mapped[int]  # jobs it runs at once
+    busy: Mapped[int]  # jobs it runs now
+    device: Mapped[str] = mapped_column(String(32))
+    gpu_memory_total: Mapped[int | None] = mapped_column(BigInteger)  # bytes; None on a CPU
+    gpu_memory_free: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SchedulerTurn(Base):
+    """When the scheduler last handed out a job of a tenant in a family: among tenants in the same
+    fair-share round, the one served longest ago goes first (publish.scheduler)."""
+
+    __tablename__ = "scheduler_turns"
+
+    family: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    served_at: Mapped[datetime]

@@ -34,6 +34,25 @@ def can_transition(current: JobStatus | str, new: JobStatus | str) -> bool:
     return JobStatus(new) in ALLOWED.get(JobStatus(current), frozenset())
 
 
+class Priority(StrEnum):
+    """A job's priority; the scheduler publishes higher ranks first (the rank is what is stored)."""
+
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+
+    @property
+    def rank(self) -> int:
+        return PRIORITY_RANKS[self]
+
+    @classmethod
+    def of_rank(cls, rank: int | None) -> Priority:
+        return next((p for p, r in PRIORITY_RANKS.items() if r == rank), cls.NORMAL)
+
+
+PRIORITY_RANKS = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2}
+
+
 class Task(StrEnum):
     TXT2IMG = "txt2img"
     IMG2IMG = "img2img"

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from inference_server.db import Job
-from inference_server.jobs.enums import JobStatus
+from inference_server.jobs.enums import JobStatus, Priority
 from inference_server.jobs.spec import public_params
 
 OUTPUT_PATH = "/v1/jobs/{job_id}/outputs/{index}"
@@ -36,6 +36,9 @@ def job_view(job: Mapping[str, Any], outputs: Sequence[Mapping[str, Any]] = ()) 
         "model": job["model"],
         "task": str(job["task"]),
         "params": public_params(job["params"] or {}),
+        "priority": Priority.of_rank(job.get("priority")).value,
+        # Set by the scheduler while the job waits (docs/scheduling.md); None once it runs.
+        "queue_position": job.get("queue_position") if job["status"] == JobStatus.QUEUED else None,
         "progress": {
             "step": step,
             "total_steps": total,

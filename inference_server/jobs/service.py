@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent, OutboxMessage, Tenant
 from inference_server.db.base import new_id, utcnow
-from inference_server.errors import Conflict, InvalidInput, InvalidRequest, NotFound
+from inference_server.errors import Conflict, Forbidden, InvalidInput, InvalidRequest, NotFound
 from inference_server.events import emit, event_values
-from inference_server.jobs.enums import TERMINAL, EventType, JobStatus, Task
+from inference_server.jobs.enums import TERMINAL, EventType, JobStatus, Priority, Task
 from inference_server.jobs.persist import insert_new_rows
 from inference_server.jobs.serialize import job_to_dict
 from inference_server.jobs.spec import MAX_SEED, JobRequest, JobSpec
@@ -98,7 +98,7 @@ def resolve(family: FamilySpec, model: ModelSpec, req: JobRequest) -> JobSpec:
     """The request with the family's defaults and limits applied and its seeds chosen."""
     limits = {**family.limits, **(model.limits or {})}
     defaults = {**family.defaults, **(model.defaults or {})}
-    values = req.model_dump(exclude_none=True, exclude={"webhook", "seed", "num_images"})
+    values = req.model_dump(exclude_none=True, exclude={"webhook", "seed", "num_images", "priority"})
     for key in ("width", "height", "steps", "guidance_scale"):
         if values.get(key) is None and defaults.get(key) is not None:
             values[key] = defaults[key]
@@ -130,6 +130,20 @@ def resolve(family: FamilySpec, model: ModelSpec, req: JobRequest) -> JobSpec:
     values["seeds"] = [seed + i for i in range(req.num_images)]
     values["model"] = model.id
     return JobSpec.model_validate(values)
+
+
+def max_priority(tenant: Tenant) -> Priority:
+    """The highest priority ``tenant``'s jobs may ask for (``normal`` unless an operator set it)."""
+    return Priority(tenant.max_priority) if tenant.max_priority else Priority.NORMAL
+
+
+def _check_priority(tenant: Tenant, asked: Priority) -> None:
+    allowed = max_priority(tenant)
+    if asked.rank > allowed.rank:
+        raise Forbidden(
+            f"priority {asked.value!r} is above this tenant's maximum, {allowed.value!r}",
+            code="priority_not_allowed",
+        )
 
 
 def _check_inputs(req: JobRequest) -> None:
@@ -217,6 +231,7 @@ def plan(
     inputs, build the rows. A front door that writes many jobs per transaction (the AMQP ingress)
     inserts them with ``jobs.persist.insert_new_rows`` and commits them itself."""
     digest = request_hash(req) if idempotency_key else None
+    _check_priority(tenant, req.priority)
     try:
         family, model = _check_family(ctx.registry_for(session, tenant.id), req)
     except InvalidRequest as exc:
@@ -269,6 +284,8 @@ def plan(
         "progress_step": 0,
         "progress_total": spec.planned_steps(family.strength_steps),
         "eta_seconds": None,
+        "priority": req.priority.rank,
+        "queue_position": None,
         "error_code": None,
         "error_message": None,
         "attempts": 0,

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from inference_server.jobs.enums import EventType, Task
+from inference_server.jobs.enums import EventType, Priority, Task
 
 MAX_SEED = 2**32 - 1
 MAX_IMAGES = 4
@@ -116,6 +116,8 @@ class JobRequest(Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     webhook: WebhookSpec | None = None
     preview: PreviewSpec | None = None  # off unless asked
+    # Scheduling, not running: stored on the job row, not in its JobSpec; capped per tenant.
+    priority: Priority = Priority.NORMAL
 
 
 class JobSpec(Strict):

@@ -1,7 +1,8 @@
 """The outbox relay: publishes committed job messages to RabbitMQ with publisher confirms and stamps
-them. It runs inside every `api` and `dispatcher` process; ``FOR UPDATE SKIP LOCKED`` lets any
-number of them share the outbox without publishing a row twice (a crash between the confirm and
-the stamp can re-send a message: the worker recognises and drops such duplicates)."""
+them. It runs inside every `api` and `dispatcher` process and is the scheduler: it publishes only
+what ``publish.scheduler`` picks (as many jobs as a family's workers have free slots, in priority
+and fair-share order), one replica at a time under an advisory lock (a crash between the confirm
+and the stamp can re-send a message: the worker recognises and drops such duplicates)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,9 @@ from typing import Any
 
 from celery import Celery
 from kombu import Connection
-from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference_server.db import OutboxMessage
-from inference_server.db.base import utcnow
+from inference_server.publish import positions, scheduler
 from inference_server.publish.confirms import ConfirmingChannel
 from inference_server.publish.metrics import BATCH_SECONDS, FAILURES, PUBLISHED
 from inference_server.publish.topology import DEAD_QUEUE, RUN_JOB, job_queue, message_app
@@ -37,6 +36,8 @@ class Relay:
         interval: float = 0.2,
         linger: float = 0.05,
         consumer_timeout_ms: int,
+        schedule: scheduler.SchedulerConfig | None = None,
+        position_interval: float = 1.0,
     ) -> None:
         self.app = app
         self.sf = session_factory
@@ -44,6 +45,10 @@ class Relay:
         self.interval = interval
         self.linger = linger
         self.consumer_timeout_ms = consumer_timeout_ms
+        self.schedule = schedule or scheduler.SchedulerConfig()
+        self.position_interval = position_interval
+        self._placed = 0.0  # monotonic time of the last position update
+        self.saturated = False  # the last pass had waiting jobs and no free slot for any
         self.wake = threading.Event()
         self._queues: dict[str, object] = {}
         self.published = 0
@@ -59,6 +64,8 @@ class Relay:
             interval=settings.relay_interval,
             linger=settings.relay_linger,
             consumer_timeout_ms=settings.consumer_timeout_ms,
+            schedule=scheduler.SchedulerConfig.from_settings(settings),
+            position_interval=settings.queue_position_interval,
         )
 
     def _queue(self, name: str) -> object:
@@ -68,38 +75,51 @@ class Relay:
         return self._queues[name]
 
     def publish_pending(self) -> int:
-        """Publish one batch of unpublished messages; return how many were published."""
+        """One scheduling pass: publish what the scheduler picks for every family with waiting
+        jobs, and stamp it, in one transaction; return how many were published (0 also when
+        another replica holds the scheduling lock)."""
+        config = self.schedule
+        total = 0
         with self.sf() as session:
-            # Plain rows, not ORM objects: this runs hundreds of times a second inside the API.
-            rows = list(
-                session.execute(
-                    select(OutboxMessage.id, OutboxMessage.job_id, OutboxMessage.queue)
-                    .where(
-                        OutboxMessage.published_at.is_(None),
-                        or_(OutboxMessage.available_at.is_(None), OutboxMessage.available_at <= utcnow()),
-                    )
-                    .order_by(OutboxMessage.id)
-                    .limit(self.batch_size)
-                    .with_for_update(skip_locked=True)
-                )
-            )
-            if not rows:
+            if not scheduler.take_lock(session):
                 return 0
+            slots = scheduler.worker_slots(session, timeout=config.heartbeat_timeout)
+            busy = scheduler.in_flight(session)
             started = time.perf_counter()
             try:
-                done = self._publish(rows)
+                families = scheduler.waiting_families(session)
+                for family in families:
+                    budget = min(self.batch_size, config.budget(slots.get(family, 0), busy.get(family, 0)))
+                    # Plain rows, not ORM objects: this runs many times a second inside the API.
+                    rows = scheduler.choose(session, family, budget)
+                    if not rows:
+                        continue
+                    confirmed = set(self._publish(rows))
+                    # Stamped before the next family is chosen: its tenants' limits see them.
+                    scheduler.stamp(session, family, [row for row in rows if row.id in confirmed])
+                    total += len(confirmed)
             except Exception:
                 self._reset()
                 raise
-            BATCH_SECONDS.observe(time.perf_counter() - started)
-            PUBLISHED.inc(len(done))
-            if done:
-                session.execute(
-                    update(OutboxMessage).where(OutboxMessage.id.in_(done)).values(published_at=utcnow())
-                )
+            if total:
+                BATCH_SECONDS.observe(time.perf_counter() - started)
+                PUBLISHED.inc(total)
             session.commit()
-            self.published += len(done)
-            return len(done)
+        self.published += total
+        # Jobs wait and none could go: only a slot freeing changes that, not another submit.
+        self.saturated = bool(families) and not total
+        return total
+
+    def update_positions(self) -> int:
+        """Place the queued jobs (``queue_position`` and ETA, with a ``job.queued`` event when a
+        place changes materially) and drop messages nobody needs; return how many moved."""
+        with self.sf() as session:
+            if not scheduler.take_lock(session):
+                return 0
+            scheduler.drop_stale(session)
+            moved = positions.update_all(session, self.schedule)
+            session.commit()
+        return moved
 
     def _send(self, row: Any, producer: Any) -> None:
         self.app.send_task(
@@ -155,11 +175,15 @@ class Relay:
         self._channel = None
 
     def run(self, stop: threading.Event) -> None:
-        """Publish until ``stop`` is set; back off while the broker or database is down."""
+        """Schedule until ``stop`` is set; back off while the broker or database is down."""
         backoff = self.interval
         while not stop.is_set():
+            began = time.monotonic()
             try:
                 published = self.publish_pending()
+                if began - self._placed >= self.position_interval:
+                    self._placed = began
+                    self.update_positions()
                 backoff = self.interval
             except Exception as exc:
                 FAILURES.inc()
@@ -169,13 +193,19 @@ class Relay:
                 continue
             if published >= self.batch_size:
                 continue
-            if published > 1:
-                # Busy: let the next batch gather for a moment instead of paying a database and
-                # broker round trip per message. A job arriving at an idle relay goes out at once.
-                stop.wait(self.linger)
-                continue
-            self.wake.wait(self.interval)
+            # Woken by a submit, or every interval: free slots appear as jobs start and end. While
+            # every waiting family is out of slots, a submit cannot be published either: a burst
+            # of them then costs one pass per interval, not one per linger.
+            if self.saturated:
+                stop.wait(self.interval)
+            else:
+                self.wake.wait(self.interval)
             self.wake.clear()
+            # At most one pass per linger: during a burst every submit wakes the relay, and a pass
+            # reads each waiting family's queue. A job arriving at an idle relay goes out at once.
+            rest = self.linger - (time.monotonic() - began)
+            if rest > 0:
+                stop.wait(rest)
 
     def start(self, stop: threading.Event) -> threading.Thread:
         thread = threading.Thread(target=self.run, args=(stop,), name="outbox-relay", daemon=True)

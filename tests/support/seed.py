@@ -38,7 +38,7 @@ def truncate_all(session_factory: Callable[[], Session]) -> None:
         s.execute(
             text(
                 "TRUNCATE webhook_attempts, webhook_deliveries, webhook_gone_urls, job_events, "
-                "outbox, job_outputs, jobs, api_keys, tenants CASCADE"
+                "outbox, job_outputs, jobs, api_keys, tenants, worker_heartbeats, scheduler_turns CASCADE"
             )
         )
 
