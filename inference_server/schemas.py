@@ -51,6 +51,11 @@ class JobError(Answer):
     message: str | None = None
 
 
+class BatchInfo(Answer):
+    id: str = Field(description="The pipeline call this job shared with other jobs.")
+    size: int = Field(ge=2, description="Jobs in that call.")
+
+
 class JobView(Answer):
     """A job, as ``GET /v1/jobs/{id}`` returns it and webhooks carry it in ``data``."""
 
@@ -67,6 +72,9 @@ class JobView(Answer):
     started_at: str | None = Field(json_schema_extra={"format": "date-time"})
     finished_at: str | None = Field(json_schema_extra={"format": "date-time"})
     attempts: int = Field(ge=0)
+    batch: BatchInfo | None = Field(
+        default=None, description="Cross-request batching: the call this job's run shared, or null (alone)."
+    )
 
 
 class JobList(Answer):

@@ -115,12 +115,13 @@ def worker_name(settings: Settings, families: list[str]) -> str:
 def build_runner(settings: Settings, families: list[str] | None = None) -> JobRunner:
     """A JobRunner for this child: its device configured, storage opened, registry read, engine
     ready to load pipelines, a finisher of ``FINISH_IN_FLIGHT`` jobs, and a small database pool
-    (one job denoises at a time; each job in the finisher has a progress watcher of its own). With
-    ``families``, it follows the runtime registry and answers placement requests for them."""
+    (one job, or one batch, denoises at a time; each job in the finisher has a watcher of its
+    own). With ``families``, it follows the runtime registry and answers placement requests."""
     from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
     from inference_server.engine.runner import Engine
     from inference_server.registry import load_registry
     from inference_server.storage import open_storage
+    from workers.batching import largest_batch
     from workers.device import configure_torch
     from workers.gate import GATE
     from workers.runner import JobRunner
@@ -143,7 +144,13 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
         max_loras=settings.engine_max_loras,
     )
     timeouts = DatabaseTimeouts.from_settings(settings)
-    db = make_database(settings.database_url, pool_size=3 + settings.finish_in_flight, timeouts=timeouts)
+    # A batch's members go to the finisher one by one: with room for a whole batch, the next
+    # batch denoises while this one is finished.
+    largest = largest_batch(seed)
+    in_flight = max(settings.finish_in_flight, largest) if settings.finish_in_flight else 0
+    # A side thread per job denoising (a batch's members each have one) or in the finisher, and
+    # the registry watcher's reads.
+    db = make_database(settings.database_url, pool_size=2 + largest + in_flight, timeouts=timeouts)
     sf = make_session_factory(db)
     watcher = None
     if families:
@@ -152,13 +159,7 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
         name = worker_name(settings, families)
         watcher = RegistryWatcher(sf, seed, engine, families, name, poll=settings.registry_poll_interval)
     return JobRunner(
-        settings,
-        sf,
-        storage,
-        engine,
-        watcher=watcher,
-        finish_in_flight=settings.finish_in_flight,
-        ending=GATE.ending,
+        settings, sf, storage, engine, finish_in_flight=in_flight, ending=GATE.ending, watcher=watcher
     )
 
 

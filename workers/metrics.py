@@ -22,6 +22,15 @@ JOB_WAIT = Histogram(
     ["family"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
 )
+BATCH_JOBS = Histogram(
+    "inference_batch_jobs",
+    "Jobs that shared one pipeline call (cross-request batching; jobs run alone are not counted)",
+    buckets=(2, 3, 4, 6, 8, 12, 16, 32, 64),
+)
+BATCH_RETRIED = Counter(
+    "inference_batches_retried_total",
+    "Batched pipeline calls that failed, whose jobs were then run one by one",
+)
 LORA_SWITCH = Histogram(
     "inference_lora_switch_seconds",
     "Time a job with LoRAs spent putting them in place and turning them off, outside the pipeline call",

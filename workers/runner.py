@@ -30,6 +30,7 @@ from inference_server.logs import bind_job
 from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
+from workers.batching import Batcher
 from workers.cancels import CancelListener
 from workers.finisher import FinishedRun, Finisher
 from workers.metrics import BUSY_SECONDS, JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
@@ -86,6 +87,8 @@ class JobRunner:
         )
         self.finisher = Finisher(self.finish, finish_in_flight) if finish_in_flight > 0 else None
         self._tell_ending = ending
+        # Reads the engine's registry at each claim: the runtime registry may change it.
+        self._batcher = Batcher(self) if getattr(engine, "registry", None) is not None else None
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish every job handed to the finisher (the child is exiting); return whether all were
@@ -127,14 +130,37 @@ class JobRunner:
         claim, recorded = claimed
         bind_job(tenant=str(claim.row["tenant_id"]), family=claim.family, attempt=claim.attempt)
         log.info("job started: %s, attempt %d", claim.task, claim.attempt)
+        queue = queue or default_queue(claim.family)
         started = time.perf_counter()
-        finished = self._run_claimed(claim, recorded, queue or default_queue(claim.family), started)
-        took = time.perf_counter() - started
-        BUSY_SECONDS.inc(took)  # the device's share: finishing goes on beside the next job
+        members = self._batcher.gather(claim, recorded) if self._batcher is not None else []
+        if not members:
+            finished = self._run_claimed(claim, recorded, queue, started)
+            BUSY_SECONDS.inc(time.perf_counter() - started)  # the device time (finishing runs beside)
+            return self._hand_off(claim, started, finished)
+        from workers.batching import run_batch
+
+        batch = [(claim, recorded), *members]
+        runs = run_batch(self, batch, queue, started)
+        BUSY_SECONDS.inc(time.perf_counter() - started)  # one call's time, however many jobs shared it
+        lead = runs[0] if isinstance(runs[0], Exception) else self._hand_off(claim, started, runs[0])
+        for (member, _), run in zip(batch[1:], runs[1:], strict=True):
+            if isinstance(run, Exception):  # members' claims are written: they never raise
+                continue
+            try:
+                self._hand_off(member, started, run)
+            except Exception as exc:  # the finisher stopped: this member is left to its lease
+                log.error("job %s: not handed to the finisher: %s", member.job_id, exc)
+        if isinstance(lead, Exception):
+            raise lead
+        return lead
+
+    def _hand_off(self, claim: Claim, started: float, finished: RunOutcome | FinishedRun) -> RunOutcome:
+        """Finish a denoised run here or in the finisher (``FINISHING``), or count how it ended."""
         if isinstance(finished, RunOutcome):
             return _observed(claim, started, finished)
+        took = time.perf_counter() - started
         if self.finisher is None:
-            log.info("job %s: denoised; finishing it here (%.3f s from its claim)", job_id, took)
+            log.info("job %s: denoised; finishing it here (%.3f s from its claim)", claim.job_id, took)
             return self.finish(finished)
         try:
             held = self.finisher.submit(finished)
@@ -143,7 +169,7 @@ class JobRunner:
             raise
         log.info(
             "job %s: denoised; %d of %d in the finisher (%.3f s from its claim)",
-            job_id,
+            claim.job_id,
             held,
             self.finisher.limit,
             took,
@@ -179,12 +205,19 @@ class JobRunner:
             transitions.record_claim(session, claim)
 
     def _run_claimed(
-        self, claim: Claim, recorded: Future[None], queue: str, started: float
+        self,
+        claim: Claim,
+        recorded: Future[None],
+        queue: str,
+        started: float,
+        produce: Callable[[], tuple[list[Image.Image], ProgressWatcher]] | None = None,
     ) -> RunOutcome | FinishedRun:
+        """Denoise the job (or take its share of a batch from ``produce``), ready to finish, or
+        its end if it ended there."""
         # Every end is written after the claim: each path waits for ``recorded`` first, and a job
         # goes to the finisher only once its claim is committed.
         try:
-            images, watcher = self._generate(claim, recorded)
+            images, watcher = produce() if produce is not None else self._generate(claim, recorded)
         except Superseded:
             self._claim_written(recorded)
             return RunOutcome.SUPERSEDED
@@ -289,6 +322,79 @@ class JobRunner:
     def _generate(self, claim: Claim, recorded: Future[None]) -> tuple[list[Image.Image], ProgressWatcher]:
         """The job's images, and its watcher, still running: it holds the job's lease until the
         job's end is written (the engine's step count is its ``total``)."""
+        request = self._request(claim)
+        previews = LatestPreview(self.storage, claim.job_id) if claim.spec.preview else None
+        watcher = self._watcher(claim, recorded, previews=previews).start()
+        on_step = self._step_callback(watcher, claim)
+        extra = {"on_preview": previews.offer} if previews else {}
+        images = self._watched(watcher, lambda: self.engine.generate(request, on_step=on_step, **extra))
+        watcher.flush_preview()  # the last one, before the finisher records the end
+        self._observe_lora_switch(claim)
+        return images, watcher
+
+    def _observe_lora_switch(self, claim: Claim) -> None:
+        switch = getattr(self.engine, "last_lora_seconds", None)
+        if switch is not None:
+            LORA_SWITCH.labels(claim.family).observe(switch)
+
+    def _watcher(
+        self,
+        claim: Claim,
+        recorded: Future[None],
+        *,
+        pushed: bool = True,
+        previews: LatestPreview | None = None,
+    ) -> ProgressWatcher:
+        """The side thread of ``claim``'s run (not started): lease, progress, cancellation
+        (``pushed``: woken by the child's one cancel listener, which serves one watcher at a time;
+        else polled)."""
+        return ProgressWatcher(
+            self.sf,
+            claim.job_id,
+            claim.attempt,
+            progress_interval=self.settings.progress_interval,
+            poll_interval=self.settings.cancel_poll_interval,
+            lease_seconds=self.settings.job_lease_seconds,
+            after=recorded,
+            cancels=self._cancels if pushed else None,
+            previews=previews,
+        )
+
+    def _step_callback(self, watcher: ProgressWatcher, holder: Claim) -> Callable[[int, int], bool]:
+        """``watcher``'s step callback; with a finisher, it also tells the gate as the last step
+        begins, so the next message (the job ``holder``'s delivery paused it) is on its way."""
+        tell, finisher = self._tell_ending, self.finisher
+        if tell is None or finisher is None:
+            return watcher.on_step
+
+        # Not while the finisher is full: the hand-off will wait, and so must the next message.
+        def ending() -> None:
+            if finisher.held < finisher.limit:
+                tell(holder.job_id)
+
+        return _telling_last_step(watcher.on_step, ending)
+
+    @staticmethod
+    def _watched(watcher: ProgressWatcher, call: Callable[[], list[Image.Image]]) -> list[Image.Image]:
+        """``call``'s images, unless the run was canceled or superseded meanwhile (raised, the
+        watcher stopped). The watcher keeps running otherwise, polling for cancels from now."""
+        try:
+            images = call()
+            if watcher.canceled:
+                raise JobCanceled("canceled during the run")
+        except JobCanceled:
+            watcher.stop()
+            if watcher.superseded:
+                raise Superseded("a newer attempt owns the job") from None
+            raise
+        except BaseException:
+            watcher.stop()
+            raise
+        watcher.poll_only()  # the next job's watcher takes the cancel listener
+        return images
+
+    def _request(self, claim: Claim) -> Any:
+        """The engine's request for ``claim``: inputs read, decoded and fitted to the output size."""
         from inference_server.engine.runner import GenerationRequest, LoraRef
 
         spec = claim.spec
@@ -317,52 +423,13 @@ class JobRunner:
             loras=[LoraRef(lo.name, lo.scale) for lo in spec.loras],
             preview_every=spec.preview.every_steps if spec.preview else 0,
         )
-        previews = LatestPreview(self.storage, claim.job_id) if spec.preview else None
         if image is not None and spec.task != Task.EDIT:
             from inference_server import imaging
 
             request.image = imaging.fit_input(image, request.width, request.height)
             if mask is not None:
                 request.mask = imaging.fit_mask(mask, request.width, request.height)
-        watcher = ProgressWatcher(
-            self.sf,
-            claim.job_id,
-            claim.attempt,
-            progress_interval=self.settings.progress_interval,
-            poll_interval=self.settings.cancel_poll_interval,
-            lease_seconds=self.settings.job_lease_seconds,
-            after=recorded,
-            cancels=self._cancels,
-            previews=previews,
-        ).start()
-        on_step: Callable[[int, int], bool] = watcher.on_step
-        tell, finisher = self._tell_ending, self.finisher
-        if tell is not None and finisher is not None:
-            # Not while the finisher is full: the hand-off will wait, and so must the next message.
-            def ending() -> None:
-                if finisher.held < finisher.limit:
-                    tell(claim.job_id)
-
-            on_step = _telling_last_step(watcher.on_step, ending)
-        try:
-            extra = {"on_preview": previews.offer} if previews else {}
-            images = self.engine.generate(request, on_step=on_step, **extra)
-            switch = getattr(self.engine, "last_lora_seconds", None)
-            if switch is not None:
-                LORA_SWITCH.labels(spec.family).observe(switch)
-            if watcher.canceled:
-                raise JobCanceled("canceled during the run")
-        except JobCanceled:
-            watcher.stop()
-            if watcher.superseded:
-                raise Superseded("a newer attempt owns the job") from None
-            raise
-        except BaseException:
-            watcher.stop()
-            raise
-        watcher.flush_preview()
-        watcher.poll_only()  # the next job's watcher takes the cancel listener
-        return images, watcher
+        return request
 
     def _load_inputs(self, spec: JobSpec) -> tuple[Image.Image | None, Image.Image | None]:
         # JPEG inputs decode at reduced scale when they are much larger than the output.

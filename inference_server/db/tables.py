@@ -72,6 +72,7 @@ class Job(Base):
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_family_status", "family", "status", "finished_at"),
+        Index("ix_jobs_batch_key", "batch_key", "status", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -104,6 +105,11 @@ class Job(Base):
     # expires (the worker died, hung, or lost the database). ``worker`` names the lease holder.
     lease_expires_at: Mapped[datetime | None]
     worker: Mapped[str | None] = mapped_column(String(200))
+    # Cross-request batching (jobs.batch_key): what compatible queued jobs share, and the pipeline
+    # call this job's attempt ran in (null: alone).
+    batch_key: Mapped[str | None] = mapped_column(String(64))
+    batch_id: Mapped[str | None] = mapped_column(String(36))
+    batch_size: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

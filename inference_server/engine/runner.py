@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from inference_server.engine import loras, variants
+from inference_server.engine import batch, loras, variants
 from inference_server.engine.cache import CachedModel, PipelineCache
 from inference_server.engine.device import DTYPES, default_cache_bytes
 from inference_server.engine.preview import latent_preview
@@ -69,7 +69,7 @@ class GenerationRequest:
     preview_every: int = 0  # a preview every N steps (0: none)
 
 
-StepCallback = Callable[[int, int], bool]
+StepCallback = Callable[[int, int], bool]  # (steps done, steps in the loop) -> stop?
 PreviewCallback = Callable[[int, Any], None]  # (steps done, RGB uint8 array h x w x 3)
 
 
@@ -114,9 +114,33 @@ class Engine:
         """Run ``req`` in one pipeline call: one image per seed, in the order of the seeds. Raises
         InvalidRequest, JobCanceled or ModelError. ``on_preview`` gets the latents' RGB projection
         every ``req.preview_every`` steps (``engine.preview``); it must return at once."""
+        return self._generate([req], on_step, on_preview if req.preview_every else None)
+
+    def generate_batch(
+        self, reqs: list[GenerationRequest], on_steps: list[StepCallback | None]
+    ) -> list[list[Image.Image]]:
+        """Run compatible requests (see :mod:`inference_server.engine.batch`) in one pipeline call;
+        return each one's images. Every ``on_steps[i]`` sees every step; a request whose callback
+        asks to stop leaves the batch (its images are still returned, for the caller to discard),
+        and the call stops (JobCanceled) only when all have. Raises InvalidRequest, JobCanceled
+        or ModelError for the whole call."""
+        if len(reqs) == 1:
+            return [self.generate(reqs[0], on_steps[0])]
+        batch.check_compatible(reqs)
+        shared = batch.SharedSteps(on_steps)
+        return batch.split(self._generate(reqs, shared), reqs)
+
+    def _generate(
+        self,
+        reqs: list[GenerationRequest],
+        on_step: StepCallback | None,
+        on_preview: PreviewCallback | None = None,
+    ) -> list[Image.Image]:
+        req = reqs[0]
         family = self.registry.family(req.family)
         spec = family.model(req.model, req.task)
-        _check(req)
+        for member in reqs:
+            _check(member)
         resolved = [
             loras.resolve(
                 self.registry, family, ref.name, ref.scale, fetch=self.fetch, cache_dir=self.cache_dir
@@ -139,7 +163,7 @@ class Engine:
                 )
                 switch = time.perf_counter() - started
             started = time.perf_counter()
-            images = self._run(pipe, req, on_step, on_preview if req.preview_every else None)
+            images = self._run(pipe, reqs, on_step, on_preview)
             self.last_pipeline_seconds = time.perf_counter() - started
             return images
         finally:
@@ -196,10 +220,11 @@ class Engine:
     def _run(
         self,
         pipe: Any,
-        req: GenerationRequest,
+        reqs: list[GenerationRequest],
         on_step: StepCallback | None,
-        on_preview: PreviewCallback | None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[Image.Image]:
+        req = batch.merged(reqs) if len(reqs) > 1 else reqs[0]
         previews = [on_preview] if on_preview is not None else []
 
         def callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +243,8 @@ class Engine:
             return kwargs
 
         kwargs = variants.call_kwargs(pipe, req, req.seeds, callback)
+        if len(reqs) > 1:
+            kwargs = batch.batch_kwargs(kwargs, reqs)
         cap = self.max_edit_pixels if req.task == "edit" else 0
         try:
             with torch.inference_mode(), variants.edit_area(cap):
@@ -225,7 +252,7 @@ class Engine:
         except InferenceError:
             raise
         except Exception as exc:
-            log.error("%s/%s %s failed", req.family, req.model, req.task, exc_info=exc)
+            log.error("%s/%s %s failed (%d jobs)", req.family, req.model, req.task, len(reqs), exc_info=exc)
             why = type(exc).__name__
             raise ModelError(f"{req.family} {req.task} failed in the model ({why})") from exc
         images: list[Image.Image] = list(out.images)

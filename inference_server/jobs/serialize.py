@@ -61,6 +61,8 @@ def job_view(job: Mapping[str, Any], outputs: Sequence[Mapping[str, Any]] = ()) 
         "started_at": iso(job["started_at"]),
         "finished_at": iso(job["finished_at"]),
         "attempts": job["attempts"],
+        # The pipeline call this job shared with other jobs (cross-request batching), or null.
+        "batch": {"id": job["batch_id"], "size": job["batch_size"]} if job.get("batch_id") else None,
     }
 
 

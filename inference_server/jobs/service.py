@@ -21,6 +21,7 @@ from inference_server.db import Job, JobEvent, OutboxMessage, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.errors import Conflict, Forbidden, InvalidInput, InvalidRequest, NotFound
 from inference_server.events import emit, event_values
+from inference_server.jobs.batch_key import batch_key
 from inference_server.jobs.enums import TERMINAL, EventType, JobStatus, Priority, Task
 from inference_server.jobs.persist import insert_new_rows
 from inference_server.jobs.serialize import job_to_dict
@@ -271,6 +272,7 @@ def plan(
         "model": model.id,
         "task": req.task.value,
         "params": spec.stored(),
+        "batch_key": batch_key(spec),
         "webhook_url": req.webhook.url if req.webhook else None,
         "webhook_events": [e.value for e in req.webhook.events]
         if req.webhook and req.webhook.events is not None

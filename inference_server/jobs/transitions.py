@@ -95,6 +95,9 @@ def claim(
         "lease_expires_at": now + timedelta(seconds=lease_seconds),
         "worker": worker,
         "updated_at": now,
+        # A new attempt runs alone until a batch says otherwise (workers.batching).
+        "batch_id": None,
+        "batch_size": None,
     }
     return Claim({**row, **changes}, spec, unwritten=changes)
 
@@ -128,10 +131,19 @@ def _owner(row: dict[str, Any]) -> dict[str, Any]:
 def record_claim(session: Session, claim: Claim) -> None:
     """Write the claim ``claim`` decided in ``session`` (whose transaction holds the row lock), with
     its ``job.started`` event, and commit."""
-    assert claim.unwritten is not None, "record_claim takes a claim fresh from claim()"
-    _write(session, claim.row, claim.unwritten, EventType.STARTED)
+    record_claims(session, [claim])
+
+
+def record_claims(session: Session, claims: list[Claim]) -> None:
+    """Write several claims decided in ``session`` (its transaction holding their row locks), each
+    with its ``job.started`` event, and commit them together: committing one at a time would
+    release the others' locks before they are written."""
+    for claim in claims:
+        assert claim.unwritten is not None, "record_claims takes claims fresh from claim()"
+        _write(session, claim.row, claim.unwritten, EventType.STARTED)
     session.commit()
-    claim.unwritten = None
+    for claim in claims:
+        claim.unwritten = None
 
 
 def succeed(

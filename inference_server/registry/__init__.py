@@ -11,6 +11,9 @@ File format (TOML; paths are relative to the file)::
     limits = { min_size = 64, max_size = 1024, max_steps = 150, size_multiple = 8 }
     defaults = { width = 512, height = 512, steps = 30, guidance_scale = 7.5, strength = 0.75 }
     strength_steps = "floor"            # steps x strength rounded: floor (SD, SDXL) | ceil (FLUX)
+    max_batch = 4                       # images per pipeline call from queued jobs (1: no batching)
+    batch_wait_ms = 10                  # how long a worker waits for compatible jobs to fill a batch
+    batch_max_pixels = 262144           # width x height above which a job always runs alone
 
     [[families.sd15.models]]
     id = "tiny-sd15"
@@ -23,6 +26,7 @@ File format (TOML; paths are relative to the file)::
     compile = false                     # torch.compile the denoiser on GPU
     tasks = ["txt2img", "img2img"]      # optional subset of the family's tasks this model serves
     df11 = "flux-df11"                  # optional: folder of DFloat11 weights replacing the transformer
+    max_batch = 2                       # optional: batching settings of this model over the family's
 
     [[families.sd15.loras]]
     name = "tiny-style"
@@ -53,6 +57,7 @@ from inference_server.registry.specs import (
     DTYPES,
     OFFLOADS,
     TASKS,
+    BatchPolicy,
     Defaults,
     FamilyName,
     FamilySpec,
@@ -62,6 +67,7 @@ from inference_server.registry.specs import (
 )
 
 __all__ = [
+    "BatchPolicy",
     "DEFAULT_LIMITS",
     "DTYPES",
     "OFFLOADS",

@@ -148,6 +148,11 @@ def _family_toml(family: str, models: list[dict], lora_names: list[str]) -> str:
         "limits = { min_size = 64, max_size = 512, max_steps = 50, "
         f"size_multiple = {spec['size_multiple']} }}",
         f"defaults = {spec['defaults']}",
+        "# Cross-request batching, off here so each test job runs alone; max_batch = 4 lets a worker",
+        "# run up to 4 images of compatible queued jobs in one call (docs/configuration.md).",
+        "max_batch = 1",
+        "batch_wait_ms = 10",
+        "batch_max_pixels = 262144",
     ]
     if "strength_steps" in spec:
         lines.append(f'strength_steps = "{spec["strength_steps"]}"')

@@ -1,0 +1,168 @@
+"""How a worker gathers a batch (workers.batching.Batcher) on PostgreSQL: compatible queued jobs
+only, oldest first, up to max_batch images, each claimed with its own attempt, lease and
+job.started event; two workers gathering at once never take the same job (SKIP LOCKED)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import select
+
+from inference_server.db import Job, JobEvent, OutboxMessage
+from inference_server.db.base import utcnow
+from inference_server.jobs import transitions
+from inference_server.jobs.batch_key import batch_key
+from inference_server.jobs.spec import JobSpec
+from inference_server.registry import parse_registry
+from tests.support.seed import add_tenant, make_settings
+from workers.batching import Batcher
+
+REGISTRY = parse_registry(
+    {
+        "families": {
+            "sd15": {
+                "tasks": ["txt2img"],
+                "max_batch": 4,
+                "batch_wait_ms": 0,
+                "models": [{"id": "m", "source": "x"}],
+            }
+        }
+    }
+)
+
+
+def spec(**changes: Any) -> JobSpec:
+    values = {"family": "sd15", "model": "m", "task": "txt2img", "width": 64, "height": 64, "steps": 4}
+    return JobSpec.model_validate({**values, "seeds": [1], **changes})
+
+
+def add_jobs(session_factory: Any, specs: list[JobSpec]) -> list[str]:
+    start = utcnow() - timedelta(minutes=5)
+    with session_factory() as session:
+        tenant = add_tenant(session)
+        jobs = [
+            Job(
+                tenant_id=tenant.id,
+                family=s.family,
+                model=s.model,
+                task=s.task.value,
+                params=s.stored(),
+                batch_key=batch_key(s),
+                progress_total=s.steps,
+                created_at=start + timedelta(seconds=i),
+            )
+            for i, s in enumerate(specs)
+        ]
+        session.add_all(jobs)
+        session.commit()
+        return [j.id for j in jobs]
+
+
+def lead_claim(session_factory: Any, settings: Any, job_id: str) -> transitions.Claim:
+    with session_factory() as session:
+        claim = transitions.claim(session, job_id, max_attempts=3, lease_seconds=30, worker="w")
+        assert isinstance(claim, transitions.Claim)
+        transitions.record_claim(session, claim)
+    return claim
+
+
+def batcher(session_factory: Any, settings: Any, name: str) -> Batcher:
+    runner = SimpleNamespace(settings=settings, sf=session_factory, worker_name=name)
+    return Batcher(runner, REGISTRY)  # type: ignore[arg-type]
+
+
+def done() -> Any:
+    from concurrent.futures import Future
+
+    f: Future[None] = Future()
+    f.set_result(None)
+    return f
+
+
+def test_a_batch_takes_compatible_jobs_oldest_first(scratch_db, scratch_db_url):
+    settings = make_settings(scratch_db_url)
+    ids = add_jobs(
+        scratch_db,
+        [
+            spec(prompt="lead"),
+            spec(steps=5),  # another key
+            spec(prompt="b", seeds=[2, 3]),
+            spec(prompt="c", seeds=[4, 5]),  # would make 5 images: left for later
+            spec(prompt="d"),
+            spec(prompt="e"),
+        ],
+    )
+    with scratch_db() as session:  # queue messages: the relay has published the first member's
+        for i, job_id in enumerate(ids):
+            sent = utcnow() if i == 2 else None
+            session.add(OutboxMessage(job_id=job_id, queue="jobs.sd15", published_at=sent))
+        session.commit()
+    lead = lead_claim(scratch_db, settings, ids[0])
+    members = batcher(scratch_db, settings, "w1").gather(lead, done())
+    assert [m.job_id for m, _ in members] == [ids[2], ids[4]]
+    with scratch_db() as session:
+        messages = set(session.scalars(select(OutboxMessage.job_id)))
+    # A member's unsent message is gone with its claim (no delivery for its claim to refuse); a sent
+    # one stays, and so do the messages of every job not taken.
+    assert messages == set(ids) - {ids[4]}
+    with scratch_db() as session:
+        rows = {j.id: j for j in session.scalars(select(Job))}
+        started = set(session.scalars(select(JobEvent.job_id).where(JobEvent.type == "job.started")))
+    for job_id in (ids[0], ids[2], ids[4]):
+        job = rows[job_id]
+        assert job.status == "running" and job.attempts == 1 and job.lease_expires_at is not None
+        assert job.batch_id == rows[ids[0]].batch_id and job.batch_size == 3
+        assert job_id in started
+    assert rows[ids[0]].batch_id is not None
+    assert all(rows[i].status == "queued" and rows[i].batch_id is None for i in (ids[1], ids[3], ids[5]))
+
+
+def test_two_workers_gathering_at_once_never_share_a_job(scratch_db, scratch_db_url):
+    settings = make_settings(scratch_db_url)
+    ids = add_jobs(scratch_db, [spec(prompt=str(i), seeds=[i]) for i in range(10)])
+    leads = [lead_claim(scratch_db, settings, ids[0]), lead_claim(scratch_db, settings, ids[1])]
+    got: dict[int, list[str]] = {}
+    barrier = threading.Barrier(2)
+
+    def gather(n: int) -> None:
+        barrier.wait()
+        members = batcher(scratch_db, settings, f"w{n}").gather(leads[n], done())
+        got[n] = [m.job_id for m, _ in members]
+
+    threads = [threading.Thread(target=gather, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got[0]) == len(got[1]) == 3
+    assert not set(got[0]) & set(got[1])
+    assert set(got[0]) | set(got[1]) <= set(ids[2:])
+    with scratch_db() as session:
+        running = session.scalars(select(Job.id).where(Job.status == "running")).all()
+    assert len(running) == 8
+
+
+def test_a_lone_job_waits_no_longer_than_batch_wait_ms(scratch_db, scratch_db_url):
+    settings = make_settings(scratch_db_url)
+    waiting = parse_registry(
+        {
+            "families": {
+                "sd15": {
+                    "tasks": ["txt2img"],
+                    "max_batch": 4,
+                    "batch_wait_ms": 200,
+                    "models": [{"id": "m", "source": "x"}],
+                }
+            }
+        }
+    )
+    [job_id] = add_jobs(scratch_db, [spec()])
+    lead = lead_claim(scratch_db, settings, job_id)
+    runner = SimpleNamespace(settings=settings, sf=scratch_db, worker_name="w")
+    t = time.monotonic()
+    assert Batcher(runner, waiting).gather(lead, done()) == []  # type: ignore[arg-type]
+    assert 0.2 <= time.monotonic() - t < 10  # waited for company, then gave up (no hang)
