@@ -15,6 +15,7 @@ from api.deps import AppState
 from api.docs import install_docs
 from api.edge import LimitsAndTiming
 from api.errors import install_error_handlers
+from api.feed import EventFeed
 from api.metrics import ApiMetrics, JobsCollector, RegistryCollector
 from api.ratelimit import LimitStore, RateLimiter
 from api.registry_watch import RegistryWatch
@@ -68,6 +69,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
 
     metrics.registry.register(DeliveryBacklogCollector(sf))
     waiter = JobWaiter(db)
+    # One LISTEN connection per process: the feed hears job ends for the waiter too.
+    poll = settings.events_poll_interval
+    feed = EventFeed(db, poll_interval=poll, on_finished=waiter.announce, on_reconnect=waiter.wake_all)
     limits = LimitStore(
         settings.rate_limit_storage_url, key_prefix=settings.rate_limit_key_prefix, metrics=metrics.registry
     )
@@ -78,6 +82,7 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
         broker=broker,
         metrics=metrics,
         waiter=waiter,
+        feed=feed,
         # In /readyz only for an API that started without its file (api/registry_watch.py).
         registry_watch=watch if watch is not None and not watch.loaded else None,
         keys=KeyCache(ttl=settings.api_key_cache_seconds),
@@ -92,14 +97,14 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         if relay is not None:
             relay.start(stop)
-        waiter.start()
+        await feed.start()
         metrics_server = serve_metrics(settings, metrics.registry)
         from inference_server.publish.broker_version import check_in_background
 
         check_in_background(settings.broker_url, settings.consumer_timeout_ms)
         yield
         stop.set()
-        waiter.stop()
+        await feed.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
@@ -131,9 +136,9 @@ def create_app(settings: Settings, *, run_relay: bool = True, registry: Registry
     )
     app.add_middleware(AccessLog)  # added last: outermost, so it sees the edge's refusals too
 
-    from api.routes import jobs, models, system, tenants, uploads, webhooks
+    from api.routes import events, jobs, models, previews, system, tenants, uploads, webhooks
 
-    for module in (jobs, models, system, tenants, uploads, webhooks):
+    for module in (jobs, events, previews, models, system, tenants, uploads, webhooks):
         app.include_router(module.router)
     return app
 

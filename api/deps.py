@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
 
 from api.auth import Caller, KeyCache, authenticate, hash_key
 from api.ratelimit import RateLimiter
@@ -32,6 +33,7 @@ class AppState:
     broker: Any = None  # inference_server.publish.probe.BrokerProbe
     metrics: Any = None  # api.metrics.ApiMetrics
     waiter: Any = None  # api.waiter.JobWaiter
+    feed: Any = None  # api.feed.EventFeed
     registry_watch: Any = None  # api.registry_watch.RegistryWatch: MODELS_FILE may appear later
 
 
@@ -56,10 +58,15 @@ async def current_caller(
     _scheme: HTTPAuthorizationCredentials | None = Depends(BEARER),
 ) -> Caller:
     """The caller (tenant and scope): from the key cache without a thread hop, else looked up in the pool."""
-    header = request.headers.get("authorization")
+    return await caller_for(request, st, request.headers.get("authorization"))
+
+
+async def caller_for(conn: HTTPConnection, st: AppState, header: str | None) -> Caller:
+    """The caller of ``header`` (``Bearer <key>``) for the request or WebSocket ``conn``, counted
+    against the rate limits like any request's."""
     caller = st.keys.get(hash_key(header[7:].strip())) if header and header[:7].lower() == "bearer " else None
     if caller is None:
-        caller = await _authenticate_counting_failures(request, st, header)
+        caller = await _authenticate_counting_failures(conn, st, header)
     rate = effective_rate(caller.tenant, st.settings)
     if st.limiter is not None and rate:
         await st.limiter.check(caller.tenant.id, per_minute=rate)
@@ -81,7 +88,9 @@ async def require_admin(caller: Caller = Depends(current_caller)) -> Caller:
     return caller
 
 
-async def _authenticate_counting_failures(request: Request, st: AppState, header: str | None) -> Caller:
+async def _authenticate_counting_failures(
+    request: HTTPConnection, st: AppState, header: str | None
+) -> Caller:
     """Look the key up, unless the caller's address has failed too often lately: guessing keys costs
     a database round trip each, and a 429 from the limiter costs none."""
     if st.auth_failures is None or not header:

@@ -1,26 +1,19 @@
 """Long-polling for a job's end: ``GET /v1/jobs/{id}?wait=N`` answers as soon as the job finishes.
 
-On PostgreSQL one thread per API process LISTENs on ``job_finished`` (workers and cancels NOTIFY it
-in the transaction that ends a job) and wakes the waiting requests. Elsewhere waiting requests
-re-read the job every ``poll`` seconds."""
+On PostgreSQL workers and cancels NOTIFY ``job_finished`` in the transaction that ends a job; the
+API's event feed (``api/feed.py``) hears it on its LISTEN connection and calls ``announce``, which
+wakes the waiting requests. Elsewhere waiting requests re-read the job every ``poll`` seconds."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import logging
-import select
 import threading
 from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import Engine
-
-from inference_server.db.base import listening_connection
-from inference_server.events import JOB_FINISHED_CHANNEL
-
-log = logging.getLogger(__name__)
 
 
 class Waiting:
@@ -41,14 +34,6 @@ class JobWaiter:
         self.listening = engine.dialect.name == "postgresql"
         self._waiting: dict[str, set[Waiting]] = defaultdict(set)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        if self.listening:
-            threading.Thread(target=self._listen, name="job-waiter", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def register(self, job_id: str) -> Waiting:
         """Call before reading the job's status, so a finish in between is not missed."""
@@ -81,32 +66,16 @@ class JobWaiter:
             waiting.job = job
             waiting.loop.call_soon_threadsafe(waiting.event.set)
 
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            try:
-                raw = listening_connection(self.engine, JOB_FINISHED_CHANNEL)
-                try:
-                    self._drain(raw.driver_connection)
-                finally:
-                    raw.invalidate()
-            except Exception as exc:
-                log.warning("job waiter: %s; reconnecting", exc)
-                self._wake_all()  # waiting requests re-read the job instead of missing its end
-                self._stop.wait(1.0)
+    def announce(self, payload: str) -> None:
+        """A ``job_finished`` payload was heard: wake the requests waiting for that job."""
+        if payload.startswith("{"):
+            message = json.loads(payload)
+            self._wake(message["id"], message.get("job"))
+        else:
+            self._wake(payload)
 
-    def _drain(self, conn) -> None:  # type: ignore[no-untyped-def]
-        while not self._stop.is_set():
-            if select.select([conn], [], [], 1.0)[0]:
-                conn.poll()
-                while conn.notifies:
-                    payload = conn.notifies.pop(0).payload
-                    if payload.startswith("{"):
-                        message = json.loads(payload)
-                        self._wake(message["id"], message.get("job"))
-                    else:
-                        self._wake(payload)
-
-    def _wake_all(self) -> None:
+    def wake_all(self) -> None:
+        """Wake every waiting request (finishes may have gone unheard): each re-reads its job."""
         with self._lock:
             ids = list(self._waiting)
         for job_id in ids:

@@ -22,10 +22,15 @@ from sqlalchemy.orm import Session
 from inference_server.db import Job, JobEvent, Tenant
 from inference_server.db.base import utcnow
 from inference_server.jobs.enums import TERMINAL_EVENTS, DeliveryKind, EventType, WebhookProfile
-from inference_server.jobs.serialize import columns, iso, job_view
+from inference_server.jobs.serialize import PREVIEW_PATH, columns, iso, job_view
 
 JOB_FINISHED_CHANNEL = "job_finished"
 JOB_CANCELED_CHANNEL = "job_canceled"  # payload: the job id; wakes the worker running it
+# payload: the job id. Wakes the API processes' event streams (api/feed.py) for an event that is not
+# terminal (terminal events already notify job_finished, which the streams hear too). A submit's
+# job.queued sends none: NOTIFY serializes committing transactions, and the ingest path commits
+# hundreds a second; streams pick those up by their periodic read (EVENTS_POLL_INTERVAL).
+JOB_EVENTS_CHANNEL = "job_events"
 COMPACT_PROGRESS_FIELDS = ("id", "status", "progress")
 
 
@@ -129,6 +134,19 @@ def wants_full_progress(session: Session, job: Any) -> bool:
     return any(d.takes(EventType.PROGRESS) for d in destinations(job, tenant))
 
 
+def emit_preview(session: Session, job: Job, step: int) -> JobEvent:
+    """Add a ``job.preview`` event for ``job`` (flushed state): the job, and in ``data.preview``
+    the preview's URL (relative, like output URLs) and the step it shows; the caller commits."""
+    session.flush()
+    values = event_values(columns(job), EventType.PREVIEW, [columns(o) for o in job.outputs])
+    values["payload"]["data"]["preview"] = {"url": PREVIEW_PATH.format(job_id=job.id), "step": step}
+    event = JobEvent(**values)
+    session.add(event)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(JOB_EVENTS_CHANNEL, job.id)))
+    return event
+
+
 def progress_event_values(session: Session, job: Job) -> dict[str, Any]:
     """The event row for a progress tick of ``job``: the full webhook body when a destination takes
     progress, otherwise the compact record described in the module docstring."""
@@ -150,4 +168,6 @@ def emit_progress(session: Session, job: Job) -> JobEvent:
     session.flush()
     event = JobEvent(**progress_event_values(session, job))
     session.add(event)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(JOB_EVENTS_CHANNEL, job.id)))
     return event

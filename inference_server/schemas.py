@@ -151,3 +151,18 @@ class Health(Answer):
 class Readiness(Answer):
     status: str
     checks: dict[str, bool]
+
+
+class JobEventItem(Answer):
+    """One stored event of a job: its sequence number (the SSE ``id``) and the webhook body."""
+
+    seq: int = Field(description="The event's sequence number: resume after it with Last-Event-ID.")
+    id: str = Field(description="The event's webhook-id.")
+    type: str
+    timestamp: str
+    data: dict[str, Any] = Field(description="The job as the event saw it.")
+
+
+class JobEventPage(Answer):
+    events: list[JobEventItem]
+    next_after: int | None = Field(description="Pass as `after` for the next page; null on the last.")

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     api_metrics_host: str = "0.0.0.0"
     max_request_bytes: int = 30 * 1024 * 1024
     api_statement_timeout: float = 3.0  # the API's statements are short: a stuck database is a fast 503
+    events_poll_interval: float = Field(default=0.5, gt=0)  # event streams' read without a NOTIFY
+    stream_keepalive_seconds: float = Field(default=15.0, gt=0)  # SSE comment on an idle stream
+    api_shutdown_grace: float = Field(default=5.0, ge=0)  # open streams get this long at a stop
 
     # Inputs.
     allow_private_networks: bool = False

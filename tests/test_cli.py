@@ -45,6 +45,8 @@ def test_generate_saves_the_image(api_client, worker, tenant, system_env, tmp_pa
         "64",
         "--height",
         "64",
+        "--preview",
+        "4",
         "--api-url",
         api_client.base_url,
         "--api-key",
@@ -53,6 +55,8 @@ def test_generate_saves_the_image(api_client, worker, tenant, system_env, tmp_pa
     )
     assert result.returncode == 0, result.stderr
     assert Image.open(target).size == (64, 64)
+    assert "4/4" in result.stderr and "succeeded" in result.stderr  # the bar, fed by the job's event stream
+    assert "/preview" in result.stderr  # the previews' URLs, as job.preview events came
 
 
 def test_generate_sends_an_inpaint_job_with_every_option(api_client, worker, tenant, system_env, tmp_path):

@@ -19,9 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.db import Job
 from inference_server.db.base import utcnow
-from inference_server.events import emit_progress
+from inference_server.events import emit_preview, emit_progress
 from inference_server.jobs.enums import JobStatus
 from workers.cancels import CancelListener
+from workers.previews import LatestPreview
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,11 @@ class ProgressWatcher:
         lease_seconds: float = 30.0,
         after: Future[None] | None = None,
         cancels: CancelListener | None = None,
+        previews: LatestPreview | None = None,
     ) -> None:
         """``after``: the job's claim being committed; the watcher starts once it is, and stops the
-        run if it fails. ``cancels``: pushed cancellations, checked between polls."""
+        run if it fails. ``cancels``: pushed cancellations, checked between polls. ``previews``: the
+        run's previews, stored and announced (``job.preview``) at most every ``progress_interval``."""
         self._sf = session_factory
         self.job_id = job_id
         self.attempt = attempt
@@ -51,6 +54,8 @@ class ProgressWatcher:
         self.superseded = False  # stopped because a newer attempt owns the job
         self._after = after
         self._cancels = cancels
+        self._previews = previews
+        self._last_preview = 0.0
         self._step = 0
         self._total = 0
         self._started = time.monotonic()
@@ -91,6 +96,16 @@ class ProgressWatcher:
         if cancels is not None:
             cancels.wake()  # ends a wait in progress on the listener
 
+    def flush_preview(self) -> None:
+        """Store and announce the run's last preview now (its denoising is over), so a run quicker
+        than the throttle still shows it before its end is written. Never raises."""
+        if self._previews is None or self.canceled:
+            return
+        try:
+            self._preview_tick(force=True)
+        except Exception as err:
+            log.warning("preview of job %s failed: %s", self.job_id, err)
+
     @property
     def total(self) -> int:
         """The steps of the run as the engine last counted them (0 before its first step)."""
@@ -111,6 +126,7 @@ class ProgressWatcher:
         while not self._pause():
             try:
                 self._tick()
+                self._preview_tick()
             except Exception as exc:  # a side channel never fails the job
                 log.warning("progress update for job %s failed: %s", self.job_id, exc)
             if time.monotonic() > self._lease_until and not self.canceled:
@@ -126,6 +142,24 @@ class ProgressWatcher:
             return self._stop.wait(self.poll_interval)
         cancels.wait(self.job_id, self.poll_interval)
         return self._stop.is_set()
+
+    def _preview_tick(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._previews is None or self.canceled:
+            return
+        if not force and now - self._last_preview < self.progress_interval:
+            return
+        latest = self._previews.take()
+        if latest is None:
+            return
+        self._last_preview = now
+        self._previews.store(latest[1])  # outside the transaction: storage may be slow
+        with self._sf() as session:
+            # Locked like every writer of the job's events, so its events commit in sequence order.
+            job = session.get(Job, self.job_id, with_for_update=True)
+            if job is not None and job.status == JobStatus.RUNNING and job.attempts == self.attempt:
+                emit_preview(session, job, latest[0])
+            session.commit()
 
     def _tick(self) -> None:
         now = time.monotonic()

@@ -35,6 +35,7 @@ from workers.batching import Batcher
 from workers.cancels import CancelListener
 from workers.finisher import FinishedRun, Finisher
 from workers.metrics import BUSY_SECONDS, JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
+from workers.previews import LatestPreview
 from workers.progress import ProgressWatcher
 
 log = logging.getLogger(__name__)
@@ -338,9 +339,12 @@ class JobRunner:
         """The job's images, and its watcher, still running: it holds the job's lease until the
         job's end is written (the engine's step count is its ``total``)."""
         request = self._request(claim)
-        watcher = self._watcher(claim, recorded).start()
+        previews = LatestPreview(self.storage, claim.job_id) if claim.spec.preview else None
+        watcher = self._watcher(claim, recorded, previews=previews).start()
         on_step = self._step_callback(watcher, claim)
-        images = self._watched(watcher, lambda: self.engine.generate(request, on_step=on_step))
+        extra = {"on_preview": previews.offer} if previews else {}
+        images = self._watched(watcher, lambda: self.engine.generate(request, on_step=on_step, **extra))
+        watcher.flush_preview()  # the last one, before the finisher records the end
         self._observe_lora_switch(claim)
         return images, watcher
 
@@ -349,7 +353,14 @@ class JobRunner:
         if switch is not None:
             LORA_SWITCH.labels(claim.family).observe(switch)
 
-    def _watcher(self, claim: Claim, recorded: Future[None], *, pushed: bool = True) -> ProgressWatcher:
+    def _watcher(
+        self,
+        claim: Claim,
+        recorded: Future[None],
+        *,
+        pushed: bool = True,
+        previews: LatestPreview | None = None,
+    ) -> ProgressWatcher:
         """The side thread of ``claim``'s run (not started): lease, progress, cancellation
         (``pushed``: woken by the child's one cancel listener, which serves one watcher at a time;
         else polled)."""
@@ -362,6 +373,7 @@ class JobRunner:
             lease_seconds=self.settings.job_lease_seconds,
             after=recorded,
             cancels=self._cancels if pushed else None,
+            previews=previews,
         )
 
     def _step_callback(self, watcher: ProgressWatcher, holder: Claim) -> Callable[[int, int], bool]:
@@ -425,6 +437,7 @@ class JobRunner:
             image=image,
             mask=mask,
             loras=[LoraRef(lo.name, lo.scale) for lo in spec.loras],
+            preview_every=spec.preview.every_steps if spec.preview else 0,
         )
         if image is not None and spec.task != Task.EDIT:
             from inference_server import imaging

@@ -3,6 +3,8 @@ progress, save the results."""
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import click
 from pydantic import ValidationError
 
 from inference_server.client import Client, ClientError, Job
+from inference_server.client.common import TERMINAL
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
@@ -56,18 +59,30 @@ def generate_files(
 
 
 def _wait(client: Client, job: Job, show_progress: bool, timeout: float) -> Job:
+    """The job once it has ended: followed live over its event stream while a progress bar is shown,
+    else by long polls (no events to show)."""
+    if not show_progress:
+        return client.wait(job["id"], timeout=timeout)
     from tqdm import tqdm
 
+    deadline = time.monotonic() + timeout
     total = max(job["progress"]["total_steps"], 1)
-    with tqdm(total=total, unit="step", disable=not show_progress, desc=job["id"][:8]) as bar:
-
-        def update(seen: Job) -> None:
-            bar.total = max(seen["progress"]["total_steps"], 1)
-            bar.n = seen["progress"]["step"]
-            bar.set_postfix_str(seen["status"])
+    with tqdm(total=total, unit="step", desc=job["id"][:8]) as bar:
+        for event in client.stream(job["id"]):
+            progress = event.progress
+            bar.total = max(progress.get("total_steps") or 0, 1)
+            bar.n = progress.get("step") or 0
+            bar.set_postfix_str(event.data.get("status", ""))
             bar.refresh()
-
-        return client.wait(job["id"], timeout=timeout, on_update=update if show_progress else None)
+            if event.type == "job.preview":
+                preview = event.data.get("preview") or {}
+                tqdm.write(f"preview of step {preview.get('step')}: {preview.get('url')}", file=sys.stderr)
+            if event.terminal or time.monotonic() > deadline:
+                break
+        finished = client.get(job["id"])
+    if finished["status"] not in TERMINAL:
+        raise TimeoutError(f"job {job['id']} still {finished['status']} after {timeout}s")
+    return finished
 
 
 def _target(output: Path | None, job: Job, n: int, content_type: str) -> Path:

@@ -40,6 +40,14 @@ FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--api-url", default=None, help="Default: API_URL.")
 @click.option("--api-key", default=None, help="Default: INFERENCE_SERVER_API_KEY.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--preview",
+    "preview_every",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Ask for a preview every N steps; each one's URL is printed (stderr) as it comes.",
+)
 def generate(
     prompt: str,
     image: Path | None,
@@ -51,6 +59,7 @@ def generate(
     api_key: str | None,
     quiet: bool,
     task: str | None,
+    preview_every: int | None,
     **fields: Any,
 ) -> None:
     """Submit PROMPT, show a progress bar, save the images (one path a line)."""
@@ -67,6 +76,8 @@ def generate(
         body["loras"] = [parse_lora(v) for v in loras]
     if fmt:
         body["output"] = {"format": fmt}
+    if preview_every:
+        body["preview"] = {"every_steps": preview_every}
     url = api_url or get_settings().api_url
     for path in generate_files(url, key, body, output, image=image, mask=mask, show_progress=not quiet):
         click.echo(str(path))

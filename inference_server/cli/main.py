@@ -86,6 +86,8 @@ def api(host: str | None, port: int | None, processes: int) -> None:
         log_level="warning",
         log_config=None,  # our handler and format (inference_server.logs), not uvicorn's own
         access_log=False,  # api.access_log writes one line per request, with its id
+        # Event streams stay open until their job ends: without a bound a stop would wait for them.
+        timeout_graceful_shutdown=int(settings.api_shutdown_grace) or None,
     )
 
 

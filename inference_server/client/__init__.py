@@ -8,6 +8,8 @@
         job = client.submit({"family": "sd15", "prompt": "a lighthouse"})
         job = client.wait(job["id"])
         png = client.download(job["id"])
+        for event in client.stream(job["id"]):  # live, instead of wait(): SSE, resumed on drops
+            print(event.type, event.progress.get("percent"))
 
 ``AsyncClient`` has the same methods as coroutines (it needs ``httpx``). Request bodies are the API's
 own ``JobRequest`` model (a dict is validated against it first); answers are the API's JSON as
@@ -15,6 +17,7 @@ plain dicts. Errors the API reports raise ``ClientError`` with its ``code``; 429
 retried with backoff, honouring ``Retry-After``. ``verify_webhook`` checks a received webhook."""
 
 from inference_server.client.common import ClientError, Job
+from inference_server.client.events import Event
 from inference_server.client.sync import Client
 from inference_server.jobs.spec import JobRequest
 from webhooks import WebhookVerificationError
@@ -24,6 +27,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ClientError",
+    "Event",
     "Job",
     "JobRequest",
     "WebhookVerificationError",

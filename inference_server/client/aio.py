@@ -20,7 +20,10 @@ from inference_server.client.common import (
     params,
     submit_headers,
 )
+from inference_server.client.events import STREAM_READ_TIMEOUT, Event, SSEParser, stream_headers
 from inference_server.jobs.spec import JobRequest
+
+STREAM_ERRORS = (httpx.TransportError,)  # connect, read (timeouts too) and protocol errors
 
 
 class AsyncClient:
@@ -119,6 +122,46 @@ class AsyncClient:
                 return job
             if deadline is not None and loop.time() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+
+    def stream(self, job_id: str, last_event_id: int | None = None) -> AsyncIterator[Event]:
+        """See ``Client.stream``."""
+        return self._events(f"/v1/jobs/{job_id}/events", last_event_id, job_id=job_id)
+
+    def events(self, last_event_id: int | None = None) -> AsyncIterator[Event]:
+        """See ``Client.events``."""
+        return self._events("/v1/events", last_event_id, job_id=None)
+
+    async def _events(self, path: str, last: int | None, *, job_id: str | None) -> AsyncIterator[Event]:
+        failures = 0
+        timeout = httpx.Timeout(self.timeout, read=STREAM_READ_TIMEOUT)
+        while True:
+            received = False
+            try:
+                async with self.http.stream(
+                    "GET", self.base_url + path, headers=stream_headers(last), timeout=timeout
+                ) as resp:
+                    if resp.status_code >= 400 and not (
+                        resp.status_code in RETRY_STATUSES and failures < self.retry.retries
+                    ):
+                        raise error_from(resp.status_code, await resp.aread())
+                    if resp.status_code < 400:
+                        parser = SSEParser()
+                        async for line in resp.aiter_lines():
+                            event = parser.feed(line)
+                            if event is None:
+                                continue
+                            last, failures, received = event.seq, 0, True
+                            yield event
+                            if job_id is not None and event.terminal:
+                                return
+            except STREAM_ERRORS:
+                if failures >= self.retry.retries:
+                    raise
+            else:
+                if job_id is not None and not received and (await self.get(job_id))["status"] in TERMINAL:
+                    return
+            await asyncio.sleep(self.retry.delay(failures, None))
+            failures += 1
 
     async def cancel(self, job_id: str) -> Job:
         """See ``Client.cancel``."""

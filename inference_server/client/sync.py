@@ -20,7 +20,10 @@ from inference_server.client.common import (
     params,
     submit_headers,
 )
+from inference_server.client.events import STREAM_READ_TIMEOUT, Event, SSEParser, stream_headers
 from inference_server.jobs.spec import JobRequest
+
+STREAM_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
 class Client:
@@ -52,7 +55,13 @@ class Client:
         self.http.close()
 
     def _request(
-        self, method: str, path: str, *, safe: bool, timeout: float | None = None, **kw: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        safe: bool,
+        timeout: float | tuple[float, float] | None = None,
+        **kw: Any,
     ) -> requests.Response:
         attempt = 0
         while True:
@@ -110,6 +119,47 @@ class Client:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+
+    def stream(self, job_id: str, last_event_id: int | None = None) -> Iterator[Event]:
+        """The job's events as they happen (Server-Sent Events): every event after
+        ``last_event_id`` (all of them when None), then each new one, ending after the terminal
+        event. A dropped connection is resumed with ``Last-Event-ID``: nothing missed or repeated."""
+        return self._events(f"/v1/jobs/{job_id}/events", last_event_id, job_id=job_id)
+
+    def events(self, last_event_id: int | None = None) -> Iterator[Event]:
+        """Every event of this tenant's jobs from now on (after ``last_event_id`` when given),
+        resumed like ``stream``; it does not end."""
+        return self._events("/v1/events", last_event_id, job_id=None)
+
+    def _events(self, path: str, last: int | None, *, job_id: str | None) -> Iterator[Event]:
+        failures = 0
+        while True:
+            received = False
+            try:
+                resp = self._request(
+                    "GET", path, safe=True, stream=True, headers=stream_headers(last),
+                    timeout=(self.timeout, STREAM_READ_TIMEOUT),
+                )  # fmt: skip
+                with resp:
+                    parser = SSEParser()
+                    for line in resp.iter_lines():
+                        event = parser.feed(line.decode("utf-8"))
+                        if event is None:
+                            continue
+                        last, failures, received = event.seq, 0, True
+                        yield event
+                        if job_id is not None and event.terminal:
+                            return
+            except STREAM_ERRORS:
+                if failures >= self.retry.retries:
+                    raise
+            else:
+                # The server ended the stream early (it is stopping, or this reader fell behind); one
+                # ending with nothing new is a finished job whose last event was already seen.
+                if job_id is not None and not received and self.get(job_id)["status"] in TERMINAL:
+                    return
+            time.sleep(self.retry.delay(failures, None))
+            failures += 1
 
     def cancel(self, job_id: str) -> Job:
         """Ask for the job to stop; it ends ``canceled`` at its next step (or at once if queued)."""

@@ -108,15 +108,16 @@ def make_session_factory(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def listening_connection(engine: Engine, channel: str) -> Any:
-    """A pooled connection of its own, in autocommit, LISTENing on ``channel`` (PostgreSQL). The
+def listening_connection(engine: Engine, channel: str, *more: str) -> Any:
+    """A pooled connection of its own, in autocommit, LISTENing on ``channel`` and ``more`` (PostgreSQL). The
     caller invalidates it when done: a LISTENing session must not go back to the pool."""
     raw = engine.raw_connection()
     try:
         conn: Any = raw.driver_connection
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute(f"LISTEN {channel}")
+            for name in (channel, *more):
+                cur.execute(f"LISTEN {name}")
     except BaseException:
         raw.invalidate()
         raise

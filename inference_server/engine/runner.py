@@ -23,6 +23,7 @@ from PIL import Image
 from inference_server.engine import batch, loras, variants
 from inference_server.engine.cache import CachedModel, PipelineCache
 from inference_server.engine.device import DTYPES, default_cache_bytes
+from inference_server.engine.preview import latent_preview
 from inference_server.errors import InferenceError, InvalidRequest, JobCanceled, ModelError, public_reason
 from inference_server.registry import ModelSpec, Registry
 
@@ -65,9 +66,11 @@ class GenerationRequest:
     image: Image.Image | None = None  # decoded, RGB, sized by the caller
     mask: Image.Image | None = None  # "L"
     loras: list[LoraRef] = field(default_factory=list)
+    preview_every: int = 0  # a preview every N steps (0: none)
 
 
 StepCallback = Callable[[int, int], bool]  # (steps done, steps in the loop) -> stop?
+PreviewCallback = Callable[[int, Any], None]  # (steps done, RGB uint8 array h x w x 3)
 
 
 class Engine:
@@ -102,10 +105,16 @@ class Engine:
         _quiet_loading()
 
     # --- public -----------------------------------------------------------------------------------
-    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+    def generate(
+        self,
+        req: GenerationRequest,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> list[Image.Image]:
         """Run ``req`` in one pipeline call: one image per seed, in the order of the seeds. Raises
-        InvalidRequest, JobCanceled or ModelError."""
-        return self._generate([req], on_step)
+        InvalidRequest, JobCanceled or ModelError. ``on_preview`` gets the latents' RGB projection
+        every ``req.preview_every`` steps (``engine.preview``); it must return at once."""
+        return self._generate([req], on_step, on_preview if req.preview_every else None)
 
     def generate_batch(
         self, reqs: list[GenerationRequest], on_steps: list[StepCallback | None]
@@ -121,7 +130,12 @@ class Engine:
         shared = batch.SharedSteps(on_steps)
         return batch.split(self._generate(reqs, shared), reqs)
 
-    def _generate(self, reqs: list[GenerationRequest], on_step: StepCallback | None) -> list[Image.Image]:
+    def _generate(
+        self,
+        reqs: list[GenerationRequest],
+        on_step: StepCallback | None,
+        on_preview: PreviewCallback | None = None,
+    ) -> list[Image.Image]:
         req = reqs[0]
         family = self.registry.family(req.family)
         spec = family.model(req.model, req.task)
@@ -149,7 +163,7 @@ class Engine:
                 )
                 switch = time.perf_counter() - started
             started = time.perf_counter()
-            images = self._run(pipe, reqs, on_step)
+            images = self._run(pipe, reqs, on_step, on_preview)
             self.last_pipeline_seconds = time.perf_counter() - started
             return images
         finally:
@@ -204,13 +218,24 @@ class Engine:
 
     # --- running ----------------------------------------------------------------------------------
     def _run(
-        self, pipe: Any, reqs: list[GenerationRequest], on_step: StepCallback | None
+        self,
+        pipe: Any,
+        reqs: list[GenerationRequest],
+        on_step: StepCallback | None,
+        on_preview: PreviewCallback | None = None,
     ) -> list[Image.Image]:
         req = batch.merged(reqs) if len(reqs) > 1 else reqs[0]
+        previews = [on_preview] if on_preview is not None else []
 
         def callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             # Pipelines set _num_timesteps before their loop: exact even when strength shortens it.
             total = int(getattr(p, "_num_timesteps", 0) or req.steps)
+            if previews and (step + 1) % req.preview_every == 0 and "latents" in kwargs:
+                try:
+                    previews[0](step + 1, latent_preview(p, kwargs["latents"], req.width, req.height))
+                except Exception as exc:  # a side channel: the run goes on without previews
+                    log.warning("previews of %s stopped: %s", req.family, exc)
+                    previews.clear()
             if on_step is not None and on_step(step + 1, total):
                 # Raised, not the pipeline's interrupt flag: that one still runs the loop out and
                 # decodes the latents, GPU time nobody will look at.

@@ -73,6 +73,7 @@ class EventType(StrEnum):
     QUEUED = "job.queued"
     STARTED = "job.started"
     PROGRESS = "job.progress"
+    PREVIEW = "job.preview"  # only for a job that asked for previews
     SUCCEEDED = "job.succeeded"
     FAILED = "job.failed"
     CANCELED = "job.canceled"

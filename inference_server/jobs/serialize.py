@@ -16,6 +16,7 @@ from inference_server.jobs.enums import JobStatus, Priority
 from inference_server.jobs.spec import public_params
 
 OUTPUT_PATH = "/v1/jobs/{job_id}/outputs/{index}"
+PREVIEW_PATH = "/v1/jobs/{job_id}/preview"
 
 
 def iso(value: datetime | None) -> str | None:
@@ -81,8 +82,13 @@ def job_to_dict(job: Job, *, api_base: str | None = None) -> dict[str, Any]:
 def with_api_base(view: dict[str, Any], api_base: str) -> dict[str, Any]:
     """``view`` (a job view, or a webhook body carrying one in ``data``) with absolute output URLs."""
     job = view.get("data", view)
-    if not api_base or not job.get("outputs"):
+    preview = job.get("preview")  # a job.preview event's
+    if not api_base or not (job.get("outputs") or preview):
         return view
-    outputs = [{**o, "url": api_base + o["url"]} if o["url"].startswith("/") else o for o in job["outputs"]]
+    outputs = [
+        {**o, "url": api_base + o["url"]} if o["url"].startswith("/") else o for o in job.get("outputs") or []
+    ]
     job = {**job, "outputs": outputs}
+    if preview and preview["url"].startswith("/"):
+        job["preview"] = {**preview, "url": api_base + preview["url"]}
     return {**view, "data": job} if "data" in view else job

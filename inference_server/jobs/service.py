@@ -122,6 +122,11 @@ def resolve(family: FamilySpec, model: ModelSpec, req: JobRequest) -> JobSpec:
         raise InvalidRequest(f"steps is required: {family.name} has no default", code="invalid_steps")
     if values["steps"] > max_steps:
         raise InvalidRequest(f"steps must be at most {max_steps} for {family.name}", code="invalid_steps")
+    if req.preview is not None and req.preview.every_steps > values["steps"]:
+        raise InvalidRequest(
+            f"preview.every_steps ({req.preview.every_steps}) is more than the job's {values['steps']} steps",
+            code="invalid_preview",
+        )
     seed = req.seed if req.seed is not None and req.seed != -1 else secrets.randbelow(MAX_SEED + 1)
     values["seeds"] = [seed + i for i in range(req.num_images)]
     values["model"] = model.id

@@ -88,6 +88,13 @@ class WebhookSpec(Strict):
 INPUT = "An image: a `data:` URI, an `https://` URL, or the `uri` of `POST /v1/uploads`."
 
 
+class PreviewSpec(Strict):
+    """Live previews: every ``every_steps`` denoising steps the worker projects the latents to a
+    small RGB image (no VAE), stores it as the job's latest preview and emits ``job.preview``."""
+
+    every_steps: int = Field(ge=1, le=150)
+
+
 class JobRequest(Strict):
     family: str = Field(min_length=1, max_length=64, description="A family of GET /v1/models.")
     model: str | None = Field(default=None, max_length=200)
@@ -108,6 +115,7 @@ class JobRequest(Strict):
     signature: SignatureSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
     webhook: WebhookSpec | None = None
+    preview: PreviewSpec | None = None  # off unless asked
     # Scheduling, not running: stored on the job row, not in its JobSpec; capped per tenant.
     priority: Priority = Priority.NORMAL
 
@@ -135,6 +143,7 @@ class JobSpec(Strict):
     loras: list[LoraSpec] = Field(default_factory=list)
     signature: SignatureSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
+    preview: PreviewSpec | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from inference_server.db import Job, JobEvent, JobOutput, OutboxMessage
 from inference_server.db.base import utcnow
-from inference_server.events import JOB_FINISHED_CHANNEL, event_values, finished_notice
+from inference_server.events import JOB_EVENTS_CHANNEL, JOB_FINISHED_CHANNEL, event_values, finished_notice
 from inference_server.jobs.enums import TERMINAL, ClaimRefusal, EventType, JobStatus, Task
 from inference_server.jobs.persist import update_with_rows
 from inference_server.jobs.spec import JobSpec
@@ -220,7 +220,7 @@ def requeue(session: Session, row: dict[str, Any], *, queue: str, delay: float =
         (OutboxMessage, message),
         (JobEvent, event_values({**row, **changes}, EventType.QUEUED)),
     ]
-    return update_with_rows(session, Job, _owner(row), changes, rows)
+    return update_with_rows(session, Job, _owner(row), changes, rows, notify=(JOB_EVENTS_CHANNEL, row["id"]))
 
 
 def renew(session: Session, job_id: str, attempt: int, *, lease_seconds: float) -> bool:
@@ -261,7 +261,7 @@ def _write(
     """Apply ``changes`` to the job ``row`` (under ``where``), with its outputs and event."""
     job = {**row, **changes}
     event = event_values(job, event_type, outputs)
-    notify = None
+    notify = (JOB_EVENTS_CHANNEL, str(row["id"]))  # event streams; a terminal event wakes waiters too
     if JobStatus(job["status"]) in TERMINAL:
         notify = (JOB_FINISHED_CHANNEL, finished_notice(event["payload"]["data"]))
     rows: list[tuple[type[Any], dict[str, Any]]] = [(JobOutput, o) for o in outputs]

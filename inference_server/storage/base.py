@@ -44,6 +44,16 @@ def output_key(job_id: str, index: int, ext: str) -> str:
     return f"jobs/{job_id}/outputs/{index}.{ext}"
 
 
+def preview_key(job_id: str) -> str:
+    """The job's latest preview, overwritten by each new one."""
+    return f"jobs/{job_id}/preview.png"
+
+
+def uri_of(storage: Storage, key: str) -> str:
+    """The URI ``storage.put(key, ...)`` returns, without writing."""
+    return f"{storage.root.rstrip('/')}/{key}"
+
+
 def input_key(job_id: str, name: str, ext: str) -> str:
     return f"jobs/{job_id}/inputs/{name}.{ext}"
 
