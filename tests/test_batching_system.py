@@ -131,7 +131,12 @@ def test_compatible_jobs_share_one_call_and_keep_their_own_results(http, db, rec
     # Its own events, and its own webhooks carrying its own outputs and the batch.
     for job in first:
         types = [t for t in event_types(db, job["id"]) if t != "job.progress"]
-        assert types == ["job.queued", "job.started", "job.succeeded"]
+        # job.queued again when its place in the queue moves (the scheduler), never after the start
+        assert types[0] == "job.queued" and [t for t in types if t != "job.queued"] == [
+            "job.started",
+            "job.succeeded",
+        ]
+        assert types.index("job.started") > max(i for i, t in enumerate(types) if t == "job.queued")
         wait_for(lambda job=job: "job.succeeded" in receiver.types(job["id"]), 30, what="the webhook")
         [done] = [e.json()["data"] for e in receiver.events(job["id"]) if e.type == "job.succeeded"]
         assert done["outputs"] == job["outputs"] and done["batch"] == batch
