@@ -55,6 +55,11 @@ def test_lora_scales_and_strength_matter_and_edits_have_no_key() -> None:
     assert key(task="edit", image="s3://b/1.png", width=None, height=None) is None
 
 
+def test_a_job_that_asks_for_previews_runs_alone() -> None:
+    # Previews are projected from one job's latents: a batch would give it none.
+    assert key(preview={"every_steps": 2}) is None
+
+
 def registry(family: dict, model: dict | None = None):  # type: ignore[no-untyped-def]
     models = [{"id": "a", "source": "x", **(model or {})}, {"id": "b", "source": "y"}]
     return parse_registry({"families": {"sd15": {"tasks": ["txt2img"], "models": models, **family}}})

@@ -28,6 +28,8 @@ def batch_key(spec: JobSpec) -> str | None:
     runs alone."""
     if spec.task not in BATCHABLE_TASKS or not spec.width or not spec.height:
         return None
+    if spec.preview is not None:  # previews come from a single job's latents (engine/preview.py)
+        return None
     shared = {
         "family": spec.family,
         "model": spec.model,
