@@ -18,10 +18,11 @@ import requests
 
 from inference_server.errors import InvalidRequest, ModelError, UnsafeURL
 from inference_server.registry.access import check_source
+from inference_server.settings import Settings
 from tests.support.jobs import submit, wait_done
 from tests.support.system import Proc
 from tests.test_runtime_registry import _add_model, _code, _job, _lora_file
-from workers.url_download import extract
+from workers.url_download import extract, fetch_url_source
 
 
 class _Quiet(SimpleHTTPRequestHandler):
@@ -157,3 +158,16 @@ def test_a_model_archive_and_a_lora_file_over_http_run_jobs(
         timeout=30,
     )
     assert resp.status_code == 400 and _code(resp) == "unsupported_model_source", resp.text
+
+
+def test_a_download_over_its_cap_or_missing_fails_with_model_error(
+    tmp_path: Path, served: tuple[str, Path]
+) -> None:
+    base, root = served
+    (root / "big.tar").write_bytes(b"x" * 4096)
+    settings = Settings(allow_private_networks=True, max_model_download_bytes=1000, model_download_attempts=2)
+    with pytest.raises(ModelError, match="larger than the limit of 1000 bytes"):
+        fetch_url_source(settings, f"{base}/big.tar", tmp_path / "cache")
+    assert not (tmp_path / "cache" / ".download").exists()  # nothing half-written is left
+    with pytest.raises(ModelError, match="HTTP 404"):
+        fetch_url_source(settings, f"{base}/missing.tar", tmp_path / "cache")
