@@ -93,7 +93,8 @@ REQUESTS = (
     _c("model_busy", 409, (API,),
        "Jobs for the model are queued or running; wait, or delete with `?force=true` to fail them."),
     _c("unsupported_model_source", 400, (API,),
-       "A model or LoRA source is not an s3://, gs:// or file:// URI (https:// sources are not supported)."),
+       "A model or LoRA source is not an s3://, gs://, file:// or https:// URI, or its URL does not "
+       "name a .tar/.tar.gz/.tgz archive (a model) or a .safetensors file (a LoRA), or is plain http://."),
     _c("lora_not_found", 404, (API,), "No such LoRA, or it belongs to another tenant."),
     _c("lora_exists", 409, (API,),
        "A LoRA with this name already exists (names are shared by every family)."),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -168,17 +168,20 @@ def pinned_request(
     return adapter.send(prepared, stream=True, timeout=timeout, verify=verify)
 
 
-def _read_capped(response: requests.Response, max_bytes: int) -> bytes:
+def _read_capped(response: requests.Response, max_bytes: int, into: BinaryIO | None = None) -> bytes:
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise InputTooLarge(f"input is {declared} bytes, over the limit of {max_bytes}")
     chunks: list[bytes] = []
     size = 0
-    for chunk in response.iter_content(64 * 1024):
+    for chunk in response.iter_content(1024 * 1024 if into else 64 * 1024):
         size += len(chunk)
         if size > max_bytes:
             raise InputTooLarge(f"input is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+        if into is not None:
+            into.write(chunk)
+        else:
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -189,8 +192,9 @@ def fetch_url(
     timeout: float,
     max_bytes: int,
     adapter: PinnedAdapter | None = None,
+    into: BinaryIO | None = None,
 ) -> bytes:
-    """GET ``url`` and return its body.
+    """GET ``url`` and return its body (or, with ``into``, stream it there and return ``b""``).
 
     Redirects are followed, at most ``MAX_REDIRECTS``, and each target is checked and pinned like
     the first URL (CDNs and presigned storage URLs redirect, so refusing them would refuse real
@@ -229,7 +233,7 @@ def fetch_url(
                         raise TransientFetchError(message, retry_after=retry_after(response))
                     raise InputFetchFailed(message)
                 try:
-                    return _read_capped(response, max_bytes)
+                    return _read_capped(response, max_bytes, into)
                 except requests.RequestException as exc:
                     why = net_errors.reason(exc)
                     raise TransientFetchError(f"could not read {_redact(url)}: {why}") from exc

@@ -96,7 +96,11 @@ class Settings(BaseSettings):
     # Runtime registry (models and LoRAs added through the API) and warm placement.
     registry_poll_interval: float = Field(default=1.0, gt=0)  # seconds between registry version reads
     placement_timeout: float = Field(default=30.0, gt=0)  # default wait of .../load and .../unload
-    max_lora_bytes: int = Field(default=512 * 1024 * 1024, gt=0)  # largest LoRA upload
+    max_lora_bytes: int = Field(default=512 * 1024 * 1024, gt=0)  # largest LoRA upload or download
+    # Model archives and LoRAs named by https:// URLs, downloaded by workers
+    max_model_download_bytes: int = Field(default=64 * 1024**3, gt=0)
+    model_download_timeout: float = Field(default=60.0, gt=0)  # per connect or read, not in all
+    model_download_attempts: int = Field(default=3, ge=1)
     # How LoRAs switch: swapped into resident adapter slots (on), one resident adapter each (off),
     # or swapped only on models compiled on a GPU (auto)
     lora_hotswap: Literal["auto", "on", "off"] = "auto"

@@ -228,7 +228,7 @@ def test_bad_lora_uploads_are_refused_with_a_code(api_client: requests.Session, 
         assert resp.status_code == status and _code(resp) == code, (family, code, resp.text)
     resp = api_client.post(
         f"{api_client.base_url}/v1/models",  # type: ignore[attr-defined]
-        json={"family": "sd15", "id": name, "source": "https://example.com/model.tar"},
+        json={"family": "sd15", "id": name, "source": "https://example.com/model"},  # not an archive
         timeout=30,
     )
     assert resp.status_code == 400 and _code(resp) == "unsupported_model_source"

@@ -164,10 +164,15 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
 
 
 def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:
-    """Fetch a model or LoRA folder from any bucket the process's credentials reach."""
+    """Fetch a model or LoRA folder from any bucket the process's credentials reach, or the one
+    file an https:// source names (a model's archive, unpacked; a LoRA's .safetensors)."""
     from urllib.parse import urlparse
 
     from inference_server.storage.s3 import S3Storage
+    from workers.url_download import fetch_url_source, is_url
+
+    if is_url(uri):
+        return fetch_url_source(settings, uri, dest)
 
     parsed = urlparse(uri)
     endpoint = settings.s3_endpoint_url

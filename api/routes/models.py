@@ -90,7 +90,9 @@ def add_model(
     session: Session = Depends(get_session),
 ) -> dict[str, Any]:
     """Add a model to a family at runtime (shared with an admin key, else the caller's own)."""
-    return models.add_model(session, _runtime(st), _who(caller), body)
+    return models.add_model(
+        session, _runtime(st), _who(caller), body, allow_private=st.settings.allow_private_networks
+    )
 
 
 @router.get("/v1/models/{family}/{model_id}", response_model=None, responses=answers(None, 404))
@@ -222,7 +224,9 @@ def _upload(st: AppState, who: Who, name: str, family: str, data: bytes) -> dict
 
 def _add_by_uri(st: AppState, who: Who, body: loras.NewLora) -> dict[str, Any]:
     with st.session_factory() as session:
-        return loras.add_lora(session, _runtime(st), who, body)
+        return loras.add_lora(
+            session, _runtime(st), who, body, allow_private=st.settings.allow_private_networks
+        )
 
 
 @router.get("/v1/loras", tags=["loras"], response_model=None, responses=answers(None))

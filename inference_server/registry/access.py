@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from inference_server.errors import Forbidden, InvalidRequest
+from inference_server.netguard import check_url
 
 SOURCE_SCHEMES = ("s3://", "gs://", "file://")
+# What an https:// source names: one file, an archive of a model folder or a LoRA's weights.
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+LORA_SUFFIXES = (".safetensors",)
 
 
 @dataclass(frozen=True)
@@ -39,15 +44,25 @@ def check_manage(row: Any, who: Who, what: str) -> None:
         raise Forbidden(f"{what} is shared: only an admin key may change it", code="admin_required")
 
 
-def check_source(source: str, field: str = "source") -> str:
-    """A model or LoRA source: an s3://, gs:// or file:// URI. https:// is refused with its own
-    message: a model is a folder, and a URL names one file (see docs/runtime.md)."""
+def check_source(
+    source: str, field: str = "source", *, kind: str = "model", allow_private: bool = False
+) -> str:
+    """A model or LoRA source: an s3://, gs:// or file:// URI, or an https:// URL of one file the
+    worker downloads: a ``.tar``/``.tar.gz``/``.tgz`` archive of a model folder, or a LoRA's
+    ``.safetensors`` (``kind="lora"``). The URL passes the SSRF guard's static check; plain
+    http:// only with ``allow_private`` (ALLOW_PRIVATE_NETWORKS), as for input URLs."""
     if source.startswith(SOURCE_SCHEMES) and len(source.split("://", 1)[1].strip("/")) > 0:
         return source
     if source.startswith(("https://", "http://")):
-        raise InvalidRequest(
-            f"{field}: https:// sources are not supported; upload the folder to a bucket (s3:// or gs://) "
-            "or, for a LoRA, upload the file to POST /v1/loras",
-            code="unsupported_model_source",
-        )
-    raise InvalidRequest(f"{field} must be an s3://, gs:// or file:// URI", code="unsupported_model_source")
+        if source.startswith("http://") and not allow_private:
+            raise InvalidRequest(f"{field}: URLs must use https://", code="unsupported_model_source")
+        check_url(source, allow_private=allow_private)  # unsafe_url
+        suffixes = LORA_SUFFIXES if kind == "lora" else ARCHIVE_SUFFIXES
+        if not urlsplit(source).path.lower().endswith(suffixes):
+            raise InvalidRequest(
+                f"{field}: a URL must name a {' or '.join(suffixes)} file", code="unsupported_model_source"
+            )
+        return source
+    raise InvalidRequest(
+        f"{field} must be an s3://, gs://, file:// or https:// URI", code="unsupported_model_source"
+    )

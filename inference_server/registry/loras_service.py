@@ -42,7 +42,10 @@ class NewLora(BaseModel):
 
     name: LoraName
     family: FamilyName
-    source: str = Field(min_length=1, description="s3://, gs:// or file:// URI of a LoRA folder or file")
+    source: str = Field(
+        min_length=1,
+        description="s3://, gs:// or file:// URI of a LoRA folder or file, or https:// URL of a .safetensors",
+    )
     weight_name: str | None = Field(None, max_length=200)
 
 
@@ -89,10 +92,12 @@ def _insert(session: Session, runtime: RuntimeRegistry, row: RuntimeLora) -> dic
     return lora_view(row)
 
 
-def add_lora(session: Session, runtime: RuntimeRegistry, who: Who, body: NewLora) -> dict[str, Any]:
+def add_lora(
+    session: Session, runtime: RuntimeRegistry, who: Who, body: NewLora, *, allow_private: bool = False
+) -> dict[str, Any]:
     """Register a LoRA at a URI (its content is checked by the worker that first loads it)."""
     runtime.seed.family(body.family)
-    check_source(body.source)
+    check_source(body.source, kind="lora", allow_private=allow_private)
     _check_new_name(runtime.seed, body.name)
     row = RuntimeLora(
         name=body.name,

@@ -35,7 +35,10 @@ class NewModel(BaseModel):
 
     family: FamilyName
     id: ModelId
-    source: str = Field(min_length=1, description="s3://, gs:// or file:// URI of a diffusers folder")
+    source: str = Field(
+        min_length=1,
+        description="s3://, gs:// or file:// URI of a diffusers folder, or https:// URL of its .tar/.tar.gz",
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     df11: str | None = Field(None, description="URI of a folder of DFloat11 weights for the transformer")
     defaults: Defaults | None = None
@@ -60,11 +63,14 @@ def model_view(row: RuntimeModel, workers: list[dict[str, Any]] | None = None) -
     return view
 
 
-def add_model(session: Session, runtime: RuntimeRegistry, who: Who, body: NewModel) -> dict[str, Any]:
+def add_model(
+    session: Session, runtime: RuntimeRegistry, who: Who, body: NewModel, *, allow_private: bool = False
+) -> dict[str, Any]:
+    """Add a runtime model; ``allow_private`` (ALLOW_PRIVATE_NETWORKS) lets a URL source be private."""
     family = runtime.seed.family(body.family)  # unknown_family: models join the file's families
-    check_source(body.source)
+    check_source(body.source, allow_private=allow_private)
     if body.df11:
-        check_source(body.df11, "df11")
+        check_source(body.df11, "df11", allow_private=allow_private)
     if any(m.id == body.id for m in family.models):
         raise Conflict(f"{body.family} already has a model {body.id!r} (in MODELS_FILE)", code="model_exists")
     row = RuntimeModel(
