@@ -111,6 +111,10 @@ def test_budget_is_free_slots_plus_headroom() -> None:
     assert config.budget(slots=4, in_flight=5) == 0
     assert config.budget(slots=100, in_flight=90) == 20  # headroom grows with the fleet
     assert config.budget(slots=0, in_flight=1) == 1  # nobody heard from: a small window
+    # With a finisher, jobs being finished still run in the database but free the slot's denoiser.
+    finishing = SchedulerConfig(headroom=1, headroom_per_slot=0.1, idle_window=2, finishing_per_slot=2)
+    assert finishing.budget(slots=1, in_flight=2) == 2  # two in the finisher: the next job, and headroom
+    assert finishing.budget(slots=1, in_flight=4) == 0
 
 
 def test_only_free_slots_are_published_then_more_as_jobs_start(db: sessionmaker[Session]) -> None:

@@ -53,6 +53,10 @@ class SchedulerConfig:
     headroom_per_slot: float = 0.1
     idle_window: int = 2
     heartbeat_timeout: float = 15.0
+    # A worker slot holds one job denoising and up to FINISH_IN_FLIGHT being finished (encoded,
+    # uploaded, recorded): all of them are running in the database, and none may keep the slot's
+    # next job from being published, or the worker would wait for its finisher after all.
+    finishing_per_slot: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SchedulerConfig:
@@ -61,6 +65,7 @@ class SchedulerConfig:
             headroom_per_slot=settings.scheduler_headroom_per_slot,
             idle_window=settings.scheduler_idle_window,
             heartbeat_timeout=settings.worker_heartbeat_timeout,
+            finishing_per_slot=settings.finish_in_flight,
         )
 
     def budget(self, slots: int, in_flight: int) -> int:
@@ -69,7 +74,7 @@ class SchedulerConfig:
         if slots <= 0:
             return max(0, self.idle_window - in_flight)
         headroom = max(self.headroom, math.ceil(slots * self.headroom_per_slot))
-        return max(0, slots + headroom - in_flight)
+        return max(0, slots * (1 + self.finishing_per_slot) + headroom - in_flight)
 
 
 def take_lock(session: Session) -> bool:
