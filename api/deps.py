@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
@@ -43,8 +44,17 @@ async def state(request: Request) -> AppState:
 
 
 def get_session(st: AppState = Depends(state)) -> Iterator[Session]:
-    with st.session_factory() as session:
+    session = st.session_factory()
+    try:
         yield session
+    finally:
+        try:
+            session.close()
+        except SQLAlchemyError:
+            # The database went silent under the request, whose answer (a 503) may already be
+            # out: closing must not raise into the server, which would drop the client's
+            # connection. The pool discards the connection instead of returning it.
+            session.invalidate()
 
 
 # Declares the bearer scheme in the OpenAPI document on every route that needs a key; the header is
