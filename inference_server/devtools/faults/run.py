@@ -4,6 +4,7 @@ terminal (or the deadline), counts, and checks that the system still runs a job 
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -136,8 +137,8 @@ class Run:
         best: tuple[str, procs.Proc] | None = None
         for w in self.system.live_workers():
             lines = [ln for ln in w.text().splitlines() if f"[{job_id}] received" in ln]
-            if lines and (best is None or lines[-1][:23] > best[0]):
-                best = (lines[-1][:23], w)
+            if lines and (best is None or _stamp(lines[-1]) > best[0]):
+                best = (_stamp(lines[-1]), w)
         if best is not None:
             return best[1]
         live = self.system.live_workers()
@@ -224,3 +225,13 @@ class Run:
     def close(self) -> None:
         self.receiver.close()
         self.system.heal_all()
+
+
+def _stamp(line: str) -> str:
+    """When a log line was written, as text that sorts: a JSON line's ``time``, a text line's start."""
+    if line.startswith("{"):
+        try:
+            return str(json.loads(line).get("time", ""))
+        except ValueError:
+            return ""
+    return line[:23]
