@@ -55,11 +55,14 @@ def test_an_ingress_killed_between_commit_and_ack_leaves_one_job(  # type: ignor
             locker.execute(text("LOCK TABLE jobs IN SHARE MODE"))  # INSERTs wait; reads go on
             amqp.submit(BODY, api_key=tenant.api_key, message_id=message_id)
             with system_db() as watcher:
-                wait_for(
-                    lambda: _waiting_on_lock(watcher, "ingress-killed"),
-                    20,
-                    what="the ingress's INSERT waiting",
-                )
+                try:
+                    wait_for(
+                        lambda: _waiting_on_lock(watcher, "ingress-killed"),
+                        30,
+                        what="the ingress's INSERT waiting",
+                    )
+                except AssertionError as exc:  # say what the ingress did with the message instead
+                    raise AssertionError(f"{exc}; the ingress's log:\n{first.tail()}") from None
             proxy.blackhole()  # from here nothing the ingress sends reaches the broker
             locker.rollback()  # the lock goes; the ingress commits
         wait_for(lambda: _jobs(system_db, message_id), 20, what="the job committed by the first ingress")

@@ -111,10 +111,6 @@ def test_budget_is_free_slots_plus_headroom() -> None:
     assert config.budget(slots=4, in_flight=5) == 0
     assert config.budget(slots=100, in_flight=90) == 20  # headroom grows with the fleet
     assert config.budget(slots=0, in_flight=1) == 1  # nobody heard from: a small window
-    # With a finisher, jobs being finished still run in the database but free the slot's denoiser.
-    finishing = SchedulerConfig(headroom=1, headroom_per_slot=0.1, idle_window=2, finishing_per_slot=2)
-    assert finishing.budget(slots=1, in_flight=2) == 2  # two in the finisher: the next job, and headroom
-    assert finishing.budget(slots=1, in_flight=4) == 0
 
 
 def test_only_free_slots_are_published_then_more_as_jobs_start(db: sessionmaker[Session]) -> None:
@@ -134,6 +130,29 @@ def test_only_free_slots_are_published_then_more_as_jobs_start(db: sessionmaker[
     assert r.publish_pending() == 2  # two done: the job handed out takes a slot, two more follow
     with db() as s:
         assert published(s) == ids[:5]
+
+
+def test_a_job_in_the_finisher_frees_its_slot_for_the_next(db: sessionmaker[Session]) -> None:
+    """A running job whose last step is recorded is being finished beside the next one: it still
+    runs in the database, but the next job's message must go out, or the worker waits for it."""
+    with db() as s:
+        ids = jobs(s, add_tenant(s), 6)
+        workers(s, 1)
+    r = relay(db, headroom=1)
+    assert r.publish_pending() == 2
+    with db() as s:
+        start(s, ids[:1])
+        job = s.get(Job, ids[0])
+        job.progress_step, job.progress_total = 3, 6  # type: ignore[union-attr]
+        s.commit()
+    assert r.publish_pending() == 0  # still denoising: its slot is taken, one waits behind it
+    with db() as s:
+        s.get(Job, ids[0]).progress_step = 6  # type: ignore[union-attr]
+        s.commit()
+    assert r.publish_pending() == 1  # denoised, in the finisher: one more behind the next
+    with db() as s:
+        assert published(s) == ids[:3]
+        assert s.get(Job, ids[0]).status == "running"  # type: ignore[union-attr]
 
 
 def test_no_worker_heard_from_still_publishes_a_small_window(db: sessionmaker[Session]) -> None:

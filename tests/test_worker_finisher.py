@@ -139,8 +139,9 @@ def _in_flight_at_each_hand_off(log: str) -> list[int]:
 
 
 def _ordered(types: list[str]) -> bool:
-    """queued < started < progress... < succeeded, nothing after the terminal event."""
-    pattern = r"job\.queued job\.started( job\.progress)* job\.succeeded"
+    """queued (again as its place in line changes) < started < progress... < succeeded, nothing
+    after the terminal event."""
+    pattern = r"job\.queued( job\.queued)* job\.started( job\.progress)* job\.succeeded"
     return re.fullmatch(pattern, " ".join(types)) is not None
 
 

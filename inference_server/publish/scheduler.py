@@ -53,10 +53,6 @@ class SchedulerConfig:
     headroom_per_slot: float = 0.1
     idle_window: int = 2
     heartbeat_timeout: float = 15.0
-    # A worker slot holds one job denoising and up to FINISH_IN_FLIGHT being finished (encoded,
-    # uploaded, recorded): all of them are running in the database, and none may keep the slot's
-    # next job from being published, or the worker would wait for its finisher after all.
-    finishing_per_slot: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SchedulerConfig:
@@ -65,7 +61,6 @@ class SchedulerConfig:
             headroom_per_slot=settings.scheduler_headroom_per_slot,
             idle_window=settings.scheduler_idle_window,
             heartbeat_timeout=settings.worker_heartbeat_timeout,
-            finishing_per_slot=settings.finish_in_flight,
         )
 
     def budget(self, slots: int, in_flight: int) -> int:
@@ -74,7 +69,7 @@ class SchedulerConfig:
         if slots <= 0:
             return max(0, self.idle_window - in_flight)
         headroom = max(self.headroom, math.ceil(slots * self.headroom_per_slot))
-        return max(0, slots * (1 + self.finishing_per_slot) + headroom - in_flight)
+        return max(0, slots + headroom - in_flight)
 
 
 def take_lock(session: Session) -> bool:
@@ -95,6 +90,23 @@ def holding_a_slot() -> Any:
     return or_(JOBS.c.status == RUNNING, and_(JOBS.c.status == QUEUED, ~_unpublished()))
 
 
+def _denoised() -> Any:
+    """A running job whose denoising ended (its last step recorded): it is being finished (encoded,
+    uploaded, recorded) beside the next job, so it no longer holds its worker's slot."""
+    return and_(JOBS.c.progress_total > 0, JOBS.c.progress_step >= JOBS.c.progress_total)
+
+
+def occupying_a_slot() -> Any:
+    """What the publish budget counts: ``holding_a_slot`` less the jobs in a worker's finisher. Jobs
+    being finished must not keep their slot's next job from being published, or the worker would
+    wait for its finisher after all; the finisher's own bound (``FINISH_IN_FLIGHT``) stops a worker
+    from taking more than it can finish."""
+    return or_(
+        and_(JOBS.c.status == RUNNING, ~_denoised()),
+        and_(JOBS.c.status == QUEUED, ~_unpublished()),
+    )
+
+
 def worker_slots(session: Session, *, timeout: float) -> dict[str, int]:
     """Slots of the online workers (heard from within ``timeout`` seconds) per family they serve.
     A worker of several families counts for each: the budget errs towards a message too many, which
@@ -110,9 +122,9 @@ def worker_slots(session: Session, *, timeout: float) -> dict[str, int]:
 
 
 def in_flight(session: Session) -> dict[str, int]:
-    """Jobs holding a slot (see ``holding_a_slot``) per family."""
+    """Jobs occupying a slot (see ``occupying_a_slot``) per family."""
     rows = session.execute(
-        select(JOBS.c.family, func.count()).where(holding_a_slot()).group_by(JOBS.c.family)
+        select(JOBS.c.family, func.count()).where(occupying_a_slot()).group_by(JOBS.c.family)
     )
     return {family: int(n) for family, n in rows}
 
