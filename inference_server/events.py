@@ -31,6 +31,9 @@ JOB_CANCELED_CHANNEL = "job_canceled"  # payload: the job id; wakes the worker r
 # job.queued sends none: NOTIFY serializes committing transactions, and the ingest path commits
 # hundreds a second; streams pick those up by their periodic read (EVENTS_POLL_INTERVAL).
 JOB_EVENTS_CHANNEL = "job_events"
+# payload: the job id. A running job's denoising ended (workers/progress.py): the scheduler now
+# counts its worker's slot as free, and the relays hearing it schedule at once (publish/slots.py).
+JOB_SLOTS_CHANNEL = "job_slots"
 COMPACT_PROGRESS_FIELDS = ("id", "status", "progress")
 
 
@@ -114,6 +117,13 @@ def emit(session: Session, job: Job, event_type: EventType) -> JobEvent:
         if event_type == EventType.CANCELED:
             session.execute(select(func.pg_notify(JOB_CANCELED_CHANNEL, job.id)))
     return event
+
+
+def notify_slot_freed(session: Session, job_id: str) -> None:
+    """Tell the relays (at commit) that ``job_id`` no longer holds its worker's slot. PostgreSQL
+    only: elsewhere the relay finds it at its next pass."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(JOB_SLOTS_CHANNEL, job_id)))
 
 
 def finished_notice(job: dict[str, Any]) -> str:

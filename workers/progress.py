@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from inference_server.db import Job
 from inference_server.db.base import utcnow
-from inference_server.events import emit_preview, emit_progress
+from inference_server.events import emit_preview, emit_progress, notify_slot_freed
 from inference_server.jobs.enums import JobStatus
 from workers.cancels import CancelListener
 from workers.previews import LatestPreview
@@ -63,7 +63,10 @@ class ProgressWatcher:
         self._lease_until = self._started + lease_seconds
         self._written_step = 0
         self._last_write = 0.0
+        self._final = False  # denoising over: the last step is written without waiting its turn
+        self._told = False  # the scheduler was told this job's slot is free
         self._stop = threading.Event()
+        self._nudge = threading.Event()  # ends a pause early: the run stopped or its denoising ended
         self._thread = threading.Thread(target=self._loop, name=f"progress-{job_id[:8]}", daemon=True)
 
     def __enter__(self) -> ProgressWatcher:
@@ -82,6 +85,7 @@ class ProgressWatcher:
     def stop(self) -> None:
         """Stop watching; returns once the watcher has made its last write. Idempotent."""
         self._stop.set()
+        self._nudge.set()
         cancels = self._cancels
         if cancels is not None:
             cancels.wake()
@@ -95,6 +99,15 @@ class ProgressWatcher:
         cancels, self._cancels = self._cancels, None
         if cancels is not None:
             cancels.wake()  # ends a wait in progress on the listener
+        self._nudge.set()
+
+    def denoised(self) -> None:
+        """The job's denoising is over: hand the cancel listener on (``poll_only``) and write its
+        last step now rather than at the next throttled tick, with a NOTIFY on ``job_slots``. The
+        scheduler counts a job whose last step is recorded as out of its worker's slot (it is being
+        finished beside the next one), so the slot's next message goes out at once."""
+        self._final = True
+        self.poll_only()
 
     def flush_preview(self) -> None:
         """Store and announce the run's last preview now (its denoising is over), so a run quicker
@@ -139,7 +152,9 @@ class ProgressWatcher:
         Return whether the watcher is to stop."""
         cancels = self._cancels
         if cancels is None:
-            return self._stop.wait(self.poll_interval)
+            self._nudge.wait(self.poll_interval)
+            self._nudge.clear()
+            return self._stop.is_set()
         cancels.wait(self.job_id, self.poll_interval)
         return self._stop.is_set()
 
@@ -164,9 +179,10 @@ class ProgressWatcher:
     def _tick(self) -> None:
         now = time.monotonic()
         step, total = self._step, self._total
-        due = now - self._last_write >= self.progress_interval
+        due = self._final or now - self._last_write >= self.progress_interval
         write = bool(total) and step != self._written_step and due
         renew = now - self._renewed >= self.lease_seconds / 3
+        tell = self._final and not self._told  # the scheduler may publish this slot's next job
         with self._sf() as session:
             row = session.execute(select(Job.status, Job.attempts).where(Job.id == self.job_id)).first()
             if row is None or row.status != JobStatus.RUNNING or row.attempts != self.attempt:
@@ -175,7 +191,7 @@ class ProgressWatcher:
                 self.superseded = row is not None and row.status == JobStatus.RUNNING
                 self.canceled = True
                 return
-            if not write and not renew:
+            if not write and not renew and not tell:
                 return
             values: dict[str, Any] = {}
             if write:
@@ -184,17 +200,22 @@ class ProgressWatcher:
                 values.update(progress_step=step, progress_total=total, eta_seconds=eta, updated_at=utcnow())
             if renew:
                 values["lease_expires_at"] = utcnow() + timedelta(seconds=self.lease_seconds)
-            result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
-                update(Job)
-                .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING, Job.attempts == self.attempt)
-                .values(**values)
-            )
-            if result.rowcount and write:
+            updated = 0
+            if values:
+                mine = (Job.id == self.job_id, Job.status == JobStatus.RUNNING, Job.attempts == self.attempt)
+                result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+                    update(Job).where(*mine).values(**values)
+                )
+                updated = result.rowcount
+            if updated and write:
                 job = session.get(Job, self.job_id)
                 if job is not None:
                     emit_progress(session, job)
+            if tell:
+                notify_slot_freed(session, self.job_id)
             session.commit()
-        if renew and result.rowcount:
+        self._told = self._told or tell
+        if renew and updated:
             self._renewed, self._lease_until = now, now + self.lease_seconds
         if write:
             self._written_step, self._last_write = step, now

@@ -406,7 +406,7 @@ class JobRunner:
         except BaseException:
             watcher.stop()
             raise
-        watcher.poll_only()  # the next job's watcher takes the cancel listener
+        watcher.denoised()  # its last step written now; the cancel listener goes to the next job
         return images
 
     def _request(self, claim: Claim) -> Any:

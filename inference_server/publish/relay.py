@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inference_server.publish import positions, scheduler
 from inference_server.publish.confirms import ConfirmingChannel
 from inference_server.publish.metrics import BATCH_SECONDS, FAILURES, PUBLISHED
+from inference_server.publish.slots import SlotListener
 from inference_server.publish.topology import DEAD_QUEUE, RUN_JOB, job_queue, message_app
 from inference_server.settings import Settings
 
@@ -50,6 +51,7 @@ class Relay:
         self._placed = 0.0  # monotonic time of the last position update
         self.saturated = False  # the last pass had waiting jobs and no free slot for any
         self.wake = threading.Event()
+        self.freed = threading.Event()  # a worker slot freed (publish/slots.py)
         self._queues: dict[str, object] = {}
         self.published = 0
         self._channel: ConfirmingChannel | None = None
@@ -176,9 +178,24 @@ class Relay:
 
     def run(self, stop: threading.Event) -> None:
         """Schedule until ``stop`` is set; back off while the broker or database is down."""
+        listener = self._slot_listener()
+        try:
+            self._loop(stop)
+        finally:
+            if listener is not None:
+                listener.stop()
+
+    def _slot_listener(self) -> SlotListener | None:
+        engine = self.sf.kw.get("bind")
+        if engine is None or engine.dialect.name != "postgresql":
+            return None
+        return SlotListener(engine, self.freed).start()
+
+    def _loop(self, stop: threading.Event) -> None:
         backoff = self.interval
         while not stop.is_set():
             began = time.monotonic()
+            self.freed.clear()  # a slot freeing from here on is seen by this pass or wakes the next
             try:
                 published = self.publish_pending()
                 if began - self._placed >= self.position_interval:
@@ -193,11 +210,11 @@ class Relay:
                 continue
             if published >= self.batch_size:
                 continue
-            # Woken by a submit, or every interval: free slots appear as jobs start and end. While
-            # every waiting family is out of slots, a submit cannot be published either: a burst
-            # of them then costs one pass per interval, not one per linger.
+            # Woken by a submit, or every interval. While every waiting family is out of slots, a
+            # submit cannot be published either (a burst of them then costs one pass per interval,
+            # not one per linger): only a slot that frees wakes the relay early.
             if self.saturated:
-                stop.wait(self.interval)
+                self.freed.wait(self.interval)
             else:
                 self.wake.wait(self.interval)
             self.wake.clear()

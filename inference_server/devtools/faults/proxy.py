@@ -133,8 +133,13 @@ class TcpProxy:
                 _close(client, rst=True)
                 continue
             link = _Link(self, client)
-            with self._lock:
-                self._links.add(link)
+            with self._lock:  # a cut or reset asked for since the accept did not see this link
+                mode = self._mode
+                if mode in (Mode.PASS, Mode.BLACKHOLE):
+                    self._links.add(link)
+            if mode in (Mode.CUT, Mode.RESET):
+                _close(client, rst=mode is Mode.RESET)
+                continue
             threading.Thread(target=link.run, name=f"{self.name}-link", daemon=True).start()
 
     def _forget(self, link: _Link) -> None:
