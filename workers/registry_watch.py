@@ -4,8 +4,9 @@ Between jobs the child keeps its engine's registry current (the seed file plus e
 model and LoRA), evicts what was deleted, answers placement requests for its families, and
 reports what its pipeline cache holds (``worker_models``). A side thread polls the registry
 version every REGISTRY_POLL_INTERVAL; it shares one lock with the job runner, so a load never runs
-beside a job: a request that arrives during a job is answered when the job ends. The runner also
-syncs before each claim, so a job for a model added a moment ago finds it.
+beside a job: a request that arrives during a job is answered when the job ends. A claimed job
+whose model or LoRA the engine does not know reads the registry again first, so a job for a model
+added a moment ago finds it.
 
 A poll is one primary-key read; the rows are read again only when the version moved."""
 
@@ -85,6 +86,14 @@ class RegistryWatcher:
                 self._answer(req)
                 self._after = max(self._after, int(req.id))
             self.report()
+
+    def knows(self, family: str, model_id: str, loras: list[str]) -> bool:
+        """Whether the engine's registry has ``family``'s model ``model_id`` and every LoRA named
+        in ``loras`` (a LoRA given by its URI needs no entry)."""
+        spec = self.engine.registry.families.get(family)
+        if spec is None or all(m.id != model_id for m in spec.models):
+            return False
+        return all("://" in name or spec.lora(name) is not None for name in loras)
 
     def _answer(self, req: Any) -> None:
         started = time.perf_counter()

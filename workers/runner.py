@@ -109,10 +109,6 @@ class JobRunner:
             return self._run(job_id, queue)
         with self.watcher.lock:  # no placement load runs beside a job
             try:
-                self.watcher.sync()
-            except Exception as exc:  # the claim below meets the same database, and says so
-                log.warning("runtime registry not synced before job %s: %s", job_id, type(exc).__name__)
-            try:
                 return self._run(job_id, queue)
             finally:
                 try:
@@ -129,6 +125,7 @@ class JobRunner:
             log.info("job %s not run: %s", job_id, claimed.value)
             return claimed
         claim, recorded = claimed
+        self._know(claim)
         bind_job(tenant=str(claim.row["tenant_id"]), family=claim.family, attempt=claim.attempt)
         log.info("job started: %s, attempt %d", claim.task, claim.attempt)
         queue = queue or default_queue(claim.family)
@@ -154,6 +151,21 @@ class JobRunner:
         if isinstance(lead, Exception):
             raise lead
         return lead
+
+    def _know(self, claim: Claim) -> None:
+        """Read the runtime registry again when the engine does not know the job's model or one of
+        its LoRAs: they were added a moment ago, through any API process. Otherwise the watcher's
+        poll keeps the registry current, and the job's path holds no registry read."""
+        watcher = self.watcher
+        if watcher is None:
+            return
+        loras = [lo.name for lo in claim.spec.loras]
+        if watcher.knows(claim.family, claim.spec.model, loras):
+            return
+        try:
+            watcher.sync()
+        except Exception as exc:  # the engine then says what it does not know
+            log.warning("runtime registry not read for job %s: %s", claim.job_id, type(exc).__name__)
 
     def _hand_off(self, claim: Claim, started: float, finished: RunOutcome | FinishedRun) -> RunOutcome:
         """Finish a denoised run here or in the finisher (``FINISHING``), or count how it ended."""
