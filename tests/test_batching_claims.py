@@ -83,42 +83,48 @@ def done() -> Any:
     return f
 
 
-def test_a_batch_takes_compatible_jobs_oldest_first(scratch_db, scratch_db_url):
+def test_a_batch_takes_compatible_jobs_unsent_first_then_oldest(scratch_db, scratch_db_url):
     settings = make_settings(scratch_db_url)
     ids = add_jobs(
         scratch_db,
         [
             spec(prompt="lead"),
             spec(steps=5),  # another key
-            spec(prompt="b", seeds=[2, 3]),
-            spec(prompt="c", seeds=[4, 5]),  # would make 5 images: left for later
+            spec(prompt="b", seeds=[2, 3]),  # its message is out: left to lead the next batch
+            spec(prompt="c", seeds=[4, 5]),
             spec(prompt="d"),
-            spec(prompt="e"),
+            spec(prompt="e"),  # would make 5 images: left for later
+            spec(prompt="f", seeds=[6]),
         ],
     )
-    with scratch_db() as session:  # queue messages: the relay has published the first member's
+    with scratch_db() as session:  # queue messages: the relay has published b's and f's
         for i, job_id in enumerate(ids):
-            sent = utcnow() if i == 2 else None
+            sent = utcnow() if i in (2, 6) else None
             session.add(OutboxMessage(job_id=job_id, queue="jobs.sd15", published_at=sent))
         session.commit()
     lead = lead_claim(scratch_db, settings, ids[0])
     members = batcher(scratch_db, settings, "w1").gather(lead, done())
-    assert [m.job_id for m, _ in members] == [ids[2], ids[4]]
+    assert [m.job_id for m, _ in members] == [ids[3], ids[4]]
     with scratch_db() as session:
         messages = set(session.scalars(select(OutboxMessage.job_id)))
-    # A member's unsent message is gone with its claim (no delivery for its claim to refuse); a sent
-    # one stays, and so do the messages of every job not taken.
-    assert messages == set(ids) - {ids[4]}
+    # A member's unsent message is gone with its claim (no delivery for its claim to refuse); the
+    # sent ones stay, and so do the messages of every job not taken.
+    assert messages == set(ids) - {ids[3], ids[4]}
     with scratch_db() as session:
         rows = {j.id: j for j in session.scalars(select(Job))}
         started = set(session.scalars(select(JobEvent.job_id).where(JobEvent.type == "job.started")))
-    for job_id in (ids[0], ids[2], ids[4]):
+    for job_id in (ids[0], ids[3], ids[4]):
         job = rows[job_id]
         assert job.status == "running" and job.attempts == 1 and job.lease_expires_at is not None
         assert job.batch_id == rows[ids[0]].batch_id and job.batch_size == 3
         assert job_id in started
     assert rows[ids[0]].batch_id is not None
-    assert all(rows[i].status == "queued" and rows[i].batch_id is None for i in (ids[1], ids[3], ids[5]))
+    left = (ids[1], ids[2], ids[5], ids[6])
+    assert all(rows[i].status == "queued" and rows[i].batch_id is None for i in left)
+    # With no unsent job left, sent ones join, oldest first (their deliveries are then refused).
+    lead = lead_claim(scratch_db, settings, ids[5])
+    members = batcher(scratch_db, settings, "w1").gather(lead, done())
+    assert [m.job_id for m, _ in members] == [ids[2], ids[6]]
 
 
 def test_two_workers_gathering_at_once_never_share_a_job(scratch_db, scratch_db_url):

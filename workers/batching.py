@@ -51,6 +51,15 @@ OUTBOX = OutboxMessage.__table__
 # The order queued jobs join a batch in: the scheduler's priority first, then age (fair share between
 # tenants is the scheduler's; members of a batch share one call, so they hold one slot together).
 QUEUE_ORDER = (JOBS.c.priority.desc(), JOBS.c.created_at, JOBS.c.id)
+# Ahead of that order, jobs whose message is still unsent: the scheduler's headroom message (out
+# already) then stays for the worker's next delivery, where it leads the next batch, instead of
+# reaching the worker for a job this batch took and costing it a delivery its claim refuses.
+UNSENT_FIRST = (
+    select(OUTBOX.c.id)
+    .where(OUTBOX.c.job_id == JOBS.c.id, OUTBOX.c.published_at.is_(None))
+    .exists()
+    .desc()
+)
 POLL_SECONDS = 0.005  # between looks for more jobs while a batch waits to fill
 
 Member = tuple[Claim, Future[None]]  # a claim and its recording (done for gathered members)
@@ -126,7 +135,7 @@ class Batcher:
                     JOBS.c.attempts < s.job_max_attempts,
                     JOBS.c.id.not_in(taken),
                 )
-                .order_by(*QUEUE_ORDER)
+                .order_by(UNSENT_FIRST, *QUEUE_ORDER)
                 .limit(room)
                 .with_for_update(skip_locked=True)
             ).all()
