@@ -9,7 +9,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from inference_server.db import DeletedJob, Job, JobEvent, OutboxMessage, Tenant
 from inference_server.db.base import new_id, utcnow
-from inference_server.errors import Conflict, Forbidden, InvalidInput, InvalidRequest, NotFound
+from inference_server.errors import Conflict, Forbidden, InvalidInput, InvalidRequest, NotFound, RateLimited
 from inference_server.events import emit, event_values
 from inference_server.jobs.batch_key import batch_key
 from inference_server.jobs.enums import TERMINAL, EventType, JobStatus, Priority, Task
@@ -58,6 +58,10 @@ class Planned:
     job_id: str
     rows: list[tuple[type[Any], dict[str, Any]]]
     view: dict[str, Any]
+    # What ``plan(..., charge=False)`` left for the caller to ``charge``: the job's images, and the
+    # inputs it stored (taken back if the month's quota refuses them).
+    images: int = 0
+    stored: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -199,9 +203,19 @@ def submit(
         existing = _by_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
             return replay(existing, digest)
-    planned = plan(session, ctx, tenant, req, idempotency_key=idempotency_key, job_id=job_id, reply=reply)
+    planned = plan(
+        session, ctx, tenant, req, idempotency_key=idempotency_key, job_id=job_id, reply=reply, charge=False
+    )
     try:
         insert_new_rows(session, planned.rows)
+        # The month's count last: its row lock, which every submit of the tenant takes, is then
+        # held for the commit alone, not for the inserts, or one tenant's submits would queue
+        # behind each other's whole writes.
+        try:
+            _charge(session, ctx, tenant, planned.images, utcnow(), planned.stored)
+        except RateLimited:  # the month's quota: the job's rows go with the transaction
+            session.rollback()
+            raise
         session.commit()
     except IntegrityError:
         # Two submits raced with one Idempotency-Key: the loser answers with the winner's job.
@@ -227,10 +241,13 @@ def plan(
     idempotency_key: str | None = None,
     job_id: str | None = None,
     reply: Reply | None = None,
+    charge: bool = True,
 ) -> Planned:
     """Everything ``submit`` does before its write: validate against the registry, store inline
-    inputs, build the rows. A front door that writes many jobs per transaction (the AMQP ingress)
-    inserts them with ``jobs.persist.insert_new_rows`` and commits them itself."""
+    inputs, count the images against the tenant's month (unless ``charge`` is false: the caller
+    then charges ``images`` itself before its commit), build the rows. A front door that writes
+    many jobs per transaction (the AMQP ingress) inserts them with ``jobs.persist.insert_new_rows``
+    and commits them itself."""
     digest = request_hash(req) if idempotency_key else None
     _check_priority(tenant, req.priority)
     try:
@@ -263,7 +280,8 @@ def plan(
         stored["signature"] = spec.signature.model_copy(update={"image": image})
     spec = spec.model_copy(update=stored)
     now = utcnow()
-    _charge(session, ctx, tenant, len(spec.seeds), now, stored)
+    if charge:
+        _charge(session, ctx, tenant, len(spec.seeds), now, stored)
     # Plain values, not ORM objects: this is the API's hot path (see jobs.persist).
     values = {
         "id": job_id,
@@ -306,7 +324,8 @@ def plan(
         "publish_attempts": 0,
     }
     rows: list[tuple[type[Any], dict[str, Any]]] = [(Job, values), (OutboxMessage, outbox), (JobEvent, event)]
-    return Planned(job_id=job_id, rows=rows, view=event["payload"]["data"])
+    view = event["payload"]["data"]
+    return Planned(job_id=job_id, rows=rows, view=view, images=len(spec.seeds), stored=stored)
 
 
 def _charge(
