@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Float, Integer, String, bindparam, cast, column, func, insert, select, update, values
 from sqlalchemy.orm import Session
 
 from inference_server.db import JobEvent
@@ -117,15 +117,8 @@ def update_family(session: Session, family: str, slots: int) -> int:
     running = (
         session.scalar(select(func.count()).where(JOBS.c.family == family, JOBS.c.status == RUNNING)) or 0
     )
-    session.connection().execute(
-        update(JOBS)
-        .where(JOBS.c.id == bindparam("b_id"), JOBS.c.status == QUEUED)
-        .values(queue_position=bindparam("b_pos"), eta_seconds=bindparam("b_eta")),
-        [
-            {"b_id": job_id, "b_pos": pos, "b_eta": eta(pos, run=run, slots=slots, running=running)}
-            for job_id, _, pos in changes
-        ],
-    )
+    placed = [(job_id, pos, eta(pos, run=run, slots=slots, running=running)) for job_id, _, pos in changes]
+    _write_places(session, placed)
     # A job first placed at the head of the line is about to start: its job.started says more.
     told = [job_id for job_id, old, pos in changes if worth_telling(old, pos)]
     if told:
@@ -134,6 +127,28 @@ def update_family(session: Session, family: str, slots: int) -> int:
         if events:
             session.execute(insert(JobEvent), events)
     return len(changes)
+
+
+def _write_places(session: Session, placed: list[tuple[str, int, float | None]]) -> None:
+    """Store (job id, position, ETA) on the jobs still queued. On PostgreSQL one UPDATE ... FROM
+    (VALUES ...): a pass may place hundreds of new jobs while submits pour in, and a statement per
+    job would cost the API process (where the scheduler runs) more than the submits themselves."""
+    if session.get_bind().dialect.name == "postgresql":
+        rows = values(
+            column("b_id", String), column("b_pos", Integer), column("b_eta", Float), name="placed"
+        ).data(placed)
+        session.execute(
+            update(JOBS)
+            .where(JOBS.c.id == rows.c.b_id, JOBS.c.status == QUEUED)
+            .values(queue_position=cast(rows.c.b_pos, Integer), eta_seconds=cast(rows.c.b_eta, Float))
+        )
+        return
+    session.connection().execute(
+        update(JOBS)
+        .where(JOBS.c.id == bindparam("b_id"), JOBS.c.status == QUEUED)
+        .values(queue_position=bindparam("b_pos"), eta_seconds=bindparam("b_eta")),
+        [{"b_id": job_id, "b_pos": pos, "b_eta": e} for job_id, pos, e in placed],
+    )
 
 
 def update_all(session: Session, config: SchedulerConfig) -> int:
