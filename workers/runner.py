@@ -75,7 +75,7 @@ class JobRunner:
         ending: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
-        # workers.registry_watch.RegistryWatcher: the runtime registry, synced before each claim
+        # workers.registry_watch.RegistryWatcher: the runtime registry (read again for a job it lacks)
         self.watcher = watcher
         self.sf = session_factory
         self.storage = storage
