@@ -101,10 +101,7 @@ def occupying_a_slot() -> Any:
     being finished must not keep their slot's next job from being published, or the worker would
     wait for its finisher after all; the finisher's own bound (``FINISH_IN_FLIGHT``) stops a worker
     from taking more than it can finish."""
-    return or_(
-        and_(JOBS.c.status == RUNNING, ~_denoised()),
-        and_(JOBS.c.status == QUEUED, ~_unpublished()),
-    )
+    return and_(holding_a_slot(), ~and_(JOBS.c.status == RUNNING, _denoised()))
 
 
 def worker_slots(session: Session, *, timeout: float) -> dict[str, int]:
