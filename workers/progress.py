@@ -92,22 +92,18 @@ class ProgressWatcher:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
-    def poll_only(self) -> None:
-        """Leave the child's cancel listener to the next job's watcher: from now on this watcher
-        sees a cancel at its next poll. Called when the job's denoising is over (a cancel no longer
-        has a step to stop), so the one listener has one waiter."""
+    def denoised(self) -> None:
+        """The job's denoising is over. Leave the child's cancel listener to the next job's watcher
+        (a cancel no longer has a step to stop; from now on this watcher sees one at its next poll,
+        so the one listener has one waiter), and write the last step now rather than at the next
+        throttled tick, with a NOTIFY on ``job_slots``: the scheduler counts a job whose last step
+        is recorded as out of its worker's slot (it is being finished beside the next one), so the
+        slot's next message goes out at once."""
+        self._final = True
         cancels, self._cancels = self._cancels, None
         if cancels is not None:
             cancels.wake()  # ends a wait in progress on the listener
         self._nudge.set()
-
-    def denoised(self) -> None:
-        """The job's denoising is over: hand the cancel listener on (``poll_only``) and write its
-        last step now rather than at the next throttled tick, with a NOTIFY on ``job_slots``. The
-        scheduler counts a job whose last step is recorded as out of its worker's slot (it is being
-        finished beside the next one), so the slot's next message goes out at once."""
-        self._final = True
-        self.poll_only()
 
     def flush_preview(self) -> None:
         """Store and announce the run's last preview now (its denoising is over), so a run quicker
