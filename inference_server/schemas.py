@@ -8,7 +8,7 @@ server's additions never break an older client."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,17 +38,34 @@ class Progress(Answer):
 
 
 class Output(Answer):
-    url: str = Field(description="Absolute URL of the output (GET it with the API key).")
-    content_type: str
+    url: str | None = Field(
+        description="Absolute URL of the output (GET it with the API key); null when it was blocked."
+    )
+    content_type: str | None
     width: int = Field(ge=1)
     height: int = Field(ge=1)
-    seed: int | None = Field(default=None, ge=0)
-    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    seed: int | None = Field(default=None, ge=0, description="Null for control images and masks.")
+    sha256: str | None = Field(pattern="^[0-9a-f]{64}$")
+    kind: Literal["image", "control", "mask"] = Field(
+        default="image", description="A generated image, a control image after preprocessing, or the mask."
+    )
+    nsfw: bool | None = Field(
+        default=None, description="The safety checker's verdict (`safety: flag|block`)."
+    )
+    nsfw_score: float | None = Field(default=None, description="The checker's score behind the verdict.")
+    blocked: bool = Field(default=False, description="`safety: block` withheld it: no URL, nothing stored.")
+    code: str | None = Field(default=None, description="`content_blocked` on a blocked output.")
 
 
 class JobError(Answer):
     code: str
     message: str | None = None
+
+
+class RouteInfo(Answer):
+    task: Task = Field(description='The task `task: "auto"` chose.')
+    reason: str
+    controlnet: str | None = Field(default=None, description="The ControlNet a routing rule added, if any.")
 
 
 class BatchInfo(Answer):
@@ -75,6 +92,7 @@ class JobView(Answer):
     batch: BatchInfo | None = Field(
         default=None, description="Cross-request batching: the call this job's run shared, or null (alone)."
     )
+    route: RouteInfo | None = Field(default=None, description='Where `task: "auto"` sent the job, or null.')
 
 
 class JobList(Answer):
@@ -100,6 +118,30 @@ class CatalogueLora(Answer):
     name: str
 
 
+class CatalogueControlNet(Answer):
+    name: str
+    preprocess: str = Field(
+        description="The preprocessing its control images get unless a job says otherwise."
+    )
+
+
+class CatalogueIpAdapter(Answer):
+    name: str
+
+
+class CatalogueTools(Answer):
+    """What composition jobs of the family can use besides its own ControlNets and IP-Adapters."""
+
+    preprocessors: list[str] = Field(
+        description="`preprocess` values: none, canny, and depth/pose where registered."
+    )
+    detector: bool = Field(description="Whether `mask_prompt` can run (an open-vocabulary detector).")
+    segmenter: bool = Field(description="Whether found boxes are refined to masks by SAM.")
+    safety_checker: str | None = Field(
+        description="The checker of `safety: flag|block`, or null (safety off only)."
+    )
+
+
 class CatalogueFamily(Answer):
     name: str
     tasks: list[Task]
@@ -108,6 +150,9 @@ class CatalogueFamily(Answer):
     online_workers: int | None = Field(default=None, description="Consumers of its queue; null: unknown.")
     models: list[CatalogueModel]
     loras: list[CatalogueLora]
+    controlnets: list[CatalogueControlNet] = Field(default_factory=list)
+    ip_adapters: list[CatalogueIpAdapter] = Field(default_factory=list)
+    tools: CatalogueTools | None = None
 
 
 class Catalogue(Answer):

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     max_input_pixels: int = 16_000_000
     input_fetch_timeout: float = 15.0  # in all, retries included
     input_fetch_attempts: int = 3  # network errors and 5xx are tried again within the timeout
+    # The safety of jobs whose request and tenant name none (docs/composition.md).
+    safety_default: Literal["off", "flag", "block"] = "off"
 
     # Jobs and workers.
     job_max_attempts: int = 3

@@ -65,7 +65,7 @@ def split_request(url: str, payload: dict[str, Any], generation_id: str | None) 
         }
         return SplitRequest("PATCH", endpoint(url, "progress"), body)
     if kind == EventType.SUCCEEDED:
-        urls = [o["url"] for o in job["outputs"]]
+        urls = [o["url"] for o in job["outputs"] if o.get("url") and o.get("kind", "image") == "image"]
         body = {
             **common,
             "status": "completed",

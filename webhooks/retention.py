@@ -202,7 +202,8 @@ class Pruner:
         ids = list(session.scalars(jobs))
         if not ids:
             return 0, False
-        uris = list(session.scalars(select(JobOutput.uri).where(JobOutput.job_id.in_(ids))))
+        found = session.scalars(select(JobOutput.uri).where(JobOutput.job_id.in_(ids)))
+        uris = [u for u in found if u]  # a blocked output stored nothing
         # Files first, rows after: a crash in between leaves rows whose files are gone and the next
         # pass finishes the work; never files no row lists.
         if uris:

@@ -194,6 +194,11 @@ def get_output(
         raise Gone(f"the outputs of job {job_id} were deleted by retention", code="output_expired")
     if output is None:
         raise NotFound(f"job {job_id} has no output {index}", code="output_not_found")
+    if output.blocked or output.uri is None:
+        raise NotFound(
+            f"output {index} of job {job_id} was blocked by the safety checker: nothing was kept",
+            code="content_blocked",
+        )
     url = st.ctx.storage.presigned_url(output.uri, st.settings.presign_expires_seconds)
     if url:
         return RedirectResponse(url, status_code=307)

@@ -50,6 +50,10 @@ class Tenant(Base):
     # ask for (None: normal) and how many may run (or be on their way to a worker) at once.
     max_priority: Mapped[str | None] = mapped_column(String(8))
     max_concurrent: Mapped[int | None]
+    # Composition: the safety of jobs that name none (off | flag | block; None: SAFETY_DEFAULT),
+    # and words a prompt may not hold (whole words, any case).
+    safety: Mapped[str | None] = mapped_column(String(8))
+    deny_words: Mapped[list[str] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -136,13 +140,21 @@ class JobOutput(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     index: Mapped[int]
-    uri: Mapped[str] = mapped_column(Text)
-    content_type: Mapped[str] = mapped_column(String(64))
+    # image: a generated image; control: a ControlNet's image after preprocessing; mask: the mask
+    # inpainted (given or found from words). Asked for with return_control / return_mask.
+    kind: Mapped[str] = mapped_column(String(16), default="image", server_default="image")
+    # None for a blocked output (nothing stored) and, for the seed, for control images and masks.
+    uri: Mapped[str | None] = mapped_column(Text)
+    content_type: Mapped[str | None] = mapped_column(String(64))
     width: Mapped[int]
     height: Mapped[int]
-    seed: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # The safety checker's verdict (None: not checked) and whether `safety: block` withheld it.
+    nsfw: Mapped[bool | None]
+    nsfw_score: Mapped[float | None]
+    blocked: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class JobEvent(Base):

@@ -30,6 +30,8 @@ def batch_key(spec: JobSpec) -> str | None:
         return None
     if spec.preview is not None:  # previews come from a single job's latents (engine/preview.py)
         return None
+    if spec.composed:  # control images, a reference image or a found mask are set per call
+        return None
     shared = {
         "family": spec.family,
         "model": spec.model,

@@ -47,9 +47,11 @@ def delete_job(session: Session, ctx: JobContext, tenant: Tenant, job_id: str) -
 def stored_objects(job: Job, storage: Storage) -> list[str]:
     """The storage objects that belong to ``job`` alone: its outputs, and its inputs stored at
     submit (an upload from ``POST /v1/uploads`` may serve other jobs: it stays)."""
-    uris = [o.uri for o in job.outputs]
+    uris = [o.uri for o in job.outputs if o.uri]  # a blocked output stored nothing
     params = job.params or {}
     refs = [params.get("image"), params.get("mask"), (params.get("signature") or {}).get("image")]
+    refs += [c.get("image") for c in params.get("controlnets") or []]
+    refs.append((params.get("ip_adapter") or {}).get("image"))
     own = f"jobs/{job.id}/inputs/"
     uris += [r for r in refs if isinstance(r, str) and storage.owns(r) and own in r]
     return uris

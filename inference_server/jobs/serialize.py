@@ -45,17 +45,9 @@ def job_view(job: Mapping[str, Any], outputs: Sequence[Mapping[str, Any]] = ()) 
             "percent": percent,
             "eta_seconds": job["eta_seconds"],
         },
-        "outputs": [
-            {
-                "url": OUTPUT_PATH.format(job_id=job["id"], index=out["index"]),
-                "content_type": out["content_type"],
-                "width": out["width"],
-                "height": out["height"],
-                "seed": out["seed"],
-                "sha256": out["sha256"],
-            }
-            for out in sorted(outputs, key=lambda o: o["index"])
-        ],
+        "outputs": [output_view(job["id"], out) for out in sorted(outputs, key=lambda o: o["index"])],
+        # Where task "auto" sent the job and why (null: the client chose the task).
+        "route": (job["params"] or {}).get("route"),
         # Retention deleted them (OUTPUT_RETENTION_DAYS): ``outputs`` is empty from then on.
         "outputs_expired": job.get("outputs_expired_at") is not None,
         "error": {"code": job["error_code"], "message": job["error_message"]} if job["error_code"] else None,
@@ -66,6 +58,26 @@ def job_view(job: Mapping[str, Any], outputs: Sequence[Mapping[str, Any]] = ()) 
         # The pipeline call this job shared with other jobs (cross-request batching), or null.
         "batch": {"id": job["batch_id"], "size": job["batch_size"]} if job.get("batch_id") else None,
     }
+
+
+def output_view(job_id: str, out: Mapping[str, Any]) -> dict[str, Any]:
+    """One output as the API shows it. ``kind``: image, control or mask; a blocked image (the
+    safety checker, ``safety: block``) has no URL and carries the code ``content_blocked``."""
+    blocked = bool(out.get("blocked"))
+    view = {
+        "url": None if blocked else OUTPUT_PATH.format(job_id=job_id, index=out["index"]),
+        "content_type": out["content_type"],
+        "width": out["width"],
+        "height": out["height"],
+        "seed": out["seed"],
+        "sha256": out["sha256"],
+        "kind": out.get("kind") or "image",
+    }
+    if out.get("nsfw") is not None:
+        view["nsfw"], view["nsfw_score"] = out["nsfw"], out.get("nsfw_score")
+    if blocked:
+        view["blocked"], view["code"] = True, "content_blocked"
+    return view
 
 
 def columns(row: Any) -> dict[str, Any]:
@@ -86,7 +98,8 @@ def with_api_base(view: dict[str, Any], api_base: str) -> dict[str, Any]:
     if not api_base or not (job.get("outputs") or preview):
         return view
     outputs = [
-        {**o, "url": api_base + o["url"]} if o["url"].startswith("/") else o for o in job.get("outputs") or []
+        {**o, "url": api_base + o["url"]} if (o.get("url") or "").startswith("/") else o
+        for o in job.get("outputs") or []
     ]
     job = {**job, "outputs": outputs}
     if preview and preview["url"].startswith("/"):

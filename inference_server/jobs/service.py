@@ -21,11 +21,12 @@ from inference_server.db import DeletedJob, Job, JobEvent, OutboxMessage, Tenant
 from inference_server.db.base import new_id, utcnow
 from inference_server.errors import Conflict, Forbidden, InvalidInput, InvalidRequest, NotFound, RateLimited
 from inference_server.events import emit, event_values
+from inference_server.jobs import composition
 from inference_server.jobs.batch_key import batch_key
 from inference_server.jobs.enums import TERMINAL, EventType, JobStatus, Priority, Task
 from inference_server.jobs.persist import insert_new_rows
 from inference_server.jobs.serialize import job_to_dict
-from inference_server.jobs.spec import MAX_SEED, JobRequest, JobSpec
+from inference_server.jobs.spec import MAX_SEED, JobRequest, JobSpec, Route, Safety
 from inference_server.logs import job_context
 from inference_server.registry import FamilySpec, ModelSpec, Registry
 from inference_server.registry.runtime import RuntimeRegistry
@@ -99,15 +100,23 @@ def _check_family(registry: Registry, req: JobRequest) -> tuple[FamilySpec, Mode
     return family, model
 
 
-def resolve(family: FamilySpec, model: ModelSpec, req: JobRequest) -> JobSpec:
-    """The request with the family's defaults and limits applied and its seeds chosen."""
+def resolve(
+    family: FamilySpec,
+    model: ModelSpec,
+    req: JobRequest,
+    *,
+    safety: Safety = "off",
+    route: Route | None = None,
+) -> JobSpec:
+    """The request with the family's defaults and limits applied, its seeds chosen, and each
+    ControlNet's preprocessing made explicit."""
     limits = {**family.limits, **(model.limits or {})}
     defaults = {**family.defaults, **(model.defaults or {})}
     values = req.model_dump(exclude_none=True, exclude={"webhook", "seed", "num_images", "priority"})
     for key in ("width", "height", "steps", "guidance_scale"):
         if values.get(key) is None and defaults.get(key) is not None:
             values[key] = defaults[key]
-    if req.task.has_strength and values.get("strength") is None:
+    if Task(req.task).has_strength and values.get("strength") is None:
         values["strength"] = defaults.get("strength", 0.75)
     lo, hi = limits.get("min_size", 64), limits.get("max_size", 2048)
     multiple = limits.get("size_multiple", 8)
@@ -134,6 +143,13 @@ def resolve(family: FamilySpec, model: ModelSpec, req: JobRequest) -> JobSpec:
     seed = req.seed if req.seed is not None and req.seed != -1 else secrets.randbelow(MAX_SEED + 1)
     values["seeds"] = [seed + i for i in range(req.num_images)]
     values["model"] = model.id
+    values["safety"] = safety
+    if route is not None:
+        values["route"] = route.model_dump(mode="json", exclude_none=True)
+    for control in values.get("controlnets", []):
+        if control.get("preprocess") is None:
+            entry = family.controlnet(control["name"])
+            control["preprocess"] = entry.preprocess if entry is not None else "none"
     return JobSpec.model_validate(values)
 
 
@@ -152,10 +168,11 @@ def _check_priority(tenant: Tenant, asked: Priority) -> None:
 
 
 def _check_inputs(req: JobRequest) -> None:
-    if req.task.needs_image and not req.image:
-        raise InvalidRequest(f"task {req.task.value!r} needs an input `image`", code="missing_image")
-    if req.task == Task.INPAINT and not req.mask:
-        raise InvalidRequest("task 'inpaint' needs a `mask`", code="missing_mask")
+    task = Task(req.task)  # routed by now: "auto" never reaches here
+    if task.needs_image and not req.image:
+        raise InvalidRequest(f"task {task.value!r} needs an input `image`", code="missing_image")
+    if req.task == Task.INPAINT and not (req.mask or req.mask_prompt):
+        raise InvalidRequest("task 'inpaint' needs a `mask` or a `mask_prompt`", code="missing_mask")
     if req.task == Task.EDIT and not req.prompt:
         raise InvalidRequest("task 'edit' needs a `prompt` (the instruction)", code="missing_prompt")
 
@@ -250,21 +267,27 @@ def plan(
     and commits them itself."""
     digest = request_hash(req) if idempotency_key else None
     _check_priority(tenant, req.priority)
+    registry = ctx.registry_for(session, tenant.id)
+    req, route = composition.route(registry.family(req.family), req)
     try:
-        family, model = _check_family(ctx.registry_for(session, tenant.id), req)
+        family, model = _check_family(registry, req)
     except InvalidRequest as exc:
         if ctx.runtime is None or exc.code not in ("unknown_model", "unknown_lora"):
             raise
         # Perhaps added a moment ago through another API process: read the registry again first.
         ctx.runtime.invalidate()
-        family, model = _check_family(ctx.registry_for(session, tenant.id), req)
+        registry = ctx.registry_for(session, tenant.id)
+        family, model = _check_family(registry, req)
     _check_inputs(req)
+    safety = composition.resolved_safety(req, tenant.safety, ctx.settings.safety_default)
+    composition.check(registry, family, req, safety=safety)
+    composition.check_prompt(req.prompt, tenant.deny_words)
     if req.output.metadata:
         from inference_server import imaging
 
         # Refuse now what would otherwise fail the job at encode time, after the GPU work.
         imaging.validate_metadata(req.output.metadata)
-    spec = resolve(family, model, req)
+    spec = resolve(family, model, req, safety=safety, route=route)
     if req.webhook:
         from inference_server import netguard
 
@@ -278,6 +301,16 @@ def plan(
     if spec.signature:
         image = _store_input(ctx, tenant, job_id, "signature", spec.signature.image)
         stored["signature"] = spec.signature.model_copy(update={"image": image})
+    if any(c.image for c in spec.controlnets):
+        stored["controlnets"] = [
+            c.model_copy(update={"image": _store_input(ctx, tenant, job_id, f"control{i}", c.image)})
+            if c.image
+            else c
+            for i, c in enumerate(spec.controlnets)
+        ]
+    if spec.ip_adapter:
+        image = _store_input(ctx, tenant, job_id, "reference", spec.ip_adapter.image)
+        stored["ip_adapter"] = spec.ip_adapter.model_copy(update={"image": image})
     spec = spec.model_copy(update=stored)
     now = utcnow()
     if charge:
@@ -289,7 +322,7 @@ def plan(
         "status": JobStatus.QUEUED.value,
         "family": req.family,
         "model": model.id,
-        "task": req.task.value,
+        "task": Task(req.task).value,
         "params": spec.stored(),
         "batch_key": batch_key(spec),
         "webhook_url": req.webhook.url if req.webhook else None,

@@ -35,6 +35,7 @@ Finite = BeforeValidator(_finite)
 DEFAULT_STRENGTH = 0.75  # img2img and inpaint without a strength (engine and plan alike)
 StrengthSteps = Literal["floor", "ceil"]  # how a family's pipelines round steps x strength
 
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,10 +96,55 @@ class PreviewSpec(Strict):
     every_steps: int = Field(ge=1, le=150)
 
 
+Preprocess = Literal["none", "canny", "depth", "pose"]
+Safety = Literal["off", "flag", "block"]
+MAX_CONTROLNETS = 3
+
+
+class ControlNetRequest(Strict):
+    """One ControlNet of a job: a registered name, its control image and how strongly and over
+    which part of the denoising (``start``..``end``, fractions of the steps) it steers."""
+
+    name: str = Field(
+        min_length=1, max_length=200, description="A ControlNet of the family (GET /v1/models)."
+    )
+    image: str | None = Field(default=None, description=INPUT + " Left out: the job's `image`.")
+    scale: Annotated[float, Finite] = Field(default=1.0, ge=0.0, le=2.0)
+    # Left out: what the ControlNet is registered with (the kind of image it was trained on).
+    preprocess: Preprocess | None = None
+    start: Annotated[float, Finite] = Field(default=0.0, ge=0.0, le=1.0)
+    end: Annotated[float, Finite] = Field(default=1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _window(self) -> ControlNetRequest:
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be before end ({self.end})")
+        return self
+
+
+class IpAdapterRequest(Strict):
+    """A reference image steering the job through a registered IP-Adapter."""
+
+    name: str = Field(
+        min_length=1, max_length=200, description="An IP-Adapter of the family (GET /v1/models)."
+    )
+    image: str = Field(min_length=1, description=INPUT)
+    scale: Annotated[float, Finite] = Field(default=1.0, ge=0.0, le=2.0)
+
+
+class Route(Strict):
+    """Where ``task: "auto"`` sent the job, and why."""
+
+    task: Task
+    reason: str
+    controlnet: str | None = None  # a routing rule's ControlNet, added to the job
+
+
 class JobRequest(Strict):
     family: str = Field(min_length=1, max_length=64, description="A family of GET /v1/models.")
     model: str | None = Field(default=None, max_length=200)
-    task: Task = Task.TXT2IMG
+    # "auto": chosen from the request (jobs/routing.py); the job records the route and its reason.
+    task: Task | Literal["auto"] = Task.TXT2IMG
     prompt: str = Field(default="", max_length=2000)
     negative_prompt: str | None = Field(default=None, max_length=2000)
     # Static bounds; each family's own limits (GET /v1/models) are checked against the registry.
@@ -116,6 +162,30 @@ class JobRequest(Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     webhook: WebhookSpec | None = None
     preview: PreviewSpec | None = None  # off unless asked
+    # Composition (docs/composition.md).
+    controlnets: list[ControlNetRequest] = Field(default_factory=list, max_length=MAX_CONTROLNETS)
+    ip_adapter: IpAdapterRequest | None = None
+    mask_prompt: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=500,
+        description="Inpaint what these words name (a detector finds it).",
+    )
+    mask_grow: int = Field(default=0, ge=0, le=256, description="Pixels to dilate the mask by.")
+    mask_blur: int = Field(
+        default=0, ge=0, le=64, description="Radius of the feathering blur of the mask's edge."
+    )
+    mask_threshold: Annotated[float | None, Finite] = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="The detector's score a box needs; left out: the registry's.",
+    )
+    return_control: bool = Field(
+        default=False, description="Also return each control image after preprocessing."
+    )
+    return_mask: bool = Field(default=False, description="Also return the mask inpainted.")
+    safety: Safety | None = Field(default=None, description="Left out: the tenant's default.")
     # Scheduling, not running: stored on the job row, not in its JobSpec; capped per tenant.
     priority: Priority = Priority.NORMAL
 
@@ -144,6 +214,22 @@ class JobSpec(Strict):
     signature: SignatureSpec | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
     preview: PreviewSpec | None = None
+    controlnets: list[ControlNetRequest] = Field(default_factory=list)
+    ip_adapter: IpAdapterRequest | None = None
+    mask_prompt: str | None = None
+    mask_grow: int = 0
+    mask_blur: int = 0
+    mask_threshold: float | None = None
+    return_control: bool = False
+    return_mask: bool = False
+    safety: Safety = "off"
+    route: Route | None = None
+
+    @property
+    def composed(self) -> bool:
+        """Whether the job runs through ControlNets, an IP-Adapter or a mask from words: such a
+        job always runs alone (their inputs are per call, not per image)."""
+        return bool(self.controlnets or self.ip_adapter or self.mask_prompt)
 
     @model_validator(mode="before")
     @classmethod
@@ -171,8 +257,22 @@ class JobSpec(Strict):
         return max(1, runs)
 
     def stored(self) -> dict[str, Any]:
-        """The form kept in ``jobs.params`` (JSON)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The form kept in ``jobs.params`` (JSON): composition fields only where a job sets them."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for key, default in _UNSET_COMPOSITION.items():
+            if data.get(key) == default:
+                del data[key]
+        return data
+
+
+_UNSET_COMPOSITION: dict[str, Any] = {
+    "controlnets": [],
+    "mask_grow": 0,
+    "mask_blur": 0,
+    "return_control": False,
+    "return_mask": False,
+    "safety": "off",
+}
 
 
 def public_params(stored: dict[str, Any]) -> dict[str, Any]:

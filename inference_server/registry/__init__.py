@@ -44,13 +44,14 @@ one line per problem: ``models.toml: families.sd15.models[0].dtype: must be one 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inference_server.errors import InvalidRequest, RegistryError
+from inference_server.registry.composition import DetectorEntry, Tools, ToolSource
 from inference_server.registry.messages import describe, key_error
 from inference_server.registry.specs import (
     DEFAULT_LIMITS,
@@ -89,6 +90,7 @@ class Registry:
 
     path: Path | None
     families: dict[str, FamilySpec]
+    tools: Tools = field(default_factory=Tools)  # preprocessors, detector, safety checkers
 
     def family(self, name: str) -> FamilySpec:
         """The family called ``name``; InvalidRequest ``unknown_family`` otherwise."""
@@ -124,6 +126,14 @@ class Registry:
                         for m in f.models
                     ],
                     "loras": [{"name": lo.name} for lo in f.loras],
+                    "controlnets": [{"name": c.name, "preprocess": c.preprocess} for c in f.controlnets],
+                    "ip_adapters": [{"name": a.name} for a in f.ip_adapters],
+                    "tools": {
+                        "preprocessors": self.tools.preprocess_kinds(),
+                        "detector": self.tools.detector is not None,
+                        "segmenter": bool(self.tools.detector and self.tools.detector.segmenter),
+                        "safety_checker": f.safety_checker,
+                    },
                 }
                 for f in self.families.values()
             ]
@@ -136,12 +146,20 @@ class _RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     families: dict[FamilyName, FamilySpec] = Field(min_length=1)
+    preprocessors: dict[Literal["depth", "pose"], ToolSource] = Field(default_factory=dict)
+    detector: DetectorEntry | None = None
+    safety_checkers: dict[str, ToolSource] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _bind_names(self) -> _RegistryFile:
         owners: dict[str, str] = {}
         for name, family in self.families.items():
             family.bind(name)
+            if family.safety_checker is not None and family.safety_checker not in self.safety_checkers:
+                raise key_error(
+                    f"families.{name}.safety_checker",
+                    f"{family.safety_checker!r} is not in [safety_checkers]",
+                )
             if family.queue in owners:
                 # A worker consumes whole queues: two families on one would send a job to a worker
                 # chosen for the other family's models and memory.
@@ -173,4 +191,7 @@ def parse_registry(data: dict[str, Any], path: Path | None = None) -> Registry:
         parsed = _RegistryFile.model_validate(data)
     except ValidationError as exc:
         raise RegistryError("\n".join(f"{where}: {line}" for line in describe(exc))) from None
-    return Registry(path=path.resolve() if path is not None else None, families=parsed.families)
+    tools = Tools(
+        preprocessors=parsed.preprocessors, detector=parsed.detector, safety_checkers=parsed.safety_checkers
+    )
+    return Registry(path=path.resolve() if path is not None else None, families=parsed.families, tools=tools)

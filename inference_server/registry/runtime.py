@@ -91,7 +91,7 @@ def merge(seed: Registry, rows: Rows, tenant_id: str | None) -> Registry:
         )
         merged.bind(name)
         families[name] = merged
-    return Registry(path=seed.path, families=families)
+    return Registry(path=seed.path, families=families, tools=seed.tools)
 
 
 @dataclass

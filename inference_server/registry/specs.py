@@ -24,6 +24,7 @@ from typing_extensions import TypedDict
 from inference_server.errors import InvalidRequest
 from inference_server.jobs.enums import Task
 from inference_server.jobs.spec import StrengthSteps
+from inference_server.registry.composition import ControlNetEntry, IpAdapterEntry, RouteRule
 from inference_server.registry.messages import key_error, rule_error
 
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -180,6 +181,12 @@ class FamilySpec(BaseModel):
     batch_max_pixels: Positive = 512 * 512
     models: Annotated[list[ModelSpec], Field(min_length=1)]
     loras: list[LoraSpec] = Field(default_factory=list)
+    # Composition (registry/composition.py): ControlNets, IP-Adapters, task "auto" rules, and the
+    # safety checker (a name of the file's [safety_checkers]) of its `safety: flag|block` jobs.
+    controlnets: list[ControlNetEntry] = Field(default_factory=list)
+    ip_adapters: list[IpAdapterEntry] = Field(default_factory=list)
+    routes: list[RouteRule] = Field(default_factory=list)
+    safety_checker: Text | None = None
     # How the family's img2img and inpaint pipelines turn steps x strength into steps (see
     # JobSpec.planned_steps): "floor" for SD and SDXL, "ceil" for FLUX and flow-matching ones.
     strength_steps: StrengthSteps = "floor"
@@ -205,6 +212,19 @@ class FamilySpec(BaseModel):
             outside = [t for t in m.tasks if t not in self.tasks]
             if outside:
                 raise key_error(f"models[{i}].tasks", f"{str(outside[0])!r} is not a task of the family")
+        for table, names in (
+            ("controlnets", [c.name for c in self.controlnets]),
+            ("ip_adapters", [a.name for a in self.ip_adapters]),
+        ):
+            for i, name in enumerate(names):
+                if name in names[:i]:
+                    raise key_error(f"{table}[{i}].name", f"duplicate name {name!r}")
+        controlnets = {c.name for c in self.controlnets}
+        for i, rule in enumerate(self.routes):
+            if rule.controlnet not in controlnets:
+                raise key_error(
+                    f"routes[{i}].controlnet", f"{rule.controlnet!r} is not a ControlNet of the family"
+                )
         defaults = [i for i, m in enumerate(self.models) if m.default]
         if len(defaults) > 1:
             raise key_error(f"models[{defaults[1]}].default", "more than one model has default = true")
@@ -267,6 +287,14 @@ class FamilySpec(BaseModel):
             batch_wait_ms=pick("batch_wait_ms"),
             batch_max_pixels=pick("batch_max_pixels"),
         )
+
+    def controlnet(self, name: str) -> ControlNetEntry | None:
+        """The registered ControlNet called ``name``, or None."""
+        return next((c for c in self.controlnets if c.name == name), None)
+
+    def ip_adapter(self, name: str) -> IpAdapterEntry | None:
+        """The registered IP-Adapter called ``name``, or None."""
+        return next((a for a in self.ip_adapters if a.name == name), None)
 
     def lora(self, name: str) -> LoraSpec | None:
         """The registered LoRA called ``name``, or None."""
