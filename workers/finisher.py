@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Gauge
 
@@ -61,6 +61,7 @@ class FinishedRun:
     queue: str
     watcher: ProgressWatcher
     started: float = field(default_factory=time.perf_counter)  # when the run began (metrics)
+    extras: Any = None  # workers.runner.Extras: control images, mask, safety verdicts
 
 
 Finish = Callable[[FinishedRun], RunOutcome]

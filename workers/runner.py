@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -229,8 +230,12 @@ class JobRunner:
         its end if it ended there."""
         # Every end is written after the claim: each path waits for ``recorded`` first, and a job
         # goes to the finisher only once its claim is committed.
+        extras = Extras()
         try:
-            images, watcher = produce() if produce is not None else self._generate(claim, recorded)
+            if produce is not None:
+                images, watcher = produce()
+            else:
+                images, watcher, extras = self._generate(claim, recorded)
         except Superseded:
             self._claim_written(recorded)
             return RunOutcome.SUPERSEDED
@@ -245,7 +250,13 @@ class JobRunner:
         except BaseException:
             watcher.stop()
             raise
-        return FinishedRun(claim, images, watcher.total, queue, watcher, started)
+        if claim.spec.safety != "off":
+            try:  # on the device, before the next job: the checker is a model like the pipeline
+                extras.verdicts = self.engine.verdicts(claim.family, images)
+            except Exception as exc:
+                watcher.stop()
+                return self._failed(claim, exc, queue)
+        return FinishedRun(claim, images, watcher.total, queue, watcher, started, extras=extras)
 
     def finish(self, run: FinishedRun) -> RunOutcome:
         """Encode, sign and upload a denoised job's images, then record its success (or release it
@@ -266,7 +277,7 @@ class JobRunner:
         error: Exception | None = None
         try:
             if not watcher.canceled:
-                outputs = self._store_outputs(claim, run.images)
+                outputs = self._store_outputs(claim, run.images, run.extras)
         except Exception as exc:
             error = exc
         finally:
@@ -294,7 +305,7 @@ class JobRunner:
             with self.sf() as session:
                 if session.get(DeletedJob, claim.job_id) is None:
                     return
-            self.storage.delete([o["uri"] for o in outputs])
+            self.storage.delete([o["uri"] for o in outputs if o["uri"]])
             log.info("job %s was deleted while it ran: its %d outputs removed", claim.job_id, len(outputs))
         except Exception as exc:  # noqa: BLE001 - a leftover object must not fail the worker
             log.warning("job %s was deleted; its outputs could not be removed: %s", claim.job_id, exc)
@@ -347,18 +358,33 @@ class JobRunner:
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
 
-    def _generate(self, claim: Claim, recorded: Future[None]) -> tuple[list[Image.Image], ProgressWatcher]:
-        """The job's images, and its watcher, still running: it holds the job's lease until the
-        job's end is written (the engine's step count is its ``total``)."""
+    def _generate(
+        self, claim: Claim, recorded: Future[None]
+    ) -> tuple[list[Image.Image], ProgressWatcher, Extras]:
+        """The job's images, its watcher, still running (it holds the job's lease until the job's
+        end is written; the engine's step count is its ``total``), and the control images and
+        mask the job asked to get back."""
         request = self._request(claim)
         previews = LatestPreview(self.storage, claim.job_id) if claim.spec.preview else None
         watcher = self._watcher(claim, recorded, previews=previews).start()
         on_step = self._step_callback(watcher, claim)
         extra = {"on_preview": previews.offer} if previews else {}
-        images = self._watched(watcher, lambda: self.engine.generate(request, on_step=on_step, **extra))
+        extras = Extras()
+
+        def run() -> list[Image.Image]:
+            if claim.spec.composed:  # a mask to find, control images to make: under the lease
+                prepared = self.engine.prepare(request)
+                spec = claim.spec
+                extras.controls = prepared.controls if spec.return_control else []
+                extras.mask = (prepared.mask or request.mask) if spec.return_mask else None
+            elif claim.spec.return_mask:
+                extras.mask = request.mask
+            return self.engine.generate(request, on_step=on_step, **extra)
+
+        images = self._watched(watcher, run)
         watcher.flush_preview()  # the last one, before the finisher records the end
         self._observe_lora_switch(claim)
-        return images, watcher
+        return images, watcher, extras
 
     def _observe_lora_switch(self, claim: Claim) -> None:
         switch = getattr(self.engine, "last_lora_seconds", None)
@@ -450,6 +476,10 @@ class JobRunner:
             mask=mask,
             loras=[LoraRef(lo.name, lo.scale) for lo in spec.loras],
             preview_every=spec.preview.every_steps if spec.preview else 0,
+            mask_prompt=spec.mask_prompt,
+            mask_grow=spec.mask_grow,
+            mask_blur=spec.mask_blur,
+            mask_threshold=spec.mask_threshold,
         )
         if image is not None and spec.task != Task.EDIT:
             from inference_server import imaging
@@ -457,7 +487,36 @@ class JobRunner:
             request.image = imaging.fit_input(image, request.width, request.height)
             if mask is not None:
                 request.mask = imaging.fit_mask(mask, request.width, request.height)
+        self._compose_inputs(spec, request, image)
         return request
+
+    def _compose_inputs(self, spec: JobSpec, request: Any, image: Image.Image | None) -> None:
+        """The ControlNets' source images (their own, else the job's input) and the reference
+        image, decoded: the engine preprocesses them to the output size."""
+        from inference_server.engine.compose import ControlRef, IpAdapterRef
+
+        draft = (request.width, request.height)
+        for control in spec.controlnets:
+            source = self._read_image(control.image, draft_size=draft) if control.image else image
+            if source is None:  # the API refuses this; a job stored before that rule still fails clearly
+                raise InvalidRequest(
+                    f"ControlNet {control.name!r} has no image", code="missing_control_image"
+                )
+            request.controls.append(
+                ControlRef(
+                    name=control.name,
+                    image=source.convert("RGB"),
+                    scale=control.scale,
+                    preprocess=control.preprocess or "none",
+                    start=control.start,
+                    end=control.end,
+                )
+            )
+        if spec.ip_adapter is not None:
+            reference = self._read_image(spec.ip_adapter.image)
+            request.ip_adapter = IpAdapterRef(
+                spec.ip_adapter.name, reference.convert("RGB"), spec.ip_adapter.scale
+            )
 
     def _load_inputs(self, spec: JobSpec) -> tuple[Image.Image | None, Image.Image | None]:
         # JPEG inputs decode at reduced scale when they are much larger than the output.
@@ -484,14 +543,34 @@ class JobRunner:
 
     # -- outputs ---------------------------------------------------------------------------------
 
-    def _store_outputs(self, claim: Claim, images: list[Image.Image]) -> list[dict[str, Any]]:
+    def _store_outputs(
+        self, claim: Claim, images: list[Image.Image], extras: Extras | None = None
+    ) -> list[dict[str, Any]]:
+        """Encode and upload the job's images (signed, with their parameters), then the control
+        images and mask it asked for; a blocked image (``safety: block``) is stored nowhere."""
         from inference_server import imaging
 
         spec = claim.spec
         sig = spec.signature
         signature = self._read_image(sig.image) if sig is not None else None
+        extras = extras or Extras()
+        verdicts = extras.verdicts or [None] * len(images)
+        blocked = {i for i, v in enumerate(verdicts) if v is not None and v.nsfw and spec.safety == "block"}
 
         def finish(index: int, image: Image.Image) -> dict[str, Any]:
+            verdict = verdicts[index]
+            judged = {
+                "kind": "image",
+                "nsfw": None if verdict is None else bool(verdict.nsfw),
+                "nsfw_score": None if verdict is None else float(verdict.score),
+                "blocked": index in blocked,
+            }
+            if index in blocked:  # nothing of it leaves the worker: no bytes, no key
+                log.info("job %s: output %d blocked by the safety checker", claim.job_id, index)
+                return {
+                    **_nothing_stored(claim.job_id, index, image, spec.seeds[index]),
+                    **judged,
+                }
             if sig is not None and signature is not None:
                 image = imaging.composite_signature(
                     image, signature, position=sig.position, opacity=sig.opacity, size=sig.size
@@ -529,13 +608,69 @@ class JobRunner:
                 "seed": seed,
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "size_bytes": len(data),
+                **judged,
             }
 
         if len(images) == 1:
-            return [finish(0, images[0])]
-        # Encodes release the GIL in Pillow and uploads wait on the network: overlap them.
-        with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
-            return list(pool.map(finish, range(len(images)), images))
+            outputs = [finish(0, images[0])]
+        else:
+            # Encodes release the GIL in Pillow and uploads wait on the network: overlap them.
+            with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
+                outputs = list(pool.map(finish, range(len(images)), images))
+        side = [("control", image) for image in extras.controls]
+        if extras.mask is not None:
+            side.append(("mask", extras.mask))
+        for kind, image in side:
+            outputs.append(self._store_side_output(claim.job_id, len(outputs), kind, image))
+        return outputs
+
+    def _store_side_output(self, job_id: str, index: int, kind: str, image: Image.Image) -> dict[str, Any]:
+        """A control image or mask as a plain PNG output: no seed, no signature, no safety check."""
+        from inference_server import imaging
+
+        data, content_type = imaging.encode_output(
+            image, fmt="png", quality=100, metadata={}, parameters={"kind": kind}
+        )
+        uri = self.storage.put(output_key(job_id, index, "png"), data, content_type)
+        return {
+            "job_id": job_id,
+            "index": index,
+            "uri": uri,
+            "content_type": content_type,
+            "width": image.width,
+            "height": image.height,
+            "seed": None,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size_bytes": len(data),
+            "kind": kind,
+            "nsfw": None,
+            "nsfw_score": None,
+            "blocked": False,
+        }
+
+
+@dataclass
+class Extras:
+    """What a run makes besides its images: the control images and mask the job asked to get
+    back, and the safety checker's verdicts (one per image; None: not checked)."""
+
+    controls: list[Image.Image] = field(default_factory=list)
+    mask: Image.Image | None = None
+    verdicts: list[Any] | None = None
+
+
+def _nothing_stored(job_id: str, index: int, image: Image.Image, seed: int) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "index": index,
+        "uri": None,
+        "content_type": None,
+        "width": image.width,
+        "height": image.height,
+        "seed": seed,
+        "sha256": None,
+        "size_bytes": 0,
+    }
 
 
 def _telling_last_step(

@@ -96,6 +96,17 @@ def tenants() -> None:
     help="Days outputs are kept (0: forever); overrides OUTPUT_RETENTION_DAYS.",
 )
 @click.option(
+    "--safety",
+    type=click.Choice(["off", "flag", "block", "inherit"]),
+    default=None,
+    help="Safety of the tenant's jobs that name none (inherit: SAFETY_DEFAULT).",
+)
+@click.option(
+    "--deny-words",
+    default=None,
+    help="Comma-separated words or phrases a prompt may not hold ('' clears).",
+)
+@click.option(
     "--inherit",
     multiple=True,
     type=click.Choice(sorted(INHERITED)),
@@ -113,6 +124,8 @@ def tenants_set(
     rate_limit: int | None,
     monthly_images: int | None,
     output_retention_days: float | None,
+    safety: str | None,
+    deny_words: str | None,
     inherit: tuple[str, ...],
 ) -> None:
     """Change a tenant's settings; prints what it has now as JSON (never the token itself). API
@@ -132,6 +145,10 @@ def tenants_set(
     ):
         if value is not None:
             given[field] = value
+    if safety is not None:
+        given["safety"] = None if safety == "inherit" else safety
+    if deny_words is not None:
+        given["deny_words"] = [w.strip() for w in deny_words.split(",") if w.strip()] or None
     settings = _settings()
     with database_session() as session:
         row = find_tenant(session, tenant)

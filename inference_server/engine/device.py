@@ -34,12 +34,17 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 
 def pipeline_bytes(pipe) -> int:
-    """Bytes of every torch module of a diffusers pipeline."""
-    total = 0
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            total += module_bytes(component)
-    return total
+    """Bytes of every torch module of a diffusers pipeline, of a module, or of the modules an
+    object holds (a detector and its processor, say)."""
+    if isinstance(pipe, torch.nn.Module):
+        return module_bytes(pipe)
+    if hasattr(pipe, "components"):
+        parts = list(pipe.components.values())
+    elif isinstance(pipe, tuple | list):
+        parts = list(pipe)
+    else:
+        parts = list(getattr(pipe, "__dict__", {}).values())
+    return sum(module_bytes(c) for c in parts if isinstance(c, torch.nn.Module))
 
 
 def release_memory(device: str) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from inference_server.engine import batch, loras, variants
 from inference_server.engine.cache import CachedModel, PipelineCache
+from inference_server.engine.compose import TOOLS, Composer, ControlRef, IpAdapterRef, Prepared
 from inference_server.engine.device import DTYPES, default_cache_bytes
 from inference_server.engine.preview import latent_preview
 from inference_server.errors import InferenceError, InvalidRequest, JobCanceled, ModelError, public_reason
@@ -67,6 +68,13 @@ class GenerationRequest:
     mask: Image.Image | None = None  # "L"
     loras: list[LoraRef] = field(default_factory=list)
     preview_every: int = 0  # a preview every N steps (0: none)
+    # Composition (engine/compose.py): ControlNets, a reference image, a mask found from words.
+    controls: list[ControlRef] = field(default_factory=list)
+    ip_adapter: IpAdapterRef | None = None
+    mask_prompt: str | None = None
+    mask_grow: int = 0
+    mask_blur: int = 0
+    mask_threshold: float | None = None  # None: the registry's detector threshold
 
 
 StepCallback = Callable[[int, int], bool]  # (steps done, steps in the loop) -> stop?
@@ -102,6 +110,7 @@ class Engine:
         self.cache_dir = cache_dir
         self.fetch = fetch
         self.cache = PipelineCache(cache_bytes or default_cache_bytes(device), device)
+        self.composer = Composer(self)
         _quiet_loading()
 
     # --- public -----------------------------------------------------------------------------------
@@ -115,6 +124,16 @@ class Engine:
         InvalidRequest, JobCanceled or ModelError. ``on_preview`` gets the latents' RGB projection
         every ``req.preview_every`` steps (``engine.preview``); it must return at once."""
         return self._generate([req], on_step, on_preview if req.preview_every else None)
+
+    def prepare(self, req: GenerationRequest) -> Prepared:
+        """Before ``generate``: find the mask ``req.mask_prompt`` names and preprocess the control
+        images, in place; return them for a job that asked to get them back. Raises
+        InvalidRequest, ModelError, or InferenceError ``mask_not_found``."""
+        return self.composer.prepare(req)
+
+    def verdicts(self, family: str, images: list[Image.Image]) -> list[Any]:
+        """The family's safety checker on ``images``: one ``engine.safety.Verdict`` each."""
+        return self.composer.verdicts(family, images)
 
     def generate_batch(
         self, reqs: list[GenerationRequest], on_steps: list[StepCallback | None]
@@ -148,7 +167,7 @@ class Engine:
             for ref in req.loras
         ]
         entry = self._entry(spec)
-        pipe = self._variant(entry, req.task)
+        pipe = self.composer.pipeline(entry, req, self._variant(entry, req.task))
         self.last_lora_seconds = None
         switch = 0.0
         try:
@@ -163,7 +182,8 @@ class Engine:
                 )
                 switch = time.perf_counter() - started
             started = time.perf_counter()
-            images = self._run(pipe, reqs, on_step, on_preview)
+            with self.composer.adapters(pipe, req):
+                images = self._run(pipe, reqs, on_step, on_preview)
             self.last_pipeline_seconds = time.perf_counter() - started
             return images
         finally:
@@ -187,6 +207,8 @@ class Engine:
         self.registry = registry
         evicted = []
         for entry in self.cache.entries():
+            if _is_tool(entry):
+                continue  # ControlNets and the shared tools come from the registry file alone
             family = registry.families.get(entry.family)
             spec = next((m for m in family.models if m.id == entry.model), None) if family else None
             if spec is None or (entry.source and spec.source != entry.source):
@@ -202,7 +224,7 @@ class Engine:
 
     def loaded(self) -> set[tuple[str, str]]:
         """The (family, model) pairs cached now."""
-        return {(e.family, e.model) for e in self.cache.entries()}
+        return {(e.family, e.model) for e in self.cache.entries() if not _is_tool(e)}
 
     def warm(self, family: str, model: str | None = None) -> None:
         """Load a model into the cache ahead of its first job."""
@@ -243,6 +265,7 @@ class Engine:
             return kwargs
 
         kwargs = variants.call_kwargs(pipe, req, req.seeds, callback)
+        kwargs.update(self.composer.call_kwargs(pipe, req, len(req.seeds)))
         if len(reqs) > 1:
             kwargs = batch.batch_kwargs(kwargs, reqs)
         cap = self.max_edit_pixels if req.task == "edit" else 0
@@ -364,6 +387,11 @@ class Engine:
                 log.warning("attention backend %s unavailable for %s: %s", spec.attention, spec.id, exc)
         if spec.compile:
             denoiser.compile()
+
+
+def _is_tool(entry: CachedModel) -> bool:
+    """A cached component that is not a model of the registry (engine/compose.py)."""
+    return entry.family == TOOLS or entry.model.startswith("controlnet-")
 
 
 def _lora_sources(registry: Registry) -> set[str]:

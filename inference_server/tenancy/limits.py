@@ -4,7 +4,7 @@ default webhook and its limits. API processes see a change within the key cache'
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -27,6 +27,11 @@ class TenantChanges(BaseModel):
     rate_limit_per_minute: int | None = Field(default=None, ge=0)  # 0: no limit
     monthly_image_quota: int | None = Field(default=None, ge=0)  # 0: no limit
     output_retention_days: float | None = Field(default=None, ge=0)  # 0: kept forever
+    # Composition: the safety of jobs that name none (null: SAFETY_DEFAULT), words prompts may not hold.
+    safety: Literal["off", "flag", "block"] | None = None
+    deny_words: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(
+        default=None, max_length=500
+    )
 
 
 def find_tenant(session: Session, name: str) -> Tenant:
@@ -51,6 +56,8 @@ def apply_changes(tenant: Tenant, changes: TenantChanges, *, allow_private: bool
         value = getattr(changes, name)
         if name == "default_webhook_events" and value is not None:
             value = [e.value for e in value]
+        if name == "deny_words":
+            value = value or None
         setattr(tenant, name, value or None if name == "default_webhook_url" else value)
 
 
@@ -70,6 +77,9 @@ def tenant_view(tenant: Tenant, settings: Settings) -> dict[str, Any]:
             "max_concurrent": tenant.max_concurrent,
             "output_retention_days": effective_retention(tenant, settings) or None,
         },
+        # Composition jobs (docs/composition.md): the safety in force and the prompt deny-list.
+        "safety": tenant.safety or settings.safety_default,
+        "deny_words": tenant.deny_words or [],
     }
 
 
