@@ -21,6 +21,8 @@ from inference_server.errors import InferenceError, InvalidRequest, ModelError
 # boxes come back relative to that square (see ``_detect``).
 _DETECTORS = ("owlv2",)
 
+Box = tuple[float, float, float, float, float]  # x0, y0, x1, y1 in pixels, then the score
+
 
 @dataclass(frozen=True)
 class Detector:
@@ -48,7 +50,7 @@ class MaskResult:
     """
 
     mask: Image.Image
-    boxes: list[tuple[float, float, float, float, float]] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
 
 
 def load_detector(path: str, device: str, dtype: torch.dtype | None = None) -> Detector:
@@ -57,7 +59,9 @@ def load_detector(path: str, device: str, dtype: torch.dtype | None = None) -> D
 
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in _DETECTORS:
-        raise ModelError(f"the detector is a {model_type} model; masks from words take {', '.join(_DETECTORS)}")
+        raise ModelError(
+            f"the detector is a {model_type} model; masks from words take {', '.join(_DETECTORS)}"
+        )
     model = AutoModelForZeroShotObjectDetection.from_pretrained(path, dtype=dtype or torch.float32)
     return Detector(model.to(device).eval(), AutoProcessor.from_pretrained(path), device)
 
@@ -66,7 +70,7 @@ def load_segmenter(path: str, device: str, dtype: torch.dtype | None = None) -> 
     """Load the ``SamModel`` and ``SamProcessor`` saved in folder ``path`` onto ``device``."""
     from transformers import SamModel, SamProcessor
 
-    model = SamModel.from_pretrained(path, dtype=dtype or torch.float32)
+    model: Any = SamModel.from_pretrained(path, dtype=dtype or torch.float32)
     return Segmenter(model.to(device).eval(), SamProcessor.from_pretrained(path), device)
 
 
@@ -94,23 +98,19 @@ def mask_from_prompt(
         raise InvalidRequest("mask grow and blur are pixels, 0 or more", code="invalid_request")
     image = image.convert("RGB")
     scored = _detect(detector, image, prompt)
-    kept = [box for box in scored if box[4] >= threshold and _area(box) > 0]
+    kept = [box for box in scored if box[4] >= threshold]
     if not kept:
         best = max((box[4] for box in scored), default=0.0)
         raise InferenceError(
-            f"nothing in the image matches {prompt!r} at threshold {threshold:g} "
-            f"(best score {best:.3f})",
+            f"nothing in the image matches {prompt!r} at threshold {threshold:g} (best score {best:.3f})",
             code="mask_not_found",
         )
-    if segmenter is None:
-        binary = _filled(kept, image.size)
-    else:
-        binary = _segmented(segmenter, image, kept)
+    binary = _filled(kept, image.size) if segmenter is None else _segmented(segmenter, image, kept)
     return MaskResult(_feathered(binary, grow, blur), kept)
 
 
-def _detect(detector: Detector, image: Image.Image, prompt: str) -> list[tuple[float, float, float, float, float]]:
-    """Every candidate box for ``prompt``, clipped to the image, best score first."""
+def _detect(detector: Detector, image: Image.Image, prompt: str) -> list[Box]:
+    """Every candidate box for ``prompt`` that overlaps the image, clipped to it, best score first."""
     processor = detector.processor
     inputs = processor(text=[[prompt]], images=image, return_tensors="pt", truncation=True)
     inputs = inputs.to(detector.device)
@@ -126,15 +126,17 @@ def _detect(detector: Detector, image: Image.Image, prompt: str) -> list[tuple[f
         outputs, threshold=-1.0, target_sizes=[(side, side)]
     )
     boxes = []
-    for (x0, y0, x1, y1), score in zip(result["boxes"].float().tolist(), result["scores"].float().tolist()):
-        boxes.append((_clip(x0, width), _clip(y0, height), _clip(x1, width), _clip(y1, height), score))
+    for (x0, y0, x1, y1), score in zip(
+        result["boxes"].float().tolist(), result["scores"].float().tolist(), strict=True
+    ):
+        box = (_clip(x0, width), _clip(y0, height), _clip(x1, width), _clip(y1, height), score)
+        if _area(box) > 0:  # a box wholly in the padding holds nothing of the image
+            boxes.append(box)
     boxes.sort(key=lambda box: -box[4])
     return boxes
 
 
-def _segmented(
-    segmenter: Segmenter, image: Image.Image, boxes: list[tuple[float, float, float, float, float]]
-) -> np.ndarray:
+def _segmented(segmenter: Segmenter, image: Image.Image, boxes: list[Box]) -> np.ndarray:
     """The union of SAM's masks for ``boxes`` (one box prompt each), each cut to its box."""
     processor = segmenter.processor
     prompts = [[[x0, y0, x1, y1] for x0, y0, x1, y1, _ in boxes]]
@@ -146,14 +148,14 @@ def _segmented(
         outputs.pred_masks.float().cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu()
     )
     union = np.zeros((image.height, image.width), dtype=bool)
-    for box, sam_mask in zip(boxes, masks[:, 0].numpy()):
+    for box, sam_mask in zip(boxes, masks[:, 0].numpy(), strict=True):
         inside = _filled([box], image.size)
         refined = sam_mask & inside
         union |= refined if refined.any() else inside
     return union
 
 
-def _filled(boxes: list[tuple[float, float, float, float, float]], size: tuple[int, int]) -> np.ndarray:
+def _filled(boxes: list[Box], size: tuple[int, int]) -> np.ndarray:
     """A boolean (height, width) array, True inside any of ``boxes`` (edges rounded outwards)."""
     width, height = size
     out = np.zeros((height, width), dtype=bool)
@@ -179,5 +181,5 @@ def _clip(value: float, limit: int) -> float:
     return min(max(value, 0.0), float(limit))
 
 
-def _area(box: tuple[float, float, float, float, float]) -> float:
+def _area(box: Box) -> float:
     return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)

@@ -31,10 +31,12 @@ CLASSIFIER = "classifier"
 class Verdict:
     """Whether an image is flagged, and the number behind it.
 
-    ``score`` depends on the checker's kind: for the Stable Diffusion checker, the largest concept
-    margin, cosine(image, concept) - the concept's threshold (plus the checker's 0.01 when a
-    special-care concept matched), in [-1 - t, 1 - t] for thresholds t, and above 0 exactly when
-    the checker flags; for a classifier, the probability of its ``nsfw`` label, in [0, 1].
+    ``score`` depends on the checker's kind. For the Stable Diffusion checker it is the largest
+    concept margin over its 17 concepts: cosine(image embedding, concept embedding), in [-1, 1],
+    less that concept's threshold, plus the checker's own 0.01 when a special-care concept matched;
+    above 0 exactly when the checker flags (its own verdict, which rounds margins to 3 decimals, is
+    the one reported in ``nsfw``). For a classifier it is the probability of the ``nsfw`` label, in
+    [0, 1], and ``nsfw`` is whether that label is the classifier's top one.
     """
 
     nsfw: bool
@@ -99,7 +101,7 @@ def _sd_checker(model_dir: Path, processor_dir: Path, device: str, dtype: torch.
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
-    model = StableDiffusionSafetyChecker.from_pretrained(str(model_dir), dtype=dtype)
+    model: Any = StableDiffusionSafetyChecker.from_pretrained(str(model_dir), dtype=dtype)
     processor = CLIPImageProcessor.from_pretrained(str(processor_dir))
     return SafetyChecker(SD_CHECKER, model.to(device).eval(), processor, device)
 
@@ -118,8 +120,8 @@ def _sd_verdicts(model: Any, pixels: torch.Tensor) -> list[Verdict]:
     finally:
         hook.remove()
     embeds = captured[0].float()
-    special = cosine_distance(embeds, model.special_care_embeds.float()) - model.special_care_embeds_weights.float()
-    concept = cosine_distance(embeds, model.concept_embeds.float()) - model.concept_embeds_weights.float()
+    special = cosine_distance(embeds, model.special_care_embeds.float()) - model.special_care_embeds_weights
+    concept = cosine_distance(embeds, model.concept_embeds.float()) - model.concept_embeds_weights
     # As in the checker: a matched special-care concept lowers every concept's bar by 0.01.
     concept = concept + 0.01 * (special > 0).any(dim=1, keepdim=True)
     margins = concept.max(dim=1).values.tolist()
