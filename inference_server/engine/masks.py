@@ -90,6 +90,7 @@ def mask_from_prompt(
     its mask, cut to the box, replaces it (a box where SAM outlines nothing stays a filled box, so a
     detection is never lost); without, the boxes are filled. The union is then dilated by ``grow``
     pixels (a disc, Euclidean distance) and feathered by a Gaussian blur of radius ``blur``.
+    A phrase longer than the detector's text window (16 tokens for OWLv2) is cut to it.
 
     Raises ``InferenceError(code="mask_not_found")`` when no box reaches the threshold, naming the
     prompt and the best score seen; ``InvalidRequest`` for a negative ``grow`` or ``blur``.
