@@ -172,8 +172,7 @@ JOBS = (
     _c("model_error", None, (JOB,), "The model could not be loaded, or failed while generating."),
     _c("df11_format_error", None, (JOB, CLI), "A folder or tensor marked DFloat11 is not in that format."),
     _c("mask_not_found", None, (JOB,),
-       "The detector found nothing the `mask_prompt` names above its threshold: no mask to inpaint.",
-       reserved=True),
+       "The detector found nothing the `mask_prompt` names above its threshold: no mask to inpaint."),
     _c("content_blocked", 404, (API, JOB),
        "The safety checker blocked this output (`safety: block`): it is marked `blocked`, has no URL, "
        "and nothing of it was stored. Not a failure of the job."),

@@ -42,6 +42,10 @@ _FAMILY_TOML: dict[str, dict[str, Any]] = {
 }
 
 
+# Known verdicts for tests and a first try: sd15's checker flags every image, sdxl's none.
+_SAFETY_CHECKERS = {"sd15": "tiny-strict", "sdxl": "tiny-safety"}
+
+
 def build_tiny_models(dir: Path, families: list[str] | None = None) -> Path:
     """Write tiny models of ``families`` (default: all) under ``dir``; return ``dir/models.toml``."""
     import torch
@@ -102,12 +106,45 @@ def build_tiny_models(dir: Path, families: list[str] | None = None) -> Path:
                 models += _df11_twin(dir, "qwen-image-edit", "tiny-qwen-image-edit-df11")
             sections.append(_family_toml(family, models, lora_names))
             log.info("tiny %s written in %.1f s", family, time.perf_counter() - started)
+        started = time.perf_counter()
+        sections.append(_tools(dir))
+        log.info("tiny tools written in %.1f s", time.perf_counter() - started)
     finally:
         torch.set_num_threads(previous_threads)
     toml = dir / "models.toml"
     header = "# Tiny random-weight models written by `inference-server models tiny`. Paths are relative.\n"
     toml.write_text(header + "\n".join(sections), encoding="utf-8")
     return toml
+
+
+def _tools(dir: Path) -> str:
+    """The components every family shares (registry/composition.py): the mask detector and SAM,
+    and two safety checkers whose verdicts are known (random weights would make them arbitrary):
+    ``tiny-safety`` flags nothing, ``tiny-strict`` flags every image."""
+    from inference_server.engine.tiny import vision
+
+    vision.build_detector(dir / "tools" / "detector", seed=300)
+    vision.build_segmenter(dir / "tools" / "segmenter", seed=301)
+    vision.build_safety_checker(dir / "tools" / "safety", seed=302)
+    vision.build_safety_checker(dir / "tools" / "safety-strict", seed=302, flags_everything=True)
+    return "\n".join(
+        [
+            "# Shared by every family. The tiny detector's scores are small and arbitrary: a threshold",
+            "# of 0 keeps its boxes, so a mask_prompt always finds something here (mask_threshold: 1",
+            "# finds nothing).",
+            "[detector]",
+            'source = "tools/detector"',
+            'segmenter = "tools/segmenter"',
+            "threshold = 0.0",
+            "",
+            "[safety_checkers.tiny-safety]",
+            'source = "tools/safety"',
+            "",
+            "[safety_checkers.tiny-strict]",
+            'source = "tools/safety-strict"',
+            "",
+        ]
+    )
 
 
 def _df11_twin(dir: Path, folder: str, model_id: str) -> list[dict]:
@@ -156,6 +193,8 @@ def _family_toml(family: str, models: list[dict], lora_names: list[str]) -> str:
     ]
     if "strength_steps" in spec:
         lines.append(f'strength_steps = "{spec["strength_steps"]}"')
+    if family in _SAFETY_CHECKERS:
+        lines.append(f'safety_checker = "{_SAFETY_CHECKERS[family]}"')
     for m in models:
         lines.append(f"\n[[families.{_key(family)}.models]]")
         for k, v in m.items():
