@@ -43,12 +43,16 @@ def build_ip_adapter(pipeline_dir: Path, out: Path, *, seed: int = 30) -> Path:
     denoiser = _load_denoiser(Path(pipeline_dir), name, index[name][1])
     seeded(seed)
     layers = _flux_layers(denoiser) if name == "transformer" else _unet_layers(denoiser)
-    width = denoiser.config.joint_attention_dim if name == "transformer" else denoiser.config.cross_attention_dim
+    width = (
+        denoiser.config.joint_attention_dim if name == "transformer" else denoiser.config.cross_attention_dim
+    )
     weights = {**_projection(width), **layers}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # float32 whatever the denoiser's dtype: small, and the loader casts it to the denoiser's dtype.
-    save_file({k: v.detach().to(torch.float32).contiguous() for k, v in weights.items()}, str(out / WEIGHT_NAME))
+    save_file(
+        {k: v.detach().to(torch.float32).contiguous() for k, v in weights.items()}, str(out / WEIGHT_NAME)
+    )
     _image_encoder(seed + 1).save_pretrained(str(out / IMAGE_ENCODER), safe_serialization=True)
     _image_processor().save_pretrained(str(out / IMAGE_ENCODER))
     return out
@@ -63,7 +67,9 @@ def _load_denoiser(pipeline_dir: Path, subfolder: str, class_name: str) -> Any:
 def _projection(width: int) -> dict[str, torch.Tensor]:
     from diffusers.models.embeddings import ImageProjection
 
-    projection = ImageProjection(image_embed_dim=EMBED_DIM, cross_attention_dim=width, num_image_text_embeds=TOKENS)
+    projection = ImageProjection(
+        image_embed_dim=EMBED_DIM, cross_attention_dim=width, num_image_text_embeds=TOKENS
+    )
     with torch.no_grad():  # LayerNorm starts at ones and zeros: perturbed so it is not the identity
         projection.norm.weight.add_(0.1 * torch.randn_like(projection.norm.weight))
         projection.norm.bias.add_(0.1 * torch.randn_like(projection.norm.bias))
