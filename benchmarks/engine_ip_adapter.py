@@ -102,14 +102,11 @@ def rows(models_dir: Path, *, size: int = 64, steps: int = 4, repeat: int = 5) -
                 label = "with adapter" if with_adapter else "plain"
                 times.setdefault(f"job {label} s", []).append(elapsed)
                 times.setdefault(f"s/step {label}", []).extend(gaps)
+    order = ["first apply (load) s", "apply (resident) s", "reset s", "s/step plain", "s/step with adapter"]
+    order += ["job plain s", "job with adapter s"]
     return [
-        {
-            "family": FAMILY,
-            "component": "ip-adapter",
-            "measure": measure,
-            "seconds": statistics.median(values),
-        }
-        for measure, values in times.items()
+        {"family": FAMILY, "component": "ip-adapter", "measure": m, "seconds": statistics.median(times[m])}
+        for m in order
     ]
 
 
