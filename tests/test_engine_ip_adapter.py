@@ -220,3 +220,23 @@ def test_weights_that_do_not_load_fail_the_job_and_leave_the_pipeline_clean(
     with pytest.raises(ModelError):
         on(bases["sd15"], models, "sd15", "txt2img", 1.0, image_encoder="nowhere")
     assert run(bases["sd15"], "sd15", "txt2img") == run(clean["sd15"], "sd15", "txt2img")
+
+
+def test_with_a_lora_on_the_same_unet(models: Path, clean: dict[str, Any]) -> None:
+    """A job with a LoRA and an IP-Adapter: both act, and after both resets the UNet is the base."""
+    pipe = load(models, "sd15")
+    ip_only = on(pipe, models, "sd15", "txt2img", 1.0)
+    pipe.load_lora_weights(str(models / "loras" / "sd15-style"), adapter_name="style")
+    lora_only = run(pipe, "sd15", "txt2img")
+    both = on(pipe, models, "sd15", "txt2img", 1.0)
+    pipe.disable_lora()
+    assert len({ip_only, lora_only, both}) == 3
+    assert run(pipe, "sd15", "txt2img") == run(clean["sd15"], "sd15", "txt2img")
+
+
+def test_the_builder_writes_the_same_bytes_each_time(models: Path, tmp_path: Path) -> None:
+    again = build_ip_adapter(models / "sd15", tmp_path / "again")
+    for name in (WEIGHT_NAME, "image_encoder/model.safetensors", "image_encoder/preprocessor_config.json"):
+        assert (again / name).read_bytes() == (models / "ip" / "sd15" / name).read_bytes(), name
+    other = build_ip_adapter(models / "sd15", tmp_path / "other", seed=31)
+    assert (other / WEIGHT_NAME).read_bytes() != (again / WEIGHT_NAME).read_bytes()
