@@ -104,7 +104,8 @@ def build_tiny_models(dir: Path, families: list[str] | None = None) -> Path:
                 loras.build_lora(dir / "qwen-image-edit", dir / "loras" / "qwen-image-edit-style")
                 lora_names = ["tiny-style"]
                 models += _df11_twin(dir, "qwen-image-edit", "tiny-qwen-image-edit-df11")
-            sections.append(_family_toml(family, models, lora_names))
+            composition = _composition(dir, family)
+            sections.append(_family_toml(family, models, lora_names, composition))
             log.info("tiny %s written in %.1f s", family, time.perf_counter() - started)
         started = time.perf_counter()
         sections.append(_tools(dir))
@@ -175,7 +176,21 @@ def _df11_compressor() -> Callable | None:
     return compress_transformer
 
 
-def _family_toml(family: str, models: list[dict], lora_names: list[str]) -> str:
+def _composition(dir: Path, family: str) -> dict[str, list[dict]]:
+    """The family's IP-Adapters and ControlNets (with the tables they need), built for its tiny
+    pipeline: ``{table: [entry, ...]}`` for ``_family_toml``."""
+    from inference_server.engine.tiny.ip_adapter import build_ip_adapter
+
+    tables: dict[str, list[dict]] = {}
+    if family in ("sd15", "sdxl", "flux"):
+        build_ip_adapter(dir / family, dir / "ip-adapters" / family, seed=30)
+        tables["ip_adapters"] = [dict(name="tiny-ip", source=f"ip-adapters/{family}")]
+    return tables
+
+
+def _family_toml(
+    family: str, models: list[dict], lora_names: list[str], composition: dict[str, list[dict]] | None = None
+) -> str:
     spec = _FAMILY_TOML[family]
     tasks = ", ".join(f'"{t}"' for t in spec["tasks"])
     lines = [
@@ -203,6 +218,10 @@ def _family_toml(family: str, models: list[dict], lora_names: list[str]) -> str:
         lines.append(f"\n[[families.{_key(family)}.loras]]")
         lines.append(f'name = "{name}"')
         lines.append(f'source = "loras/{family}-style"')
+    for table, entries in (composition or {}).items():
+        for entry in entries:
+            lines.append(f"\n[[families.{_key(family)}.{table}]]")
+            lines.extend(f"{k} = {_value(v)}" for k, v in entry.items())
     return "\n".join(lines) + "\n"
 
 
