@@ -56,7 +56,7 @@ def load_controlnet(path: str, dtype: torch.dtype) -> Any:
     cls = getattr(diffusers, name, None)
     if cls is None or "ControlNet" not in name:
         raise InvalidRequest(f"the folder holds a {name}, not a ControlNet", code="unsupported_composition")
-    return cls.from_pretrained(path, torch_dtype=dtype).eval()
+    return cls.from_pretrained(path, dtype=dtype).eval()
 
 
 def control_pipeline(base: Any, task: str, controlnets: list[Any]) -> Any:
