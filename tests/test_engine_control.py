@@ -61,7 +61,9 @@ def nets(root: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def preprocessors(root: Path) -> dict[str, Any]:
-    return {kind: preprocess.load_preprocessor(kind, str(root / kind), "cpu") for kind in preprocess.MODEL_KINDS}
+    return {
+        kind: preprocess.load_preprocessor(kind, str(root / kind), "cpu") for kind in preprocess.MODEL_KINDS
+    }
 
 
 def source() -> Image.Image:
@@ -94,7 +96,9 @@ def run_plain(base: Any, req: GenerationRequest) -> list[str]:
     return digest(pipe(**variants.call_kwargs(pipe, req, req.seeds, None)).images)
 
 
-def run_control(base: Any, req: GenerationRequest, controlnets: list[Any], controls: list[control.ControlInput]) -> list[str]:
+def run_control(
+    base: Any, req: GenerationRequest, controlnets: list[Any], controls: list[control.ControlInput]
+) -> list[str]:
     pipe = control.control_pipeline(base, req.task, controlnets)
     kwargs = variants.call_kwargs(pipe, req, req.seeds, None)
     kwargs.update(control.control_kwargs(pipe, req.task, controls, len(req.seeds)))
@@ -136,7 +140,10 @@ def test_every_preprocessor_steers_the_image(
     # Each control image gives its own picture, and the same one on a second run.
     assert len({tuple(v) for v in outputs.values()}) == len(preprocess.KINDS)
     again = run_control(
-        bases[family], req, [nets[f"{family}-a"]], [control.ControlInput(control_image("pose", preprocessors))]
+        bases[family],
+        req,
+        [nets[f"{family}-a"]],
+        [control.ControlInput(control_image("pose", preprocessors))],
     )
     assert again == outputs["pose"]
 
@@ -154,7 +161,10 @@ def test_scale_zero_equals_the_plain_pipeline_bit_for_bit(
         bases[family],
         req,
         [nets[f"{family}-a"], nets[f"{family}-b"]],
-        [control.ControlInput(depth, scale=0.0), control.ControlInput(control_image("canny", preprocessors), 0.0)],
+        [
+            control.ControlInput(depth, scale=0.0),
+            control.ControlInput(control_image("canny", preprocessors), 0.0),
+        ],
     )
     assert one == plain
     assert two == plain
@@ -170,13 +180,18 @@ def test_two_controlnets_at_once_differ_from_each_alone(bases: dict, nets: dict,
     assert both != depth_only and both != pose_only
     # One of the two at scale 0 is the other alone, bit for bit: the residuals add.
     muted = run_control(
-        bases["sd15"], req, [nets["sd15-a"], nets["sd15-b"]], [depth, control.ControlInput(pose.image, scale=0.0)]
+        bases["sd15"],
+        req,
+        [nets["sd15-a"], nets["sd15-b"]],
+        [depth, control.ControlInput(pose.image, scale=0.0)],
     )
     assert muted == depth_only
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_the_start_end_window_changes_the_output(family: str, bases: dict, nets: dict, preprocessors: dict) -> None:
+def test_the_start_end_window_changes_the_output(
+    family: str, bases: dict, nets: dict, preprocessors: dict
+) -> None:
     req = request(family, "txt2img", [9])
     canny = control_image("canny", preprocessors)
     net = [nets[f"{family}-a"]]
@@ -237,4 +252,6 @@ def test_compositions_without_a_pipeline_are_refused(bases: dict, nets: dict) ->
     assert refused.value.code == "unsupported_composition"
     pipe = control.control_pipeline(bases["sd15"], "txt2img", [nets["sd15-a"]])
     with pytest.raises(InvalidRequest):
-        control.control_kwargs(pipe, "txt2img", [control.ControlInput(Image.new("RGB", (64, 64)), 1.0, 0.6, 0.4)], 1)
+        control.control_kwargs(
+            pipe, "txt2img", [control.ControlInput(Image.new("RGB", (64, 64)), 1.0, 0.6, 0.4)], 1
+        )

@@ -88,8 +88,12 @@ def test_depth_is_the_models_prediction_stretched_to_the_full_range(
     assert (out != other).mean() > 0.5
     model, processor = loaded["depth"].model, loaded["depth"].processor
     with torch.inference_mode():
-        raw = model(**processor(images=person_like().resize((64, 64), Image.Resampling.LANCZOS), return_tensors="pt"))
-    depth = processor.post_process_depth_estimation(raw, target_sizes=[(64, 64)])[0]["predicted_depth"].numpy()
+        raw = model(
+            **processor(images=person_like().resize((64, 64), Image.Resampling.LANCZOS), return_tensors="pt")
+        )
+    depth = processor.post_process_depth_estimation(raw, target_sizes=[(64, 64)])[0][
+        "predicted_depth"
+    ].numpy()
     # The grey levels are a monotone function of the predicted depth: sorted by depth, never darker.
     by_depth = out[..., 0].reshape(-1)[np.argsort(depth, axis=None, kind="stable")]
     assert (np.diff(by_depth.astype(int)) >= 0).all()

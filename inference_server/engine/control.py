@@ -76,7 +76,9 @@ def control_pipeline(base: Any, task: str, controlnets: list[Any]) -> Any:
     }.get(task)
     # Qwen edit pipelines (and any class the AutoPipelines do not map) have no ControlNet variant.
     if auto is None or "Edit" in name:
-        raise InvalidRequest(f"{name} has no ControlNet pipeline for task {task!r}", code="unsupported_composition")
+        raise InvalidRequest(
+            f"{name} has no ControlNet pipeline for task {task!r}", code="unsupported_composition"
+        )
     controlnet = controlnets[0] if len(controlnets) == 1 else list(controlnets)
     try:
         pipe = auto.from_pipe(base, controlnet=controlnet)
@@ -86,7 +88,9 @@ def control_pipeline(base: Any, task: str, controlnets: list[Any]) -> Any:
         ) from exc
     if "ControlNet" not in type(pipe).__name__:
         # from_pipe fell back to a plain pipeline: the ControlNet would be silently ignored.
-        raise InvalidRequest(f"{name} has no ControlNet pipeline for task {task!r}", code="unsupported_composition")
+        raise InvalidRequest(
+            f"{name} has no ControlNet pipeline for task {task!r}", code="unsupported_composition"
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

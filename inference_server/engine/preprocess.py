@@ -83,12 +83,16 @@ def load_preprocessor(kind: str, path: str, device: str) -> LoadedPreprocessor:
     return LoadedPreprocessor(kind=kind, model=model.to(device).eval(), processor=processor, device=device)
 
 
-def preprocess(kind: str, loaded: LoadedPreprocessor | None, image: Image.Image, width: int, height: int) -> Image.Image:
+def preprocess(
+    kind: str, loaded: LoadedPreprocessor | None, image: Image.Image, width: int, height: int
+) -> Image.Image:
     """The RGB control image of ``width`` x ``height`` that preprocessor ``kind`` makes of ``image``.
 
     ``loaded`` is :func:`load_preprocessor`'s result for ``depth`` and ``pose``, None otherwise."""
     if kind not in KINDS:
-        raise InvalidRequest(f"unknown preprocess {kind!r} (known: {', '.join(KINDS)})", code="unsupported_composition")
+        raise InvalidRequest(
+            f"unknown preprocess {kind!r} (known: {', '.join(KINDS)})", code="unsupported_composition"
+        )
     resized = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
     if kind == "none":
         return resized
@@ -114,7 +118,9 @@ def depth(loaded: LoadedPreprocessor, image: Image.Image) -> Image.Image:
     """The model's predicted depth at the image's size, stretched to 0..255, as a grey RGB image."""
     inputs = loaded.processor(images=image, return_tensors="pt").to(loaded.device)
     outputs = loaded.model(**inputs)
-    predicted = loaded.processor.post_process_depth_estimation(outputs, target_sizes=[(image.height, image.width)])
+    predicted = loaded.processor.post_process_depth_estimation(
+        outputs, target_sizes=[(image.height, image.width)]
+    )
     values = predicted[0]["predicted_depth"].float().cpu().numpy()
     low, high = float(values.min()), float(values.max())
     # A flat prediction has no depth to show: mid-grey rather than a division by zero.
@@ -143,7 +149,9 @@ def pose(loaded: LoadedPreprocessor, image: Image.Image, threshold: float = POSE
     return draw_skeleton(points, scores, image.width, image.height, threshold)
 
 
-def draw_skeleton(points: np.ndarray, scores: np.ndarray, width: int, height: int, threshold: float) -> Image.Image:
+def draw_skeleton(
+    points: np.ndarray, scores: np.ndarray, width: int, height: int, threshold: float
+) -> Image.Image:
     """Draw COCO keypoints as OpenPose's 18-keypoint body: limbs as ellipses at 60% of their colour,
     then the joints as discs, on a black ``width`` x ``height`` canvas (controlnet_aux's drawing)."""
     import cv2
@@ -154,11 +162,13 @@ def draw_skeleton(points: np.ndarray, scores: np.ndarray, width: int, height: in
             ok = scores[5] >= threshold and scores[6] >= threshold
             body.append(tuple((points[5] + points[6]) / 2) if ok else None)  # type: ignore[arg-type]
         else:
-            body.append((float(points[coco][0]), float(points[coco][1])) if scores[coco] >= threshold else None)
+            body.append(
+                (float(points[coco][0]), float(points[coco][1])) if scores[coco] >= threshold else None
+            )
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     # OpenPose draws at 512 px with limbs 4 px wide and joints of radius 4: scaled to the canvas.
     stick = max(1, round(4 * max(width, height) / 512))
-    for (a, b), color in zip(_LIMBS, _COLORS):
+    for (a, b), color in zip(_LIMBS, _COLORS, strict=True):
         pa, pb = body[a], body[b]
         if pa is None or pb is None:
             continue
@@ -167,8 +177,8 @@ def draw_skeleton(points: np.ndarray, scores: np.ndarray, width: int, height: in
         angle = float(np.degrees(np.arctan2(yb - ya, xb - xa)))
         centre = (int((xa + xb) / 2), int((ya + yb) / 2))
         polygon = cv2.ellipse2Poly(centre, (int(length / 2), stick), int(angle), 0, 360, 1)
-        cv2.fillConvexPoly(canvas, polygon, [int(c * 0.6) for c in color])
-    for point, color in zip(body, _COLORS):
+        cv2.fillConvexPoly(canvas, np.asarray(polygon, dtype=np.int32), [int(c * 0.6) for c in color])
+    for point, color in zip(body, _COLORS, strict=True):
         if point is not None:
             cv2.circle(canvas, (int(point[0]), int(point[1])), stick, color, thickness=-1)
     return Image.fromarray(canvas)

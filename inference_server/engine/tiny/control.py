@@ -15,6 +15,7 @@ Every builder seeds torch first: the same call writes the same bytes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ def build_controlnet(pipeline_dir: Path, out: Path, *, seed: int) -> Path:
     from diffusers import ControlNetModel, DiffusionPipeline, FluxControlNetModel
 
     index = DiffusionPipeline.load_config(str(pipeline_dir))
-    controlnet: torch.nn.Module
+    controlnet: Any
     if "transformer" in index:
         from diffusers import FluxTransformer2DModel
 
@@ -63,7 +64,9 @@ def build_controlnet(pipeline_dir: Path, out: Path, *, seed: int) -> Path:
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(str(pipeline_dir), subfolder="unet")
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=_CONDITIONING_CHANNELS)
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=_CONDITIONING_CHANNELS
+        )
         _unzero(controlnet, seed)
     # The config records where the weights came from; a fixed name keeps the bytes deterministic.
     controlnet.register_to_config(_name_or_path="controlnet")
@@ -100,9 +103,15 @@ def build_depth_estimator(out: Path, *, seed: int) -> Path:
 
 def build_pose_estimator(out: Path, *, seed: int) -> Path:
     """Write a tiny ``VitPoseForPoseEstimation`` (17 COCO keypoints) and its processor to ``out``."""
-    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessor
+    from transformers import (
+        VitPoseBackboneConfig,
+        VitPoseConfig,
+        VitPoseForPoseEstimation,
+        VitPoseImageProcessor,
+    )
 
-    backbone = VitPoseBackboneConfig(
+    # Keyword dicts: these configs take their backbone arguments through **kwargs.
+    backbone_args: dict[str, Any] = dict(
         image_size=list(_POSE_SIZE),
         patch_size=[16, 16],
         hidden_size=32,
@@ -111,7 +120,8 @@ def build_pose_estimator(out: Path, *, seed: int) -> Path:
         mlp_ratio=2,
         out_indices=[2],
     )
-    config = VitPoseConfig(backbone_config=backbone, num_labels=17, use_simple_decoder=True, scale_factor=4)
+    head_args: dict[str, Any] = dict(num_labels=17, use_simple_decoder=True, scale_factor=4)
+    config = VitPoseConfig(backbone_config=VitPoseBackboneConfig(**backbone_args), **head_args)
     seeded(seed)
     model = VitPoseForPoseEstimation(config).eval()
     processor = VitPoseImageProcessor(size={"height": _POSE_SIZE[0], "width": _POSE_SIZE[1]})
