@@ -168,7 +168,7 @@ def draw_skeleton(
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     # OpenPose draws at 512 px with limbs 4 px wide and joints of radius 4: scaled to the canvas.
     stick = max(1, round(4 * max(width, height) / 512))
-    for (a, b), color in zip(_LIMBS, _COLORS, strict=True):
+    for (a, b), color in zip(_LIMBS, _COLORS[: len(_LIMBS)], strict=True):
         pa, pb = body[a], body[b]
         if pa is None or pb is None:
             continue
