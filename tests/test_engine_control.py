@@ -255,3 +255,17 @@ def test_compositions_without_a_pipeline_are_refused(bases: dict, nets: dict) ->
         control.control_kwargs(
             pipe, "txt2img", [control.ControlInput(Image.new("RGB", (64, 64)), 1.0, 0.6, 0.4)], 1
         )
+
+
+def test_tiny_builders_write_the_same_bytes_whatever_the_rng_state(root: Path, tmp_path: Path) -> None:
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+    for i, rng in enumerate((1, 2)):
+        torch.manual_seed(rng)
+        build_controlnet(root / "sd15", tmp_path / f"cn-{i}", seed=11)
+        build_controlnet(root / "flux", tmp_path / f"flux-{i}", seed=11)
+        build_pose_estimator(tmp_path / f"pose-{i}", seed=14)
+    for name in ("cn", "flux", "pose"):
+        assert files(tmp_path / f"{name}-0") == files(tmp_path / f"{name}-1")
+    assert files(tmp_path / "cn-0") == files(root / "cn-sd15-a")

@@ -51,6 +51,7 @@ def build_controlnet(pipeline_dir: Path, out: Path, *, seed: int) -> Path:
 
         transformer = FluxTransformer2DModel.from_pretrained(str(pipeline_dir), subfolder="transformer")
         dtype = transformer.dtype
+        seeded(seed)  # the layers not copied from the transformer start random
         controlnet = FluxControlNetModel.from_transformer(
             transformer.to(torch.float32),
             num_layers=transformer.config.num_layers,
@@ -58,16 +59,17 @@ def build_controlnet(pipeline_dir: Path, out: Path, *, seed: int) -> Path:
             attention_head_dim=transformer.config.attention_head_dim,
             num_attention_heads=transformer.config.num_attention_heads,
         )
-        _unzero(controlnet, seed)
+        _unzero(controlnet, seed + 1)
         controlnet.to(dtype)
     else:
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(str(pipeline_dir), subfolder="unet")
+        seeded(seed)  # the layers not copied from the UNet (the conditioning embedding) start random
         controlnet = ControlNetModel.from_unet(
             unet, conditioning_embedding_out_channels=_CONDITIONING_CHANNELS
         )
-        _unzero(controlnet, seed)
+        _unzero(controlnet, seed + 1)
     # The config records where the weights came from; a fixed name keeps the bytes deterministic.
     controlnet.register_to_config(_name_or_path="controlnet")
     controlnet.eval().save_pretrained(str(out), safe_serialization=True)
