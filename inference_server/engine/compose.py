@@ -120,11 +120,11 @@ class Composer:
                     f"preprocess {control.preprocess!r} has no model in this deployment",
                     code="unsupported_composition",
                 )
+            kind = control.preprocess
             loaded = self._tool(
-                f"preprocess-{control.preprocess}",
+                f"preprocess-{kind}",
                 spec.source,
-                preprocess.load_preprocessor,
-                kind=control.preprocess,
+                lambda path, device: preprocess.load_preprocessor(kind, path, device),
             )
         try:
             return preprocess.preprocess(control.preprocess, loaded, control.image, width, height)

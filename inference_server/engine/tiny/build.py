@@ -42,6 +42,10 @@ _FAMILY_TOML: dict[str, dict[str, Any]] = {
 }
 
 
+# The ControlNets of each family, by the preprocessing their control images get.
+_CONTROLNETS = {"sd15": ("canny", "depth", "pose"), "sdxl": ("canny", "depth", "pose"), "flux": ("canny",)}
+_ROUTE_WORDS = {"pose": ["pose", "posture", "stance"], "depth": ["depth", "layout"]}
+
 # Known verdicts for tests and a first try: sd15's checker flags every image, sdxl's none.
 _SAFETY_CHECKERS = {"sd15": "tiny-strict", "sdxl": "tiny-safety"}
 
@@ -123,7 +127,10 @@ def _tools(dir: Path) -> str:
     and two safety checkers whose verdicts are known (random weights would make them arbitrary):
     ``tiny-safety`` flags nothing, ``tiny-strict`` flags every image."""
     from inference_server.engine.tiny import vision
+    from inference_server.engine.tiny.control import build_depth_estimator, build_pose_estimator
 
+    build_depth_estimator(dir / "tools" / "depth", seed=310)
+    build_pose_estimator(dir / "tools" / "pose", seed=311)
     vision.build_detector(dir / "tools" / "detector", seed=300)
     vision.build_segmenter(dir / "tools" / "segmenter", seed=301)
     vision.build_safety_checker(dir / "tools" / "safety", seed=302)
@@ -133,6 +140,10 @@ def _tools(dir: Path) -> str:
             "# Shared by every family. The tiny detector's scores are small and arbitrary: a threshold",
             "# of 0 keeps its boxes, so a mask_prompt always finds something here (mask_threshold: 1",
             "# finds nothing).",
+            "[preprocessors]",
+            'depth = { source = "tools/depth" }',
+            'pose = { source = "tools/pose" }',
+            "",
             "[detector]",
             'source = "tools/detector"',
             'segmenter = "tools/segmenter"',
@@ -179,12 +190,25 @@ def _df11_compressor() -> Callable | None:
 def _composition(dir: Path, family: str) -> dict[str, list[dict]]:
     """The family's IP-Adapters and ControlNets (with the tables they need), built for its tiny
     pipeline: ``{table: [entry, ...]}`` for ``_family_toml``."""
+    from inference_server.engine.tiny.control import build_controlnet
     from inference_server.engine.tiny.ip_adapter import build_ip_adapter
 
     tables: dict[str, list[dict]] = {}
-    if family in ("sd15", "sdxl", "flux"):
-        build_ip_adapter(dir / family, dir / "ip-adapters" / family, seed=30)
-        tables["ip_adapters"] = [dict(name="tiny-ip", source=f"ip-adapters/{family}")]
+    if family not in _CONTROLNETS:
+        return tables
+    build_ip_adapter(dir / family, dir / "ip-adapters" / family, seed=30)
+    tables["ip_adapters"] = [dict(name="tiny-ip", source=f"ip-adapters/{family}")]
+    tables["controlnets"] = []
+    for n, kind in enumerate(_CONTROLNETS[family]):
+        build_controlnet(dir / family, dir / "controlnets" / f"{family}-{kind}", seed=40 + n)
+        entry = dict(name=f"tiny-{kind}", source=f"controlnets/{family}-{kind}", preprocess=kind)
+        tables["controlnets"].append(entry)
+    # task "auto": a prompt naming a pose or a depth, with an input image, runs that ControlNet on it.
+    tables["routes"] = [
+        dict(words=words, controlnet=f"tiny-{kind}")
+        for kind, words in _ROUTE_WORDS.items()
+        if kind in _CONTROLNETS[family]
+    ]
     return tables
 
 
