@@ -1,7 +1,7 @@
 """Engine benchmark: per family and model, cold load, warm start, seconds per step, whole job.
 
     python benchmarks/engine.py [--models-file FILE] [--size 64] [--steps 8] [--repeat 3] [--threads 1]
-                                [--num-images 1] [--family sd15]
+                                [--num-images 1] [--family sd15] [--composition]
 
 Without --models-file (or MODELS_FILE) it builds the tiny models into a temporary folder.
 - cold load: a fresh engine loading the model from disk (page cache warm, as on a worker's second job)
@@ -10,6 +10,10 @@ Without --models-file (or MODELS_FILE) it builds the tiny models into a temporar
 - job: a whole job of --num-images images at --steps, from generate() to the PIL images
 - per image: the job's time over --num-images (compare --num-images 1 and 4 for what batching pays)
 Medians over --repeat runs.
+
+--composition: instead, a row per composition component (ControlNets, IP-Adapter, preprocessors,
+detector + SAM, safety checker) against the plain pipeline in the same run
+(benchmarks/engine_composition.py says what each column is).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-images", type=int, default=1, help="images (seeds) per job")
     parser.add_argument("--family", action="append", help="only these families (repeatable)")
+    parser.add_argument("--composition", action="store_true", help="rows of the composition components")
     args = parser.parse_args()
 
     import torch
@@ -53,6 +58,14 @@ def main() -> None:
         args.models_file = build_tiny_models(Path(tmp.name))
         print(f"built tiny models in {time.perf_counter() - started:.1f} s")
     registry = load_registry(args.models_file)
+    if args.composition:
+        import engine_composition
+
+        found = engine_composition.rows(registry, size=args.size, steps=args.steps, repeat=args.repeat)
+        engine_composition.print_rows(found, size=args.size, steps=args.steps, repeat=args.repeat)
+        if tmp is not None:
+            tmp.cleanup()
+        return
     image = Image.new("RGB", (args.size, args.size), (120, 80, 40))
     mask = Image.new("L", (args.size, args.size), 255)
 

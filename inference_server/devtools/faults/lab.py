@@ -162,14 +162,29 @@ def lab_registry(root: Path) -> Path:
         source = build_tiny_models(root / "tiny", families=["sd15"])
     text = source.read_text()
     base = source.parent.resolve()
-    text = re.sub(r'source = "([^":]+)"', lambda m: f'source = "{(base / m.group(1)).as_posix()}"', text)
+    text = re.sub(
+        r'(source|segmenter|image_encoder) = "([^":]+)"',
+        lambda m: f'{m.group(1)} = "{(base / m.group(2)).as_posix()}"',
+        text,
+    )
     block = _family_block(text, "sd15")
     second = block.replace("families.sd15", f"families.{SECOND_FAMILY}").replace(
         'queue = "jobs.sd15"', f'queue = "jobs.{SECOND_FAMILY}"'
     )
     out = root / "models.toml"
-    out.write_text(f"{block}\n{second}\n")
+    out.write_text(f"{block}\n{second}\n{_shared_blocks(text)}")
     return out
+
+
+def _shared_blocks(text: str) -> str:
+    """The tables every family shares (detector, preprocessors, safety checkers): not families'."""
+    lines, keep = [], False
+    for line in text.splitlines():
+        if line.startswith("["):
+            keep = not line.lstrip("[").startswith("families.")
+        if keep:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _family_block(text: str, family: str) -> str:
