@@ -13,6 +13,7 @@ Two kinds of checker load from a folder:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,17 @@ from inference_server.errors import ModelError
 
 SD_CHECKER = "stable-diffusion"
 CLASSIFIER = "classifier"
+
+
+class _NoBlackImageNotice(logging.Filter):
+    """diffusers' checker warns that it returns a black image: ours only judges (the verdict is on
+    the output, and the worker decides what a flagged image becomes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Potential NSFW content was detected" not in record.getMessage()
+
+
+logging.getLogger("diffusers.pipelines.stable_diffusion.safety_checker").addFilter(_NoBlackImageNotice())
 
 
 @dataclass(frozen=True)
