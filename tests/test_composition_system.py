@@ -106,6 +106,18 @@ def test_two_controlnets_at_once_and_scale_zero_is_the_plain_pipeline(api_client
     assert len({digests(plain)[0], digests(one)[0], digests(two)[0]}) == 3
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_controlnets_steer_img2img_and_inpaint_and_vanish_at_scale_zero(api_client, worker, family):
+    for extra in ({"task": "img2img", "image": SCENE}, {"task": "inpaint", "image": SCENE, "mask": MASK}):
+        body = {**BASE, "family": family, **extra}
+        plain = succeeded(api_client, body)
+        control = {"name": "tiny-canny", "preprocess": "canny"}  # the job's own image as its control
+        steered = succeeded(api_client, {**body, "controlnets": [control]})
+        zero = succeeded(api_client, {**body, "controlnets": [{**control, "scale": 0}]})
+        assert digests(steered) != digests(plain), extra["task"]
+        assert digests(zero) == digests(plain), extra["task"]
+
+
 def test_an_ip_adapter_steers_its_job_and_leaves_the_next_untouched(api_client, worker):
     reference = data_uri(Image.new("RGB", (48, 48), (20, 180, 60)))
     before = succeeded(api_client, {**BASE, "family": "sd15"})
