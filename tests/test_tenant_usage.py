@@ -94,6 +94,46 @@ def test_racing_submits_never_pass_the_quota(scratch_db: sessionmaker[Session]) 
     assert len(taken) == 10 and _used(scratch_db, tenant) == 10
 
 
+def test_a_tenant_without_a_quota_counts_over_shards_and_a_quota_set_later_sees_them(
+    sessions: sessionmaker[Session],
+) -> None:
+    from sqlalchemy import func, select
+
+    from inference_server.db import TenantUsage
+
+    tenant = _tenant(sessions, quota=None)
+    for _ in range(40):
+        _charge(sessions, tenant, 1)
+    with sessions() as s:
+        shards = s.scalar(select(func.count()).where(TenantUsage.tenant_id == tenant.id))
+    # Spread so that concurrent submits of one tenant do not queue behind one row's lock.
+    assert shards is not None and shards > 1
+    assert _used(sessions, tenant) == 40
+    tenant.monthly_image_quota = 45  # what a changed tenant row looks like to the next submit
+    _charge(sessions, tenant, 5)
+    with pytest.raises(QuotaExceeded) as refused:
+        _charge(sessions, tenant, 1)
+    assert "0 of 45 images left" in refused.value.message
+    assert _used(sessions, tenant) == 45
+
+
+def test_racing_submits_without_a_quota_count_every_image(scratch_db: sessionmaker[Session]) -> None:
+    tenant = _tenant(scratch_db, quota=None)
+    barrier = threading.Barrier(8)
+
+    def submit() -> None:
+        barrier.wait()
+        for _ in range(25):
+            _charge(scratch_db, tenant, 2)
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert _used(scratch_db, tenant) == 8 * 25 * 2
+
+
 def test_next_month_is_utc() -> None:
     assert next_month(DEC) == datetime(2027, 1, 1, tzinfo=UTC)
     assert next_month(datetime(2026, 3, 15, 12, tzinfo=UTC)) == datetime(2026, 4, 1, tzinfo=UTC)

@@ -235,10 +235,13 @@ class DeletedJob(Base):
 
 class TenantUsage(Base):
     """Images a tenant submitted in a calendar month (UTC), counted at submit: the monthly quota
-    compares against it, and deleting jobs does not give the images back."""
+    compares against it, and deleting jobs does not give the images back. The month's count is the
+    sum of its shards (tenancy/usage.py: a tenant without a quota adds to a shard chosen at random,
+    so its concurrent submits do not queue behind one row's lock)."""
 
     __tablename__ = "tenant_usage"
 
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
     month: Mapped[str] = mapped_column(String(7), primary_key=True)  # "2026-12"
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, default=0, server_default="0")
     images: Mapped[int] = mapped_column(BigInteger, default=0)
