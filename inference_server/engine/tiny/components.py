@@ -6,6 +6,8 @@ VAEs downscale by 8 like the real ones, so request sizes and multiples behave as
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from inference_server.engine.tiny.tokenizers import clip_special_ids
@@ -14,6 +16,20 @@ from inference_server.engine.tiny.tokenizers import clip_special_ids
 def seeded(seed: int) -> None:
     """Make the next weight initialisations deterministic."""
     torch.manual_seed(seed)
+
+
+def vision_tower(image_size: int, **extra: Any) -> dict[str, Any]:
+    """The config of a 2-layer, 32-wide ViT tower with 8 px patches, the shape every tiny vision
+    model here shares (detector, safety checkers, image encoders); ``extra`` adds or overrides."""
+    return dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+        **extra,
+    )
 
 
 def clip_text_encoder(

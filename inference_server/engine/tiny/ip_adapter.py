@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from inference_server.engine.tiny.components import seeded
+from inference_server.engine.tiny.components import seeded, vision_tower
 
 WEIGHT_NAME = "ip-adapter.safetensors"
 IMAGE_ENCODER = "image_encoder"
@@ -105,16 +105,7 @@ def _flux_layers(transformer: Any) -> dict[str, torch.Tensor]:
 def _image_encoder(seed: int) -> Any:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        projection_dim=EMBED_DIM,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        hidden_act="gelu",
-    )
+    config = CLIPVisionConfig(**vision_tower(IMAGE_SIZE, projection_dim=EMBED_DIM, hidden_act="gelu"))
     seeded(seed)
     return CLIPVisionModelWithProjection(config).eval()
 

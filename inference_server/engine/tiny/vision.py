@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from inference_server.engine.tiny.components import seeded
+from inference_server.engine.tiny.components import seeded, vision_tower
 from inference_server.engine.tiny.tokenizers import clip_special_ids, clip_tokenizer
 
 # Real OWLv2 checkpoints take 16 text tokens per query; the tiny one keeps that.
@@ -47,14 +47,7 @@ def build_detector(out: Path, *, seed: int) -> Path:
             eos_token_id=eos,
             pad_token_id=eos,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=_OWL_IMAGE,
-            patch_size=8,
-        ),
+        vision_config=vision_tower(_OWL_IMAGE),
         projection_dim=32,
     )
     seeded(seed)
@@ -135,14 +128,7 @@ def build_safety_checker(out: Path, *, seed: int, flags_everything: bool = False
 
     config = CLIPConfig(
         text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=_CLIP_IMAGE,
-            patch_size=8,
-        ),
+        vision_config=vision_tower(_CLIP_IMAGE),
         projection_dim=16,
     )
     seeded(seed)
@@ -172,14 +158,7 @@ def build_nsfw_classifier(out: Path, *, seed: int, flags_everything: bool = Fals
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     config = ViTConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=_CLIP_IMAGE,
-        patch_size=8,
-        id2label={0: "normal", 1: "nsfw"},
-        label2id={"normal": 0, "nsfw": 1},
+        **vision_tower(_CLIP_IMAGE, id2label={0: "normal", 1: "nsfw"}, label2id={"normal": 0, "nsfw": 1})
     )
     seeded(seed)
     model = ViTForImageClassification(config).eval()
