@@ -36,6 +36,7 @@ class CachedModel:
     slots: list[str] = field(default_factory=list)
     resident: dict[str, Any] = field(default_factory=dict)
     lora_layers: list[Any] | None = None  # peft's LoRA layers of the pipeline, found once per change
+    tool: bool = False  # a composition component (engine/compose.py), not a model of the registry
 
 
 class PipelineCache:
@@ -63,7 +64,14 @@ class PipelineCache:
         return list(self._entries.values())
 
     def get(
-        self, family: str, model: str, load: Callable[[], Any], estimate: int = 0, source: str = ""
+        self,
+        family: str,
+        model: str,
+        load: Callable[[], Any],
+        estimate: int = 0,
+        source: str = "",
+        *,
+        tool: bool = False,
     ) -> CachedModel:
         """The cached model, or ``load()`` it after making room for ``estimate`` bytes (0: unknown)."""
         key = (family, model)
@@ -80,7 +88,7 @@ class PipelineCache:
         elapsed = time.perf_counter() - started
         size = pipeline_bytes(pipe)
         self._make_room(size)
-        entry = CachedModel(family, model, pipe, size, source=source)
+        entry = CachedModel(family, model, pipe, size, source=source, tool=tool)
         self._entries[key] = entry
         self.loads += 1
         metrics.PIPELINE_LOADS.labels(family, model).inc()

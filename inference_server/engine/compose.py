@@ -253,7 +253,7 @@ class Composer:
                 log.error("loading %s from %s failed", key, path, exc_info=exc)
                 raise ModelError(f"could not load {key} ({type(exc).__name__})") from exc
 
-        return engine.cache.get(family, key, loader, source=resolved).pipe
+        return engine.cache.get(family, key, loader, source=resolved, tool=True).pipe
 
 
 def _dtype(pipe: Any) -> Any:

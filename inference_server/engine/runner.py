@@ -22,7 +22,7 @@ from PIL import Image
 
 from inference_server.engine import batch, loras, variants
 from inference_server.engine.cache import CachedModel, PipelineCache
-from inference_server.engine.compose import TOOLS, Composer, ControlRef, IpAdapterRef, Prepared
+from inference_server.engine.compose import Composer, ControlRef, IpAdapterRef, Prepared
 from inference_server.engine.device import DTYPES, default_cache_bytes
 from inference_server.engine.preview import latent_preview
 from inference_server.errors import InferenceError, InvalidRequest, JobCanceled, ModelError, public_reason
@@ -391,7 +391,7 @@ class Engine:
 
 def _is_tool(entry: CachedModel) -> bool:
     """A cached component that is not a model of the registry (engine/compose.py)."""
-    return entry.family == TOOLS or entry.model.startswith("controlnet-")
+    return entry.tool
 
 
 def _lora_sources(registry: Registry) -> set[str]:
