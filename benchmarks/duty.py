@@ -13,10 +13,13 @@ share of the wall a GPU would be busy. Both sides are measured in the same minut
 process, so it holds on a loaded machine where the in-process call drifts; on a CPU, unlike a GPU,
 finishing the previous job takes CPU from the denoising beside it, which ``efficiency`` counts.
 
-    python benchmarks/duty.py [--n 24] [--size 256] [--steps 6] [--storage-delay-ms 40 0]
+    python benchmarks/duty.py [--n 24] [--rounds 3] [--size 256] [--steps 6] [--storage-delay-ms 40 0]
 
 The in-process calls run while the system is idle, before and after each round, one torch thread
-in both, so the two sides see the same machine. Timestamps are the database's."""
+in both, so the two sides see the same machine; each delay gets ``--rounds`` rounds, and the
+figures printed are their medians, with the lowest and highest efficiency beside (a shared
+machine's noise shows there). ``--claim-ahead off`` shows the worker claiming each job as its task
+starts rather than during the previous job's last step. Timestamps are the database's."""
 
 from __future__ import annotations
 
@@ -107,6 +110,8 @@ def main() -> None:
     parser.add_argument("--storage-delay-ms", type=float, nargs="+", default=[40.0, 0.0])
     parser.add_argument("--finish-in-flight", type=int, default=2, help="the worker's FINISH_IN_FLIGHT")
     parser.add_argument("--calls", type=int, default=5, help="in-process calls before and after each round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per storage delay")
+    parser.add_argument("--claim-ahead", choices=("on", "off"), default="on", help="the worker's CLAIM_AHEAD")
     args = parser.parse_args()
     body = {"family": "sd15", "prompt": "a harbour in the rain", "width": args.size, "height": args.size}
     body["steps"] = args.steps
@@ -130,6 +135,7 @@ def main() -> None:
             AWS_SECRET_ACCESS_KEY="x",
             AWS_DEFAULT_REGION="us-east-1",
             FINISH_IN_FLIGHT=str(args.finish_in_flight),
+            CLAIM_AHEAD=str(args.claim_ahead == "on").lower(),
         )
         try:
             with api_and_worker(env, logs, api_port, db) as http:
@@ -143,21 +149,26 @@ def main() -> None:
                         api,
                         http.post(f"{api}/v1/jobs", json=dict(body, seed=0), timeout=30).json()["id"],
                     )
-                    results.append(
-                        (delay, one_round(http, api, body, args.n, call, args.calls, logs / "worker.log"))
-                    )
+                    rounds = [
+                        one_round(http, api, body, args.n, call, args.calls, logs / "worker.log")
+                        for _ in range(args.rounds)
+                    ]
+                    results.append((delay, rounds))
         finally:
             proxy.close()
     print(
-        f"sd15 {args.size}x{args.size}, {args.steps} steps, {args.n} jobs per round, "
-        f"FINISH_IN_FLIGHT={args.finish_in_flight}, one torch thread"
+        f"sd15 {args.size}x{args.size}, {args.steps} steps, {args.n} jobs per round, {args.rounds} rounds, "
+        f"FINISH_IN_FLIGHT={args.finish_in_flight}, CLAIM_AHEAD={args.claim_ahead}, one torch thread"
     )
     columns = ("storage delay", "in-process call", "claim->denoised", "start->start", "last finish")
-    print("  ".join(f"{c:>15}" for c in columns) + "  efficiency  duty")
-    for delay, r in results:
+    print("  ".join(f"{c:>15}" for c in columns) + "  efficiency (lowest-highest)  duty")
+    for delay, rounds in results:
+        r = {key: statistics.median(one[key] for one in rounds) for key in rounds[0]}
         cells = [delay / 1000, r["call"], r["in_worker"], r["start_to_start"], r["last_finish"]]
+        spread = [one["efficiency"] for one in rounds]
         print(
-            "  ".join(f"{v * 1000:12.1f} ms" for v in cells) + f"  {r['efficiency']:10.3f}  {r['duty']:.3f}"
+            "  ".join(f"{v * 1000:12.1f} ms" for v in cells)
+            + f"  {r['efficiency']:10.3f} ({min(spread):.3f}-{max(spread):.3f})  {r['duty']:.3f}"
         )
     print("goal: efficiency >= 0.97 at every delay")
 

@@ -40,6 +40,7 @@ from inference_server.registry import BatchPolicy, Registry
 from workers.metrics import BATCH_JOBS, BATCH_RETRIED
 
 if TYPE_CHECKING:
+    from workers.ahead import Prepared
     from workers.finisher import FinishedRun
     from workers.progress import ProgressWatcher
     from workers.runner import JobRunner
@@ -195,15 +196,16 @@ def _drop_unsent_messages(session: Any, job_ids: list[str]) -> None:
 
 
 def run_batch(
-    runner: JobRunner, members: list[Member], queue: str, started: float
+    runner: JobRunner, members: list[Member], queue: str, started: float, *, lead: Prepared | None = None
 ) -> list[RunOutcome | FinishedRun | Exception]:
     """Run ``members`` (claimed and compatible) in one pipeline call; return, in order, each
     one's denoised run for the runner to finish as a job of its own, or how it ended, or the
     ClaimUnavailable its run raised (only the first member's claim can still be unwritten): the
-    others go on either way, so none is left holding a lease its run no longer renews."""
+    others go on either way, so none is left holding a lease its run no longer renews. ``lead``:
+    the first member's request and watcher, made ahead (workers/ahead.py)."""
     from workers.runner import ClaimUnavailable
 
-    produced = _generate_together(runner, members)
+    produced = _generate_together(runner, members, lead)
     runs: list[RunOutcome | FinishedRun | Exception] = []
     for (claim, recorded), produce in zip(members, produced, strict=True):
         try:
@@ -213,7 +215,9 @@ def run_batch(
     return runs
 
 
-def _generate_together(runner: JobRunner, members: list[Member]) -> list[Callable[[], Produced]]:
+def _generate_together(
+    runner: JobRunner, members: list[Member], lead: Prepared | None = None
+) -> list[Callable[[], Produced]]:
     """Each member's share of one call, as a callable that returns it (images and the member's
     watcher, still running) or raises its member's end (a canceled member's images are dropped;
     an input that cannot be read fails that member alone)."""
@@ -222,12 +226,18 @@ def _generate_together(runner: JobRunner, members: list[Member]) -> list[Callabl
     requests: list[Any] = []
     for i, (claim, _) in enumerate(members):
         try:
-            requests.append(runner._request(claim))
+            requests.append(lead.engine_request() if i == 0 and lead is not None else runner._request(claim))
             ready.append(i)
         except Exception as exc:
             shares[i] = _raising(exc)
+
     # The first member's cancels are pushed; the others' polled (one listener per child).
-    watchers = [runner._watcher(*members[i], pushed=n == 0).start() for n, i in enumerate(ready)]
+    def watch(n: int, i: int) -> ProgressWatcher:
+        if i == 0 and lead is not None:
+            return lead.watcher  # started ahead, its cancels pushed since the run began
+        return runner._watcher(*members[i], pushed=n == 0).start()
+
+    watchers = [watch(n, i) for n, i in enumerate(ready)]
     # Every member sees every step: the first one's callback also tells the gate of the last step.
     callbacks: list[Callable[[int, int], bool]] = [w.on_step for w in watchers]
     if watchers:

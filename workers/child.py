@@ -148,9 +148,9 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
     # batch denoises while this one is finished.
     largest = largest_batch(seed)
     in_flight = max(settings.finish_in_flight, largest) if settings.finish_in_flight else 0
-    # A side thread per job denoising (a batch's members each have one) or in the finisher, and
-    # the registry watcher's reads.
-    db = make_database(settings.database_url, pool_size=2 + largest + in_flight, timeouts=timeouts)
+    # A side thread per job denoising (a batch's members each have one) or in the finisher, the
+    # registry watcher's reads, and a claim ahead with its watcher.
+    db = make_database(settings.database_url, pool_size=4 + largest + in_flight, timeouts=timeouts)
     sf = make_session_factory(db)
     watcher = None
     if families:
@@ -158,9 +158,19 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
 
         name = worker_name(settings, families)
         watcher = RegistryWatcher(sf, seed, engine, families, name, poll=settings.registry_poll_interval)
-    return JobRunner(
-        settings, sf, storage, engine, finish_in_flight=in_flight, ending=GATE.ending, watcher=watcher
+    runner = JobRunner(
+        settings,
+        sf,
+        storage,
+        engine,
+        finish_in_flight=in_flight,
+        ending=GATE.ending,
+        watcher=watcher,
+        ahead=GATE.ahead,  # a prefork child, whose main process names its next job
     )
+    if runner.ahead is not None:
+        runner.ahead.read_from(GATE.next_r)
+    return runner
 
 
 def fetch_from_bucket(settings: Settings, uri: str, dest: Path) -> Path:

@@ -11,7 +11,11 @@ of one still holds back any further delivery) and resumed when the job's run end
 It is resumed a little earlier, as the job's last denoising step begins: the child says so through
 a pipe the main process watches (``ending``), so the next message's delivery (a broker round trip
 and Celery's dispatch) overlaps that step instead of leaving the GPU idle after it. That message
-then waits unacknowledged for one step at most, far inside any consumer timeout."""
+then waits unacknowledged for one step at most, far inside any consumer timeout.
+
+That message's job id also goes down a second pipe, to the child (``announce``): the child claims
+the job and reads its inputs during that last step (workers/ahead.py), so the next run starts on
+the device the moment its task arrives."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from celery import bootsteps, signals
 from celery.worker import state
 from celery.worker.request import Request
 
-from inference_server.publish.topology import DEAD_QUEUE
+from inference_server.publish.topology import DEAD_QUEUE, RUN_JOB
 from workers.metrics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,26 @@ class _Gate:
         self._ending_r, self._ending_w = os.pipe()
         os.set_blocking(self._ending_r, False)
         os.set_blocking(self._ending_w, False)
+        # The other way: the main process names the next job, the child claims it ahead.
+        self.next_r, self._next_w = os.pipe()
+        os.set_blocking(self._next_w, False)
+        self.ahead = False  # set for a prefork pool: with the solo pool nothing reads next_r
+        self._announcing = True  # the next job message is the one the child runs next
+
+    def announce(self, request: Any) -> None:
+        """In the main process: a job message arrived. The first one since consumption resumed
+        is the child's next run: its job id and queue go to the child. Never blocks or raises."""
+        if not self.ahead or not self._announcing or getattr(request, "name", None) != RUN_JOB:
+            return
+        self._announcing = False
+        try:
+            job_id = request.args[0]
+            queue = (request.delivery_info or {}).get("routing_key") or ""
+        except (IndexError, TypeError, AttributeError):
+            return
+        if isinstance(job_id, str) and " " not in job_id and "\n" not in job_id:
+            with contextlib.suppress(OSError):  # a full pipe: the run claims the job itself
+                os.write(self._next_w, f"{job_id} {queue}\n".encode())
 
     def ending(self, job_id: str) -> None:
         """In the child: the last denoising step of ``job_id`` begins. Never blocks or raises."""
@@ -67,6 +91,7 @@ class _Gate:
         if task_consumer is None or self.holder is not None:
             return
         self.holder = request
+        self._announcing = False
         try:
             task_consumer.cancel()
         except Exception as exc:  # the connection is gone; its deliveries return to the queue anyway
@@ -82,6 +107,7 @@ class _Gate:
         if request is not self.holder:
             return
         self.holder = None
+        self._announcing = True
         if task_consumer is None:
             return
         try:
@@ -127,6 +153,11 @@ class LeasedRequest(Request):
             return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         finally:
             GATE.resume(self)
+
+
+@signals.task_received.connect
+def _announce(request: Any = None, **_: Any) -> None:
+    GATE.announce(request)
 
 
 @signals.task_rejected.connect

@@ -79,6 +79,11 @@ def run_worker(settings: Settings, families: list[str], device: str, *, pool: st
         # Before any module defines a metric: prometheus-client picks multiprocess mode then.
         _prepare_multiprocess_metrics()
     app, queues = build_worker(settings, families)
+    from workers.gate import GATE
+
+    # The main process names the child's next job as its message arrives (workers/ahead.py); the
+    # solo pool runs its job in the main process, which receives nothing meanwhile.
+    GATE.ahead = pool == "prefork" and settings.claim_ahead
     if torch_device == "cuda":
         _check_cuda(device)
     _check_database(settings)

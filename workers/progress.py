@@ -82,6 +82,13 @@ class ProgressWatcher:
         self._thread.start()
         return self
 
+    def push(self, cancels: CancelListener) -> None:
+        """From now on this job's cancels are pushed through ``cancels`` (its run begins: the
+        child's one listener is this watcher's); a watcher started ahead of its run polled."""
+        cancels.listen()
+        self._cancels = cancels
+        self._nudge.set()  # a poll's wait ends: the next one waits on the listener
+
     def stop(self) -> None:
         """Stop watching; returns once the watcher has made its last write. Idempotent."""
         self._stop.set()

@@ -32,6 +32,7 @@ from inference_server.logs import bind_job
 from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
 from inference_server.storage.base import Storage, output_key
+from workers.ahead import AheadClaims, Prepared
 from workers.batching import Batcher
 from workers.cancels import CancelListener
 from workers.finisher import FinishedRun, Finisher
@@ -61,7 +62,8 @@ class JobRunner:
     ``finish_in_flight``: how many denoised jobs may be finished (encoded, uploaded, recorded) on a
     thread of their own while ``run`` returns to take the next job; 0 (the default) finishes each
     job inside ``run``. ``close`` drains them. ``ending``: called with a job's id as its last
-    denoising step begins (the worker's gate takes the next message then)."""
+    denoising step begins (the worker's gate takes the next message then). ``ahead``: claim the
+    job of that next message before its task comes (workers/ahead.py)."""
 
     def __init__(
         self,
@@ -74,6 +76,7 @@ class JobRunner:
         watcher: Any = None,
         finish_in_flight: int = 0,
         ending: Callable[[str], None] | None = None,
+        ahead: bool = False,
     ) -> None:
         self.settings = settings
         # workers.registry_watch.RegistryWatcher: the runtime registry (read again for a job it lacks)
@@ -91,10 +94,19 @@ class JobRunner:
         self._tell_ending = ending
         # Reads the engine's registry at each claim: the runtime registry may change it.
         self._batcher = Batcher(self) if getattr(engine, "registry", None) is not None else None
+        # ``ahead``: the next job is claimed while this one's last step runs (its id comes from
+        # the gate; child.py feeds it). A claim not taken by its run within a lease is given back.
+        self.ahead = None
+        if ahead:
+            hold = settings.job_lease_seconds
+            self.ahead = AheadClaims(self._prepare_ahead, self._give_back, hold=hold, room=self._room)
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish every job handed to the finisher (the child is exiting); return whether all were
-        recorded within ``timeout``. Those that were not are left to their leases."""
+        recorded within ``timeout``. Those that were not are left to their leases. A job claimed
+        ahead and not run is given back."""
+        if self.ahead is not None:
+            self.ahead.close()
         if self.finisher is None:
             return True
         return self.finisher.close(timeout)
@@ -118,14 +130,20 @@ class JobRunner:
                     log.warning("loaded models not reported: %s", type(exc).__name__)
 
     def _run(self, job_id: str, queue: str | None) -> RunOutcome | ClaimRefusal:
-        try:
-            claimed = self._claim(job_id)
-        except DATABASE_DOWN as exc:
-            raise ClaimUnavailable(f"database unavailable: {type(exc).__name__}") from exc
-        if isinstance(claimed, ClaimRefusal):
-            log.info("job %s not run: %s", job_id, claimed.value)
-            return claimed
-        claim, recorded = claimed
+        prepared = self.ahead.take(job_id) if self.ahead is not None else None
+        if prepared is not None:
+            claim, recorded = prepared.claim, prepared.recorded
+            if self._cancels is not None:
+                prepared.watcher.push(self._cancels)
+        else:
+            try:
+                claimed = self._claim(job_id)
+            except DATABASE_DOWN as exc:
+                raise ClaimUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+            if isinstance(claimed, ClaimRefusal):
+                log.info("job %s not run: %s", job_id, claimed.value)
+                return claimed
+            claim, recorded = claimed
         self._know(claim)
         bind_job(tenant=str(claim.row["tenant_id"]), family=claim.family, attempt=claim.attempt)
         log.info("job started: %s, attempt %d", claim.task, claim.attempt)
@@ -133,13 +151,13 @@ class JobRunner:
         started = time.perf_counter()
         members = self._batcher.gather(claim, recorded) if self._batcher is not None else []
         if not members:
-            finished = self._run_claimed(claim, recorded, queue, started)
+            finished = self._run_claimed(claim, recorded, queue, started, prepared=prepared)
             BUSY_SECONDS.inc(time.perf_counter() - started)  # the device time (finishing runs beside)
             return self._hand_off(claim, started, finished)
         from workers.batching import run_batch
 
         batch = [(claim, recorded), *members]
-        runs = run_batch(self, batch, queue, started)
+        runs = run_batch(self, batch, queue, started, lead=prepared)
         BUSY_SECONDS.inc(time.perf_counter() - started)  # one call's time, however many jobs shared it
         lead = runs[0] if isinstance(runs[0], Exception) else self._hand_off(claim, started, runs[0])
         for (member, _), run in zip(batch[1:], runs[1:], strict=True):
@@ -152,6 +170,34 @@ class JobRunner:
         if isinstance(lead, Exception):
             raise lead
         return lead
+
+    def _room(self) -> bool:
+        """Whether the job denoising now can be handed to the finisher at once."""
+        return self.finisher is None or self.finisher.held < self.finisher.limit
+
+    def _prepare_ahead(self, job_id: str, queue: str) -> Prepared | None:
+        """Claim ``job_id`` ahead of its run (workers/ahead.py, on its thread): written and
+        committed, inputs read, watcher started (polled); None when it is not to run."""
+        claimed = self._claim(job_id)
+        if isinstance(claimed, ClaimRefusal):
+            return None  # its run, when its task comes, claims again and says why
+        claim, recorded = claimed
+        recorded.result()  # a claim not written is not prepared: the run claims afresh
+        previews = LatestPreview(self.storage, claim.job_id) if claim.spec.preview else None
+        watcher = self._watcher(claim, recorded, pushed=False, previews=previews).start()
+        prepared = Prepared(claim, recorded, watcher, queue or default_queue(claim.family), previews=previews)
+        try:
+            prepared.request = self._request(claim)
+        except Exception as exc:  # the run fails the job with it, as if it had read them itself
+            prepared.error = exc
+        return prepared
+
+    def _give_back(self, prepared: Prepared) -> None:
+        """Queue again a job claimed ahead whose run will not happen here (its attempt uncounted)."""
+        prepared.watcher.stop()
+        claim = prepared.claim
+        with self.sf() as session:
+            transitions.unclaim(session, claim, queue=prepared.queue)
 
     def _know(self, claim: Claim) -> None:
         """Read the runtime registry again when the engine does not know the job's model or one of
@@ -225,6 +271,8 @@ class JobRunner:
         queue: str,
         started: float,
         produce: Callable[[], tuple[list[Image.Image], ProgressWatcher]] | None = None,
+        *,
+        prepared: Prepared | None = None,
     ) -> RunOutcome | FinishedRun:
         """Denoise the job (or take its share of a batch from ``produce``), ready to finish, or
         its end if it ended there."""
@@ -235,7 +283,7 @@ class JobRunner:
             if produce is not None:
                 images, watcher = produce()
             else:
-                images, watcher, extras = self._generate(claim, recorded)
+                images, watcher, extras = self._generate(claim, recorded, prepared)
         except Superseded:
             self._claim_written(recorded)
             return RunOutcome.SUPERSEDED
@@ -359,24 +407,27 @@ class JobRunner:
                 pause = min(pause * 2, 5.0)
 
     def _generate(
-        self, claim: Claim, recorded: Future[None]
+        self, claim: Claim, recorded: Future[None], prepared: Prepared | None = None
     ) -> tuple[list[Image.Image], ProgressWatcher, Extras]:
         """The job's images, its watcher, still running (it holds the job's lease until the job's
         end is written; the engine's step count is its ``total``), and the control images and
-        mask the job asked to get back."""
-        request = self._request(claim)
-        previews = LatestPreview(self.storage, claim.job_id) if claim.spec.preview else None
-        watcher = self._watcher(claim, recorded, previews=previews).start()
+        mask the job asked to get back. ``prepared``: request and watcher made ahead."""
+        if prepared is not None:
+            request, previews, watcher = prepared.engine_request(), prepared.previews, prepared.watcher
+        else:
+            request = self._request(claim)
+            previews = LatestPreview(self.storage, claim.job_id) if claim.spec.preview else None
+            watcher = self._watcher(claim, recorded, previews=previews).start()
         on_step = self._step_callback(watcher, claim)
         extra = {"on_preview": previews.offer} if previews else {}
         extras = Extras()
 
         def run() -> list[Image.Image]:
             if claim.spec.composed:  # a mask to find, control images to make: under the lease
-                prepared = self.engine.prepare(request)
+                made = self.engine.prepare(request)
                 spec = claim.spec
-                extras.controls = prepared.controls if spec.return_control else []
-                extras.mask = (prepared.mask or request.mask) if spec.return_mask else None
+                extras.controls = made.controls if spec.return_control else []
+                extras.mask = (made.mask or request.mask) if spec.return_mask else None
             elif claim.spec.return_mask:
                 extras.mask = request.mask
             return self.engine.generate(request, on_step=on_step, **extra)

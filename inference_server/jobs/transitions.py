@@ -200,10 +200,24 @@ def release(session: Session, claim: Claim, *, queue: str, delay: float) -> bool
     return done
 
 
-def requeue(session: Session, row: dict[str, Any], *, queue: str, delay: float = 0.0) -> bool:
+def unclaim(session: Session, claim: Claim, *, queue: str) -> bool:
+    """Give back a job this attempt claimed and never ran (workers/ahead.py: claimed for a
+    message that went elsewhere): queued again as ``release`` does, its attempt not counted.
+    Commits; returns whether this attempt still owned the job."""
+    done = requeue(session, claim.row, queue=queue, uncount=True)
+    if done:
+        session.commit()
+    else:
+        session.rollback()
+    return done
+
+
+def requeue(
+    session: Session, row: dict[str, Any], *, queue: str, delay: float = 0.0, uncount: bool = False
+) -> bool:
     """Queue the job again, if the attempt ``row`` records still runs it: its lease dropped, its
     message in the outbox for ``queue``, published after ``delay`` seconds, and a ``job.queued``
-    event. The caller commits."""
+    event (``uncount``: that attempt did not run, and is not counted). The caller commits."""
     now = utcnow()
     changes = {
         "status": JobStatus.QUEUED.value,
@@ -213,6 +227,8 @@ def requeue(session: Session, row: dict[str, Any], *, queue: str, delay: float =
         "lease_expires_at": None,
         "worker": None,
     }
+    if uncount:
+        changes["attempts"] = row["attempts"] - 1
     later = now + timedelta(seconds=delay) if delay else None
     message = {"job_id": row["id"], "queue": queue, "created_at": now, "available_at": later}
     message["publish_attempts"] = 0

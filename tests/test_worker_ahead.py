@@ -1,0 +1,206 @@
+"""Claiming the next job ahead of its run (workers/ahead.py): the worker's job runner in this process,
+with the real engine on the tiny SD 1.5 model and the real PostgreSQL (a scratch database, so the
+running system's worker never takes these jobs). The offers a worker's main process sends down its
+pipe are made here by hand, so which job is claimed ahead, and when, is exact."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from inference_server.db import Job, JobEvent, JobOutput, OutboxMessage
+from inference_server.jobs.service import JobContext, cancel, submit
+from inference_server.jobs.spec import JobRequest
+from inference_server.publish.topology import RUN_JOB, default_queue
+from inference_server.registry import load_registry
+from inference_server.storage import open_storage
+from tests.support.waiting import wait_for
+
+BODY = {"family": "sd15", "prompt": "a lantern on a quay", "width": 64, "height": 64, "steps": 3}
+QUEUE = default_queue("sd15")
+
+
+@pytest.fixture
+def local(settings, scratch_db_url, scratch_db) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    from api.auth import create_tenant_key
+    from inference_server.engine.runner import Engine
+    from workers.runner import JobRunner
+
+    here = settings.model_copy(update={"database_url": scratch_db_url})
+    registry = load_registry(here.models_file)
+    ctx = JobContext(here, registry, open_storage(here))
+    with scratch_db() as session:
+        tenant, _ = create_tenant_key(session, "ahead")
+        session.expunge(tenant)
+    engine = Engine(registry)
+    runner = JobRunner(here, scratch_db, open_storage(here), engine, ahead=True)
+    try:
+        yield {"ctx": ctx, "tenant": tenant, "sf": scratch_db, "runner": runner, "engine": engine}
+    finally:
+        runner.close()
+
+
+def _submit(local: dict[str, Any], **extra: Any) -> str:
+    with local["sf"]() as session:
+        request = JobRequest.model_validate({**BODY, "seed": 11, **extra})
+        return submit(session, local["ctx"], local["tenant"], request).job_id
+
+
+def _job(local: dict[str, Any], job_id: str) -> Job:
+    with local["sf"]() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def _events(local: dict[str, Any], job_id: str) -> list[str]:
+    with local["sf"]() as session:
+        query = select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
+        return list(session.scalars(query))
+
+
+def _outbox(local: dict[str, Any], job_id: str) -> list[str]:
+    with local["sf"]() as session:
+        query = select(OutboxMessage.queue).where(OutboxMessage.job_id == job_id).order_by(OutboxMessage.id)
+        return list(session.scalars(query))
+
+
+def _digests(local: dict[str, Any], job_id: str) -> list[str | None]:
+    """The stored images' sha256, in order, as their bytes read back from storage give it."""
+    storage = local["runner"].storage
+    with local["sf"]() as session:
+        rows = session.scalars(select(JobOutput).where(JobOutput.job_id == job_id).order_by(JobOutput.index))
+        digests = []
+        for row in rows:
+            assert row.uri is not None and hashlib.sha256(storage.get(row.uri)).hexdigest() == row.sha256
+            digests.append(row.sha256)
+        return digests
+
+
+def test_a_job_claimed_ahead_runs_from_that_claim_with_the_same_bytes(local) -> None:  # type: ignore[no-untyped-def]
+    from workers.runner import JobRunner
+
+    ahead, plain = _submit(local), _submit(local)
+    runner = local["runner"]
+    runner.ahead.offer(ahead, QUEUE)
+    claimed = _job(local, ahead)
+    assert (claimed.status, claimed.attempts) == ("running", 1)  # committed before its task comes
+    assert claimed.lease_expires_at is not None
+
+    assert runner.run(ahead, queue=QUEUE) == "succeeded"
+    done = _job(local, ahead)
+    assert (done.status, done.attempts) == ("succeeded", 1)  # the run did not claim it again
+    assert _events(local, ahead).count("job.started") == 1
+
+    # The same request run without a claim ahead gives the same bytes.
+    s = runner.settings
+    assert JobRunner(s, local["sf"], open_storage(s), local["engine"]).run(plain, queue=QUEUE) == "succeeded"
+    assert _digests(local, ahead) == _digests(local, plain) and _digests(local, ahead)
+
+
+def test_a_job_claimed_ahead_whose_task_goes_elsewhere_is_given_back_uncounted(local) -> None:  # type: ignore[no-untyped-def]
+    passed_over, next_run = _submit(local), _submit(local)
+    submitted = _outbox(local, passed_over)  # its first message (no relay publishes it here)
+    runner = local["runner"]
+    runner.ahead.offer(passed_over, QUEUE)
+    assert _job(local, passed_over).status == "running"
+
+    # Another job's task reaches the child: the one claimed ahead will not run next, so it goes back.
+    assert runner.run(next_run, queue=QUEUE) == "succeeded"
+    back = _job(local, passed_over)
+    assert (back.status, back.attempts, back.lease_expires_at, back.worker) == ("queued", 0, None, None)
+    assert _outbox(local, passed_over) == [*submitted, QUEUE]  # its message goes out again
+    assert _events(local, passed_over)[-2:] == ["job.started", "job.queued"]
+
+    # Its message, published again, runs it as a first attempt.
+    assert runner.run(passed_over, queue=QUEUE) == "succeeded"
+    assert _job(local, passed_over).attempts == 1
+
+
+def test_a_job_canceled_while_claimed_ahead_ends_canceled_when_its_task_comes(local) -> None:  # type: ignore[no-untyped-def]
+    job_id = _submit(local, steps=40, width=128, height=128)
+    runner = local["runner"]
+    runner.ahead.offer(job_id, QUEUE)
+    with local["sf"]() as session:
+        assert cancel(session, local["ctx"], local["tenant"], job_id).status == "canceled"
+
+    assert runner.run(job_id, queue=QUEUE) == "canceled"
+    assert _job(local, job_id).status == "canceled"
+    assert _digests(local, job_id) == []
+
+
+def test_an_offer_down_the_pipe_is_claimed_and_given_back_when_no_task_comes(local) -> None:  # type: ignore[no-untyped-def]
+    job_id = _submit(local)
+    claims = local["runner"].ahead
+    claims.hold = 1.0  # the child waits this long for the task of a job it claimed ahead
+    read, write = os.pipe()
+    try:
+        claims.read_from(read)
+        os.write(write, f"{job_id} {QUEUE}\n".encode())
+        wait_for(lambda: _job(local, job_id).status == "running", timeout=30, what="the claim ahead")
+        wait_for(lambda: _job(local, job_id).status == "queued", timeout=30, what="the give-back")
+    finally:
+        claims.close()
+        os.close(write)
+        os.close(read)
+    assert _job(local, job_id).attempts == 0
+    # A task that comes after all finds no claim ahead and claims the job itself.
+    assert local["runner"].run(job_id, queue=QUEUE) == "succeeded"
+
+
+def test_the_gate_names_only_the_first_job_message_since_it_resumed() -> None:
+    """The main process's side of the pipe: the first job message since the gate resumed is the
+    child's next run and is announced; one delivered after it is not."""
+    from workers.gate import GATE
+
+    class Message:
+        name = RUN_JOB
+        delivery_info = {"routing_key": QUEUE}
+
+        def __init__(self, job_id: str) -> None:
+            self.args = [job_id]
+
+    saved = (GATE.ahead, GATE._announcing)
+    GATE.ahead, GATE._announcing = True, True
+    try:
+        GATE.announce(Message("first"))
+        GATE.announce(Message("second"))  # not the child's next run: the gate has not resumed
+        os.set_blocking(GATE.next_r, False)
+        assert os.read(GATE.next_r, 4096) == f"first {QUEUE}\n".encode()
+    finally:
+        GATE.ahead, GATE._announcing = saved
+
+
+def test_a_claim_ahead_waits_for_room_in_the_finisher_and_yields_to_its_run(local) -> None:  # type: ignore[no-untyped-def]
+    """With the finisher full, the job denoising now waits to hand over before the next can
+    begin: the next job is not shown running meanwhile, and a run that begins first claims it."""
+    from workers.ahead import AheadClaims
+
+    runner = local["runner"]
+    room = threading.Event()
+    claims = AheadClaims(runner._prepare_ahead, runner._give_back, hold=60, room=room.is_set)
+    job_id = _submit(local)
+    offer = threading.Thread(target=claims.offer, args=(job_id, QUEUE))
+    offer.start()
+    time.sleep(0.5)
+    assert _job(local, job_id).status == "queued"  # no room yet: not claimed
+    assert claims.take(job_id) is None  # its task came first: the run claims it itself
+    offer.join(10)
+    assert not offer.is_alive() and _job(local, job_id).status == "queued"
+
+    room.set()
+    later = _submit(local)
+    claims.offer(later, QUEUE)
+    assert _job(local, later).status == "running"
+    prepared = claims.take(later)
+    assert prepared is not None and prepared.claim.job_id == later
+    runner._give_back(prepared)
+    assert (_job(local, later).status, _job(local, later).attempts) == ("queued", 0)
