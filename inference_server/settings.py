@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     # hand-off beyond it waits (0: finish each job before the next starts).
     finish_in_flight: int = Field(default=2, ge=0)
     claim_ahead: bool = True  # claim the next job during the current one's last step
+    storing_process: bool = True  # a worker child's finisher stores outputs in a process of its own
     job_time_limit: int = 0  # hard per-job time limit in seconds (0: none)
     worker_metrics_port: int = 0  # Prometheus endpoint of a worker (`workers`: this port + GPU n); 0: none
     warm_models: str = ""  # "family[/model],..." loaded when a worker child starts

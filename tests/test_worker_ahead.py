@@ -204,3 +204,13 @@ def test_a_claim_ahead_waits_for_room_in_the_finisher_and_yields_to_its_run(loca
     assert prepared is not None and prepared.claim.job_id == later
     runner._give_back(prepared)
     assert (_job(local, later).status, _job(local, later).attempts) == ("queued", 0)
+
+
+def test_a_closed_child_claims_nothing_more_ahead(local) -> None:  # type: ignore[no-untyped-def]
+    """A recycled child closes its runner while the next job's message may still be announced
+    on the pipe it shares with its replacement: it must not claim that job and exit with it."""
+    claims = local["runner"].ahead
+    claims.close()
+    job_id = _submit(local)
+    claims.offer(job_id, QUEUE)
+    assert _job(local, job_id).status == "queued"

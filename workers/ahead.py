@@ -29,6 +29,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from workers.priority import yield_to_device
+
 if TYPE_CHECKING:
     from inference_server.jobs.transitions import Claim
     from workers.progress import ProgressWatcher
@@ -90,8 +92,8 @@ class AheadClaims:
         can begin) the claim waits, so a job does not show running while it waits on storage; if
         the job's run begins meanwhile, the run claims it."""
         with self._lock:
-            if job_id in self._begun or job_id in self._claims:
-                return
+            if self._stop.is_set() or job_id in self._begun or job_id in self._claims:
+                return  # closed: the child exits, and holds no claim it would leave to a lease
             claimed: Future[Prepared | None] = Future()
             self._claims[job_id] = claimed
             unwanted = self._unwanted[job_id] = threading.Event()
@@ -134,8 +136,8 @@ class AheadClaims:
 
     def close(self) -> None:
         """Give back every job prepared and not taken (the child is exiting)."""
-        self._stop.set()
         with self._lock:
+            self._stop.set()
             held = [self._claims.pop(job_id) for job_id in list(self._claims)]
         for claimed in held:
             with contextlib.suppress(Exception):
@@ -150,10 +152,13 @@ class AheadClaims:
         return True
 
     def _read(self, fd: int) -> None:
+        yield_to_device()
         pending = b""
         while not self._stop.is_set():
             try:
                 ready = select.select([fd], [], [], max(self.hold / 4, 0.05))[0]
+                if self._stop.is_set():
+                    return  # what is in the pipe is for the child that replaces this one
                 if ready:
                     pending += os.read(fd, 4096)
             except OSError as exc:

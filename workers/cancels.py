@@ -46,6 +46,11 @@ class CancelListener:
             select.select([self._wake_r], [], [], timeout)
             return False
 
+    @property
+    def listening(self) -> bool:
+        """Whether a LISTEN connection is in place (else cancels are seen only by polling)."""
+        return self._raw is not None
+
     def listen(self) -> None:
         """Put the LISTEN in place now, before the job can be canceled (a NOTIFY sent earlier is
         not delivered). If it cannot be, ``wait`` retries and the watcher polls meanwhile."""

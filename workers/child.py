@@ -125,6 +125,7 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
     from workers.device import configure_torch
     from workers.gate import GATE
     from workers.runner import JobRunner
+    from workers.storing import StoringProcess
 
     device = configure_torch(settings)
     storage = open_storage(settings)
@@ -167,6 +168,7 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
         ending=GATE.ending,
         watcher=watcher,
         ahead=GATE.ahead,  # a prefork child, whose main process names its next job
+        storing=StoringProcess(settings).start() if in_flight and settings.storing_process else None,
     )
     if runner.ahead is not None:
         runner.ahead.read_from(GATE.next_r)

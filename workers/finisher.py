@@ -29,6 +29,7 @@ from prometheus_client import Gauge
 
 from inference_server.jobs.enums import RunOutcome
 from inference_server.logs import job_context
+from workers.priority import yield_to_device
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -123,6 +124,7 @@ class Finisher:
         return drained
 
     def _loop(self) -> None:
+        yield_to_device()
         while (run := self._queue.get()) is not None:
             claim = run.claim
             fields = {

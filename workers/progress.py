@@ -23,6 +23,7 @@ from inference_server.events import emit_preview, emit_progress, notify_slot_fre
 from inference_server.jobs.enums import JobStatus
 from workers.cancels import CancelListener
 from workers.previews import LatestPreview
+from workers.priority import yield_to_device
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class ProgressWatcher:
         self._last_write = 0.0
         self._final = False  # denoising over: the last step is written without waiting its turn
         self._told = False  # the scheduler was told this job's slot is free
+        self._check = True  # read the job's row at the next tick, even with nothing to write
         self._stop = threading.Event()
         self._nudge = threading.Event()  # ends a pause early: the run stopped or its denoising ended
         self._thread = threading.Thread(target=self._loop, name=f"progress-{job_id[:8]}", daemon=True)
@@ -87,6 +89,7 @@ class ProgressWatcher:
         child's one listener is this watcher's); a watcher started ahead of its run polled."""
         cancels.listen()
         self._cancels = cancels
+        self._check = True  # a cancel made before the listener took over is in the row
         self._nudge.set()  # a poll's wait ends: the next one waits on the listener
 
     def stop(self) -> None:
@@ -133,6 +136,7 @@ class ProgressWatcher:
         return self.canceled
 
     def _loop(self) -> None:
+        yield_to_device()
         if self._after is not None:
             try:
                 self._after.result()
@@ -155,10 +159,13 @@ class ProgressWatcher:
         Return whether the watcher is to stop."""
         cancels = self._cancels
         if cancels is None:
-            self._nudge.wait(self.poll_interval)
+            # Denoised: a cancel can only spare the upload now, so the row is read less often.
+            slower = max(self.poll_interval, self.progress_interval)
+            self._nudge.wait(slower if self._final else self.poll_interval)
             self._nudge.clear()
             return self._stop.is_set()
-        cancels.wait(self.job_id, self.poll_interval)
+        if cancels.wait(self.job_id, self.poll_interval):
+            self._check = True
         return self._stop.is_set()
 
     def _preview_tick(self, *, force: bool = False) -> None:
@@ -186,6 +193,13 @@ class ProgressWatcher:
         write = bool(total) and step != self._written_step and due
         renew = now - self._renewed >= self.lease_seconds / 3
         tell = self._final and not self._told  # the scheduler may publish this slot's next job
+        pushed = self._cancels is not None and self._cancels.listening
+        if pushed and not (write or renew or tell or self._check):
+            # Its cancels are pushed and nothing is due: reading the row would only take the
+            # interpreter lock from the denoising loop. (A newer attempt can take over only once
+            # the lease runs out, and renewing it reads the row.)
+            return
+        self._check = False
         with self._sf() as session:
             row = session.execute(select(Job.status, Job.attempts).where(Job.id == self.job_id)).first()
             if row is None or row.status != JobStatus.RUNNING or row.attempts != self.attempt:

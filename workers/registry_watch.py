@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from inference_server.errors import InferenceError, public_reason
 from inference_server.registry import Registry, placement
 from inference_server.registry.runtime import EVERYONE, merge, read_rows, read_version
+from workers.priority import yield_to_device
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class RegistryWatcher:
         self._thread.start()
 
     def _loop(self, stop: threading.Event) -> None:
+        yield_to_device()
         while not stop.wait(self.poll):
             try:
                 self.sync()

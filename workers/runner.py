@@ -9,42 +9,42 @@ once because every write is conditional on this attempt still owning the running
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
+from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference_server.db import DeletedJob
+from inference_server.db import DeletedJob, Job
 from inference_server.errors import DependencyDown, InferenceError, InvalidRequest, JobCanceled, StorageError
 from inference_server.jobs import transitions
-from inference_server.jobs.enums import ClaimRefusal, RunOutcome, Task
+from inference_server.jobs.enums import ClaimRefusal, JobStatus, RunOutcome, Task
 from inference_server.jobs.spec import JobSpec
 from inference_server.jobs.transitions import Claim
 from inference_server.logs import bind_job
 from inference_server.publish.topology import default_queue
 from inference_server.settings import Settings
-from inference_server.storage.base import Storage, output_key
+from inference_server.storage.base import Storage
 from workers.ahead import AheadClaims, Prepared
 from workers.batching import Batcher
 from workers.cancels import CancelListener
 from workers.finisher import FinishedRun, Finisher
 from workers.metrics import BUSY_SECONDS, JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
+from workers.outputs import Extras, read_image, store_outputs
 from workers.previews import LatestPreview
 from workers.progress import ProgressWatcher
+from workers.storing import StoringProcess
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = (StorageError, DependencyDown)
 DATABASE_DOWN = (OperationalError, InterfaceError)  # connection-level: worth a retry
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 class ClaimUnavailable(Exception):
@@ -63,7 +63,8 @@ class JobRunner:
     thread of their own while ``run`` returns to take the next job; 0 (the default) finishes each
     job inside ``run``. ``close`` drains them. ``ending``: called with a job's id as its last
     denoising step begins (the worker's gate takes the next message then). ``ahead``: claim the
-    job of that next message before its task comes (workers/ahead.py)."""
+    job of that next message before its task comes (workers/ahead.py). ``storing``: the process
+    outputs are stored in (workers/storing.py; None: on the finishing thread)."""
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class JobRunner:
         finish_in_flight: int = 0,
         ending: Callable[[str], None] | None = None,
         ahead: bool = False,
+        storing: StoringProcess | None = None,
     ) -> None:
         self.settings = settings
         # workers.registry_watch.RegistryWatcher: the runtime registry (read again for a job it lacks)
@@ -91,6 +93,7 @@ class JobRunner:
             CancelListener(bind) if bind is not None and bind.dialect.name == "postgresql" else None
         )
         self.finisher = Finisher(self.finish, finish_in_flight) if finish_in_flight > 0 else None
+        self._storing = storing  # where outputs are stored (None: on the calling thread)
         self._tell_ending = ending
         # Reads the engine's registry at each claim: the runtime registry may change it.
         self._batcher = Batcher(self) if getattr(engine, "registry", None) is not None else None
@@ -107,9 +110,11 @@ class JobRunner:
         ahead and not run is given back."""
         if self.ahead is not None:
             self.ahead.close()
-        if self.finisher is None:
-            return True
-        return self.finisher.close(timeout)
+        try:
+            return True if self.finisher is None else self.finisher.close(timeout)
+        finally:
+            if self._storing is not None:
+                self._storing.close()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -325,7 +330,7 @@ class JobRunner:
         error: Exception | None = None
         try:
             if not watcher.canceled:
-                outputs = self._store_outputs(claim, run.images, run.extras)
+                outputs = self._store(claim, run.images, run.extras)
         except Exception as exc:
             error = exc
         finally:
@@ -342,8 +347,23 @@ class JobRunner:
             )
             if owned is False:
                 self._drop_if_deleted(claim, outputs)
-            outcome = _outcome(owned, RunOutcome.SUCCEEDED)
+            outcome = self._refused(claim) if owned is False else _outcome(owned, RunOutcome.SUCCEEDED)
         return _observed(claim, run.started, outcome)
+
+    def _store(self, claim: Claim, images: list[Image.Image], extras: Extras | None) -> list[dict[str, Any]]:
+        if self._storing is not None:
+            return self._storing.store(claim.job_id, claim.spec, images, extras)
+        return store_outputs(self.settings, self.storage, claim.job_id, claim.spec, images, extras)
+
+    def _refused(self, claim: Claim) -> RunOutcome:
+        """Why the success of a run was not recorded: the job was canceled while its outputs
+        were stored (its watcher had not seen it yet), or a newer attempt owns it."""
+        try:
+            with self.sf() as session:
+                status = session.scalar(select(Job.status).where(Job.id == claim.job_id))
+        except DATABASE_DOWN:
+            status = None
+        return RunOutcome.CANCELED if status == JobStatus.CANCELED else RunOutcome.SUPERSEDED
 
     def _drop_if_deleted(self, claim: Claim, outputs: list[dict[str, Any]]) -> None:
         """The job was deleted (``DELETE /v1/jobs/{id}``) while this attempt stored its outputs: no
@@ -577,152 +597,7 @@ class JobRunner:
         return image, mask
 
     def _read_image(self, ref: str, *, draft_size: tuple[int, int] | None = None) -> Image.Image:
-        from inference_server import imaging
-
-        s = self.settings
-        data = imaging.resolve_input(
-            ref,
-            read_storage=self.storage.get,
-            allow_private=s.allow_private_networks,
-            timeout=s.input_fetch_timeout,
-            max_bytes=s.max_input_bytes,
-            attempts=s.input_fetch_attempts,
-        )
-        return imaging.decode_image(
-            data, max_bytes=s.max_input_bytes, max_pixels=s.max_input_pixels, draft_size=draft_size
-        )
-
-    # -- outputs ---------------------------------------------------------------------------------
-
-    def _store_outputs(
-        self, claim: Claim, images: list[Image.Image], extras: Extras | None = None
-    ) -> list[dict[str, Any]]:
-        """Encode and upload the job's images (signed, with their parameters), then the control
-        images and mask it asked for; a blocked image (``safety: block``) is stored nowhere."""
-        from inference_server import imaging
-
-        spec = claim.spec
-        sig = spec.signature
-        signature = self._read_image(sig.image) if sig is not None else None
-        extras = extras or Extras()
-        verdicts = extras.verdicts or [None] * len(images)
-        blocked = {i for i, v in enumerate(verdicts) if v is not None and v.nsfw and spec.safety == "block"}
-
-        def finish(index: int, image: Image.Image) -> dict[str, Any]:
-            verdict = verdicts[index]
-            judged = {
-                "kind": "image",
-                "nsfw": None if verdict is None else bool(verdict.nsfw),
-                "nsfw_score": None if verdict is None else float(verdict.score),
-                "blocked": index in blocked,
-            }
-            if index in blocked:  # nothing of it leaves the worker: no bytes, no key
-                log.info("job %s: output %d blocked by the safety checker", claim.job_id, index)
-                return {
-                    **_nothing_stored(claim.job_id, index, image, spec.seeds[index]),
-                    **judged,
-                }
-            if sig is not None and signature is not None:
-                image = imaging.composite_signature(
-                    image, signature, position=sig.position, opacity=sig.opacity, size=sig.size
-                )
-            seed = spec.seeds[index]
-            parameters = {
-                "prompt": spec.prompt,
-                "negative_prompt": spec.negative_prompt,
-                "seed": seed,
-                "model": spec.model,
-                "family": spec.family,
-                "task": spec.task.value,
-                "steps": spec.steps,
-                "guidance_scale": spec.guidance_scale,
-                "width": image.width,
-                "height": image.height,
-                "loras": [lo.model_dump() for lo in spec.loras],
-            }
-            data, content_type = imaging.encode_output(
-                image,
-                fmt=spec.output.format,
-                quality=spec.output.quality,
-                metadata=spec.output.metadata,
-                parameters=parameters,
-            )
-            key = output_key(claim.job_id, index, EXTENSIONS[spec.output.format])
-            uri = self.storage.put(key, data, content_type)
-            return {
-                "job_id": claim.job_id,
-                "index": index,
-                "uri": uri,
-                "content_type": content_type,
-                "width": image.width,
-                "height": image.height,
-                "seed": seed,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "size_bytes": len(data),
-                **judged,
-            }
-
-        if len(images) == 1:
-            outputs = [finish(0, images[0])]
-        else:
-            # Encodes release the GIL in Pillow and uploads wait on the network: overlap them.
-            with ThreadPoolExecutor(max_workers=min(4, len(images))) as pool:
-                outputs = list(pool.map(finish, range(len(images)), images))
-        side = [("control", image) for image in extras.controls]
-        if extras.mask is not None:
-            side.append(("mask", extras.mask))
-        for kind, image in side:
-            outputs.append(self._store_side_output(claim.job_id, len(outputs), kind, image))
-        return outputs
-
-    def _store_side_output(self, job_id: str, index: int, kind: str, image: Image.Image) -> dict[str, Any]:
-        """A control image or mask as a plain PNG output: no seed, no signature, no safety check."""
-        from inference_server import imaging
-
-        data, content_type = imaging.encode_output(
-            image, fmt="png", quality=100, metadata={}, parameters={"kind": kind}
-        )
-        uri = self.storage.put(output_key(job_id, index, "png"), data, content_type)
-        return {
-            "job_id": job_id,
-            "index": index,
-            "uri": uri,
-            "content_type": content_type,
-            "width": image.width,
-            "height": image.height,
-            "seed": None,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "size_bytes": len(data),
-            "kind": kind,
-            "nsfw": None,
-            "nsfw_score": None,
-            "blocked": False,
-        }
-
-
-@dataclass
-class Extras:
-    """What a run makes besides its images: the control images and mask the job asked to get
-    back, and the safety checker's verdicts (one per image; None: not checked)."""
-
-    controls: list[Image.Image] = field(default_factory=list)
-    mask: Image.Image | None = None
-    verdicts: list[Any] | None = None
-
-
-def _nothing_stored(job_id: str, index: int, image: Image.Image, seed: int) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "index": index,
-        "uri": None,
-        "content_type": None,
-        "width": image.width,
-        "height": image.height,
-        "seed": seed,
-        "sha256": None,
-        "size_bytes": 0,
-    }
-
+        return read_image(self.settings, self.storage, ref, draft_size=draft_size)
 
 def _telling_last_step(
     on_step: Callable[[int, int], bool], ending: Callable[[], None]
