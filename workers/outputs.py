@@ -125,19 +125,7 @@ def store_outputs(
             parameters=parameters,
         )
         key = output_key(job_id, index, EXTENSIONS[spec.output.format])
-        uri = storage.put(key, data, content_type)
-        return {
-            "job_id": job_id,
-            "index": index,
-            "uri": uri,
-            "content_type": content_type,
-            "width": image.width,
-            "height": image.height,
-            "seed": seed,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "size_bytes": len(data),
-            **judged,
-        }
+        return {**_put(storage, key, data, content_type, job_id, index, image, seed), **judged}
 
     if len(images) == 1:
         outputs = [finish(0, images[0])]
@@ -162,25 +150,27 @@ def store_side_output(
     data, content_type = imaging.encode_output(
         image, fmt="png", quality=100, metadata={}, parameters={"kind": kind}
     )
-    uri = storage.put(output_key(job_id, index, "png"), data, content_type)
-    return {
-        "job_id": job_id,
-        "index": index,
-        "uri": uri,
-        "content_type": content_type,
-        "width": image.width,
-        "height": image.height,
-        "seed": None,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size_bytes": len(data),
-        "kind": kind,
-        "nsfw": None,
-        "nsfw_score": None,
-        "blocked": False,
-    }
+    stored = _put(storage, output_key(job_id, index, "png"), data, content_type, job_id, index, image, None)
+    return {**stored, "kind": kind, "nsfw": None, "nsfw_score": None, "blocked": False}
 
 
-def _nothing_stored(job_id: str, index: int, image: Image.Image, seed: int) -> dict[str, Any]:
+def _put(
+    storage: Storage,
+    key: str,
+    data: bytes,
+    content_type: str,
+    job_id: str,
+    index: int,
+    image: Image.Image,
+    seed: int | None,
+) -> dict[str, Any]:
+    """Upload ``data``; the output row's common fields."""
+    uri = storage.put(key, data, content_type)
+    stored = {"uri": uri, "content_type": content_type, "sha256": hashlib.sha256(data).hexdigest()}
+    return {**_nothing_stored(job_id, index, image, seed), **stored, "size_bytes": len(data)}
+
+
+def _nothing_stored(job_id: str, index: int, image: Image.Image, seed: int | None) -> dict[str, Any]:
     return {
         "job_id": job_id,
         "index": index,

@@ -202,7 +202,7 @@ class JobRunner:
         prepared.watcher.stop()
         claim = prepared.claim
         with self.sf() as session:
-            transitions.unclaim(session, claim, queue=prepared.queue)
+            transitions.release(session, claim, queue=prepared.queue, delay=0.0, uncount=True)
 
     def _know(self, claim: Claim) -> None:
         """Read the runtime registry again when the engine does not know the job's model or one of

@@ -188,23 +188,12 @@ def fail(session: Session, claim: Claim, code: str, message: str) -> bool:
     return _end(session, claim, changes, EventType.FAILED, [])
 
 
-def release(session: Session, claim: Claim, *, queue: str, delay: float) -> bool:
+def release(session: Session, claim: Claim, *, queue: str, delay: float, uncount: bool = False) -> bool:
     """Put the job back in its queue after a transient failure of this attempt (see ``requeue``)
     and commit; return whether this attempt still owned the job (a cancel or a newer attempt wins
-    otherwise)."""
-    done = requeue(session, claim.row, queue=queue, delay=delay)
-    if done:
-        session.commit()
-    else:
-        session.rollback()
-    return done
-
-
-def unclaim(session: Session, claim: Claim, *, queue: str) -> bool:
-    """Give back a job this attempt claimed and never ran (workers/ahead.py: claimed for a
-    message that went elsewhere): queued again as ``release`` does, its attempt not counted.
-    Commits; returns whether this attempt still owned the job."""
-    done = requeue(session, claim.row, queue=queue, uncount=True)
+    otherwise). ``uncount``: the attempt never ran (workers/ahead.py: claimed for a message that
+    went elsewhere), so it is not counted."""
+    done = requeue(session, claim.row, queue=queue, delay=delay, uncount=uncount)
     if done:
         session.commit()
     else:
