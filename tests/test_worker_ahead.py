@@ -214,3 +214,43 @@ def test_a_closed_child_claims_nothing_more_ahead(local) -> None:  # type: ignor
     job_id = _submit(local)
     claims.offer(job_id, QUEUE)
     assert _job(local, job_id).status == "queued"
+
+
+def test_a_lead_claimed_ahead_brings_its_batch_and_gives_it_all_back(  # type: ignore[no-untyped-def]
+    settings, scratch_db_url, scratch_db
+) -> None:
+    """Where the registry batches the model, the claim ahead also gathers the lead's batch, so
+    the members' claims are off the device's time too; given back, every member goes back."""
+    from pathlib import Path
+
+    from api.auth import create_tenant_key
+    from inference_server.devtools.registry_edit import with_family_keys
+    from inference_server.engine.runner import Engine
+    from workers.runner import JobRunner
+
+    models = with_family_keys(Path(settings.models_file), "sd15", "models-ahead-batch.toml", max_batch=3)
+    here = settings.model_copy(update={"database_url": scratch_db_url, "models_file": str(models)})
+    registry = load_registry(here.models_file)
+    ctx = JobContext(here, registry, open_storage(here))
+    with scratch_db() as session:
+        tenant, _ = create_tenant_key(session, "ahead-batch")
+        session.expunge(tenant)
+    local = {"sf": scratch_db, "ctx": ctx, "tenant": tenant}
+    runner = JobRunner(here, scratch_db, open_storage(here), Engine(registry), ahead=True)
+    try:
+        lead, *others = [_submit(local, seed=20 + i) for i in range(3)]
+        runner.ahead.offer(lead, QUEUE)
+        assert {_job(local, i).status for i in (lead, *others)} == {"running"}  # one batch, claimed ahead
+        prepared = runner.ahead.take(lead)
+        assert prepared is not None and sorted(m.job_id for m, _ in prepared.members) == sorted(others)
+        runner._give_back(prepared)
+        back = [_job(local, i) for i in (lead, *others)]
+        assert [(j.status, j.attempts) for j in back] == [("queued", 0)] * 3
+
+        runner.ahead.offer(lead, QUEUE)
+        assert runner.run(lead, queue=QUEUE) == "succeeded"  # the batch ran in one call
+        ran = [_job(local, i) for i in (lead, *others)]
+        assert [(j.status, j.attempts) for j in ran] == [("succeeded", 1)] * 3
+        assert len({j.batch_id for j in ran}) == 1 and ran[0].batch_id is not None
+    finally:
+        runner.close()

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 class Prepared:
     """A job claimed ahead of its run: the claim (written and committed: ``recorded`` is done),
     the engine's request (or the error reading its inputs raised, for the run to fail the job
-    with), and its watcher, running, polled for cancels until the run pushes them."""
+    with), its watcher, running, polled for cancels until the run pushes them, and the members of
+    its batch, claimed too where the registry batches its model."""
 
     claim: Claim
     recorded: Future[None]
@@ -51,6 +52,7 @@ class Prepared:
     request: Any = None
     error: Exception | None = None
     previews: Any = None  # workers.previews.LatestPreview of the job, when it asked for previews
+    members: list[Any] = field(default_factory=list)  # its batch's other jobs (workers.batching.Member)
     at: float = field(default_factory=time.monotonic)
 
     def engine_request(self) -> Any:

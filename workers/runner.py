@@ -101,7 +101,8 @@ class JobRunner:
         # the gate; child.py feeds it). A claim not taken by its run within a lease is given back.
         self.ahead = None
         if ahead:
-            hold = settings.job_lease_seconds
+            # Within the lease: a batch's members, claimed ahead, have no watcher renewing theirs.
+            hold = settings.job_lease_seconds / 2
             self.ahead = AheadClaims(self._prepare_ahead, self._give_back, hold=hold, room=self._room)
 
     def close(self, timeout: float | None = None) -> bool:
@@ -154,7 +155,10 @@ class JobRunner:
         log.info("job started: %s, attempt %d", claim.task, claim.attempt)
         queue = queue or default_queue(claim.family)
         started = time.perf_counter()
-        members = self._batcher.gather(claim, recorded) if self._batcher is not None else []
+        if prepared is not None:
+            members = prepared.members  # gathered ahead
+        else:
+            members = self._batcher.gather(claim, recorded) if self._batcher is not None else []
         if not members:
             finished = self._run_claimed(claim, recorded, queue, started, prepared=prepared)
             BUSY_SECONDS.inc(time.perf_counter() - started)  # the device time (finishing runs beside)
@@ -195,14 +199,18 @@ class JobRunner:
             prepared.request = self._request(claim)
         except Exception as exc:  # the run fails the job with it, as if it had read them itself
             prepared.error = exc
+            return prepared
+        if self._batcher is not None:  # its batch too, waiting for members while the device works
+            prepared.members = self._batcher.gather(claim, recorded)
         return prepared
 
     def _give_back(self, prepared: Prepared) -> None:
-        """Queue again a job claimed ahead whose run will not happen here (its attempt uncounted)."""
+        """Queue again a job claimed ahead whose run will not happen here, and the members of its
+        batch (their attempts uncounted)."""
         prepared.watcher.stop()
-        claim = prepared.claim
         with self.sf() as session:
-            transitions.release(session, claim, queue=prepared.queue, delay=0.0, uncount=True)
+            for claim in [prepared.claim, *(member for member, _ in prepared.members)]:
+                transitions.release(session, claim, queue=prepared.queue, delay=0.0, uncount=True)
 
     def _know(self, claim: Claim) -> None:
         """Read the runtime registry again when the engine does not know the job's model or one of
