@@ -16,11 +16,11 @@ import pytest
 from sqlalchemy import select
 
 from inference_server.db import Job, JobEvent, JobOutput, OutboxMessage
-from inference_server.jobs.service import JobContext, cancel, submit
+from inference_server.jobs.service import cancel, submit
 from inference_server.jobs.spec import JobRequest
 from inference_server.publish.topology import RUN_JOB, default_queue
-from inference_server.registry import load_registry
 from inference_server.storage import open_storage
+from tests.support.seed import scratch_jobs
 from tests.support.waiting import wait_for
 
 BODY = {"family": "sd15", "prompt": "a lantern on a quay", "width": 64, "height": 64, "steps": 3}
@@ -29,20 +29,14 @@ QUEUE = default_queue("sd15")
 
 @pytest.fixture
 def local(settings, scratch_db_url, scratch_db) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
-    from api.auth import create_tenant_key
     from inference_server.engine.runner import Engine
     from workers.runner import JobRunner
 
-    here = settings.model_copy(update={"database_url": scratch_db_url})
-    registry = load_registry(here.models_file)
-    ctx = JobContext(here, registry, open_storage(here))
-    with scratch_db() as session:
-        tenant, _ = create_tenant_key(session, "ahead")
-        session.expunge(tenant)
-    engine = Engine(registry)
-    runner = JobRunner(here, scratch_db, open_storage(here), engine, ahead=True)
+    on = scratch_jobs(settings, scratch_db_url, scratch_db, "ahead")
+    engine = Engine(on.registry)
+    runner = JobRunner(on.settings, scratch_db, open_storage(on.settings), engine, ahead=True)
     try:
-        yield {"ctx": ctx, "tenant": tenant, "sf": scratch_db, "runner": runner, "engine": engine}
+        yield {"ctx": on.ctx, "tenant": on.tenant, "sf": scratch_db, "runner": runner, "engine": engine}
     finally:
         runner.close()
 
@@ -223,20 +217,14 @@ def test_a_lead_claimed_ahead_brings_its_batch_and_gives_it_all_back(  # type: i
     the members' claims are off the device's time too; given back, every member goes back."""
     from pathlib import Path
 
-    from api.auth import create_tenant_key
     from inference_server.devtools.registry_edit import with_family_keys
     from inference_server.engine.runner import Engine
     from workers.runner import JobRunner
 
     models = with_family_keys(Path(settings.models_file), "sd15", "models-ahead-batch.toml", max_batch=3)
-    here = settings.model_copy(update={"database_url": scratch_db_url, "models_file": str(models)})
-    registry = load_registry(here.models_file)
-    ctx = JobContext(here, registry, open_storage(here))
-    with scratch_db() as session:
-        tenant, _ = create_tenant_key(session, "ahead-batch")
-        session.expunge(tenant)
-    local = {"sf": scratch_db, "ctx": ctx, "tenant": tenant}
-    runner = JobRunner(here, scratch_db, open_storage(here), Engine(registry), ahead=True)
+    on = scratch_jobs(settings, scratch_db_url, scratch_db, "ahead-batch", models_file=str(models))
+    local = {"sf": scratch_db, "ctx": on.ctx, "tenant": on.tenant}
+    runner = JobRunner(on.settings, scratch_db, open_storage(on.settings), Engine(on.registry), ahead=True)
     try:
         lead, *others = [_submit(local, seed=20 + i) for i in range(3)]
         runner.ahead.offer(lead, QUEUE)

@@ -15,10 +15,10 @@ from typing import Any
 from sqlalchemy import select
 
 from inference_server.db import Job, JobEvent, JobOutput
-from inference_server.jobs.service import JobContext, cancel, submit
+from inference_server.jobs.service import cancel, submit
 from inference_server.jobs.spec import JobRequest
-from inference_server.registry import load_registry
 from inference_server.storage import open_storage
+from tests.support.seed import scratch_jobs
 
 STEPS = 50
 LONG = {"family": "sd15", "prompt": "a slow tide", "width": 256, "height": 256, "steps": STEPS, "seed": 1}
@@ -44,16 +44,11 @@ class RecordedEngine:
 
 
 def test_a_cancel_stops_the_run_within_one_step(settings, scratch_db_url, scratch_db) -> None:  # type: ignore[no-untyped-def]
-    from api.auth import create_tenant_key
     from inference_server.engine.runner import Engine
     from workers.runner import JobRunner
 
-    local = settings.model_copy(update={"database_url": scratch_db_url})
-    registry = load_registry(local.models_file)
-    ctx = JobContext(local, registry, open_storage(local))
-    with scratch_db() as session:
-        tenant, _ = create_tenant_key(session, "cancel")
-        session.expunge(tenant)
+    on = scratch_jobs(settings, scratch_db_url, scratch_db, "cancel")
+    local, registry, ctx, tenant = on.settings, on.registry, on.ctx, on.tenant
     with scratch_db() as session:
         job_id = submit(session, ctx, tenant, JobRequest.model_validate(LONG)).job_id
     accepted_at: list[int] = []

@@ -17,10 +17,10 @@ from PIL import Image
 
 from inference_server.db import Job
 from inference_server.errors import InferenceError, StorageUnavailable
-from inference_server.jobs.service import JobContext, submit
+from inference_server.jobs.service import submit
 from inference_server.jobs.spec import JobRequest, JobSpec
-from inference_server.registry import load_registry
 from inference_server.storage import open_storage
+from tests.support.seed import scratch_jobs
 from tests.support.waiting import wait_for
 from workers.outputs import Extras, Judged, store_outputs
 from workers.storing import StoringProcess
@@ -77,19 +77,15 @@ def test_an_error_there_is_raised_here_with_its_type_and_code(settings) -> None:
 def test_a_killed_storing_process_releases_its_job_which_then_succeeds(  # type: ignore[no-untyped-def]
     settings, scratch_db_url, scratch_db
 ) -> None:
-    from api.auth import create_tenant_key
     from inference_server.engine.runner import Engine
     from workers.runner import JobRunner
 
-    local = settings.model_copy(update={"database_url": scratch_db_url})
-    registry = load_registry(local.models_file)
-    ctx = JobContext(local, registry, open_storage(local))
+    on = scratch_jobs(settings, scratch_db_url, scratch_db, "storing")
     with scratch_db() as session:
-        tenant, _ = create_tenant_key(session, "storing")
-        session.expunge(tenant)
-        job_id = submit(session, ctx, tenant, JobRequest.model_validate(BODY)).job_id
-    storing = StoringProcess(local).start()
-    runner = JobRunner(local, scratch_db, open_storage(local), Engine(registry), storing=storing)
+        job_id = submit(session, on.ctx, on.tenant, JobRequest.model_validate(BODY)).job_id
+    storing = StoringProcess(on.settings).start()
+    storage = open_storage(on.settings)
+    runner = JobRunner(on.settings, scratch_db, storage, Engine(on.registry), storing=storing)
     try:
         assert storing._proc is not None
         os.kill(storing._proc.pid, signal.SIGKILL)

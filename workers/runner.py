@@ -192,8 +192,7 @@ class JobRunner:
             return None  # its run, when its task comes, claims again and says why
         claim, recorded = claimed
         recorded.result()  # a claim not written is not prepared: the run claims afresh
-        previews = LatestPreview(self.storage, claim.job_id) if claim.spec.preview else None
-        watcher = self._watcher(claim, recorded, pushed=False, previews=previews).start()
+        previews, watcher = self._start_watching(claim, recorded, pushed=False)
         prepared = Prepared(claim, recorded, watcher, queue or default_queue(claim.family), previews=previews)
         try:
             prepared.request = self._request(claim)
@@ -444,8 +443,7 @@ class JobRunner:
             request, previews, watcher = prepared.engine_request(), prepared.previews, prepared.watcher
         else:
             request = self._request(claim)
-            previews = LatestPreview(self.storage, claim.job_id) if claim.spec.preview else None
-            watcher = self._watcher(claim, recorded, previews=previews).start()
+            previews, watcher = self._start_watching(claim, recorded)
         on_step = self._step_callback(watcher, claim)
         extra = {"on_preview": previews.offer} if previews else {}
         extras = Extras()
@@ -493,16 +491,23 @@ class JobRunner:
             previews=previews,
         )
 
+    def _start_watching(
+        self, claim: Claim, recorded: Future[None], *, pushed: bool = True
+    ) -> tuple[LatestPreview | None, ProgressWatcher]:
+        """A single job's run's previews (when it asked for them) and its watcher, started."""
+        previews = LatestPreview(self.storage, claim.job_id) if claim.spec.preview else None
+        return previews, self._watcher(claim, recorded, pushed=pushed, previews=previews).start()
+
     def _step_callback(self, watcher: ProgressWatcher, holder: Claim) -> Callable[[int, int], bool]:
         """``watcher``'s step callback; with a finisher, it also tells the gate as the last step
         begins, so the next message (the job ``holder``'s delivery paused it) is on its way."""
-        tell, finisher = self._tell_ending, self.finisher
-        if tell is None or finisher is None:
+        tell = self._tell_ending
+        if tell is None or self.finisher is None:
             return watcher.on_step
 
         # Not while the finisher is full: the hand-off will wait, and so must the next message.
         def ending() -> None:
-            if finisher.held < finisher.limit:
+            if self._room():
                 tell(holder.job_id)
 
         return _telling_last_step(watcher.on_step, ending)
@@ -606,6 +611,7 @@ class JobRunner:
 
     def _read_image(self, ref: str, *, draft_size: tuple[int, int] | None = None) -> Image.Image:
         return read_image(self.settings, self.storage, ref, draft_size=draft_size)
+
 
 def _telling_last_step(
     on_step: Callable[[int, int], bool], ending: Callable[[], None]

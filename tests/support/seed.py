@@ -79,3 +79,25 @@ def add_event(session: Session, job: Job, type_: str, **data: Any) -> JobEvent:
     session.add(event)
     session.flush()
     return event
+
+
+def scratch_jobs(
+    settings: Settings, url: str, sessions: Callable[[], Session], tenant: str, **changes: Any
+) -> Any:
+    """What a test needs to submit jobs on the scratch database at ``url`` through the job service,
+    as the API does: ``settings`` moved there (with ``changes``), its registry, the service's
+    context and a new tenant (detached, so it outlives its session)."""
+    from types import SimpleNamespace
+
+    from api.auth import create_tenant_key
+    from inference_server.jobs.service import JobContext
+    from inference_server.registry import load_registry
+    from inference_server.storage import open_storage
+
+    here = settings.model_copy(update={"database_url": url, **changes})
+    registry = load_registry(here.models_file)
+    with sessions() as session:
+        row, _ = create_tenant_key(session, tenant)
+        session.expunge(row)
+    ctx = JobContext(here, registry, open_storage(here))
+    return SimpleNamespace(settings=here, registry=registry, ctx=ctx, tenant=row)
