@@ -25,6 +25,7 @@ from typing import Any
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._cpu import CpuWindow  # noqa: E402
 from benchmarks._system import (  # noqa: E402
     api_and_worker,
     broker,
@@ -73,14 +74,21 @@ def submit(http: requests.Session, api: str, payload: dict[str, Any]) -> str:
     return str(resp.json()["id"])
 
 
-def throughput(http: requests.Session, api: str, size: int, steps: int, jobs: int) -> tuple[float, float]:
-    """Jobs per second of ``jobs`` jobs queued together, and their mean batch size."""
+def throughput(
+    http: requests.Session, api: str, size: int, steps: int, jobs: int, cpu: CpuWindow | None = None
+) -> tuple[float, float]:
+    """Jobs per second of ``jobs`` jobs queued together, and their mean batch size. ``cpu``: timed
+    from the holding job's end to the last job's."""
     # A long job first holds the worker while the others are queued, so all of them wait together.
     hold = submit(http, api, {**body(size, steps, -1), "steps": 40})
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(lambda i: submit(http, api, body(size, steps, i)), range(jobs)))
     wait_all(http, api, [hold])
+    if cpu is not None:
+        cpu.start()
     done = wait_all(http, api, ids)
+    if cpu is not None:
+        cpu.stop()
     first = min(_ts(j["started_at"]) for j in done)
     last = max(_ts(j["finished_at"]) for j in done)
     sizes = [(j["batch"] or {"size": 1})["size"] for j in done]
@@ -150,6 +158,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--wait-ms", type=int, default=50)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--cpu", action="store_true", help="also print each process's CPU per job")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     tiny = tiny_models()
@@ -168,6 +177,7 @@ def main() -> None:
     local.measure(args.rounds)
     rates: dict[tuple[str, int], tuple[float, float]] = {}
     lone: dict[tuple[str, int], float] = {}
+    cpu: dict[tuple[str, int], CpuWindow | None] = {}
     logs = Path(tempfile.mkdtemp(prefix="bench-batching-"))
     with database() as db, broker() as broker_url, moto_s3() as s3:
         for mode, models in modes.items():
@@ -182,7 +192,8 @@ def main() -> None:
             with api_and_worker(env, logs / mode, port, db) as http:
                 for size in sizes:
                     lone[mode, size] = lone_latency(http, api, size, args.steps)
-                    rates[mode, size] = throughput(http, api, size, args.steps, args.jobs)
+                    window = cpu[mode, size] = CpuWindow() if args.cpu else None
+                    rates[mode, size] = throughput(http, api, size, args.steps, args.jobs, window)
     local.measure(args.rounds)
     print(
         f"{args.jobs} jobs of tiny sd15, {args.steps} steps; "
@@ -200,6 +211,10 @@ def main() -> None:
             f"{on / off:>7.2f} {on / batched:>12.2f} {extra:>9.0f} ms"
         )
     print("goals: on/off >= 2.5 at 64px; on/in-proc B >= 0.9 at every size; lone on-off <= batch_wait_ms")
+    for (mode, size), window in cpu.items():
+        if window is not None:
+            lines = window.report(args.jobs)
+            print(f"\nbatching {mode}, {size}px. " + "\n".join(lines))
 
 
 if __name__ == "__main__":

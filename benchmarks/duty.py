@@ -35,6 +35,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._cpu import CpuWindow  # noqa: E402
 from benchmarks._system import (  # noqa: E402
     api_and_worker,
     broker,
@@ -76,13 +77,20 @@ def _timed(call, n: int) -> list[float]:  # type: ignore[no-untyped-def]
     return times
 
 
-def one_round(http: requests.Session, api: str, body: dict, n: int, call, calls: int, log: Path) -> dict:  # type: ignore[no-untyped-def]
+def one_round(  # type: ignore[no-untyped-def]
+    http: requests.Session, api: str, body: dict, n: int, call, calls: int, log: Path, cpu: CpuWindow | None
+) -> dict:
     """Queue ``n`` jobs at once and wait for all; the in-process call around it. The worker's log
-    tells how long each job took from its claim to the end of its denoising."""
+    tells how long each job took from its claim to the end of its denoising. ``cpu``: timed from
+    the first submit to the last job's end."""
     before = _timed(call, calls)
     seen = len(log.read_bytes())
+    if cpu is not None:
+        cpu.start()
     ids = [http.post(f"{api}/v1/jobs", json=dict(body, seed=i), timeout=30).json()["id"] for i in range(n)]
     done = [_wait(http, api, job_id) for job_id in ids]
+    if cpu is not None:
+        cpu.stop()
     after = _timed(call, calls)
     starts = sorted(_ts(j["started_at"]) for j in done)
     ends = sorted(_ts(j["finished_at"]) for j in done)
@@ -112,6 +120,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5, help="in-process calls before and after each round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per storage delay")
     parser.add_argument("--claim-ahead", choices=("on", "off"), default="on", help="the worker's CLAIM_AHEAD")
+    parser.add_argument("--cpu", action="store_true", help="also print each process's CPU per job")
     args = parser.parse_args()
     body = {"family": "sd15", "prompt": "a harbour in the rain", "width": args.size, "height": args.size}
     body["steps"] = args.steps
@@ -149,11 +158,12 @@ def main() -> None:
                         api,
                         http.post(f"{api}/v1/jobs", json=dict(body, seed=0), timeout=30).json()["id"],
                     )
+                    windows = [CpuWindow() if args.cpu else None for _ in range(args.rounds)]
                     rounds = [
-                        one_round(http, api, body, args.n, call, args.calls, logs / "worker.log")
-                        for _ in range(args.rounds)
+                        one_round(http, api, body, args.n, call, args.calls, logs / "worker.log", window)
+                        for window in windows
                     ]
-                    results.append((delay, rounds))
+                    results.append((delay, rounds, windows))
         finally:
             proxy.close()
     print(
@@ -162,7 +172,7 @@ def main() -> None:
     )
     columns = ("storage delay", "in-process call", "claim->denoised", "start->start", "last finish")
     print("  ".join(f"{c:>15}" for c in columns) + "  efficiency (lowest-highest)  duty")
-    for delay, rounds in results:
+    for delay, rounds, _ in results:
         r = {key: statistics.median(one[key] for one in rounds) for key in rounds[0]}
         cells = [delay / 1000, r["call"], r["in_worker"], r["start_to_start"], r["last_finish"]]
         spread = [one["efficiency"] for one in rounds]
@@ -171,6 +181,11 @@ def main() -> None:
             + f"  {r['efficiency']:10.3f} ({min(spread):.3f}-{max(spread):.3f})  {r['duty']:.3f}"
         )
     print("goal: efficiency >= 0.97 at every delay")
+    for delay, _, windows in results:
+        for i, window in enumerate(windows):
+            if window is not None:
+                lines = window.report(args.n)
+                print(f"\nstorage delay {delay:g} ms, round {i + 1}. " + "\n".join(lines))
 
 
 if __name__ == "__main__":

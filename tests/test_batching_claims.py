@@ -10,9 +10,9 @@ from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
-from inference_server.db import Job, JobEvent, OutboxMessage
+from inference_server.db import Job, JobEvent, JobOutput, OutboxMessage
 from inference_server.db.base import utcnow
 from inference_server.jobs import transitions
 from inference_server.jobs.batch_key import batch_key
@@ -40,8 +40,10 @@ def spec(**changes: Any) -> JobSpec:
     return JobSpec.model_validate({**values, "seeds": [1], **changes})
 
 
-def add_jobs(session_factory: Any, specs: list[JobSpec]) -> list[str]:
-    start = utcnow() - timedelta(minutes=5)
+def add_jobs(
+    session_factory: Any, specs: list[JobSpec], *, ago: timedelta = timedelta(minutes=5)
+) -> list[str]:
+    start = utcnow() - ago
     with session_factory() as session:
         tenant = add_tenant(session)
         jobs = [
@@ -152,7 +154,7 @@ def test_two_workers_gathering_at_once_never_share_a_job(scratch_db, scratch_db_
     assert len(running) == 8
 
 
-def test_a_lone_job_waits_no_longer_than_batch_wait_ms(scratch_db, scratch_db_url):
+def test_a_lone_job_waits_no_longer_than_batch_wait_ms_from_its_submit(scratch_db, scratch_db_url):
     settings = make_settings(scratch_db_url)
     waiting = parse_registry(
         {
@@ -160,15 +162,100 @@ def test_a_lone_job_waits_no_longer_than_batch_wait_ms(scratch_db, scratch_db_ur
                 "sd15": {
                     "tasks": ["txt2img"],
                     "max_batch": 4,
-                    "batch_wait_ms": 200,
+                    "batch_wait_ms": 400,
                     "models": [{"id": "m", "source": "x"}],
                 }
             }
         }
     )
-    [job_id] = add_jobs(scratch_db, [spec()])
-    lead = lead_claim(scratch_db, settings, job_id)
     runner = SimpleNamespace(settings=settings, sf=scratch_db, worker_name="w")
+    [fresh] = add_jobs(scratch_db, [spec()], ago=timedelta(0))
+    lead = lead_claim(scratch_db, settings, fresh)
     t = time.monotonic()
     assert Batcher(runner, waiting).gather(lead, done()) == []  # type: ignore[arg-type]
-    assert 0.2 <= time.monotonic() - t < 10  # waited for company, then gave up (no hang)
+    assert 0.2 <= time.monotonic() - t <= 0.4 + 2  # waited for company, then gave up (no hang)
+
+    # Queued longer than batch_wait_ms already: whatever could join it is queued, so no wait.
+    [old] = add_jobs(scratch_db, [spec(seeds=[2])], ago=timedelta(seconds=5))
+    lead = lead_claim(scratch_db, settings, old)
+    t = time.monotonic()
+    assert Batcher(runner, waiting).gather(lead, done()) == []  # type: ignore[arg-type]
+    assert time.monotonic() - t < 0.2
+
+
+def test_a_batch_holds_one_slot_and_its_members_succeed_together_each_on_its_own_terms(
+    scratch_db, scratch_db_url
+):
+    from inference_server.publish import scheduler
+
+    settings = make_settings(scratch_db_url)
+    lone, *ids = add_jobs(scratch_db, [spec(steps=5), spec(prompt="a"), spec(prompt="b"), spec(prompt="c")])
+    lead_claim(scratch_db, settings, lone)
+    lead = lead_claim(scratch_db, settings, ids[0])
+    members = [m for m, _ in batcher(scratch_db, settings, "w1").gather(lead, done())]
+    assert [m.job_id for m in members] == ids[1:]
+    with scratch_db() as session:
+        # Four jobs running, two pipeline calls: the relay's budget counts two slots taken.
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.status == "running")) == 4
+        assert scheduler.in_flight(session) == {"sd15": 2}
+        # The batch's call ends: its slot is free once one member's last step is written.
+        session.execute(update(Job).where(Job.id == ids[2]).values(progress_step=4))
+        session.commit()
+        assert scheduler.in_flight(session) == {"sd15": 1}
+        # One member is canceled while the batch is finished.
+        session.execute(update(Job).where(Job.id == ids[1]).values(status="canceled"))
+        session.commit()
+
+    def row(claim: transitions.Claim) -> dict[str, Any]:
+        stored = {"uri": f"s3://b/{claim.job_id}", "sha256": "0" * 64, "size_bytes": 1}
+        stored["content_type"] = "image/png"
+        return {"job_id": claim.job_id, "index": 0, "width": 64, "height": 64, "seed": 1, **stored}
+
+    everyone = [lead, *members]
+    with scratch_db() as session:
+        written = transitions.succeed_all(session, [(c, [row(c)], 4) for c in everyone])
+    assert written == [True, False, True]
+    with scratch_db() as session:
+        rows = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(ids)))}
+        outputs = set(session.scalars(select(JobOutput.job_id)))
+        ended = session.scalars(select(JobEvent.job_id).where(JobEvent.type == "job.succeeded")).all()
+    assert [rows[i].status for i in ids] == ["succeeded", "canceled", "succeeded"]
+    assert outputs == set(ended) == {ids[0], ids[2]}
+    assert rows[ids[0]].progress_step == rows[ids[0]].progress_total == 4
+
+
+def test_a_job_whose_message_a_relay_is_publishing_is_not_taken_into_a_batch_nor_the_reverse(
+    scratch_db, scratch_db_url
+):
+    from inference_server.publish import scheduler
+
+    settings = make_settings(scratch_db_url)
+    ids = add_jobs(scratch_db, [spec(prompt="lead"), spec(prompt="a"), spec(prompt="b"), spec(prompt="c")])
+    with scratch_db() as session:
+        session.add_all([OutboxMessage(job_id=job_id, queue="jobs.sd15") for job_id in ids])
+        session.commit()
+        messages = {r.job_id: r.id for r in session.execute(select(OutboxMessage.job_id, OutboxMessage.id))}
+    relay = scratch_db()
+    try:  # a relay's pass holds "a"'s message: chosen, locked, being published
+        chosen = [SimpleNamespace(id=messages[ids[1]], job_id=ids[1])]
+        assert scheduler.lock_chosen(relay, chosen) == chosen
+        lead = lead_claim(scratch_db, settings, ids[0])
+        members = batcher(scratch_db, settings, "w1").gather(lead, done())
+        assert [m.job_id for m, _ in members] == [ids[2], ids[3]]  # "a" is left to its delivery
+        with scratch_db() as session:
+            assert session.get(Job, ids[1]).status == "queued"
+    finally:
+        relay.rollback()
+        relay.close()
+
+    # The other way round: a batch gathering holds "a"'s message; the relay publishes without it.
+    gathering = scratch_db()
+    try:
+        gathering.scalars(
+            select(OutboxMessage.id).where(OutboxMessage.job_id == ids[1]).with_for_update()
+        ).all()
+        with scratch_db() as session:
+            assert scheduler.lock_chosen(session, chosen) == []
+    finally:
+        gathering.rollback()
+        gathering.close()

@@ -113,3 +113,6 @@ def test_up_once_on_embedded_defaults(tiny_models, tmp_path):
     assert Image.open(target).size == (64, 64)
     assert (tmp_path / "home" / "inference-server.db").exists()  # SQLite, the embedded default
     assert os.path.exists(tmp_path / "home" / "storage")
+    # API, dispatcher and worker in one process: the worker's app registers the job task once.
+    output = result.stdout + result.stderr
+    assert "DuplicateTaskNameWarning" not in output and "already registered" not in output, output[-3000:]

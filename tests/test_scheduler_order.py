@@ -155,6 +155,47 @@ def test_a_job_in_the_finisher_frees_its_slot_for_the_next(db: sessionmaker[Sess
         assert s.get(Job, ids[0]).status == "running"  # type: ignore[union-attr]
 
 
+def test_a_slot_freeing_wakes_a_relay_that_published_in_its_last_pass(
+    scratch_db: sessionmaker[Session],
+) -> None:
+    """A relay whose last pass published waits for a submit; a worker's ``job_slots`` notice must
+    wake it too, or the next message waits for the relay's interval while the worker asks for it
+    (the relay's interval is made far longer than the test's wait)."""
+    import threading
+    import time
+
+    from inference_server.events import notify_slot_freed
+
+    with scratch_db() as s:
+        ids = jobs(s, add_tenant(s), 6)
+        workers(s, 1)
+    r = relay(scratch_db, headroom=1)
+    r.interval = 60.0
+    stop = threading.Event()
+    thread = r.start(stop)
+    try:
+        deadline = time.monotonic() + 20
+        while r.published < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.published == 2 and not r.saturated
+        time.sleep(1.0)  # the relay waits now, and its slot listener listens
+        with scratch_db() as s:
+            start(s, ids[:1])
+            job = s.get(Job, ids[0])
+            job.progress_step, job.progress_total = 6, 6  # type: ignore[union-attr]
+            notify_slot_freed(s, ids[0])
+            s.commit()
+        deadline = time.monotonic() + 20
+        while r.published < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.published == 3
+    finally:
+        stop.set()
+        r.wake.set()
+        r.freed.set()
+        thread.join(timeout=10)
+
+
 def test_no_worker_heard_from_still_publishes_a_small_window(db: sessionmaker[Session]) -> None:
     with db() as s:
         jobs(s, add_tenant(s), 5)

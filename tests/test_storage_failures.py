@@ -260,3 +260,27 @@ def test_open_storage_passes_the_limits_on() -> None:
     config = storage.client.meta.config  # type: ignore[attr-defined]
     assert (config.connect_timeout, config.read_timeout) == (2.5, 7.0)
     assert config.retries == {"total_max_attempts": 6, "mode": "standard"}
+
+
+def test_small_uploads_skip_the_continue_handshake_and_large_ones_keep_it(s3_endpoint: str) -> None:
+    """An image is sent with its headers (``Expect: 100-continue`` would cost a round trip to the
+    store before the body leaves); a body over the threshold still waits for the go-ahead. Both
+    arrive whole."""
+    import boto3
+
+    from inference_server.storage.s3 import EXPECT_CONTINUE_ABOVE
+
+    bucket = f"expect-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    store = s3(s3_endpoint, bucket)
+    sent: dict[str, str | None] = {}
+
+    def seen(request, **_: Any) -> None:  # type: ignore[no-untyped-def]
+        sent[request.url.rsplit("/", 1)[1]] = request.headers.get("Expect")
+
+    store.client.meta.events.register("before-send.s3.PutObject", seen)  # runs after the store's own
+    small, large = os.urandom(300_000), os.urandom(EXPECT_CONTINUE_ABOVE + 1)
+    for name, body in (("small.png", small), ("large.png", large)):
+        uri = store.put(name, body, "image/png")
+        assert store.get(uri) == body
+    assert sent == {"small.png": None, "large.png": b"100-continue"}, sent

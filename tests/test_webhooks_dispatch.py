@@ -245,7 +245,8 @@ def test_parallel_dispatchers_never_double_deliver(scratch_db, scratch_db_url, m
 
 
 def test_slow_receiver_does_not_block_others(scratch_db, scratch_db_url, make_receiver) -> None:  # type: ignore[no-untyped-def]
-    slow = make_receiver(lambda n, req: (200, {}, 1.5))
+    slow_seconds = 3.0
+    slow = make_receiver(lambda n, req: (200, {}, slow_seconds))
     fast = make_receiver()
     with scratch_db() as s, s.begin():
         tenant = add_tenant(s)
@@ -265,7 +266,9 @@ def test_slow_receiver_does_not_block_others(scratch_db, scratch_db_url, make_re
         stop.set()
         thread.join()
         d.close()
-    assert fast_done < 1.0, fast_done
+    # Every fast delivery went out before any slow one could have been answered: none waited
+    # behind the slow receiver (a bound on ordering, not a timing of this machine).
+    assert fast_done < slow_seconds, fast_done
     assert (
         len(slow.requests) <= d.limits.unknown + d.limits.slow
     )  # the slow URL never had more than its share

@@ -173,6 +173,78 @@ def test_the_gate_names_only_the_first_job_message_since_it_resumed() -> None:
         GATE.ahead, GATE._announcing = saved
 
 
+class _TaskConsumer:
+    """Counts the gate's resumes: the part of Celery's task consumer the gate calls."""
+
+    consumed = 0
+
+    def consume(self) -> None:
+        self.consumed += 1
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Consumer:
+    def __init__(self) -> None:
+        self.task_consumer = _TaskConsumer()
+
+
+def test_a_shutting_down_gate_neither_resumes_nor_announces() -> None:
+    """Once a warm shutdown begins, the run's end does not resume consumption (Celery would
+    receive a message it never runs) and no job is announced for the child to claim ahead (it
+    would be given back, its job seen started twice: the worker_sigterm fault scenario)."""
+    from workers.gate import GATE
+
+    class Message:
+        name = RUN_JOB
+        delivery_info = {"routing_key": QUEUE}
+        args = ["next"]
+
+    consumer = _Consumer()
+    saved = (GATE.consumer, GATE.holder, GATE.ahead, GATE._announcing, GATE.closing)
+    GATE.consumer, GATE.holder, GATE.ahead = consumer, None, True
+    try:
+        running = object()
+        GATE.pause(running)
+        GATE.close()
+        GATE.resume(running)
+        GATE.announce(Message())
+        assert consumer.task_consumer.consumed == 0 and GATE.holder is None
+        os.set_blocking(GATE.next_r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(GATE.next_r, 4096)
+    finally:
+        GATE.consumer, GATE.holder, GATE.ahead, GATE._announcing, GATE.closing = saved
+
+
+def test_an_ending_heard_before_its_run_is_accepted_resumes_at_the_acceptance() -> None:
+    """A short run's child can say it nears its end before the main process has seen it accept
+    the task: the word is kept, and the acceptance resumes consumption at once (else the next
+    message would come only after the run ended, the device idle meanwhile)."""
+    from workers.gate import GATE
+
+    class Request:
+        id = "short-run"
+
+    consumer = _Consumer()
+    saved = (GATE.consumer, GATE.holder, GATE._announcing, GATE.closing)
+    GATE.consumer, GATE.holder, GATE.closing = consumer, None, False
+    try:
+        GATE.ending(Request.id)
+        GATE._on_ending()  # heard while no run holds the gate
+        assert consumer.task_consumer.consumed == 0
+        run = Request()
+        GATE.pause(run)
+        GATE.accepted(run)
+        assert consumer.task_consumer.consumed == 1 and GATE.holder is None
+        GATE.pause(other := type("R", (), {"id": "another"})())
+        GATE.accepted(other)  # no word from it yet: the gate stays paused
+        assert consumer.task_consumer.consumed == 1 and GATE.holder is other
+    finally:
+        GATE.consumer, GATE.holder, GATE._announcing, GATE.closing = saved
+
+
 def test_a_claim_ahead_waits_for_room_in_the_finisher_and_yields_to_its_run(local) -> None:  # type: ignore[no-untyped-def]
     """With the finisher full, the job denoising now waits to hand over before the next can
     begin: the next job is not shown running meanwhile, and a run that begins first claims it."""
@@ -242,3 +314,47 @@ def test_a_lead_claimed_ahead_brings_its_batch_and_gives_it_all_back(  # type: i
         assert len({j.batch_id for j in ran}) == 1 and ran[0].batch_id is not None
     finally:
         runner.close()
+
+
+def test_a_run_tells_the_gate_as_early_as_claims_ahead_take_and_at_the_latest_at_its_last_step() -> None:
+    from workers.ahead import MARGIN, MAX_LEAD, RECENT, AheadClaims
+    from workers.runner import _telling_near_end
+
+    def steps(lead: float, room: list[bool], pace: float = 0.0) -> list[int]:
+        told: list[int] = []
+        state = {"done": 0}
+
+        def ending() -> bool:
+            if not room.pop(0):
+                return False
+            told.append(state["done"])
+            return True
+
+        step = _telling_near_end(lambda done, total: False, ending, lead)
+        for done in range(1, 7):
+            time.sleep(pace)
+            state["done"] = done
+            step(done, 6)
+        return told
+
+    assert steps(0.0, [True] * 6) == [5]  # no lead: as the last step begins
+    assert steps(0.1, [True] * 6, pace=0.03) in ([3], [4])  # three or four steps of 30 ms left
+    assert steps(10.0, [False, False, True, True, True]) == [3]  # no room yet: asked again each step
+    assert steps(0.0, [False, False, False, False, False]) == []  # never any room: never told
+
+    # The lead is learnt from the slowest of the recent claims' times from the telling, and capped.
+    claims = AheadClaims(lambda job_id, queue: None, lambda prepared: None, hold=1.0)
+    for pause in (0.05, 0.01):
+        claims.told()
+        time.sleep(pause)
+        claims.offer("a", "q")
+    assert MARGIN * 0.05 <= claims.lead < MARGIN * 0.05 + 0.04  # the slower one sets it
+    for _ in range(RECENT):  # forgotten once RECENT faster ones came after it
+        claims.told()
+        claims.offer("a", "q")
+    assert claims.lead < MARGIN * 0.04
+    for _ in range(20):
+        claims.told()
+        claims._told_at -= 60  # type: ignore[operator]  # a claim that took a minute
+        claims.offer("b", "q")
+    assert claims.lead <= MAX_LEAD

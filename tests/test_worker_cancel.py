@@ -78,3 +78,44 @@ def test_a_cancel_stops_the_run_within_one_step(settings, scratch_db_url, scratc
             session.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.seq))
         )
     assert events[-1] == "job.canceled" and "job.succeeded" not in events
+
+
+def test_a_canceled_run_lets_the_gate_take_the_next_message_before_it_stops(
+    settings, scratch_db_url, scratch_db
+) -> None:  # type: ignore[no-untyped-def]
+    """The gate is told a run ends as soon as its watcher sees the cancel, while the run is still
+    in the step it stops after: the next message's delivery and claim overlap that step, rather
+    than waiting for the run's end (near a run's natural end, ``ending`` is told at its last steps;
+    this run never gets there)."""
+    import threading
+
+    from inference_server.engine.runner import Engine
+    from workers.runner import JobRunner
+
+    on = scratch_jobs(settings, scratch_db_url, scratch_db, "cancel-tell")
+    local, registry, ctx, tenant = on.settings, on.registry, on.ctx, on.tenant
+    with scratch_db() as session:
+        job_id = submit(session, ctx, tenant, JobRequest.model_validate(LONG)).job_id
+    told: list[str] = []
+    heard = threading.Event()
+    told_mid_run: list[bool] = []
+
+    def tell(job: str) -> None:
+        told.append(job)
+        heard.set()
+
+    def cancel_then_wait(step: int) -> None:
+        if step == CANCEL_AT and not told_mid_run:
+            with scratch_db() as session:
+                assert cancel(session, ctx, tenant, job_id).status == "canceled"
+            told_mid_run.append(heard.wait(10))  # the run is held in this step meanwhile
+
+    engine = RecordedEngine(Engine(registry), between_steps=cancel_then_wait)
+    runner = JobRunner(local, scratch_db, open_storage(local), engine, finish_in_flight=1, ending=tell)
+    try:
+        outcome = runner.run(job_id)
+    finally:
+        runner.close(timeout=10)
+    assert told_mid_run == [True], "the gate was not told until the canceled run ended"
+    assert told == [job_id] and outcome == "canceled"
+    assert engine.steps[-1] <= CANCEL_AT + 1

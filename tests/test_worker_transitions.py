@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import make_url
 
 from inference_server.db import Job, JobEvent, JobOutput, make_database, make_session_factory
@@ -245,6 +246,51 @@ def test_a_cancel_is_pushed_to_the_running_jobs_watcher(db) -> None:  # type: ig
                 cancel(session, db["ctx"], db["tenant"], job_id)
             wait_for(lambda: watcher.on_step(3, 50), 5, what="the pushed cancel")
     finally:
+        listener.close()
+        engine.dispose()
+
+
+def test_one_listener_pushes_every_watchers_cancels_and_rechecks_after_losing_its_connection(db) -> None:  # type: ignore[no-untyped-def]
+    """Polling pushed out to 30 s: the watchers of a batch's members and of jobs being finished all
+    hear their cancels from the child's one listener, and a cancel made while its connection was
+    down (no NOTIFY reaches it then) is found when it connects again."""
+    from inference_server.jobs.service import cancel
+    from workers.cancels import CancelListener
+    from workers.progress import ProgressWatcher
+
+    sf = db["sf"]
+    ids = [_submit(db) for _ in range(3)]
+    claims = [_claim(sf, job_id) for job_id in ids]
+    engine = make_database(db["settings"].database_url, pool_size=1)
+    listener = CancelListener(engine)
+    watchers = [
+        ProgressWatcher(sf, c.job_id, c.attempt, progress_interval=0.5, poll_interval=30.0, cancels=listener)
+        for c in claims
+    ]
+    try:
+        for watcher in watchers:
+            watcher.start()
+            watcher.on_step(1, 50)
+        watchers[2].denoised()  # being finished: still pushed
+        for job_id in ids[1:]:
+            with sf() as session:
+                cancel(session, db["ctx"], db["tenant"], job_id)
+        wait_for(lambda: watchers[1].canceled and watchers[2].canceled, 5, what="both pushed cancels")
+        assert not watchers[0].canceled
+
+        with sf() as session:  # the listener's connection is cut; the cancel's NOTIFY goes nowhere
+            session.execute(
+                select(func.pg_terminate_backend(text("pid")))
+                .select_from(text("pg_stat_activity"))
+                .where(text("datname = current_database() AND query LIKE 'LISTEN job_canceled%'"))
+            )
+            cancel(session, db["ctx"], db["tenant"], ids[0])
+        wait_for(lambda: watchers[0].canceled, 5, what="the cancel found after reconnecting")
+        assert listener.listening
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+        listener.close()
         engine.dispose()
 
 
@@ -308,3 +354,43 @@ def test_a_running_job_renews_its_lease(db) -> None:  # type: ignore[no-untyped-
         wait_for(lambda: lease() > first, 5, what="the lease to be renewed")
         time.sleep(2.0)  # longer than one lease: still running, still owned
         assert not watcher.on_step(1, 10)
+
+
+def test_previews_are_announced_in_step_order_when_the_last_flush_meets_a_tick(db) -> None:  # type: ignore[no-untyped-def]
+    """The runner flushes the last preview while the watcher's thread may still be storing an
+    earlier one: the later step must not be announced (nor stored) first."""
+    from workers.previews import LatestPreview
+    from workers.progress import ProgressWatcher
+
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldFirstStore(LatestPreview):  # real storage; the first upload is held until released
+        def store(self, rgb: Any) -> str:
+            if not entered.is_set():
+                entered.set()
+                release.wait(10)
+            return super().store(rgb)
+
+    sf = db["sf"]
+    job_id = _submit(db)
+    claim = _claim(sf, job_id)
+    previews = HeldFirstStore(db["ctx"].storage, job_id)
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    watcher = ProgressWatcher(
+        sf, job_id, claim.attempt, progress_interval=0.0, poll_interval=0.02, previews=previews
+    )
+    with watcher:
+        previews.offer(38, rgb)
+        assert entered.wait(5), "the watcher's tick never stored the preview"
+        previews.offer(40, rgb)
+        flush = threading.Thread(target=watcher.flush_preview)
+        flush.start()
+        time.sleep(0.3)  # the flush, unordered, would announce step 40 within this
+        release.set()
+        flush.join(10)
+    with sf() as session:
+        steps = session.scalars(
+            select(JobEvent.payload).where(JobEvent.job_id == job_id, JobEvent.type == "job.preview")
+            .order_by(JobEvent.seq)
+        ).all()  # fmt: skip
+    assert [p["data"]["preview"]["step"] for p in steps] == [38, 40]

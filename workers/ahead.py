@@ -1,19 +1,23 @@
-"""Claiming the next job while the current one's last step runs.
+"""Claiming the next job while the current one's last steps run.
 
 A run begins with its claim (a locked read and a committed write), then reads its inputs and starts
-its side thread, and the device waits through all of it. But the next job is known earlier: as the
-last denoising step of a job begins, the gate resumes consumption (workers/gate.py), so the next
-message reaches the worker's main process about one step before the child is free, and the main
-process passes its job id down a pipe to the child. This module's thread then claims that job,
-reads its inputs and starts its watcher, and when the message's task reaches the child, the run
-takes what was prepared and goes straight to the device.
+its side thread, and the device waits through all of it. But the next job is known earlier: as a
+job nears its end, the gate resumes consumption (workers/gate.py), so the next message reaches the
+worker's main process before the child is free, and the main process passes its job id down a pipe
+to the child. How near: as the last step begins, or earlier by ``lead``, a little more than the
+slowest of the recent claims ahead took from that moment (a broker delivery and the main process's
+dispatch vary from one job to the next, and a mean is late half the time), so that the next job is
+ready as the device frees.
+This module's thread then claims that job, reads its inputs and starts its watcher, and when the
+message's task reaches the child, the run takes what was prepared and goes straight to the device.
 
 The database still decides what runs: the claim ahead is the runner's own claim, committed before
-the run relies on it; a job canceled meanwhile is seen by its watcher, which polls until the run
-begins and takes the child's cancel listener then. A prepared job whose task does not come (the main
-process handed its message back to the broker, or lost its connection) is given back, queued again
-with its attempt not counted, as soon as the child starts another job or after ``hold`` seconds. A
-child that dies holding one leaves a lease, which the reconciler finds like any other run's."""
+the run relies on it; a job canceled meanwhile is seen by its watcher (its cancel pushed by the
+child's listener like any running job's), and its run ends canceled. A prepared job whose task does
+not come (the main process handed its message back to the broker, or lost its connection) is given
+back, queued again with its attempt not counted, as soon as the child starts another job or after
+``hold`` seconds. A child that dies holding one leaves a lease, which the reconciler finds like any
+other run's."""
 
 from __future__ import annotations
 
@@ -37,13 +41,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FIRST_LEAD = 0.1  # seconds: a claim ahead's time until one has been timed
+RECENT = 8  # the claims ahead whose slowest sets the lead
+MARGIN = 1.25  # the lead over that slowest claim
+# A run tells the gate at most this long before its end, however slow claims get: the message
+# it brings is held by this worker, not another, that long before its device can take it.
+MAX_LEAD = 0.5
+
 
 @dataclass
 class Prepared:
     """A job claimed ahead of its run: the claim (written and committed: ``recorded`` is done),
     the engine's request (or the error reading its inputs raised, for the run to fail the job
-    with), its watcher, running, polled for cancels until the run pushes them, and the members of
-    its batch, claimed too where the registry batches its model."""
+    with), its watcher, running, and the members of its batch, claimed too where the registry
+    batches its model."""
 
     claim: Claim
     recorded: Future[None]
@@ -87,6 +98,9 @@ class AheadClaims:
         self._begun: deque[str] = deque(maxlen=64)  # runs that began without a claim ahead
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lead = FIRST_LEAD  # seconds from telling the gate to a prepared claim (see _learn)
+        self._took: deque[float] = deque(maxlen=RECENT)
+        self._told_at: float | None = None
 
     def offer(self, job_id: str, queue: str) -> None:
         """Claim ``job_id`` now, unless its run has begun or it is claimed already. While there is
@@ -108,12 +122,26 @@ class AheadClaims:
         with self._lock:
             self._unwanted.pop(job_id, None)
         claimed.set_result(prepared)
+        self._learn()
         if prepared is None:
             with self._lock:
                 if self._claims.get(job_id) is claimed:
                     del self._claims[job_id]
         else:
             log.info("job %s: claimed ahead of its run", job_id)
+
+    def told(self) -> None:
+        """The run told the gate it nears its end: the next offer's claim is timed from now."""
+        self._told_at = time.monotonic()
+
+    def _learn(self) -> None:
+        """Time this claim from the gate being told, and set ``lead`` from the slowest recent
+        ones: the next run tells the gate that much before its end, so its next job is ready as
+        its device frees."""
+        told, self._told_at = self._told_at, None
+        if told is not None:
+            self._took.append(time.monotonic() - told)
+            self.lead = min(MARGIN * max(self._took), MAX_LEAD)
 
     def take(self, job_id: str) -> Prepared | None:
         """What was prepared for ``job_id``, once its claim ahead is done (None: there is none,

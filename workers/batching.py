@@ -11,10 +11,11 @@ messages, delivered later, find the job running or finished and are refused like
 so they cost no delivery at all. A worker that dies with a batch in flight leaves every
 member with a lease that expires: the reconciler queues each again, like any job.
 
-A batch fills up to the model's ``max_batch`` images, waiting at most ``batch_wait_ms`` for jobs
-to arrive: a lone job starts that much later, never more. A failed batch call runs its members
-again one by one before any of them fails, so one member that the batched call cannot take fails
-alone."""
+A batch fills up to the model's ``max_batch`` images, waiting for jobs to arrive until its lead has
+been queued ``batch_wait_ms``: a lone job starts that much later, never more. Its members hold one
+worker slot together (publish/scheduler.py), and are finished together (workers/finisher.py). A
+failed batch call runs its members again one by one before any of them fails, so one member that
+the batched call cannot take fails alone."""
 
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, tuple_, update
 
 from inference_server.db import Job, OutboxMessage
+from inference_server.db.base import utcnow
 from inference_server.errors import JobCanceled
+from inference_server.events import notify_slot_freed
 from inference_server.jobs import transitions
 from inference_server.jobs.batch_key import batch_key
 from inference_server.jobs.enums import ClaimRefusal, JobStatus, RunOutcome
@@ -56,10 +59,7 @@ QUEUE_ORDER = (JOBS.c.priority.desc(), JOBS.c.created_at, JOBS.c.id)
 # already) then stays for the worker's next delivery, where it leads the next batch, instead of
 # reaching the worker for a job this batch took and costing it a delivery its claim refuses.
 UNSENT_FIRST = (
-    select(OUTBOX.c.id)
-    .where(OUTBOX.c.job_id == JOBS.c.id, OUTBOX.c.published_at.is_(None))
-    .exists()
-    .desc()
+    select(OUTBOX.c.id).where(OUTBOX.c.job_id == JOBS.c.id, OUTBOX.c.published_at.is_(None)).exists().desc()
 )
 POLL_SECONDS = 0.005  # between looks for more jobs while a batch waits to fill
 
@@ -69,9 +69,7 @@ Produced = tuple[list[Image.Image], "ProgressWatcher"]  # a member's images and 
 
 def largest_batch(registry: Registry) -> int:
     """The most jobs one batch of ``registry`` can hold (database connections a worker may need)."""
-    return max(
-        (f.batching(m.id).max_batch for f in registry.families.values() for m in f.models), default=1
-    )
+    return max((f.batching(m.id).max_batch for f in registry.families.values() for m in f.models), default=1)
 
 
 class Batcher:
@@ -95,14 +93,14 @@ class Batcher:
 
     def gather(self, lead: Claim, recorded: Future[None]) -> list[Member]:
         """Claim queued jobs that can share ``lead``'s call, up to the policy's ``max_batch``
-        images, waiting at most ``batch_wait_ms`` for them; return them claimed and recorded (no
-        member: ``lead`` runs alone). The batch is stamped on every member's row."""
+        images, waiting for them until ``lead`` has been queued ``batch_wait_ms``; return them
+        claimed and recorded (no member: ``lead`` runs alone). The batch is stamped on every member's row."""
         policy = self.policy(lead)
         key = batch_key(lead.spec) if policy is not None else None
         if policy is None or key is None:
             return []
         room = policy.max_batch - len(lead.spec.seeds)
-        deadline = time.monotonic() + policy.batch_wait_ms / 1000
+        deadline = time.monotonic() + _wait_left(lead, policy)
         members: list[Claim] = []
         while True:
             taken = {lead.job_id, *(m.job_id for m in members)}
@@ -140,8 +138,11 @@ class Batcher:
                 .limit(room)
                 .with_for_update(skip_locked=True)
             ).all()
+            publishing = _being_published(session, list(ids))
             claims: list[Claim] = []
             for job_id in ids:
+                if job_id in publishing:
+                    continue  # its message goes out now: it leads a batch of its own when delivered
                 claim = transitions.claim(
                     session,
                     job_id,
@@ -172,14 +173,39 @@ class Batcher:
             claim.row.update(batch)
         try:
             with self.runner.sf() as session:
-                for claim in everyone:
-                    owner = (Job.id == claim.job_id, Job.status == JobStatus.RUNNING)
-                    session.execute(update(Job).where(*owner, Job.attempts == claim.attempt).values(**batch))
+                attempts = [(claim.job_id, claim.attempt) for claim in everyone]
+                owned = (tuple_(Job.id, Job.attempts).in_(attempts), Job.status == JobStatus.RUNNING)
+                session.execute(update(Job).where(*owned).values(**batch))
+                # The batch holds one slot from now on (publish/scheduler.py): the relays may send
+                # this slot's next message while it denoises.
+                notify_slot_freed(session, lead.job_id)
                 session.commit()
         except Exception as exc:  # a side record: the batch runs without it
             log.warning("recording batch %s failed: %s", batch["batch_id"], exc)
         BATCH_JOBS.observe(len(everyone))
         log.info("batch %s: %s", batch["batch_id"], ", ".join(c.job_id for c in everyone))
+
+
+def _wait_left(lead: Claim, policy: BatchPolicy) -> float:
+    """How long ``lead`` may still wait for members: ``batch_wait_ms`` from its submit, since
+    whatever could join it while it was queued is queued already. (The API's clock wrote its
+    ``created_at``: a skew between hosts shortens or lengthens this, never past the policy's.)"""
+    created = lead.row.get("created_at")
+    queued = (utcnow() - created).total_seconds() if created is not None else 0.0
+    return max(0.0, policy.batch_wait_ms / 1000 - max(0.0, queued))
+
+
+def _being_published(session: Any, job_ids: list[str]) -> set[str]:
+    """Those of ``job_ids`` whose unsent message a relay is publishing right now (it holds the
+    row's lock: publish/scheduler.lock_chosen); the others' unsent messages are locked here, for
+    ``_drop_unsent_messages`` to delete with their claims."""
+    if not job_ids or session.get_bind().dialect.name != "postgresql":
+        return set()
+    unsent = (OUTBOX.c.job_id.in_(job_ids), OUTBOX.c.published_at.is_(None))
+    rows = session.execute(select(OUTBOX.c.id, OUTBOX.c.job_id).where(*unsent))
+    every = {row.id: row.job_id for row in rows}
+    mine = set(session.scalars(select(OUTBOX.c.id).where(*unsent).with_for_update(skip_locked=True)))
+    return {job_id for message, job_id in every.items() if message not in mine}
 
 
 def _drop_unsent_messages(session: Any, job_ids: list[str]) -> None:
@@ -231,17 +257,16 @@ def _generate_together(
         except Exception as exc:
             shares[i] = _raising(exc)
 
-    # The first member's cancels are pushed; the others' polled (one listener per child).
-    def watch(n: int, i: int) -> ProgressWatcher:
+    def watch(i: int) -> ProgressWatcher:
         if i == 0 and lead is not None:
-            return lead.watcher  # started ahead, its cancels pushed since the run began
-        return runner._watcher(*members[i], pushed=n == 0).start()
+            return lead.watcher  # started ahead
+        return runner._watcher(*members[i]).start()
 
-    watchers = [watch(n, i) for n, i in enumerate(ready)]
-    # Every member sees every step: the first one's callback also tells the gate of the last step.
+    watchers = [watch(i) for i in ready]
+    # Every member sees every step: the first one's callback also tells the gate as the call nears its end.
     callbacks: list[Callable[[int, int], bool]] = [w.on_step for w in watchers]
     if watchers:
-        callbacks[0] = runner._step_callback(watchers[0], members[0][0])
+        callbacks[0] = runner._step_callback(watchers[0], members[0][0], alone=False)
     try:
         images = runner.engine.generate_batch(requests, callbacks)
     except JobCanceled:  # every member left
@@ -254,10 +279,12 @@ def _generate_together(
         return shares
     if images is not None:
         runner._observe_lora_switch(members[ready[0]][0])
+    announced = False  # one member tells the scheduler the call is over: their slot is free
     for n, (i, watcher) in enumerate(zip(ready, watchers, strict=True)):
         mine = images[n] if images is not None else None
         try:
-            got = runner._watched(watcher, functools.partial(_or_canceled, mine))
+            got = runner._watched(watcher, functools.partial(_or_canceled, mine), announce=not announced)
+            announced = True
             shares[i] = _returning((got, watcher))
         except Exception as exc:
             shares[i] = _raising(exc)

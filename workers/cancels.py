@@ -1,6 +1,11 @@
 """Cancellations pushed to the worker: PostgreSQL NOTIFY on ``job_canceled`` (sent in the cancel's
 transaction) wakes the job's watcher at once, so a running job stops at its next denoising step
-rather than at the watcher's next poll. Polling stays as the fallback (SQLite, a lost connection)."""
+rather than at the watcher's next poll. Polling stays as the fallback (SQLite, a lost connection).
+
+One LISTEN connection per worker child serves every watcher the child runs (the job denoising, a
+batch's members, a job claimed ahead, the jobs being finished), through a thread of its own: a
+watcher whose cancels are pushed reads its job's row only when it has something to write, so the
+denoising thread does not share the interpreter lock with a poll per job."""
 
 from __future__ import annotations
 
@@ -8,67 +13,124 @@ import contextlib
 import logging
 import os
 import select
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
 
 from inference_server.db.base import listening_connection
 from inference_server.events import JOB_CANCELED_CHANNEL
+from workers.priority import yield_to_device
 
 log = logging.getLogger(__name__)
 
+RECONNECT_SECONDS = 1.0  # before the first attempt to LISTEN again; doubled after each failure
+
 
 class CancelListener:
-    """One LISTEN connection for a worker child, used by one job's watcher at a time."""
+    """The child's LISTEN connection and the thread that hands each cancel to its job's watcher.
+
+    ``subscribe(job_id, check)``: ``check`` is called (on the listener's thread; it must not block)
+    when ``job_id`` is canceled, and for every subscriber when the connection was lost and is back,
+    since a NOTIFY sent meanwhile is never delivered: each watcher then reads its row."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._raw: Any = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-
-    def wait(self, job_id: str, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds or until woken; return whether ``job_id`` was canceled."""
-        try:
-            conn = self._connection()
-            ready = select.select([conn, self._wake_r], [], [], timeout)[0]
-            if self._wake_r in ready:
-                os.read(self._wake_r, 512)
-            if conn not in ready:
-                return False
-            conn.poll()
-            canceled = {n.payload for n in conn.notifies}
-            conn.notifies.clear()
-            return job_id in canceled
-        except Exception as exc:  # the watcher falls back to polling until the next connect
-            log.warning("cancel listener: %s", exc)
-            self._drop()
-            select.select([self._wake_r], [], [], timeout)
-            return False
+        self._lock = threading.Lock()
+        self._checks: dict[str, Callable[[], None]] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
 
     @property
     def listening(self) -> bool:
         """Whether a LISTEN connection is in place (else cancels are seen only by polling)."""
         return self._raw is not None
 
-    def listen(self) -> None:
-        """Put the LISTEN in place now, before the job can be canceled (a NOTIFY sent earlier is
-        not delivered). If it cannot be, ``wait`` retries and the watcher polls meanwhile."""
-        try:
-            self._connection()
-        except Exception as exc:
-            log.warning("cancel listener: %s", exc)
+    def subscribe(self, job_id: str, check: Callable[[], None]) -> None:
+        """Push ``job_id``'s cancels to ``check`` from now on. The LISTEN is in place when this
+        returns (a NOTIFY sent earlier is not delivered), unless the database cannot be reached:
+        then the watcher polls until the listener's thread connects again."""
+        with self._lock:
+            self._checks[job_id] = check
+            if self._raw is None:
+                try:
+                    self._connect()
+                except Exception as exc:
+                    log.warning("cancel listener: %s", exc)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="cancel-listener", daemon=True)
+                self._thread.start()
+        self._wake()  # the thread's select takes the new connection
+
+    def unsubscribe(self, job_id: str) -> None:
+        with self._lock:
+            self._checks.pop(job_id, None)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
             self._drop()
 
-    def wake(self) -> None:
-        """End a ``wait`` early (the job is over)."""
+    def _loop(self) -> None:
+        yield_to_device()
+        pause = RECONNECT_SECONDS
+        while not self._closed.is_set():
+            with self._lock:
+                raw = self._raw
+            if raw is None:
+                if self._closed.wait(pause):
+                    return
+                back = self._reconnect(quiet=pause > RECONNECT_SECONDS)
+                pause = RECONNECT_SECONDS if back else min(pause * 2, 30.0)
+                continue
+            try:
+                conn = raw.driver_connection
+                ready = select.select([conn, self._wake_r], [], [])[0]
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 512)
+                if conn not in ready:
+                    continue
+                conn.poll()
+                canceled = {n.payload for n in conn.notifies}
+                conn.notifies.clear()
+            except Exception as exc:  # the watchers poll until the connection is back
+                log.warning("cancel listener: %s", exc)
+                with self._lock:
+                    if self._raw is raw:
+                        self._drop()
+                continue
+            with self._lock:
+                checks = [self._checks[job_id] for job_id in canceled if job_id in self._checks]
+            for check in checks:
+                check()
+
+    def _reconnect(self, *, quiet: bool) -> bool:
+        """LISTEN again; return whether that worked (``quiet``: a failure was logged already)."""
+        with self._lock:
+            try:
+                self._connect()
+            except Exception as exc:
+                if not quiet:
+                    log.warning("cancel listener: %s; the watchers poll until it is back", exc)
+                return False
+            checks = list(self._checks.values())
+        for check in checks:  # a cancel made while the connection was down was not pushed
+            check()
+        return True
+
+    def _connect(self) -> None:
+        self._raw = listening_connection(self.engine, JOB_CANCELED_CHANNEL)
+
+    def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
-
-    def _connection(self) -> Any:
-        if self._raw is None:
-            self._raw = listening_connection(self.engine, JOB_CANCELED_CHANNEL)
-        return self._raw.driver_connection
 
     def _drop(self) -> None:
         if self._raw is not None:

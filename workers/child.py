@@ -114,7 +114,7 @@ def worker_name(settings: Settings, families: list[str]) -> str:
 
 def build_runner(settings: Settings, families: list[str] | None = None) -> JobRunner:
     """A JobRunner for this child: its device configured, storage opened, registry read, engine
-    ready to load pipelines, a finisher of ``FINISH_IN_FLIGHT`` jobs, and a small database pool
+    ready to load pipelines, a finisher of ``FINISH_IN_FLIGHT`` calls, and a small database pool
     (one job, or one batch, denoises at a time; each job in the finisher has a watcher of its
     own). With ``families``, it follows the runtime registry and answers placement requests."""
     from inference_server.db import DatabaseTimeouts, make_database, make_session_factory
@@ -145,13 +145,13 @@ def build_runner(settings: Settings, families: list[str] | None = None) -> JobRu
         max_loras=settings.engine_max_loras,
     )
     timeouts = DatabaseTimeouts.from_settings(settings)
-    # A batch's members go to the finisher one by one: with room for a whole batch, the next
-    # batch denoises while this one is finished.
+    # The finisher holds calls: a batch's members go to it together.
     largest = largest_batch(seed)
-    in_flight = max(settings.finish_in_flight, largest) if settings.finish_in_flight else 0
+    in_flight = settings.finish_in_flight
     # A side thread per job denoising (a batch's members each have one) or in the finisher, the
     # registry watcher's reads, and a claim ahead with its watcher.
-    db = make_database(settings.database_url, pool_size=4 + largest + in_flight, timeouts=timeouts)
+    pool = 4 + largest * (1 + in_flight)
+    db = make_database(settings.database_url, pool_size=pool, timeouts=timeouts)
     sf = make_session_factory(db)
     watcher = None
     if families:

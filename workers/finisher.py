@@ -4,16 +4,19 @@ When a job's denoising ends, its run hands the images to the worker child's ``Fi
 job task returns, so the worker takes its next job at once; the finisher's thread encodes, signs,
 uploads and records the finished run meanwhile. The GPU does not wait for storage.
 
-Bounded: at most ``in_flight`` finished runs are held (queued or being finished). A hand-off beyond
-that waits in the job task, so the worker takes no further job until a run is recorded: a slow store
-slows intake instead of piling up images in memory.
+Bounded: at most ``in_flight`` hand-offs are held (queued or being finished), each the runs of one
+pipeline call: a job, or a batch's members, which are finished together (stored at once, their
+successes recorded in one transaction). A hand-off beyond that waits in the job task, so the worker
+takes no further job until a call's runs are recorded: a slow store slows intake instead of piling
+up images in memory.
 
 Nothing is lost when the child dies with runs in flight: each run's job is still ``running`` in the
 database under a lease its watcher renews until the end is recorded, so the reconciler re-queues it
 once the lease expires. A child that exits on purpose (warm shutdown, recycling) drains first.
 
 The interface other modules use: build a ``FinishedRun`` (a claimed job, its images and the watcher
-that holds its lease) and ``submit`` it. The images are in the order of the job's seeds."""
+that holds its lease) for each job of a call and ``submit`` them. The images are in the order of
+the job's seeds."""
 
 from __future__ import annotations
 
@@ -65,14 +68,15 @@ class FinishedRun:
     extras: Any = None  # workers.runner.Extras: control images, mask, safety verdicts
 
 
-Finish = Callable[[FinishedRun], RunOutcome]
+Finish = Callable[[list[FinishedRun]], list[RunOutcome]]
 
 
 class Finisher:
-    """One thread finishing handed-off runs in order, at most ``in_flight`` held at a time.
+    """One thread finishing handed-off calls in order, at most ``in_flight`` held at a time.
 
-    ``finish`` encodes, uploads and records one run and returns its outcome (JobRunner.finish); it
-    must stop the run's watcher whatever happens. ``in_flight`` must be at least 1."""
+    ``finish`` encodes, uploads and records one call's runs and returns their outcomes
+    (JobRunner.finish); it must stop the runs' watchers whatever happens. ``in_flight`` must be at
+    least 1."""
 
     def __init__(self, finish: Finish, in_flight: int) -> None:
         if in_flight < 1:
@@ -80,7 +84,7 @@ class Finisher:
         self.limit = in_flight
         self._finish = finish
         self._slots = threading.Semaphore(in_flight)
-        self._queue: queue.SimpleQueue[FinishedRun | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[FinishedRun] | None] = queue.SimpleQueue()
         self._held = 0
         self._lock = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="finisher", daemon=True)
@@ -88,12 +92,12 @@ class Finisher:
 
     @property
     def held(self) -> int:
-        """Runs handed off and not yet recorded."""
+        """Calls handed off whose runs are not all recorded yet."""
         return self._held
 
-    def submit(self, run: FinishedRun) -> int:
-        """Hand ``run`` over; blocks while ``in_flight`` runs are held. Returns how many runs are
-        held with this one (at most ``in_flight``)."""
+    def submit(self, runs: list[FinishedRun]) -> int:
+        """Hand over the runs of one call; blocks while ``in_flight`` calls are held. Returns how
+        many are held with this one (at most ``in_flight``)."""
         self._slots.acquire()
         with self._lock:
             if not self._thread.is_alive():
@@ -101,8 +105,8 @@ class Finisher:
                 raise RuntimeError("the finisher has stopped")
             self._held += 1
             held = self._held
-        IN_FLIGHT.inc()
-        self._queue.put(run)
+        IN_FLIGHT.inc(len(runs))
+        self._queue.put(runs)
         return held
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -125,23 +129,31 @@ class Finisher:
 
     def _loop(self) -> None:
         yield_to_device()
-        while (run := self._queue.get()) is not None:
-            claim = run.claim
-            fields = {
-                "tenant": str(claim.row.get("tenant_id")),
-                "family": claim.family,
-                "attempt": claim.attempt,
-            }
+        while (runs := self._queue.get()) is not None:
             try:
-                with job_context(job_id=claim.job_id, **fields):
-                    outcome = self._finish(run)
-                    log.info("job %s: %s, recorded by the finisher", claim.job_id, outcome.value)
-            except Exception:  # a bug: the job's lease runs out and the reconciler re-runs it
-                log.exception("job %s: finishing failed", run.claim.job_id)
-                run.watcher.stop()
+                outcomes = self._finish(runs)
+                for run, outcome in zip(runs, outcomes, strict=True):
+                    with run_context(run):
+                        log.info("job %s: %s, recorded by the finisher", run.claim.job_id, outcome.value)
+            except Exception:  # a bug: the jobs' leases run out and the reconciler re-runs them
+                for run in runs:
+                    with run_context(run):
+                        log.exception("job %s: finishing failed", run.claim.job_id)
+                    run.watcher.stop()
             finally:
                 with self._lock:
                     self._held -= 1
                     self._lock.notify_all()
-                IN_FLIGHT.dec()
+                IN_FLIGHT.dec(len(runs))
                 self._slots.release()
+
+
+def run_context(run: FinishedRun) -> Any:
+    """The log context of ``run``'s job: every line logged inside names it."""
+    claim = run.claim
+    return job_context(
+        job_id=claim.job_id,
+        tenant=str(claim.row.get("tenant_id")),
+        family=claim.family,
+        attempt=claim.attempt,
+    )

@@ -8,20 +8,23 @@ message at once, to wait unacknowledged in this worker behind the running job: s
 paused first (``basic.cancel``, confirmed by the broker before the ack goes out, while the prefetch
 of one still holds back any further delivery) and resumed when the job's run ends.
 
-It is resumed a little earlier, as the job's last denoising step begins: the child says so through
-a pipe the main process watches (``ending``), so the next message's delivery (a broker round trip
-and Celery's dispatch) overlaps that step instead of leaving the GPU idle after it. That message
-then waits unacknowledged for one step at most, far inside any consumer timeout.
+It is resumed a little earlier, as the job nears its end (as its last denoising step begins, or
+as early before its end as the child's claims ahead have been taking, at most half a second): the
+child says so through a pipe the main process watches (``ending``), so the next message's delivery
+(a broker round trip and Celery's dispatch) overlaps the job's last steps instead of leaving the
+GPU idle after them. That message then waits unacknowledged for that long at most, far inside any
+consumer timeout.
 
 That message's job id also goes down a second pipe, to the child (``announce``): the child claims
-the job and reads its inputs during that last step (workers/ahead.py), so the next run starts on
-the device the moment its task arrives."""
+the job and reads its inputs meanwhile (workers/ahead.py), so the next run starts on the device the
+moment its task arrives."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+from collections import deque
 from typing import Any
 
 from celery import bootsteps, signals
@@ -49,6 +52,8 @@ class _Gate:
         os.set_blocking(self._next_w, False)
         self.ahead = False  # set for a prefork pool: with the solo pool nothing reads next_r
         self._announcing = True  # the next job message is the one the child runs next
+        self.closing = False  # a warm shutdown began: consumption stays paused
+        self._early: deque[str] = deque(maxlen=8)  # endings heard before their run's acceptance
 
     def announce(self, request: Any) -> None:
         """In the main process: a job message arrived. The first one since consumption resumed
@@ -66,7 +71,7 @@ class _Gate:
                 os.write(self._next_w, f"{job_id} {queue}\n".encode())
 
     def ending(self, job_id: str) -> None:
-        """In the child: the last denoising step of ``job_id`` begins. Never blocks or raises."""
+        """In the child: ``job_id`` nears its end (its last denoising steps run). Never blocks or raises."""
         with contextlib.suppress(OSError):
             os.write(self._ending_w, f"{job_id}\n".encode())  # under PIPE_BUF: written whole
 
@@ -84,6 +89,17 @@ class _Gate:
         # Only for the run still holding the gate: a late word about an earlier job is ignored.
         if holder is not None and holder.id in said:
             self.resume(holder)
+        else:
+            # Or an early one: a short run can near its end before this process has seen its
+            # child accept it (``accepted`` then resumes at once, rather than at the run's end).
+            self._early.extend(said)
+
+    def accepted(self, request: Any) -> None:
+        """In the main process: ``request``'s run has paused consumption and been acknowledged.
+        If its child already said it nears its end, resume now."""
+        if request.id in self._early:
+            self._early.clear()
+            self.resume(request)
 
     def pause(self, request: Any) -> None:
         """Stop deliveries for the run of ``request``, and hand back what was delivered already."""
@@ -107,6 +123,8 @@ class _Gate:
         if request is not self.holder:
             return
         self.holder = None
+        if self.closing:
+            return
         self._announcing = True
         if task_consumer is None:
             return
@@ -114,6 +132,14 @@ class _Gate:
             task_consumer.consume()
         except Exception as exc:  # the connection is gone: Celery's reconnect starts consuming again
             log.warning("could not resume consuming: %s", exc)
+
+    def close(self) -> None:
+        """In the main process: a warm shutdown began. Celery still receives messages while its
+        last run ends, and never runs them: resuming would bring one in for nothing, and announce
+        it to the child, which would claim it ahead only to give it back (the job seen started
+        twice). So consumption stays paused to the end."""
+        self.closing = True
+        self._announcing = False
 
 
 GATE = _Gate()
@@ -142,6 +168,7 @@ class LeasedRequest(Request):
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         GATE.pause(self)
         Request.acknowledge(self)  # the run's own ack, not its end
+        GATE.accepted(self)
         super().on_accepted(pid, time_accepted)
 
     def acknowledge(self) -> None:
@@ -158,6 +185,11 @@ class LeasedRequest(Request):
 @signals.task_received.connect
 def _announce(request: Any = None, **_: Any) -> None:
     GATE.announce(request)
+
+
+@signals.worker_shutting_down.connect
+def _closing(**_: Any) -> None:
+    GATE.close()
 
 
 @signals.task_rejected.connect

@@ -141,6 +141,41 @@ def store_outputs(
     return outputs
 
 
+@dataclass
+class ToStore:
+    """One job's images to store, with what else its run made."""
+
+    job_id: str
+    spec: JobSpec
+    images: list[Image.Image]
+    extras: Extras | None = None
+
+
+def store_all(
+    settings: Settings, storage: Storage, jobs: list[ToStore]
+) -> list[list[dict[str, Any]] | Exception]:
+    """``store_outputs`` for several jobs (a batch's members, finished together), overlapped as
+    one job's images are; return, in order, each job's rows or the error that stopped it (one
+    job's failure leaves the others stored)."""
+    if len(jobs) == 1:
+        one = jobs[0]
+        try:
+            return [store_outputs(settings, storage, one.job_id, one.spec, one.images, one.extras)]
+        except Exception as exc:
+            return [exc]
+    with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
+        futures = [
+            pool.submit(store_outputs, settings, storage, j.job_id, j.spec, j.images, j.extras) for j in jobs
+        ]
+    results: list[list[dict[str, Any]] | Exception] = []
+    for future in futures:
+        error = future.exception()
+        if error is not None and not isinstance(error, Exception):
+            raise error
+        results.append(error if error is not None else future.result())
+    return results
+
+
 def store_side_output(
     storage: Storage, job_id: str, index: int, kind: str, image: Image.Image
 ) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any
@@ -43,7 +44,8 @@ class ProgressWatcher:
         previews: LatestPreview | None = None,
     ) -> None:
         """``after``: the job's claim being committed; the watcher starts once it is, and stops the
-        run if it fails. ``cancels``: pushed cancellations, checked between polls. ``previews``: the
+        run if it fails. ``cancels``: the child's listener, which pushes this job's cancels: while it
+        listens, the row is read only when something is due (else it is polled). ``previews``: the
         run's previews, stored and announced (``job.preview``) at most every ``progress_interval``."""
         self._sf = session_factory
         self.job_id = job_id
@@ -53,10 +55,17 @@ class ProgressWatcher:
         self.lease_seconds = lease_seconds
         self.canceled = False
         self.superseded = False  # stopped because a newer attempt owns the job
+        # Called once, on the watcher's thread, when it finds the run unwanted (canceled, taken
+        # over, its lease run out): the run stops at its next step, so the runner lets the gate
+        # bring in the next message while that step ends.
+        self.on_unwanted: Callable[[], object] | None = None
         self._after = after
         self._cancels = cancels
         self._previews = previews
         self._last_preview = 0.0
+        # The runner's last flush and the watcher's tick both store and announce: one at a time,
+        # so previews are stored and announced in the order of their steps.
+        self._preview_lock = threading.Lock()
         self._step = 0
         self._total = 0
         self._started = time.monotonic()
@@ -64,7 +73,8 @@ class ProgressWatcher:
         self._lease_until = self._started + lease_seconds
         self._written_step = 0
         self._last_write = 0.0
-        self._final = False  # denoising over: the last step is written without waiting its turn
+        self._final = False  # denoising over
+        self._announce = False  # ... and its last step is written at once, the slot told free
         self._told = False  # the scheduler was told this job's slot is free
         self._check = True  # read the job's row at the next tick, even with nothing to write
         self._stop = threading.Event()
@@ -80,39 +90,34 @@ class ProgressWatcher:
     def start(self) -> ProgressWatcher:
         """Start watching (the lease is renewed, progress saved, cancels seen) until ``stop``."""
         if self._cancels is not None:
-            self._cancels.listen()
+            self._cancels.subscribe(self.job_id, self._pushed)
         self._thread.start()
         return self
 
-    def push(self, cancels: CancelListener) -> None:
-        """From now on this job's cancels are pushed through ``cancels`` (its run begins: the
-        child's one listener is this watcher's); a watcher started ahead of its run polled."""
-        cancels.listen()
-        self._cancels = cancels
-        self._check = True  # a cancel made before the listener took over is in the row
-        self._nudge.set()  # a poll's wait ends: the next one waits on the listener
+    def _pushed(self) -> None:
+        """The listener's call: this job was canceled (or a cancel may have been missed)."""
+        self._check = True
+        self._nudge.set()
 
-    def stop(self) -> None:
-        """Stop watching; returns once the watcher has made its last write. Idempotent."""
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop watching; returns once the watcher has made its last write (``wait=False``: at
+        once, so that several watchers stop together). Idempotent."""
         self._stop.set()
         self._nudge.set()
-        cancels = self._cancels
-        if cancels is not None:
-            cancels.wake()
-        if self._thread.is_alive():
+        if self._cancels is not None:
+            self._cancels.unsubscribe(self.job_id)
+        if wait and self._thread.is_alive():
             self._thread.join(timeout=10)
 
-    def denoised(self) -> None:
-        """The job's denoising is over. Leave the child's cancel listener to the next job's watcher
-        (a cancel no longer has a step to stop; from now on this watcher sees one at its next poll,
-        so the one listener has one waiter), and write the last step now rather than at the next
-        throttled tick, with a NOTIFY on ``job_slots``: the scheduler counts a job whose last step
-        is recorded as out of its worker's slot (it is being finished beside the next one), so the
-        slot's next message goes out at once."""
+    def denoised(self, *, announce: bool = True) -> None:
+        """The job's denoising is over: write the last step now rather than at the next throttled
+        tick, with a NOTIFY on ``job_slots``: the scheduler counts a job whose last step is
+        recorded as out of its worker's slot (it is being finished beside the next one), so the
+        slot's next message goes out at once. A cancel from now on can only spare the upload.
+        ``announce=False``: another job of its batch does that for the call they shared (the job's
+        own end writes its last step), saving a transaction per member."""
         self._final = True
-        cancels, self._cancels = self._cancels, None
-        if cancels is not None:
-            cancels.wake()  # ends a wait in progress on the listener
+        self._announce = announce
         self._nudge.set()
 
     def flush_preview(self) -> None:
@@ -152,20 +157,28 @@ class ProgressWatcher:
             if time.monotonic() > self._lease_until and not self.canceled:
                 log.warning("job %s: lease not renewed in time; stopping this run", self.job_id)
                 self.superseded = self.canceled = True
+                self._unwanted()
                 return
+            if self.canceled:
+                self._unwanted()
+
+    def _unwanted(self) -> None:
+        hook, self.on_unwanted = self.on_unwanted, None  # once
+        if hook is None:
+            return
+        try:
+            hook()
+        except Exception as exc:  # a side channel never fails the job
+            log.warning("job %s: the end of an unwanted run not told: %s", self.job_id, exc)
 
     def _pause(self) -> bool:
-        """Wait for the next tick: a poll interval, or less when a cancel of this job is pushed.
-        Return whether the watcher is to stop."""
-        cancels = self._cancels
-        if cancels is None:
-            # Denoised: a cancel can only spare the upload now, so the row is read less often.
-            slower = max(self.poll_interval, self.progress_interval)
-            self._nudge.wait(slower if self._final else self.poll_interval)
-            self._nudge.clear()
-            return self._stop.is_set()
-        if cancels.wait(self.job_id, self.poll_interval):
-            self._check = True
+        """Wait for the next tick: a poll interval, or less when nudged (a pushed cancel, the end
+        of the denoising, a stop). Return whether the watcher is to stop."""
+        # Denoised and polled: a cancel can only spare the upload now, so the row is read less often.
+        polled = self._cancels is None or not self._cancels.listening
+        slower = max(self.poll_interval, self.progress_interval)
+        self._nudge.wait(slower if self._final and polled else self.poll_interval)
+        self._nudge.clear()
         return self._stop.is_set()
 
     def _preview_tick(self, *, force: bool = False) -> None:
@@ -174,25 +187,26 @@ class ProgressWatcher:
             return
         if not force and now - self._last_preview < self.progress_interval:
             return
-        latest = self._previews.take()
-        if latest is None:
-            return
-        self._last_preview = now
-        self._previews.store(latest[1])  # outside the transaction: storage may be slow
-        with self._sf() as session:
-            # Locked like every writer of the job's events, so its events commit in sequence order.
-            job = session.get(Job, self.job_id, with_for_update=True)
-            if job is not None and job.status == JobStatus.RUNNING and job.attempts == self.attempt:
-                emit_preview(session, job, latest[0])
-            session.commit()
+        with self._preview_lock:
+            latest = self._previews.take()
+            if latest is None:
+                return
+            self._last_preview = now
+            self._previews.store(latest[1])  # outside the transaction: storage may be slow
+            with self._sf() as session:
+                # Locked like every writer of the job's events, so its events commit in sequence order.
+                job = session.get(Job, self.job_id, with_for_update=True)
+                if job is not None and job.status == JobStatus.RUNNING and job.attempts == self.attempt:
+                    emit_preview(session, job, latest[0])
+                session.commit()
 
     def _tick(self) -> None:
         now = time.monotonic()
         step, total = self._step, self._total
-        due = self._final or now - self._last_write >= self.progress_interval
+        due = self._announce or now - self._last_write >= self.progress_interval
         write = bool(total) and step != self._written_step and due
         renew = now - self._renewed >= self.lease_seconds / 3
-        tell = self._final and not self._told  # the scheduler may publish this slot's next job
+        tell = self._announce and not self._told  # the scheduler may publish this slot's next job
         pushed = self._cancels is not None and self._cancels.listening
         if pushed and not (write or renew or tell or self._check):
             # Its cancels are pushed and nothing is due: reading the row would only take the

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 from sqlalchemy import select
@@ -34,15 +35,16 @@ from inference_server.storage.base import Storage
 from workers.ahead import AheadClaims, Prepared
 from workers.batching import Batcher
 from workers.cancels import CancelListener
-from workers.finisher import FinishedRun, Finisher
+from workers.finisher import FinishedRun, Finisher, run_context
 from workers.metrics import BUSY_SECONDS, JOB_DURATION, JOB_WAIT, JOBS_FINISHED, LORA_SWITCH
-from workers.outputs import Extras, read_image, store_outputs
+from workers.outputs import Extras, ToStore, read_image, store_all
 from workers.previews import LatestPreview
 from workers.progress import ProgressWatcher
 from workers.storing import StoringProcess
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 TRANSIENT = (StorageError, DependencyDown)
 DATABASE_DOWN = (OperationalError, InterfaceError)  # connection-level: worth a retry
 
@@ -97,7 +99,7 @@ class JobRunner:
         self._tell_ending = ending
         # Reads the engine's registry at each claim: the runtime registry may change it.
         self._batcher = Batcher(self) if getattr(engine, "registry", None) is not None else None
-        # ``ahead``: the next job is claimed while this one's last step runs (its id comes from
+        # ``ahead``: the next job is claimed while this one's last steps run (its id comes from
         # the gate; child.py feeds it). A claim not taken by its run within a lease is given back.
         self.ahead = None
         if ahead:
@@ -116,6 +118,8 @@ class JobRunner:
         finally:
             if self._storing is not None:
                 self._storing.close()
+            if self._cancels is not None:
+                self._cancels.close()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -139,8 +143,6 @@ class JobRunner:
         prepared = self.ahead.take(job_id) if self.ahead is not None else None
         if prepared is not None:
             claim, recorded = prepared.claim, prepared.recorded
-            if self._cancels is not None:
-                prepared.watcher.push(self._cancels)
         else:
             try:
                 claimed = self._claim(job_id)
@@ -162,23 +164,18 @@ class JobRunner:
         if not members:
             finished = self._run_claimed(claim, recorded, queue, started, prepared=prepared)
             BUSY_SECONDS.inc(time.perf_counter() - started)  # the device time (finishing runs beside)
-            return self._hand_off(claim, started, finished)
+            return self._hand_off([(claim, finished)], started)[0]
         from workers.batching import run_batch
 
         batch = [(claim, recorded), *members]
         runs = run_batch(self, batch, queue, started, lead=prepared)
         BUSY_SECONDS.inc(time.perf_counter() - started)  # one call's time, however many jobs shared it
-        lead = runs[0] if isinstance(runs[0], Exception) else self._hand_off(claim, started, runs[0])
-        for (member, _), run in zip(batch[1:], runs[1:], strict=True):
-            if isinstance(run, Exception):  # members' claims are written: they never raise
-                continue
-            try:
-                self._hand_off(member, started, run)
-            except Exception as exc:  # the finisher stopped: this member is left to its lease
-                log.error("job %s: not handed to the finisher: %s", member.job_id, exc)
-        if isinstance(lead, Exception):
-            raise lead
-        return lead
+        # Members' claims are written: only the lead's run can be an error (its claim unwritten).
+        ran = [(c, run) for (c, _), run in zip(batch, runs, strict=True) if not isinstance(run, Exception)]
+        outcomes = self._hand_off(ran, started)
+        if isinstance(runs[0], Exception):
+            raise runs[0]
+        return outcomes[0]
 
     def _room(self) -> bool:
         """Whether the job denoising now can be handed to the finisher at once."""
@@ -186,13 +183,13 @@ class JobRunner:
 
     def _prepare_ahead(self, job_id: str, queue: str) -> Prepared | None:
         """Claim ``job_id`` ahead of its run (workers/ahead.py, on its thread): written and
-        committed, inputs read, watcher started (polled); None when it is not to run."""
+        committed, inputs read, watcher started; None when it is not to run."""
         claimed = self._claim(job_id)
         if isinstance(claimed, ClaimRefusal):
             return None  # its run, when its task comes, claims again and says why
         claim, recorded = claimed
         recorded.result()  # a claim not written is not prepared: the run claims afresh
-        previews, watcher = self._start_watching(claim, recorded, pushed=False)
+        previews, watcher = self._start_watching(claim, recorded)
         prepared = Prepared(claim, recorded, watcher, queue or default_queue(claim.family), previews=previews)
         try:
             prepared.request = self._request(claim)
@@ -226,27 +223,38 @@ class JobRunner:
         except Exception as exc:  # the engine then says what it does not know
             log.warning("runtime registry not read for job %s: %s", claim.job_id, type(exc).__name__)
 
-    def _hand_off(self, claim: Claim, started: float, finished: RunOutcome | FinishedRun) -> RunOutcome:
-        """Finish a denoised run here or in the finisher (``FINISHING``), or count how it ended."""
-        if isinstance(finished, RunOutcome):
-            return _observed(claim, started, finished)
+    def _hand_off(
+        self, runs: list[tuple[Claim, RunOutcome | FinishedRun]], started: float
+    ) -> list[RunOutcome]:
+        """Finish the denoised runs of one call here or in the finisher (``FINISHING``), and
+        count how the others ended; return each one's outcome, in order."""
+        finished = [run for _, run in runs if isinstance(run, FinishedRun)]
+        outcomes = [
+            _observed(claim, started, run) if isinstance(run, RunOutcome) else RunOutcome.FINISHING
+            for claim, run in runs
+        ]
+        if not finished:
+            return outcomes
         took = time.perf_counter() - started
         if self.finisher is None:
-            log.info("job %s: denoised; finishing it here (%.3f s from its claim)", claim.job_id, took)
-            return self.finish(finished)
+            log.info("%s: denoised; finishing here (%.3f s from the claim)", _jobs(finished), took)
+            done = iter(self.finish(finished))
+            return [next(done) if o is RunOutcome.FINISHING else o for o in outcomes]
         try:
             held = self.finisher.submit(finished)
         except BaseException:
-            finished.watcher.stop()  # left to its lease, which the reconciler finds
+            for run in finished:
+                run.watcher.stop()  # left to its lease, which the reconciler finds
             raise
-        log.info(
-            "job %s: denoised; %d of %d in the finisher (%.3f s from its claim)",
-            claim.job_id,
-            held,
-            self.finisher.limit,
-            took,
-        )
-        return RunOutcome.FINISHING
+        for run in finished:
+            log.info(
+                "job %s: denoised; %d of %d in the finisher (%.3f s from its claim)",
+                run.claim.job_id,
+                held,
+                self.finisher.limit,
+                took,
+            )
+        return outcomes
 
     def _claim(self, job_id: str) -> tuple[Claim, Future[None]] | ClaimRefusal:
         """Lock and claim the job; its claim is written and committed beside the pipeline's start
@@ -318,49 +326,60 @@ class JobRunner:
                 return self._failed(claim, exc, queue)
         return FinishedRun(claim, images, watcher.total, queue, watcher, started, extras=extras)
 
-    def finish(self, run: FinishedRun) -> RunOutcome:
-        """Encode, sign and upload a denoised job's images, then record its success (or release it
-        after a transient failure); stops the run's watcher just before the end is written. A job
-        canceled or taken over meanwhile is not recorded (and not uploaded, if that was known
-        before the upload). The finisher's thread calls this, or ``run`` does without one."""
-        claim, watcher = run.claim, run.watcher
-        planned = claim.row.get("progress_total")
-        if run.steps and planned and run.steps != planned:
-            log.warning(
-                "job %s ran %d steps where %d were planned: check the registry's strength_steps for %s",
-                claim.job_id,
-                run.steps,
-                planned,
-                claim.family,
-            )
-        outputs: list[dict[str, Any]] = []
-        error: Exception | None = None
+    def finish(self, runs: list[FinishedRun]) -> list[RunOutcome]:
+        """Encode, sign and upload the images of one call's denoised jobs (a job, or a batch's
+        members, all at once), then record their successes in one transaction, or release or fail
+        a job whose storing failed; each run's watcher is stopped just before the ends are written.
+        A job canceled or taken over meanwhile is not recorded (and not uploaded, if that was known
+        before the upload). Returns each run's outcome, in order. The finisher's thread calls this,
+        or ``run`` does without one."""
+        for run in runs:
+            _check_steps(run)
+        wanted = [run for run in runs if not run.watcher.canceled]
+        stored: dict[str, list[dict[str, Any]] | Exception] = {}
         try:
-            if not watcher.canceled:
-                outputs = self._store(claim, run.images, run.extras)
-        except Exception as exc:
-            error = exc
+            stored = dict(zip([r.claim.job_id for r in wanted], self._store_all(wanted), strict=True))
+        except Exception as exc:  # the storing process stopped: every job of the call is hit
+            stored = {r.claim.job_id: exc for r in wanted}
         finally:
-            watcher.stop()  # its last lease renewal and progress write are in before the end
-        if watcher.superseded:
-            outcome = RunOutcome.SUPERSEDED
-        elif watcher.canceled:
-            outcome = RunOutcome.CANCELED
-        elif error is not None:
-            outcome = self._failed(claim, error, run.queue)
-        else:
+            for run in runs:  # their last lease renewals and progress writes are in before the ends
+                run.watcher.stop(wait=False)
+            for run in runs:
+                run.watcher.stop()
+        outcomes: dict[str, RunOutcome] = {}
+        succeeded: list[tuple[FinishedRun, list[dict[str, Any]]]] = []
+        for run in runs:
+            claim, watcher, result = run.claim, run.watcher, stored.get(run.claim.job_id, [])
+            if watcher.superseded:
+                outcomes[claim.job_id] = RunOutcome.SUPERSEDED
+            elif watcher.canceled:
+                outcomes[claim.job_id] = RunOutcome.CANCELED
+            elif isinstance(result, Exception):
+                with run_context(run):
+                    outcomes[claim.job_id] = self._failed(claim, result, run.queue)
+            else:
+                succeeded.append((run, result))
+        if succeeded:
+            ends = [(run.claim, rows, run.steps) for run, rows in succeeded]
             owned = self._ending(
-                lambda session: transitions.succeed(session, claim, outputs, steps=run.steps), claim
+                lambda session: transitions.succeed_all(session, ends), *(c for c, _, _ in ends)
             )
-            if owned is False:
-                self._drop_if_deleted(claim, outputs)
-            outcome = self._refused(claim) if owned is False else _outcome(owned, RunOutcome.SUCCEEDED)
-        return _observed(claim, run.started, outcome)
+            for i, (run, rows) in enumerate(succeeded):
+                mine = None if owned is None else owned[i]
+                if mine is False:
+                    self._drop_if_deleted(run.claim, rows)
+                    outcomes[run.claim.job_id] = self._refused(run.claim)
+                else:
+                    outcomes[run.claim.job_id] = _outcome(mine, RunOutcome.SUCCEEDED)
+        return [_observed(run.claim, run.started, outcomes[run.claim.job_id]) for run in runs]
 
-    def _store(self, claim: Claim, images: list[Image.Image], extras: Extras | None) -> list[dict[str, Any]]:
+    def _store_all(self, runs: list[FinishedRun]) -> list[list[dict[str, Any]] | Exception]:
+        jobs = [ToStore(r.claim.job_id, r.claim.spec, r.images, r.extras) for r in runs]
+        if not jobs:
+            return []
         if self._storing is not None:
-            return self._storing.store(claim.job_id, claim.spec, images, extras)
-        return store_outputs(self.settings, self.storage, claim.job_id, claim.spec, images, extras)
+            return self._storing.store_all(jobs)
+        return store_all(self.settings, self.storage, jobs)
 
     def _refused(self, claim: Claim) -> RunOutcome:
         """Why the success of a run was not recorded: the job was canceled while its outputs
@@ -416,10 +435,11 @@ class JobRunner:
         )
         return _outcome(owned, RunOutcome.REQUEUED)
 
-    def _ending(self, write: Callable[[Session], bool], claim: Claim) -> bool | None:
-        """Record an end with ``write``, retrying while the database is down. Return whether this
-        attempt still owned the job, or None when the database stayed down past
-        ``JOB_END_RETRY_SECONDS``: the job is then left to its lease, which the reconciler finds."""
+    def _ending(self, write: Callable[[Session], T], *claims: Claim) -> T | None:
+        """Record the end of ``claims`` with ``write``, retrying while the database is down. Return
+        what ``write`` returned (whether this attempt still owned the job), or None when the
+        database stayed down past ``JOB_END_RETRY_SECONDS``: the jobs are then left to their
+        leases, which the reconciler finds."""
         deadline = time.monotonic() + self.settings.job_end_retry_seconds
         pause = 0.5
         while True:
@@ -428,7 +448,8 @@ class JobRunner:
                     return write(session)
             except DATABASE_DOWN as exc:
                 if time.monotonic() + pause > deadline:
-                    log.error("job %s: end not recorded (%s); left to the reconciler", claim.job_id, exc)
+                    ids = ", ".join(c.job_id for c in claims)
+                    log.error("job %s: end not recorded (%s); left to the reconciler", ids, exc)
                     return None
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
@@ -473,12 +494,10 @@ class JobRunner:
         claim: Claim,
         recorded: Future[None],
         *,
-        pushed: bool = True,
         previews: LatestPreview | None = None,
     ) -> ProgressWatcher:
-        """The side thread of ``claim``'s run (not started): lease, progress, cancellation
-        (``pushed``: woken by the child's one cancel listener, which serves one watcher at a time;
-        else polled)."""
+        """The side thread of ``claim``'s run (not started): lease, progress, cancellation (pushed
+        by the child's one cancel listener, which serves every watcher; polled without one)."""
         return ProgressWatcher(
             self.sf,
             claim.job_id,
@@ -487,35 +506,53 @@ class JobRunner:
             poll_interval=self.settings.cancel_poll_interval,
             lease_seconds=self.settings.job_lease_seconds,
             after=recorded,
-            cancels=self._cancels if pushed else None,
+            cancels=self._cancels,
             previews=previews,
         )
 
     def _start_watching(
-        self, claim: Claim, recorded: Future[None], *, pushed: bool = True
+        self, claim: Claim, recorded: Future[None]
     ) -> tuple[LatestPreview | None, ProgressWatcher]:
         """A single job's run's previews (when it asked for them) and its watcher, started."""
         previews = LatestPreview(self.storage, claim.job_id) if claim.spec.preview else None
-        return previews, self._watcher(claim, recorded, pushed=pushed, previews=previews).start()
+        return previews, self._watcher(claim, recorded, previews=previews).start()
 
-    def _step_callback(self, watcher: ProgressWatcher, holder: Claim) -> Callable[[int, int], bool]:
-        """``watcher``'s step callback; with a finisher, it also tells the gate as the last step
-        begins, so the next message (the job ``holder``'s delivery paused it) is on its way."""
+    def _step_callback(
+        self, watcher: ProgressWatcher, holder: Claim, *, alone: bool = True
+    ) -> Callable[[int, int], bool]:
+        """``watcher``'s step callback; with a finisher, it also tells the gate as the run nears its
+        end, so the next message (the job ``holder``'s delivery paused it) is on its way: as the last
+        step begins, or earlier by as long as a claim ahead has been taking (workers/ahead.py). A
+        run ``alone`` also tells it as soon as its watcher finds it canceled or taken over, since it
+        stops at its next step (a batch's canceled member leaves the batch, whose call goes on)."""
         tell = self._tell_ending
         if tell is None or self.finisher is None:
             return watcher.on_step
+        ahead = self.ahead
+        told = threading.Event()  # once: near the end, or when the run is no longer wanted
 
         # Not while the finisher is full: the hand-off will wait, and so must the next message.
-        def ending() -> None:
-            if self._room():
-                tell(holder.job_id)
+        def ending() -> bool:
+            if told.is_set():
+                return True
+            if not self._room():
+                return False
+            if ahead is not None:
+                ahead.told()
+            told.set()
+            tell(holder.job_id)
+            return True
 
-        return _telling_last_step(watcher.on_step, ending)
+        if alone:
+            watcher.on_unwanted = ending
+        return _telling_near_end(watcher.on_step, ending, ahead.lead if ahead is not None else 0.0)
 
     @staticmethod
-    def _watched(watcher: ProgressWatcher, call: Callable[[], list[Image.Image]]) -> list[Image.Image]:
+    def _watched(
+        watcher: ProgressWatcher, call: Callable[[], list[Image.Image]], *, announce: bool = True
+    ) -> list[Image.Image]:
         """``call``'s images, unless the run was canceled or superseded meanwhile (raised, the
-        watcher stopped). The watcher keeps running otherwise, polling for cancels from now."""
+        watcher stopped). The watcher keeps running otherwise (``announce``: see its ``denoised``)."""
         try:
             images = call()
             if watcher.canceled:
@@ -528,7 +565,7 @@ class JobRunner:
         except BaseException:
             watcher.stop()
             raise
-        watcher.denoised()  # its last step written now; the cancel listener goes to the next job
+        watcher.denoised(announce=announce)  # its last step written now (the slot is free)
         return images
 
     def _request(self, claim: Claim) -> Any:
@@ -613,20 +650,45 @@ class JobRunner:
         return read_image(self.settings, self.storage, ref, draft_size=draft_size)
 
 
-def _telling_last_step(
-    on_step: Callable[[int, int], bool], ending: Callable[[], None]
+def _telling_near_end(
+    on_step: Callable[[int, int], bool], ending: Callable[[], bool], lead: float
 ) -> Callable[[int, int], bool]:
-    """``on_step`` that also calls ``ending`` once, when the step before the last is done."""
+    """``on_step`` that also calls ``ending`` once the steps left should take at most ``lead``
+    seconds (at the pace of the steps so far), and at the latest as the last step begins; until
+    ``ending`` says it told, it is called again at each step."""
     told = False
+    began = time.monotonic()
+    first = 0.0  # when the first step ended: later steps are timed from there (the first one
+    # also holds the prompt's encoding)
 
     def step(done: int, total: int) -> bool:
-        nonlocal told
-        if not told and done == total - 1:
-            told = True
-            ending()
+        nonlocal told, first
+        if not told and 0 < done < total:
+            now = time.monotonic()
+            if done == 1:
+                first = now
+            pace = (now - first) / (done - 1) if done > 1 else now - began
+            if done == total - 1 or (total - done) * pace <= lead:
+                told = ending()
         return on_step(done, total)
 
     return step
+
+
+def _check_steps(run: FinishedRun) -> None:
+    planned = run.claim.row.get("progress_total")
+    if run.steps and planned and run.steps != planned:
+        log.warning(
+            "job %s ran %d steps where %d were planned: check the registry's strength_steps for %s",
+            run.claim.job_id,
+            run.steps,
+            planned,
+            run.claim.family,
+        )
+
+
+def _jobs(runs: list[FinishedRun]) -> str:
+    return ("job " if len(runs) == 1 else "jobs ") + ", ".join(r.claim.job_id for r in runs)
 
 
 def _observed(claim: Claim, started: float, outcome: RunOutcome) -> RunOutcome:

@@ -28,6 +28,7 @@ import threading
 from typing import IO, TYPE_CHECKING, Any
 
 from inference_server.errors import StorageUnavailable
+from workers.outputs import ToStore
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -59,10 +60,18 @@ class StoringProcess:
     def store(
         self, job_id: str, spec: JobSpec, images: list[Image.Image], extras: Extras | None = None
     ) -> list[dict[str, Any]]:
-        plain = extras.plain() if extras is not None else None
+        """One job's output rows (workers.outputs.store_outputs); raises its error."""
+        (result,) = self.store_all([ToStore(job_id, spec, images, extras)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def store_all(self, jobs: list[ToStore]) -> list[list[dict[str, Any]] | Exception]:
+        """workers.outputs.store_all in the storing process: each job's rows, or its error."""
+        plain = [ToStore(j.job_id, j.spec, j.images, j.extras.plain() if j.extras else None) for j in jobs]
         with self._lock:
-            rows: list[dict[str, Any]] = self._call(("store", job_id, spec, images, plain))
-            return rows
+            results: list[list[dict[str, Any]] | Exception] = self._call(("store", plain))
+            return results
 
     def close(self) -> None:
         """Stop the process (it has stored what it was given: calls are answered in turn)."""
@@ -138,7 +147,7 @@ def main() -> None:
     os.dup2(2, 1)  # anything printed goes to the worker's stderr, not into the answers
     from inference_server.logs import configure_logging
     from inference_server.storage import open_storage
-    from workers.outputs import store_outputs
+    from workers.outputs import store_all
 
     try:
         settings = _read(requests)
@@ -155,8 +164,7 @@ def main() -> None:
             if request[0] == "ready":
                 answer: tuple[str, Any] = ("ok", True)
             else:
-                _, job_id, spec, images, extras = request
-                answer = ("ok", store_outputs(settings, storage, job_id, spec, images, extras))
+                answer = ("ok", [_picklable(r) for r in store_all(settings, storage, request[1])])
         except Exception as exc:  # raised again in the child, as if it had stored the job itself
             answer = ("error", exc)
         try:
@@ -164,6 +172,17 @@ def main() -> None:
         except (pickle.PicklingError, TypeError, AttributeError):
             error = answer[1]
             _write(answers, ("error", RuntimeError(f"{type(error).__name__}: {error}")))  # as a bug
+
+
+def _picklable(result: Any) -> Any:
+    """An error that cannot cross the pipe comes back as a plain one with its text (a bug)."""
+    if not isinstance(result, Exception):
+        return result
+    try:
+        pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return RuntimeError(f"{type(result).__name__}: {result}")
+    return result
 
 
 if __name__ == "__main__":

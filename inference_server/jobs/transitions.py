@@ -11,6 +11,7 @@ one write, a success or failure one conditional write."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -154,11 +155,34 @@ def succeed(
 
     ``steps``: the denoising steps the run took, as the engine counted them; the job ends at
     ``steps/steps`` (the planned total when not given)."""
+    return succeed_all(session, [(claim, outputs, steps)])[0]
+
+
+def succeed_all(
+    session: Session, runs: Sequence[tuple[Claim, list[dict[str, Any]], int | None]]
+) -> list[bool]:
+    """``succeed`` for several runs (claim, outputs, steps) in one transaction, as a batch's
+    members end together: each is written only if its attempt still owns its job, and one refused
+    leaves the others written. Return, in order, whether each was."""
+    done = [
+        _write(
+            session, claim.row, _success(claim, steps), EventType.SUCCEEDED, outputs, where=_owner(claim.row)
+        )
+        for claim, outputs, steps in runs
+    ]
+    if any(done):
+        session.commit()
+    else:
+        session.rollback()
+    return done
+
+
+def _success(claim: Claim, steps: int | None) -> dict[str, Any]:
     now = utcnow()
     # The engine's count can differ from the plan (a pipeline rounding steps x strength its own
     # way), and the watcher may have saved either: step and total are written together.
     total = steps or claim.row["progress_total"]
-    changes = {
+    return {
         "status": JobStatus.SUCCEEDED.value,
         "finished_at": now,
         "updated_at": now,
@@ -167,7 +191,6 @@ def succeed(
         "progress_total": total,
         "lease_expires_at": None,
     }
-    return _end(session, claim, changes, EventType.SUCCEEDED, outputs)
 
 
 def fail(session: Session, claim: Claim, code: str, message: str) -> bool:

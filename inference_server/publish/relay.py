@@ -93,7 +93,7 @@ class Relay:
                 for family in families:
                     budget = min(self.batch_size, config.budget(slots.get(family, 0), busy.get(family, 0)))
                     # Plain rows, not ORM objects: this runs many times a second inside the API.
-                    rows = scheduler.choose(session, family, budget)
+                    rows = scheduler.lock_chosen(session, scheduler.choose(session, family, budget))
                     if not rows:
                         continue
                     confirmed = set(self._publish(rows))
@@ -189,7 +189,9 @@ class Relay:
         engine = self.sf.kw.get("bind")
         if engine is None or engine.dialect.name != "postgresql":
             return None
-        return SlotListener(engine, self.freed).start()
+        # Both: a relay that published in its last pass waits on ``wake`` (a submit may be
+        # publishable), and a freed slot is as good a reason to pass as a submit.
+        return SlotListener(engine, self.freed, self.wake).start()
 
     def _loop(self, stop: threading.Event) -> None:
         backoff = self.interval
@@ -210,18 +212,19 @@ class Relay:
                 continue
             if published >= self.batch_size:
                 continue
-            # Woken by a submit, or every interval. While every waiting family is out of slots, a
-            # submit cannot be published either (a burst of them then costs one pass per interval,
-            # not one per linger): only a slot that frees wakes the relay early.
+            # Woken by a submit or a slot freeing, or every interval. While every waiting family is
+            # out of slots, a submit cannot be published either (a burst of them then costs one
+            # pass per interval, not one per linger): only a slot that frees wakes the relay early.
             if self.saturated:
                 self.freed.wait(self.interval)
             else:
                 self.wake.wait(self.interval)
             self.wake.clear()
             # At most one pass per linger: during a burst every submit wakes the relay, and a pass
-            # reads each waiting family's queue. A job arriving at an idle relay goes out at once.
+            # reads each waiting family's queue. A job arriving at an idle relay (its last pass had
+            # nothing to publish, as after a job's end woke it) goes out at once.
             rest = self.linger - (time.monotonic() - began)
-            if rest > 0:
+            if rest > 0 and (published or self.saturated):
                 stop.wait(rest)
 
     def start(self, stop: threading.Event) -> threading.Thread:

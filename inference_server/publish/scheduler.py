@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, exists, func, or_, select, text, update
+from sqlalchemy import Table, and_, case, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from inference_server.db import Job, OutboxMessage, SchedulerTurn, Tenant, WorkerHeartbeat
@@ -119,10 +119,20 @@ def worker_slots(session: Session, *, timeout: float) -> dict[str, int]:
 
 
 def in_flight(session: Session) -> dict[str, int]:
-    """Jobs occupying a slot (see ``occupying_a_slot``) per family."""
-    rows = session.execute(
-        select(JOBS.c.family, func.count()).where(occupying_a_slot()).group_by(JOBS.c.family)
+    """Jobs occupying a slot (see ``occupying_a_slot``) per family, a batch's members counted as
+    one job: they share one pipeline call, so they hold one slot together (workers/batching.py),
+    the slot's next message goes out while they denoise, and the slot is free as soon as one
+    member's last step is recorded (they all end together; each writes its own)."""
+    seat = func.coalesce(JOBS.c.batch_id, JOBS.c.id).label("seat")
+    finishing = case((and_(JOBS.c.status == RUNNING, _denoised()), 1), else_=0)
+    seats = (
+        select(JOBS.c.family, seat)
+        .where(holding_a_slot())
+        .group_by(JOBS.c.family, seat)
+        .having(func.max(finishing) == 0)
+        .subquery("seats")
     )
+    rows = session.execute(select(seats.c.family, func.count()).group_by(seats.c.family))
     return {family: int(n) for family, n in rows}
 
 
@@ -210,6 +220,24 @@ def choose(session: Session, family: str, budget: int) -> list[Any]:
     allowed = or_(pending.c.max_concurrent.is_(None), pending.c.load <= pending.c.max_concurrent)
     query = select(pending.c.id, pending.c.job_id, pending.c.queue, pending.c.tenant_id).where(allowed)
     return list(session.execute(query.order_by(*order_by(pending)).limit(budget)))
+
+
+def lock_chosen(session: Session, rows: list[Any]) -> list[Any]:
+    """Of ``rows`` (from ``choose``), those still unpublished whose outbox rows this transaction
+    now locks, in order. A worker gathering a batch (workers/batching.py) locks the unsent
+    messages of the jobs it takes and deletes them; a message locked here is one it leaves, and
+    with it that job, so a job is never both published and taken into a batch (its delivery
+    would only be refused)."""
+    if not rows or session.get_bind().dialect.name != "postgresql":
+        return rows
+    locked = set(
+        session.scalars(
+            select(OUTBOX.c.id)
+            .where(OUTBOX.c.id.in_([r.id for r in rows]), OUTBOX.c.published_at.is_(None))
+            .with_for_update(skip_locked=True)
+        )
+    )
+    return [r for r in rows if r.id in locked]
 
 
 def stamp(session: Session, family: str, rows: list[Any]) -> None:

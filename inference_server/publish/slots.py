@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 
 class SlotListener:
-    """A daemon thread that sets ``freed`` on every ``job_slots`` or ``job_finished`` notice."""
+    """A daemon thread that sets every event of ``freed`` on each ``job_slots`` or ``job_finished``
+    notice."""
 
-    def __init__(self, engine: Engine, freed: threading.Event, *, check_every: float = 5.0) -> None:
+    def __init__(self, engine: Engine, *freed: threading.Event, check_every: float = 5.0) -> None:
         self.engine = engine
         self.freed = freed
         self.check_every = check_every
@@ -61,4 +62,5 @@ class SlotListener:
             conn.poll()
             if conn.notifies:
                 conn.notifies.clear()
-                self.freed.set()
+                for event in self.freed:
+                    event.set()
