@@ -358,3 +358,41 @@ def test_a_run_tells_the_gate_as_early_as_claims_ahead_take_and_at_the_latest_at
         claims._told_at -= 60  # type: ignore[operator]  # a claim that took a minute
         claims.offer("b", "q")
     assert claims.lead <= MAX_LEAD
+
+
+def test_the_gate_hears_once_of_a_run_whose_end_nears_as_it_is_canceled(
+    settings, scratch_db_url, scratch_db
+) -> None:  # type: ignore[no-untyped-def]
+    """The watcher thread (the run was canceled) and the step thread (its last step begins) can
+    both find a run ending at the same moment: the gate is told once."""
+    from types import SimpleNamespace
+
+    from inference_server.engine.runner import Engine
+    from workers.runner import JobRunner
+
+    on = scratch_jobs(settings, scratch_db_url, scratch_db, "ahead-once")
+    told: list[str] = []
+    storage, engine = open_storage(on.settings), Engine(on.registry)
+    runner = JobRunner(on.settings, scratch_db, storage, engine, finish_in_flight=1, ending=told.append)
+    checking, go = threading.Event(), threading.Event()
+
+    def room() -> bool:  # holds the first caller between its check and its telling
+        checking.set()
+        return go.wait(10)
+
+    try:
+        runner._room = room  # type: ignore[method-assign]
+        watcher = SimpleNamespace(on_step=lambda done, total: False, on_unwanted=None)
+        step = runner._step_callback(watcher, SimpleNamespace(job_id="j"))  # type: ignore[arg-type]
+        unwanted = threading.Thread(target=watcher.on_unwanted)
+        unwanted.start()
+        assert checking.wait(10)
+        last_step = threading.Thread(target=step, args=(5, 6))
+        last_step.start()
+        time.sleep(0.2)
+        go.set()
+        unwanted.join(10)
+        last_step.join(10)
+        assert told == ["j"]
+    finally:
+        runner.close()

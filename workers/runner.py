@@ -529,17 +529,20 @@ class JobRunner:
         if tell is None or self.finisher is None:
             return watcher.on_step
         ahead = self.ahead
-        told = threading.Event()  # once: near the end, or when the run is no longer wanted
+        told = False  # once: near the end, or when the run is no longer wanted ...
+        lock = threading.Lock()  # ... whichever comes first, on the step or the watcher thread
 
         # Not while the finisher is full: the hand-off will wait, and so must the next message.
         def ending() -> bool:
-            if told.is_set():
-                return True
-            if not self._room():
-                return False
-            if ahead is not None:
-                ahead.told()
-            told.set()
+            nonlocal told
+            with lock:
+                if told:
+                    return True
+                if not self._room():
+                    return False
+                if ahead is not None:
+                    ahead.told()
+                told = True
             tell(holder.job_id)
             return True
 
