@@ -31,7 +31,26 @@ def _waiting_on_lock(session, name: str) -> bool:  # type: ignore[no-untyped-def
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
         "AND application_name = :name AND wait_event_type = 'Lock'"
     )
-    return bool(session.execute(query, {"name": name}).scalar())
+    waiting = bool(session.execute(query, {"name": name}).scalar())
+    # A transaction lists the sessions of pg_stat_activity as they were at its first read of it (only
+    # wait events are read live): end it, or a connection the ingress opens later is never seen.
+    session.rollback()
+    return waiting
+
+
+def _where_it_is(session, amqp: Amqp, name: str) -> str:  # type: ignore[no-untyped-def]
+    """What the broker and the database show of the ingress, for a failure's message."""
+    session.rollback()  # a fresh view of pg_stat_activity
+    queue = amqp.channel.queue_declare("inference.requests", passive=True).method
+    query = text(
+        "SELECT state, wait_event_type, wait_event, left(query, 80) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = :name"
+    )
+    sessions = [tuple(row) for row in session.execute(query, {"name": name})]
+    return (
+        f"the queue holds {queue.message_count} ready message(s) and has {queue.consumer_count} "
+        f"consumer(s); the ingress's database sessions: {sessions}"
+    )
 
 
 def test_an_ingress_killed_between_commit_and_ack_leaves_one_job(  # type: ignore[no-untyped-def]
@@ -58,11 +77,12 @@ def test_an_ingress_killed_between_commit_and_ack_leaves_one_job(  # type: ignor
                 try:
                     wait_for(
                         lambda: _waiting_on_lock(watcher, "ingress-killed"),
-                        30,
+                        60,
                         what="the ingress's INSERT waiting",
                     )
-                except AssertionError as exc:  # say what the ingress did with the message instead
-                    raise AssertionError(f"{exc}; the ingress's log:\n{first.tail()}") from None
+                except AssertionError as exc:  # say where the message and the ingress are instead
+                    where = _where_it_is(watcher, amqp, "ingress-killed")
+                    raise AssertionError(f"{exc}; {where}; the ingress's log:\n{first.tail()}") from None
             proxy.blackhole()  # from here nothing the ingress sends reaches the broker
             locker.rollback()  # the lock goes; the ingress commits
         wait_for(lambda: _jobs(system_db, message_id), 20, what="the job committed by the first ingress")
