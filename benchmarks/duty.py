@@ -98,11 +98,14 @@ def one_round(  # type: ignore[no-untyped-def]
     base = statistics.median(before + after)
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     denoise = [float(m.group(1)) for m in DENOISED.finditer(log.read_bytes()[seen:].decode(errors="replace"))]
+    usual = statistics.median(gaps) if gaps else 0.0
+    stalls = sorted((gap, i) for i, gap in enumerate(gaps) if gap > 2 * usual)
     return {
+        "stalls": stalls,  # (gap, index of the job before it): starts more than twice the usual apart
         "call": base,
         "wall": wall,
         "per_job": wall / n,
-        "start_to_start": statistics.median(gaps) if gaps else 0.0,
+        "start_to_start": usual,
         "last_finish": ends[-1] - starts[-1],
         "in_worker": statistics.median(denoise) if denoise else float("nan"),
         "efficiency": n * base / wall,
@@ -173,7 +176,7 @@ def main() -> None:
     columns = ("storage delay", "in-process call", "claim->denoised", "start->start", "last finish")
     print("  ".join(f"{c:>15}" for c in columns) + "  efficiency (lowest-highest)  duty")
     for delay, rounds, _ in results:
-        r = {key: statistics.median(one[key] for one in rounds) for key in rounds[0]}
+        r = {key: statistics.median(one[key] for one in rounds) for key in rounds[0] if key != "stalls"}
         cells = [delay / 1000, r["call"], r["in_worker"], r["start_to_start"], r["last_finish"]]
         spread = [one["efficiency"] for one in rounds]
         print(
@@ -181,6 +184,16 @@ def main() -> None:
             + f"  {r['efficiency']:10.3f} ({min(spread):.3f}-{max(spread):.3f})  {r['duty']:.3f}"
         )
     print("goal: efficiency >= 0.97 at every delay")
+    for delay, rounds, _ in results:
+        for i, one in enumerate(rounds):
+            if one["stalls"]:
+                lost = sum(gap - one["start_to_start"] for gap, _ in one["stalls"])
+                worst = ", ".join(f"{gap * 1000:.0f} ms after job {at + 1}" for gap, at in one["stalls"][-3:])
+                print(
+                    f"storage delay {delay:g} ms, round {i + 1}: {len(one['stalls'])} start(s) more than "
+                    f"twice the usual gap after the one before, {lost * 1000:.0f} ms of the wall over "
+                    f"it; longest: {worst}"
+                )
     for delay, _, windows in results:
         for i, window in enumerate(windows):
             if window is not None:
