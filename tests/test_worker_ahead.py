@@ -245,6 +245,68 @@ def test_an_ending_heard_before_its_run_is_accepted_resumes_at_the_acceptance() 
         GATE.consumer, GATE.holder, GATE._announcing, GATE.closing = saved
 
 
+def test_a_late_ending_of_an_earlier_run_does_not_resume_a_later_run_of_that_job() -> None:
+    """A word that comes while another run holds the gate is about an earlier run (its cancel seen
+    after its denoising, say). Kept, it would resume consumption as soon as that job ran here
+    again (a retry), and the next message would wait unacknowledged through all of that run."""
+    from workers.gate import GATE
+
+    def request(job_id: str) -> object:
+        return type("R", (), {"id": job_id})()
+
+    consumer = _Consumer()
+    saved = (GATE.consumer, GATE.holder, GATE._announcing, GATE.closing)
+    GATE.consumer, GATE.holder, GATE.closing = consumer, None, False
+    try:
+        GATE.pause(current := request("current"))
+        GATE.ending("earlier")
+        GATE._on_ending()  # late: "current" holds the gate
+        GATE.resume(current)
+        assert consumer.task_consumer.consumed == 1
+        GATE.pause(retry := request("earlier"))
+        GATE.accepted(retry)
+        assert consumer.task_consumer.consumed == 1 and GATE.holder is retry
+        GATE.resume(retry)
+    finally:
+        GATE.consumer, GATE.holder, GATE._announcing, GATE.closing = saved
+
+
+def test_a_run_canceled_after_its_denoising_tells_the_gate_nothing(  # type: ignore[no-untyped-def]
+    settings, scratch_db_url, scratch_db
+) -> None:
+    """The finisher was full as the last step began, so the run did not tell the gate then; once
+    denoised, its job is canceled while being finished. Its watcher sees that cancel, but the run is
+    over: telling the gate now would be a word about a finished run, heard during the next one."""
+    from inference_server.engine.runner import Engine
+    from workers.runner import JobRunner
+
+    on = scratch_jobs(settings, scratch_db_url, scratch_db, "ahead-late")
+    told: list[str] = []
+    storage, engine = open_storage(on.settings), Engine(on.registry)
+    runner = JobRunner(on.settings, scratch_db, storage, engine, finish_in_flight=1, ending=told.append)
+    room = [False]
+    runner._room = lambda: room[0]  # type: ignore[method-assign]
+    local = {"ctx": on.ctx, "tenant": on.tenant, "sf": scratch_db}
+    try:
+        job_id = _submit(local)
+        claim, recorded = runner._claim(job_id)  # type: ignore[misc]
+        _, watcher = runner._start_watching(claim, recorded)
+        step = runner._step_callback(watcher, claim)
+        try:
+            assert [step(done, 4) for done in range(1, 5)] == [False] * 4  # the last step: no room
+            runner._watched(watcher, lambda: [])
+            room[0] = True  # the finisher has room again
+            with scratch_db() as session:
+                cancel(session, on.ctx, on.tenant, job_id)
+            wait_for(lambda: watcher.canceled, 10, what="the watcher to see the cancel")
+            time.sleep(0.2)
+            assert told == []
+        finally:
+            watcher.stop()
+    finally:
+        runner.close()
+
+
 def test_a_claim_ahead_waits_for_room_in_the_finisher_and_yields_to_its_run(local) -> None:  # type: ignore[no-untyped-def]
     """With the finisher full, the job denoising now waits to hand over before the next can
     begin: the next job is not shown running meanwhile, and a run that begins first claims it."""
@@ -353,11 +415,18 @@ def test_a_run_tells_the_gate_as_early_as_claims_ahead_take_and_at_the_latest_at
         claims.told()
         claims.offer("a", "q")
     assert claims.lead < MARGIN * 0.04
-    for _ in range(20):
+    for _ in range(RECENT):
         claims.told()
-        claims._told_at -= 60  # type: ignore[operator]  # a claim that took a minute
+        claims._told_at -= 2  # type: ignore[operator]  # claims that took seconds
         claims.offer("b", "q")
-    assert claims.lead <= MAX_LEAD
+    assert claims.lead == MAX_LEAD  # capped
+    for _ in range(RECENT):
+        claims.told()
+        claims.offer("a", "q")
+    claims.told()
+    claims._told_at -= 60  # type: ignore[operator]  # told, then no message came for a minute
+    claims.offer("c", "q")
+    assert claims.lead < MARGIN * 0.04  # an idle queue says nothing of the lead needed
 
 
 def test_the_gate_hears_once_of_a_run_whose_end_nears_as_it_is_canceled(
@@ -382,9 +451,10 @@ def test_the_gate_hears_once_of_a_run_whose_end_nears_as_it_is_canceled(
 
     try:
         runner._room = room  # type: ignore[method-assign]
-        watcher = SimpleNamespace(on_step=lambda done, total: False, on_unwanted=None)
+        hooks: list = []  # type: ignore[type-arg]
+        watcher = SimpleNamespace(on_step=lambda done, total: False, when_unwanted=hooks.append)
         step = runner._step_callback(watcher, SimpleNamespace(job_id="j"))  # type: ignore[arg-type]
-        unwanted = threading.Thread(target=watcher.on_unwanted)
+        unwanted = threading.Thread(target=hooks[-1])
         unwanted.start()
         assert checking.wait(10)
         last_step = threading.Thread(target=step, args=(5, 6))

@@ -294,6 +294,50 @@ def test_one_listener_pushes_every_watchers_cancels_and_rechecks_after_losing_it
         engine.dispose()
 
 
+def test_the_listener_holds_one_connection_when_a_watcher_reconnects_during_its_pause(db) -> None:  # type: ignore[no-untyped-def]
+    """The listener's connection is cut; a watcher subscribing while the listener's thread waits to
+    connect again connects it. The thread then takes that connection rather than opening a second
+    (which nothing would read or close), and every subscriber's row is read once, since a cancel
+    made while nothing listened was not pushed."""
+    from workers.cancels import RECONNECT_SECONDS, CancelListener
+
+    engine = make_database(db["settings"].database_url, pool_size=4)
+    sf = make_session_factory(engine)
+    listener = CancelListener(engine)
+    seen: list[str] = []
+
+    def listeners() -> int:
+        with sf() as session:  # a transaction of its own: pg_stat_activity is read once per transaction
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            return int(session.execute(text(query + "AND query LIKE 'LISTEN job_canceled%'")).scalar())
+
+    try:
+        listener.subscribe("first", lambda: seen.append("first"))
+        wait_for(lambda: "first" in seen, 5, what="the first connection's recheck")
+        seen.clear()
+        with sf() as session:
+            session.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND query LIKE 'LISTEN job_canceled%'"
+                )
+            )
+        wait_for(lambda: not listener.listening, 5, what="the listener to see its connection cut")
+        listener.subscribe("second", lambda: seen.append("second"))  # during the thread's pause
+        assert listener.listening
+        wait_for(lambda: "first" in seen, 5, what="the recheck of every subscriber")
+        time.sleep(RECONNECT_SECONDS * 2)  # past the pause, when the thread would connect
+        assert listeners() == 1
+        seen.clear()
+        with sf() as session:
+            session.execute(text("SELECT pg_notify('job_canceled', 'second')"))
+            session.commit()
+        wait_for(lambda: seen == ["second"], 5, what="a cancel pushed on the one connection")
+    finally:
+        listener.close()
+        engine.dispose()
+
+
 def test_a_run_taken_over_by_a_newer_attempt_is_stopped(db) -> None:  # type: ignore[no-untyped-def]
     """A worker whose lease ran out (it lost the database for longer than the lease) while the job
     was given to another attempt stops at its next check instead of running to the end."""

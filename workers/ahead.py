@@ -47,6 +47,9 @@ MARGIN = 1.25  # the lead over that slowest claim
 # A run tells the gate at most this long before its end, however slow claims get: the message
 # it brings is held by this worker, not another, that long before its device can take it.
 MAX_LEAD = 0.5
+# A claim ahead this long after the gate was told followed an idle queue (no message came while the
+# run ended), not a delivery racing the run's last steps: it says nothing of the lead needed.
+IDLE = 10 * MAX_LEAD
 
 
 @dataclass
@@ -132,15 +135,18 @@ class AheadClaims:
 
     def told(self) -> None:
         """The run told the gate it nears its end: the next offer's claim is timed from now."""
-        self._told_at = time.monotonic()
+        with self._lock:
+            self._told_at = time.monotonic()
 
     def _learn(self) -> None:
         """Time this claim from the gate being told, and set ``lead`` from the slowest recent
         ones: the next run tells the gate that much before its end, so its next job is ready as
         its device frees."""
-        told, self._told_at = self._told_at, None
-        if told is not None:
-            self._took.append(time.monotonic() - told)
+        with self._lock:
+            told, self._told_at = self._told_at, None
+            if told is None or (took := time.monotonic() - told) > IDLE:
+                return
+            self._took.append(took)
             self.lead = min(MARGIN * max(self._took), MAX_LEAD)
 
     def take(self, job_id: str) -> Prepared | None:

@@ -41,6 +41,8 @@ class CancelListener:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._lock = threading.Lock()
+        self._connecting = threading.Lock()
+        self._stale = False  # a new connection: every subscriber's row is read once
         self._checks: dict[str, Callable[[], None]] = {}
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -56,14 +58,14 @@ class CancelListener:
         then the watcher polls until the listener's thread connects again."""
         with self._lock:
             self._checks[job_id] = check
-            if self._raw is None:
-                try:
-                    self._connect()
-                except Exception as exc:
-                    log.warning("cancel listener: %s", exc)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="cancel-listener", daemon=True)
                 self._thread.start()
+        if self._raw is None:
+            try:
+                self._connect()
+            except Exception as exc:
+                log.warning("cancel listener: %s", exc)
         self._wake()  # the thread's select takes the new connection
 
     def unsubscribe(self, job_id: str) -> None:
@@ -83,12 +85,20 @@ class CancelListener:
         pause = RECONNECT_SECONDS
         while not self._closed.is_set():
             with self._lock:
-                raw = self._raw
+                raw, stale, self._stale = self._raw, self._stale, False
+                checks = list(self._checks.values()) if stale else []
+            for check in checks:  # a new connection: a cancel made before it was not pushed
+                check()
             if raw is None:
                 if self._closed.wait(pause):
                     return
-                back = self._reconnect(quiet=pause > RECONNECT_SECONDS)
-                pause = RECONNECT_SECONDS if back else min(pause * 2, 30.0)
+                try:
+                    self._connect()
+                    pause = RECONNECT_SECONDS
+                except Exception as exc:
+                    if pause == RECONNECT_SECONDS:
+                        log.warning("cancel listener: %s; the watchers poll until it is back", exc)
+                    pause = min(pause * 2, 30.0)
                 continue
             try:
                 conn = raw.driver_connection
@@ -111,22 +121,19 @@ class CancelListener:
             for check in checks:
                 check()
 
-    def _reconnect(self, *, quiet: bool) -> bool:
-        """LISTEN again; return whether that worked (``quiet``: a failure was logged already)."""
-        with self._lock:
-            try:
-                self._connect()
-            except Exception as exc:
-                if not quiet:
-                    log.warning("cancel listener: %s; the watchers poll until it is back", exc)
-                return False
-            checks = list(self._checks.values())
-        for check in checks:  # a cancel made while the connection was down was not pushed
-            check()
-        return True
-
     def _connect(self) -> None:
-        self._raw = listening_connection(self.engine, JOB_CANCELED_CHANNEL)
+        """LISTEN on a new connection unless one is in place. One connection at a time (a watcher's
+        ``subscribe`` and the thread may both find none); made outside ``_lock``, which
+        ``unsubscribe`` takes, so a watcher stopping never waits on a database that does not answer."""
+        with self._connecting:
+            if self._raw is not None:
+                return
+            raw = listening_connection(self.engine, JOB_CANCELED_CHANNEL)
+            with self._lock:
+                if self._closed.is_set():  # closed meanwhile: nothing will read or drop it
+                    raw.invalidate()
+                    return
+                self._raw, self._stale = raw, True
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):

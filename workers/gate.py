@@ -86,12 +86,13 @@ class _Gate:
         except OSError:
             return
         holder = self.holder
-        # Only for the run still holding the gate: a late word about an earlier job is ignored.
         if holder is not None and holder.id in said:
             self.resume(holder)
-        else:
-            # Or an early one: a short run can near its end before this process has seen its
-            # child accept it (``accepted`` then resumes at once, rather than at the run's end).
+        elif holder is None:
+            # An early word: a short run can near its end before this process has seen its child
+            # accept it (``accepted`` then resumes at once, rather than at the run's end). While a
+            # run holds the gate, any other job's word is a late one about an earlier run: kept,
+            # it would resume at once a later run of that job (a retry here), however long.
             self._early.extend(said)
 
     def accepted(self, request: Any) -> None:
@@ -123,6 +124,7 @@ class _Gate:
         if request is not self.holder:
             return
         self.holder = None
+        self._early.clear()  # words heard during that run were about earlier ones
         if self.closing:
             return
         self._announcing = True

@@ -57,8 +57,9 @@ class ProgressWatcher:
         self.superseded = False  # stopped because a newer attempt owns the job
         # Called once, on the watcher's thread, when it finds the run unwanted (canceled, taken
         # over, its lease run out): the run stops at its next step, so the runner lets the gate
-        # bring in the next message while that step ends.
-        self.on_unwanted: Callable[[], object] | None = None
+        # bring in the next message while that step ends (``when_unwanted``).
+        self._on_unwanted: Callable[[], object] | None = None
+        self._hook_lock = threading.Lock()  # set on the run's thread, taken on the watcher's
         self._after = after
         self._cancels = cancels
         self._previews = previews
@@ -162,8 +163,14 @@ class ProgressWatcher:
             if self.canceled:
                 self._unwanted()
 
+    def when_unwanted(self, hook: Callable[[], object] | None) -> None:
+        """Call ``hook`` once if the watcher finds the run unwanted from now on (None: no more)."""
+        with self._hook_lock:
+            self._on_unwanted = hook
+
     def _unwanted(self) -> None:
-        hook, self.on_unwanted = self.on_unwanted, None  # once
+        with self._hook_lock:
+            hook, self._on_unwanted = self._on_unwanted, None  # once
         if hook is None:
             return
         try:

@@ -547,7 +547,7 @@ class JobRunner:
             return True
 
         if alone:
-            watcher.on_unwanted = ending
+            watcher.when_unwanted(ending)
         return _telling_near_end(watcher.on_step, ending, ahead.lead if ahead is not None else 0.0)
 
     @staticmethod
@@ -568,6 +568,8 @@ class JobRunner:
         except BaseException:
             watcher.stop()
             raise
+        # Its run is over: a cancel from now on spares the upload, and the gate hears of it no more.
+        watcher.when_unwanted(None)
         watcher.denoised(announce=announce)  # its last step written now (the slot is free)
         return images
 
