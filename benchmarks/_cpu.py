@@ -2,7 +2,8 @@
 read from ``/proc`` before and after a window and grouped by role (the worker's main process and its
 child apart, PostgreSQL, RabbitMQ, the moto S3 server...). On a small host the system's own
 processes compete with the denoising for the cores; this says which ones. Linux only; a process
-that starts or ends inside the window is counted from its first or to its last sighting."""
+that starts inside the window is counted from its first sighting, and one that ends inside it is
+not counted."""
 
 from __future__ import annotations
 

@@ -89,10 +89,11 @@ class Settings(BaseSettings):
     engine_max_edit_pixels: int = 0  # cap on the working area of edit pipelines; 0: the pipeline's own
     device: str = "cpu"  # set by `worker --device`; "cuda" after the launcher pins one GPU
     worker_max_jobs_per_child: int = 0  # recycle the child after N jobs (0: never)
-    # Denoised jobs a worker child encodes, uploads and records while the next job denoises; a
-    # hand-off beyond it waits (0: finish each job before the next starts).
+    # Denoised pipeline calls (a job, or a batch's members together) a worker child encodes, uploads
+    # and records while the next call denoises; a hand-off beyond it waits (0: finish each job
+    # before the next starts).
     finish_in_flight: int = Field(default=2, ge=0)
-    claim_ahead: bool = True  # claim the next job during the current one's last step
+    claim_ahead: bool = True  # claim the next job while the current one's last steps run
     storing_process: bool = True  # a worker child's finisher stores outputs in a process of its own
     job_time_limit: int = 0  # hard per-job time limit in seconds (0: none)
     worker_metrics_port: int = 0  # Prometheus endpoint of a worker (`workers`: this port + GPU n); 0: none

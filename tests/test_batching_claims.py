@@ -224,6 +224,28 @@ def test_a_batch_holds_one_slot_and_its_members_succeed_together_each_on_its_own
     assert rows[ids[0]].progress_step == rows[ids[0]].progress_total == 4
 
 
+def test_a_batch_put_back_in_its_queue_holds_a_slot_per_job_once_published(scratch_db, scratch_db_url):
+    """The batch's worker is lost and its members are queued again (the reconciler, a storage
+    failure, a claim ahead given back): they are separate jobs again, each its own message, and the
+    relay's budget counts each once published, not the old batch as one."""
+    from inference_server.publish import scheduler
+
+    settings = make_settings(scratch_db_url)
+    ids = add_jobs(scratch_db, [spec(prompt="a"), spec(prompt="b"), spec(prompt="c")])
+    lead = lead_claim(scratch_db, settings, ids[0])
+    members = [m for m, _ in batcher(scratch_db, settings, "w1").gather(lead, done())]
+    assert len(members) == 2
+    with scratch_db() as session:
+        for job_id in ids:
+            row = session.execute(select(Job.__table__).where(Job.id == job_id)).mappings().one()
+            assert row["batch_id"] is not None
+            assert transitions.requeue(session, dict(row), queue="sd15")
+        session.commit()
+        session.execute(update(OutboxMessage).values(published_at=utcnow()))
+        session.commit()
+        assert scheduler.in_flight(session) == {"sd15": 3}
+
+
 def test_a_job_whose_message_a_relay_is_publishing_is_not_taken_into_a_batch_nor_the_reverse(
     scratch_db, scratch_db_url
 ):

@@ -182,7 +182,7 @@ class AheadClaims:
     def _wait_for_room(self, unwanted: threading.Event) -> bool:
         deadline = time.monotonic() + self.hold
         while not self._room():
-            # Polled: the finisher frees a slot once per stored job, and only while it is full.
+            # Polled: the finisher frees a slot once per stored call, and only while it is full.
             if unwanted.wait(0.01) or self._stop.is_set() or time.monotonic() > deadline:
                 return False
         return True

@@ -43,6 +43,7 @@ class CancelListener:
         self._lock = threading.Lock()
         self._connecting = threading.Lock()
         self._stale = False  # a new connection: every subscriber's row is read once
+        self._connected = threading.Event()  # set while a connection is in place (or closed)
         self._checks: dict[str, Callable[[], None]] = {}
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -58,14 +59,15 @@ class CancelListener:
         then the watcher polls until the listener's thread connects again."""
         with self._lock:
             self._checks[job_id] = check
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="cancel-listener", daemon=True)
-                self._thread.start()
         if self._raw is None:
             try:
                 self._connect()
             except Exception as exc:
                 log.warning("cancel listener: %s", exc)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="cancel-listener", daemon=True)
+                self._thread.start()
         self._wake()  # the thread's select takes the new connection
 
     def unsubscribe(self, job_id: str) -> None:
@@ -74,6 +76,7 @@ class CancelListener:
 
     def close(self) -> None:
         self._closed.set()
+        self._connected.set()  # ends the thread's wait to connect again
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -90,7 +93,9 @@ class CancelListener:
             for check in checks:  # a new connection: a cancel made before it was not pushed
                 check()
             if raw is None:
-                if self._closed.wait(pause):
+                # Until a watcher's subscribe connects, or it is time to try again.
+                self._connected.wait(pause)
+                if self._closed.is_set():
                     return
                 try:
                     self._connect()
@@ -115,6 +120,7 @@ class CancelListener:
                 with self._lock:
                     if self._raw is raw:
                         self._drop()
+                        self._connected.clear()
                 continue
             with self._lock:
                 checks = [self._checks[job_id] for job_id in canceled if job_id in self._checks]
@@ -134,6 +140,7 @@ class CancelListener:
                     raw.invalidate()
                     return
                 self._raw, self._stale = raw, True
+            self._connected.set()
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):

@@ -20,6 +20,7 @@ the job's seeds."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -131,7 +132,9 @@ class Finisher:
         yield_to_device()
         while (runs := self._queue.get()) is not None:
             try:
-                outcomes = self._finish(runs)
+                # One job's lines name it; a batch's shared lines name its jobs themselves.
+                with run_context(runs[0]) if len(runs) == 1 else contextlib.nullcontext():
+                    outcomes = self._finish(runs)
                 for run, outcome in zip(runs, outcomes, strict=True):
                     with run_context(run):
                         log.info("job %s: %s, recorded by the finisher", run.claim.job_id, outcome.value)

@@ -12,8 +12,8 @@ It is resumed a little earlier, as the job nears its end (as its last denoising 
 as early before its end as the child's claims ahead have been taking, at most half a second): the
 child says so through a pipe the main process watches (``ending``), so the next message's delivery
 (a broker round trip and Celery's dispatch) overlaps the job's last steps instead of leaving the
-GPU idle after them. That message then waits unacknowledged for that long at most, far inside any
-consumer timeout.
+GPU idle after them. That message then waits unacknowledged for that long at most (for a run that
+stops because it was canceled, until its current step ends), far inside any consumer timeout.
 
 That message's job id also goes down a second pipe, to the child (``announce``): the child claims
 the job and reads its inputs meanwhile (workers/ahead.py), so the next run starts on the device the

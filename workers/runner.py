@@ -61,10 +61,11 @@ class Superseded(JobCanceled):
 class JobRunner:
     """Runs jobs in a worker child. Holds the engine (and its pipeline cache) for the child's life.
 
-    ``finish_in_flight``: how many denoised jobs may be finished (encoded, uploaded, recorded) on a
-    thread of their own while ``run`` returns to take the next job; 0 (the default) finishes each
-    job inside ``run``. ``close`` drains them. ``ending``: called with a job's id as its last
-    denoising step begins (the worker's gate takes the next message then). ``ahead``: claim the
+    ``finish_in_flight``: how many denoised pipeline calls (a job, or a batch's members) may be
+    finished (encoded, uploaded, recorded) on a thread of their own while ``run`` returns to take
+    the next job; 0 (the default) finishes each job inside ``run``. ``close`` drains them.
+    ``ending``: called with a job's id as its run nears its end, or stops early because it is no
+    longer wanted (the worker's gate takes the next message then). ``ahead``: claim the
     job of that next message before its task comes (workers/ahead.py). ``storing``: the process
     outputs are stored in (workers/storing.py; None: on the finishing thread)."""
 
@@ -127,7 +128,7 @@ class JobRunner:
         """Run ``job_id``, whose message came from ``queue`` (where a transient failure sends it
         back); return how the run ended (``FINISHING``: denoised and handed to the finisher, which
         records the end), or why it did not run. Raises ClaimUnavailable when the database cannot
-        take the claim. Blocks while the finisher holds as many jobs as it may."""
+        take the claim. Blocks while the finisher holds as many calls as it may."""
         if self.watcher is None:
             return self._run(job_id, queue)
         with self.watcher.lock:  # no placement load runs beside a job

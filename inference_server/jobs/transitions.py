@@ -238,6 +238,9 @@ def requeue(
         "eta_seconds": None,
         "lease_expires_at": None,
         "worker": None,
+        # Alone again: a batch's members queued again each hold a slot once published.
+        "batch_id": None,
+        "batch_size": None,
     }
     if uncount:
         changes["attempts"] = row["attempts"] - 1

@@ -85,11 +85,14 @@ class Relay:
         with self.sf() as session:
             if not scheduler.take_lock(session):
                 return 0
+            families = scheduler.waiting_families(session)
+            if not families:  # the pass a freed slot or a job's end brings when nothing waits
+                self.saturated = False
+                return 0
             slots = scheduler.worker_slots(session, timeout=config.heartbeat_timeout)
             busy = scheduler.in_flight(session)
             started = time.perf_counter()
             try:
-                families = scheduler.waiting_families(session)
                 for family in families:
                     budget = min(self.batch_size, config.budget(slots.get(family, 0), busy.get(family, 0)))
                     # Plain rows, not ORM objects: this runs many times a second inside the API.
@@ -220,9 +223,10 @@ class Relay:
             else:
                 self.wake.wait(self.interval)
             self.wake.clear()
-            # At most one pass per linger: during a burst every submit wakes the relay, and a pass
-            # reads each waiting family's queue. A job arriving at an idle relay (its last pass had
-            # nothing to publish, as after a job's end woke it) goes out at once.
+            # At most one pass per linger while jobs wait: during a burst every submit wakes the
+            # relay, and a pass reads each waiting family's queue. A job arriving at an idle relay
+            # (its last pass had nothing to publish, as after a job's end woke it) goes out at once;
+            # with nothing waiting, a pass is one short query.
             rest = self.linger - (time.monotonic() - began)
             if rest > 0 and (published or self.saturated):
                 stop.wait(rest)

@@ -96,14 +96,6 @@ def _denoised() -> Any:
     return and_(JOBS.c.progress_total > 0, JOBS.c.progress_step >= JOBS.c.progress_total)
 
 
-def occupying_a_slot() -> Any:
-    """What the publish budget counts: ``holding_a_slot`` less the jobs in a worker's finisher. Jobs
-    being finished must not keep their slot's next job from being published, or the worker would
-    wait for its finisher after all; the finisher's own bound (``FINISH_IN_FLIGHT``) stops a worker
-    from taking more than it can finish."""
-    return and_(holding_a_slot(), ~and_(JOBS.c.status == RUNNING, _denoised()))
-
-
 def worker_slots(session: Session, *, timeout: float) -> dict[str, int]:
     """Slots of the online workers (heard from within ``timeout`` seconds) per family they serve.
     A worker of several families counts for each: the budget errs towards a message too many, which
@@ -119,10 +111,12 @@ def worker_slots(session: Session, *, timeout: float) -> dict[str, int]:
 
 
 def in_flight(session: Session) -> dict[str, int]:
-    """Jobs occupying a slot (see ``occupying_a_slot``) per family, a batch's members counted as
-    one job: they share one pipeline call, so they hold one slot together (workers/batching.py),
-    the slot's next message goes out while they denoise, and the slot is free as soon as one
-    member's last step is recorded (they all end together; each writes its own)."""
+    """Jobs occupying a slot per family: ``holding_a_slot`` less the jobs in a worker's finisher
+    (they must not keep their slot's next job from being published, or the worker would wait for
+    its finisher after all; the finisher's own bound, ``FINISH_IN_FLIGHT``, stops a worker from
+    taking more than it can finish). A batch's members count as one job: they share one pipeline
+    call, so they hold one slot together (workers/batching.py), and the slot is free as soon as one
+    member's last step is recorded (they all end together; one of them writes it for the call)."""
     seat = func.coalesce(JOBS.c.batch_id, JOBS.c.id).label("seat")
     finishing = case((and_(JOBS.c.status == RUNNING, _denoised()), 1), else_=0)
     seats = (
