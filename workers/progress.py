@@ -73,7 +73,9 @@ class ProgressWatcher:
         self._renewed = self._started  # the claim took the lease
         self._lease_until = self._started + lease_seconds
         self._written_step = 0
-        self._last_write = 0.0
+        # Throttled from the start: a run shorter than ``progress_interval`` writes its progress once,
+        # as its denoising ends, rather than a transaction more per job (on the device's interpreter).
+        self._last_write = self._started
         self._final = False  # denoising over
         self._announce = False  # ... and its last step is written at once, the slot told free
         self._told = False  # the scheduler was told this job's slot is free
