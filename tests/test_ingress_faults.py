@@ -77,7 +77,7 @@ def test_an_ingress_killed_between_commit_and_ack_leaves_one_job(  # type: ignor
                 try:
                     wait_for(
                         lambda: _waiting_on_lock(watcher, "ingress-killed"),
-                        60,
+                        30,
                         what="the ingress's INSERT waiting",
                     )
                 except AssertionError as exc:  # say where the message and the ingress are instead

@@ -43,7 +43,6 @@ class CancelListener:
         self._lock = threading.Lock()
         self._connecting = threading.Lock()
         self._stale = False  # a new connection: every subscriber's row is read once
-        self._connected = threading.Event()  # set while a connection is in place (or closed)
         self._checks: dict[str, Callable[[], None]] = {}
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -76,7 +75,6 @@ class CancelListener:
 
     def close(self) -> None:
         self._closed.set()
-        self._connected.set()  # ends the thread's wait to connect again
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -93,8 +91,9 @@ class CancelListener:
             for check in checks:  # a new connection: a cancel made before it was not pushed
                 check()
             if raw is None:
-                # Until a watcher's subscribe connects, or it is time to try again.
-                self._connected.wait(pause)
+                # Until a watcher's subscribe connects (it wakes the thread), or it is time to try again.
+                if select.select([self._wake_r], [], [], pause)[0]:
+                    os.read(self._wake_r, 512)
                 if self._closed.is_set():
                     return
                 try:
@@ -120,7 +119,6 @@ class CancelListener:
                 with self._lock:
                     if self._raw is raw:
                         self._drop()
-                        self._connected.clear()
                 continue
             with self._lock:
                 checks = [self._checks[job_id] for job_id in canceled if job_id in self._checks]
@@ -140,7 +138,6 @@ class CancelListener:
                     raw.invalidate()
                     return
                 self._raw, self._stale = raw, True
-            self._connected.set()
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
